@@ -1,0 +1,3 @@
+from facediffuser.models.subject_encoder import PostFuseModule, SubjectEncoder
+
+__all__ = ["PostFuseModule", "SubjectEncoder"]

@@ -1,0 +1,339 @@
+"""FaceDiffuserPipeline: prompt with subject markers + one reference photo per subject → images.
+
+Encoders run once; the denoising loop is `facediffuser.sampling.snf_denoise` (the only one in the project).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from facediffuser.images import load_image, pad_to_square, pil_to_tensor, tensor_to_pil
+from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
+from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers, ensure_image_token, tokenize_with_markers
+from facediffuser.sampling import OFFICIAL_FUSION, FusionOptions, boundaries_from_fractions, check_boundaries, snf_denoise
+
+DEFAULT_ALPHA, DEFAULT_BETA = 0.3, 0.6  # s = 15, f = 30 at 50 steps: the official inference script
+OBJECT_RESOLUTION = 224  # references are padded square and resized to this before the CLIP encoder
+
+
+@dataclass
+class FaceDiffuserOutput:
+    images: list  # PIL images (or a [B, 3, H, W] tensor in [0, 1] with output_type="pt")
+    seeds: list[int | None]
+    start_merge_step: int
+    final_step: int
+    num_iterations: int
+    masks: torch.Tensor | None = None  # [fusion steps, B, h, w] float32, 1 = SDM chose the pixel
+    fusion_steps: list[int] = field(default_factory=list)
+
+
+class FaceDiffuserPipeline(DiffusionPipeline):
+    """TDM (scene) + SDM (subjects) with Saliency-adaptive Noise Fusion, diffusers-style.
+
+    `sdm_unet` and `subject_encoder` form the SDM; `tdm_unet` is a plain SD UNet. The VAE, text encoder and
+    tokenizer are shared (both models were fine-tuned from SD1.5 with them frozen).
+    """
+
+    model_cpu_offload_seq = "text_encoder->subject_encoder->tdm_unet->sdm_unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        subject_encoder: SubjectEncoder,
+        sdm_unet: UNet2DConditionModel,
+        tdm_unet: UNet2DConditionModel,
+        scheduler,
+        max_subjects: int = DEFAULT_MAX_SUBJECTS,
+    ):
+        super().__init__()
+        ensure_image_token(tokenizer)
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, subject_encoder=subject_encoder,
+            sdm_unet=sdm_unet, tdm_unet=tdm_unet, scheduler=scheduler,
+        )
+        self.register_to_config(max_subjects=max_subjects)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_sdm_and_tdm(cls, sdm_dir: str | Path, tdm_dir: str | Path, torch_dtype=torch.float32, **kwargs):
+        """Compose from two model directories (diffusers layout; the SDM's also has `subject_encoder/`).
+
+        VAE, text encoder, tokenizer and scheduler come from the SDM directory; the TDM contributes its UNet.
+        """
+        sdm_dir, tdm_dir = str(sdm_dir), str(tdm_dir)
+        return cls(
+            vae=AutoencoderKL.from_pretrained(sdm_dir, subfolder="vae", torch_dtype=torch_dtype),
+            text_encoder=CLIPTextModel.from_pretrained(sdm_dir, subfolder="text_encoder", torch_dtype=torch_dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(sdm_dir, subfolder="tokenizer"),
+            subject_encoder=SubjectEncoder.from_pretrained(sdm_dir, subfolder="subject_encoder", torch_dtype=torch_dtype),
+            sdm_unet=UNet2DConditionModel.from_pretrained(sdm_dir, subfolder="unet", torch_dtype=torch_dtype),
+            tdm_unet=UNet2DConditionModel.from_pretrained(tdm_dir, subfolder="unet", torch_dtype=torch_dtype),
+            scheduler=_load_scheduler(sdm_dir),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_official_checkpoints(
+        cls,
+        base_sd_dir: str | Path,
+        sdm_bin: str | Path,
+        tdm_bin: str | Path,
+        *,
+        vision_config: dict | None = None,
+        torch_dtype=torch.float32,
+    ):
+        """Import the released Face-diffuser `pytorch_model.bin` files onto an SD1.5 base directory.
+
+        Only `unet.*` (both), `image_encoder.*` and `postfuse_module.*` (SDM) are taken from the checkpoints;
+        VAE, text encoder and tokenizer come from the base (METHOD.md §5 quirk 13). Files are read with
+        `torch.load(weights_only=True)`: no arbitrary unpickling. `vision_config` defaults to CLIP ViT-L/14.
+        """
+        base = str(base_sd_dir)
+        sdm_state = _load_bin(sdm_bin)
+        tdm_state = _load_bin(tdm_bin)
+        unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+
+        def unet_from(state: dict, name: str) -> UNet2DConditionModel:
+            unet = UNet2DConditionModel.from_config(unet_config)
+            _load_exact(unet, _with_prefix(state, "unet.", name), f"{name} unet")
+            return unet.to(torch_dtype)
+
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch_dtype)
+        subject_encoder = SubjectEncoder(
+            vision_config=vision_config or CLIP_VIT_L14, text_embed_dim=text_encoder.config.hidden_size
+        )
+        subject_state = {
+            **{f"image_encoder.{k}": v for k, v in _with_prefix(sdm_state, "image_encoder.", "sdm").items()},
+            **{f"postfuse_module.{k}": v for k, v in _with_prefix(sdm_state, "postfuse_module.", "sdm").items()},
+        }
+        _load_exact(subject_encoder, subject_state, "sdm subject encoder")
+        return cls(
+            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch_dtype),
+            text_encoder=text_encoder,
+            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            subject_encoder=subject_encoder.to(torch_dtype),
+            sdm_unet=unet_from(sdm_state, "sdm"),
+            tdm_unet=unet_from(tdm_state, "tdm"),
+            scheduler=_load_scheduler(base),
+        )
+
+    def save_model_dir(self, out_dir: str | Path, which: str) -> None:
+        """Write the SDM or TDM alone as a diffusers-layout model directory (what training checkpoints are)."""
+        if which not in ("sdm", "tdm"):
+            raise ValueError(f"which must be 'sdm' or 'tdm', got {which!r}")
+        out = Path(out_dir)
+        (self.sdm_unet if which == "sdm" else self.tdm_unet).save_pretrained(out / "unet")
+        self.vae.save_pretrained(out / "vae")
+        self.text_encoder.save_pretrained(out / "text_encoder")
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.scheduler.save_pretrained(out / "scheduler")
+        if which == "sdm":
+            self.subject_encoder.save_pretrained(out / "subject_encoder")
+
+    # ------------------------------------------------------------------ encoding
+    @property
+    def max_subjects(self) -> int:
+        return self.config.max_subjects
+
+    def _text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+
+    def encode_prompt(self, prompt: str, references: Sequence, negative_prompt: str | None = None):
+        """→ (null_embeds, text_embeds, augmented_embeds), each [1, 77, D]."""
+        num_markers = count_markers(prompt)
+        if num_markers == 0:
+            raise ValueError(f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
+        if num_markers > self.max_subjects:
+            raise ValueError(f"the prompt has {num_markers} subjects; at most {self.max_subjects} are supported")
+        if num_markers != len(references):
+            raise ValueError(
+                f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {len(references)} reference image(s) were given"
+            )
+        tokens = tokenize_with_markers(self.tokenizer, prompt, self.max_subjects)
+        null_ids = self.tokenizer(
+            negative_prompt or "", padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids
+        text_embeds = self._text_embeds(tokens.input_ids[None])
+        null_embeds = self._text_embeds(null_ids)
+        subject_embeds = self.encode_references(references)[None]  # [1, K, D]
+        augmented = self.subject_encoder.fuse(
+            text_embeds,
+            tokens.image_token_mask[None].to(text_embeds.device),
+            subject_embeds.to(text_embeds.device),
+            torch.tensor([tokens.num_subjects], device=text_embeds.device),
+        )
+        return null_embeds, text_embeds, augmented
+
+    def encode_references(self, references: Sequence) -> torch.Tensor:
+        """One entry per subject: an image, or a list of photos of that person (their embeddings are averaged)."""
+        per_subject = []
+        for index, reference in enumerate(references):
+            photos = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+            if not photos:
+                raise ValueError(f"reference {index + 1} has no photos")
+            tensors = []
+            for photo in photos:
+                try:
+                    tensors.append(self.reference_tensor(photo))
+                except ValueError as exc:
+                    raise ValueError(f"reference {index + 1}: {exc}") from None
+            per_subject.append(self.subject_encoder.embed_images(torch.stack(tensors)).mean(dim=0))
+        return torch.stack(per_subject)
+
+    @staticmethod
+    def reference_tensor(photo) -> torch.Tensor:
+        """Reference photo → [3, 224, 224] in [0, 1]: padded square with black, bilinear resize (METHOD.md §1)."""
+        square = pad_to_square(pil_to_tensor(load_image(photo)))
+        return torch.nn.functional.interpolate(
+            square[None], size=(OBJECT_RESOLUTION, OBJECT_RESOLUTION), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+
+    # ------------------------------------------------------------------ sampling
+    def resolve_boundaries(self, num_inference_steps, alpha=None, beta=None, start_merge_step=None, final_step=None):
+        """Iteration count and inclusive stage boundaries (s, f) for this scheduler and step count."""
+        self.scheduler.set_timesteps(num_inference_steps)
+        num_iterations = len(self.scheduler.timesteps)
+        if (start_merge_step is None) != (final_step is None):
+            raise ValueError("give both start_merge_step and final_step, or neither")
+        if start_merge_step is not None and (alpha is not None or beta is not None):
+            raise ValueError("give stage boundaries either as alpha/beta fractions or as step indices, not both")
+        if start_merge_step is None:
+            start_merge_step, final_step = boundaries_from_fractions(
+                DEFAULT_ALPHA if alpha is None else alpha, DEFAULT_BETA if beta is None else beta, num_iterations
+            )
+        check_boundaries(start_merge_step, final_step, num_iterations)
+        return num_iterations, start_merge_step, final_step
+
+    def _initial_latents(self, count, height, width, seed, generator, dtype):
+        shape = (4, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if generator is not None:
+            latents = torch.randn((count, *shape), generator=generator, dtype=torch.float32)
+            return latents, [None] * count
+        seed = random.randrange(2**31) if seed is None else int(seed)
+        seeds = [seed + k for k in range(count)]  # one seed per image: image k is reproducible on its own
+        latents = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
+        )
+        return latents, seeds
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        reference_images: Sequence,
+        *,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        alpha: float | None = None,
+        beta: float | None = None,
+        start_merge_step: int | None = None,
+        final_step: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        return_masks: bool = False,
+        fusion: FusionOptions = OFFICIAL_FUSION,
+        output_type: str = "pil",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> FaceDiffuserOutput:
+        default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default_size, width or default_size
+        multiple = self.vae_scale_factor
+        if height % multiple or width % multiple or height < multiple or width < multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        if not 1 <= num_images_per_prompt <= 64:
+            raise ValueError(f"num_images_per_prompt must be in 1..64, got {num_images_per_prompt}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        num_iterations, s, f = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
+
+        null, text, augmented = self.encode_prompt(prompt, reference_images, negative_prompt)
+        count = num_images_per_prompt
+        dtype = self.sdm_unet.dtype
+        device = self.sdm_unet.device
+        latents, seeds = self._initial_latents(count, height, width, seed, generator, dtype)
+        latents = (latents * self.scheduler.init_noise_sigma).to(device, dtype)
+
+        result = snf_denoise(
+            self.tdm_unet, self.sdm_unet, self.scheduler, latents,
+            null.repeat(count, 1, 1).to(dtype), text.repeat(count, 1, 1).to(dtype), augmented.repeat(count, 1, 1).to(dtype),
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            start_merge_step=s, final_step=f, return_masks=return_masks, fusion=fusion, generator=generator,
+            callback=callback,
+        )
+        images = self.decode_latents(result.latents)
+        masks = None
+        if return_masks:
+            masks = (
+                torch.stack(result.masks)[:, :, 0].cpu()
+                if result.masks
+                else torch.zeros(0, count, *result.latents.shape[-2:])
+            )
+        return FaceDiffuserOutput(
+            images=images if output_type == "pt" else tensor_to_pil(images),
+            seeds=seeds, start_merge_step=s, final_step=f, num_iterations=num_iterations,
+            masks=masks, fusion_steps=result.fusion_steps,
+        )
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _load_scheduler(model_dir: str):
+    """The scheduler class named in the directory's config (SD1.5 ships PNDM)."""
+    import diffusers
+
+    config = diffusers.PNDMScheduler.load_config(model_dir, subfolder="scheduler")
+    cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"))
+    return cls.from_config(config)
+
+
+def _load_bin(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _with_prefix(state: dict, prefix: str, name: str) -> dict[str, torch.Tensor]:
+    picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    if not picked:
+        raise ValueError(f"the {name} checkpoint has no '{prefix}*' weights")
+    return picked
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, Any], name: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{name}: checkpoint does not match the architecture "
+            f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+        )
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise ValueError(f"{name}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
