@@ -1,0 +1,66 @@
+"""`facediffuser` command line. Each subcommand is a thin layer over a function that tests call directly.
+
+Subcommands that need Ray live in `pipelines/` or `serving/` and are imported only when used, so the library
+itself never imports Ray. A subcommand module provides `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name → (module, one-line help)
+SUBCOMMANDS = {
+    "generate": ("facediffuser.generate", "generate images of given people from a prompt and reference photos"),
+    "preprocess": ("pipelines.preprocess", "Ray Data: photos → faces, person masks, captions → Parquet shards"),
+    "train": ("pipelines.train", "Ray Train: fine-tune TDM and/or SDM from Parquet shards"),
+    "serve": ("serving.app", "Ray Serve: run the HTTP API"),
+    "evaluate": ("pipelines.evaluate", "benchmark identity and prompt consistency"),
+    "demo": ("pipelines.demo", "the whole system end to end on a sample dataset"),
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _available(module_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """Only the selected subcommand's module is imported (Ray-backed ones are slow to import)."""
+    parser = argparse.ArgumentParser(prog="facediffuser", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if not _available(module_name):
+            continue
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command)
+            command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        print(f"facediffuser {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"facediffuser {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Pictures people would rather look at than numbers: fusion masks, overlays, image grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def mask_grid(masks: torch.Tensor, cell: int = 64, gap: int = 2) -> Image.Image:
+    """[steps, B, h, w] masks in [0, 1] → one image: a row per sample, a column per fusion step (white = SDM)."""
+    steps, batch = masks.shape[:2]
+    if steps == 0:
+        return Image.new("L", (cell, cell * max(batch, 1)), 0)
+    h, w = masks.shape[-2:]
+    cell_w = max(1, round(cell * w / h))
+    grid = Image.new("L", (steps * (cell_w + gap) - gap, batch * (cell + gap) - gap), 128)
+    for b in range(batch):
+        for s in range(steps):
+            tile = Image.fromarray((masks[s, b].float().clamp(0, 1).numpy() * 255).astype(np.uint8))
+            grid.paste(tile.resize((cell_w, cell), Image.NEAREST), (s * (cell_w + gap), b * (cell + gap)))
+    return grid
+
+
+def mask_overlay(image: Image.Image, mask: torch.Tensor, alpha: float = 0.45) -> Image.Image:
+    """Tint `image` red where the SDM dominated; `mask` is [h, w] in [0, 1] (e.g. the mean over fusion steps)."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    big = Image.fromarray((mask.float().clamp(0, 1).numpy() * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    weight = np.asarray(big, dtype=np.float32)[..., None] / 255.0 * alpha
+    red = np.array([255.0, 40.0, 40.0])
+    return Image.fromarray((base * (1 - weight) + red * weight).round().astype(np.uint8))
+
+
+def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:
+    """Lay images out in a grid (all resized to the first one's size), with optional captions."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    width, height = images[0].size
+    label_h = 14 if labels else 0
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * (height + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        x, y = (index % columns) * width, (index // columns) * (height + label_h)
+        grid.paste(image.convert("RGB").resize((width, height)), (x, y + label_h))
+        if labels:
+            draw.text((x + 2, y + 1), labels[index][: max(4, width // 6)], fill="black")
+    return grid

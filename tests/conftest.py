@@ -1,0 +1,71 @@
+"""Shared fixtures: one local Ray per test session, a real S3 endpoint (moto) on 127.0.0.1, real face photos."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray cluster shared by every test that needs one (ray.init costs ~10 s here)."""
+    import ray
+
+    # address="local" always starts our own cluster, never attaching to one left by `ray start`.
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+             object_store_memory=512 * 1024 * 1024, log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (real S3 HTTP), with the standard AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """A real photo of a person (512×512 RGB, shipped with scikit-image)."""
+    from skimage.data import astronaut as photo
+
+    return photo()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from facediffuser.models.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
