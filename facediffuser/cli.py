@@ -64,3 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def module_main(command: str) -> None:
+    """`python -m pipelines.X ...` entrypoints (what `ray job submit` runs) share the CLI's parser and errors."""
+    sys.exit(main([command, *sys.argv[1:]]))

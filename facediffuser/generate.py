@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from facediffuser.images import load_image
 from facediffuser.manifest import directory_hash, module_hash, package_versions
+from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA, FaceDiffuserPipeline
 from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_grid, mask_overlay
@@ -87,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    markers = count_markers(args.prompt)
+    if markers != len(args.reference):
+        raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(args.reference)} --reference given")
     references = [load_image(path) for path in args.reference]  # fails early, naming the bad file
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
