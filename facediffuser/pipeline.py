@@ -148,8 +148,14 @@ class FaceDiffuserPipeline(DiffusionPipeline):
     def _text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
 
-    def encode_prompt(self, prompt: str, references: Sequence, negative_prompt: str | None = None):
-        """→ (null_embeds, text_embeds, augmented_embeds), each [1, 77, D]."""
+    def encode_prompt(
+        self, prompt: str, references: Sequence, negative_prompt: str | None = None, *, subject_embeds=None
+    ):
+        """→ (null_embeds, text_embeds, augmented_embeds), each [1, 77, D].
+
+        `subject_embeds` [K, D], when given, replaces encoding `references` (a caller that caches them, e.g.
+        the Serve subject encoder); `references` is then only counted against the markers.
+        """
         num_markers = count_markers(prompt)
         if num_markers == 0:
             raise ValueError(f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
@@ -166,7 +172,9 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         ).input_ids
         text_embeds = self._text_embeds(tokens.input_ids[None])
         null_embeds = self._text_embeds(null_ids)
-        subject_embeds = self.encode_references(references)[None]  # [1, K, D]
+        if subject_embeds is None:
+            subject_embeds = self.encode_references(references)
+        subject_embeds = subject_embeds[None]  # [1, K, D]
         augmented = self.subject_encoder.fuse(
             text_embeds,
             tokens.image_token_mask[None].to(text_embeds.device),
