@@ -1,0 +1,242 @@
+"""The preprocessing stages as plain functions on one work item (a dict; one image). No Ray here.
+
+`pipelines/preprocess.py` wraps each stage in a Ray Data `map_batches` class; `process_locally` runs the same
+functions in a plain loop (the benchmark's baseline). An item that fails a stage gets `stage` and `reason`
+set and passes through the later stages untouched, so every input ends as a shard row or a reject row.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from facediffuser.data import io as dataio
+from facediffuser.data.captions import TEMPLATE, template_caption
+from facediffuser.data.faces import DETECTORS, DEFAULT_MIN_SCORE, Face
+from facediffuser.data.linking import LinkError, link_subjects
+from facediffuser.data.masks import face_ellipse, mask_box
+from facediffuser.data.schema import REJECT_SCHEMA, SHARD_SCHEMA, Record, Subject, encode_mask
+from facediffuser.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+
+SOURCES = ("images", "fastcomposer")
+JPEG_QUALITY = 95
+
+# The row type between stages: the shard columns, all nullable, plus where and why an item was rejected.
+WORK_SUBJECT_TYPE = pa.struct([
+    pa.field("face_box", pa.list_(pa.float32())),
+    pa.field("score", pa.float32()),
+    pa.field("person_box", pa.list_(pa.float32())),
+    pa.field("mask_png", pa.binary()),
+    pa.field("face_mask_png", pa.binary()),
+    pa.field("noun", pa.string()),
+    pa.field("noun_end", pa.int32()),
+])
+WORK_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("caption_source", pa.string()),  # sidecar caption file (.txt), when the input has one
+    pa.field("image", pa.binary()),  # the stored image (resized, JPEG), once read
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("caption", pa.string()),
+    pa.field("subjects", pa.list_(WORK_SUBJECT_TYPE)),
+    pa.field("stage", pa.string()),  # set when rejected: the stage that rejected it
+    pa.field("reason", pa.string()),
+])
+
+
+@dataclass
+class PreprocessConfig:
+    input: str
+    output: str
+    source: str = "images"
+    detector: str = "mediapipe"
+    captioner: str = TEMPLATE
+    max_subjects: int = 4
+    resolution: int = 512
+    num_gpus_per_stage: float = 0.0
+    batch_size: int = 8
+    actors_per_stage: int | None = None  # None: as many as the cluster has CPUs
+    rows_per_shard: int = 1000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_face_score: float = DEFAULT_MIN_SCORE
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+        for name in ("max_subjects", "resolution", "batch_size", "rows_per_shard", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_gpus_per_stage < 0:
+            raise ValueError(f"--num-gpus-per-stage must be >= 0, got {self.num_gpus_per_stage}")
+        if self.actors_per_stage is not None and self.actors_per_stage < 1:
+            raise ValueError(f"--actors-per-stage must be at least 1, got {self.actors_per_stage}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_item(item_id: str, source: str, caption_source: str | None = None) -> dict:
+    return {"id": item_id, "source": source, "caption_source": caption_source, "image": None, "width": None,
+            "height": None, "caption": None, "subjects": [], "stage": None, "reason": None}
+
+
+def reject(item: dict, stage: str, reason: str) -> dict:
+    return {**item, "stage": stage, "reason": reason}
+
+
+def list_image_items(input_uri: str) -> list[dict]:
+    """Every image file under the input (sorted, so ids and output are deterministic). The id is the path
+    relative to the input; a `<name>.txt` beside an image is its existing caption."""
+    captions = {posixpath.splitext(rel)[0]: uri for rel, uri in dataio.list_files(input_uri, (".txt",))}
+    return [new_item(rel, uri, captions.get(posixpath.splitext(rel)[0]))
+            for rel, uri in dataio.list_files(input_uri, dataio.IMAGE_EXTENSIONS)]
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Downscale so the short side is `resolution` (never upscale); aspect kept, so no person is cropped."""
+    short = min(image.size)
+    if short <= resolution:
+        return image
+    scale = resolution / short
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def stored_array(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(item["image"])).convert("RGB"))
+
+
+def read_stage(item: dict, config: PreprocessConfig) -> dict:
+    """Read (local or S3) + decode (EXIF, 16-bit, CMYK, alpha → RGB) + pixel limit + resize + re-encode."""
+    try:
+        data = dataio.read_bytes(item["source"])
+        caption = dataio.read_bytes(item["caption_source"]).decode("utf-8").strip() if item["caption_source"] else None
+    except (OSError, UnicodeDecodeError) as exc:
+        return reject(item, "read", f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    try:
+        image = decode_image(data, max_pixels=config.max_pixels, name=posixpath.basename(item["source"]))
+    except ImageDecodeError as exc:
+        return reject(item, "decode", str(exc))
+    image = resize_short_side(image, config.resolution)
+    return {**item, "image": encode_jpeg(image), "width": image.width, "height": image.height,
+            "caption": caption or None}
+
+
+def detect_stage(item: dict, detector, config: PreprocessConfig) -> dict:
+    faces = detector(stored_array(item))
+    if not faces:
+        return reject(item, "detect", "no face found")
+    if len(faces) > config.max_subjects:
+        return reject(item, "detect", f"{len(faces)} faces, more than --max-subjects {config.max_subjects}")
+    return {**item, "subjects": [{"face_box": f.box, "score": f.score} for f in faces]}
+
+
+def segment_stage(item: dict, segmenter) -> dict:
+    image = stored_array(item)
+    height, width = image.shape[:2]
+    faces = [Face(list(s["face_box"]), s["score"]) for s in item["subjects"]]
+    subjects = []
+    for index, (subject, face, mask) in enumerate(zip(item["subjects"], faces, segmenter(image, faces))):
+        if not mask.any():
+            return reject(item, "segment", f"no person mask around face {index} at {[round(v) for v in face.box]}")
+        subjects.append({**subject, "person_box": mask_box(mask), "mask_png": encode_mask(mask),
+                         "face_mask_png": encode_mask(face_ellipse(face, width, height))})
+    return {**item, "subjects": subjects}
+
+
+def caption_stage(item: dict, captioner) -> dict:
+    """Existing captions are kept; else the template (captioner None) or the model writes one."""
+    if item["caption"]:
+        return item
+    caption = template_caption(len(item["subjects"])) if captioner is None else captioner(stored_array(item))
+    if not caption:
+        return reject(item, "caption", "the captioner returned an empty caption")
+    return {**item, "caption": caption}
+
+
+def link_stage(item: dict) -> dict:
+    try:
+        phrases = link_subjects(item["caption"], len(item["subjects"]))
+    except LinkError as exc:
+        return reject(item, "link", str(exc))
+    subjects = [{**s, "noun": p.noun, "noun_end": p.end} for s, p in zip(item["subjects"], phrases)]
+    return {**item, "subjects": subjects}
+
+
+# ------------------------------------------------------------------------------------------ to tables
+
+
+def to_record(item: dict) -> Record:
+    subjects = [Subject(person_box=list(s["person_box"]), face_box=list(s["face_box"]), score=float(s["score"]),
+                        mask_png=s["mask_png"], noun=s["noun"], noun_end=int(s["noun_end"]),
+                        face_mask_png=s["face_mask_png"]) for s in item["subjects"]]
+    return Record(id=item["id"], source=item["source"], image=item["image"], width=int(item["width"]),
+                  height=int(item["height"]), caption=item["caption"], subjects=subjects)
+
+
+def work_table(items: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(items, schema=WORK_SCHEMA)
+
+
+def shard_table(items: list[dict]) -> pa.Table:
+    """The accepted items as a SHARD_SCHEMA table (rejected ones left out)."""
+    return pa.Table.from_pylist([to_record(i).to_row() for i in items if not i["stage"]], schema=SHARD_SCHEMA)
+
+
+def reject_table(items: list[dict]) -> pa.Table:
+    rows = [{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items if i["stage"]]
+    return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
+
+
+STAGE_ORDER = {"images": ("read", "decode", "detect", "segment", "caption", "link"),
+               "fastcomposer": ("read", "decode", "convert")}
+
+
+def stage_counts(source: str, total: int, rejected_stages: list[str]) -> dict:
+    """{"input": N, "<stage>": {"rejected": r, "passed": p}, ..., "written": W} in pipeline order."""
+    counts: dict = {"input": total}
+    remaining = total
+    for stage in STAGE_ORDER[source]:
+        rejected = sum(1 for s in rejected_stages if s == stage)
+        remaining -= rejected
+        counts[stage] = {"rejected": rejected, "passed": remaining}
+    counts["written"] = remaining
+    counts["rejected"] = len(rejected_stages)
+    return counts
+
+
+# ------------------------------------------------------------------------------------- the plain loop
+
+
+def process_locally(items: list[dict], config: PreprocessConfig, detector, segmenter, captioner=None,
+                    progress: bool = True) -> list[dict]:
+    """All stages, one image at a time, in this process: the same functions the Ray pipeline runs."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for item in tqdm(items, desc="preprocess (plain loop)", disable=not progress):
+        item = read_stage(item, config)
+        for stage in (lambda i: detect_stage(i, detector, config), lambda i: segment_stage(i, segmenter),
+                      lambda i: caption_stage(i, captioner), link_stage):
+            if item["stage"]:
+                break
+            item = stage(item)
+        out.append(item)
+    return out
