@@ -1,0 +1,141 @@
+"""Loading training bases and writing checkpoints, all in safetensors (no pickle anywhere).
+
+A checkpoint directory holds
+  model/                      a model directory (`FaceDiffuserPipeline.save_model_dir` layout: SD for the TDM,
+                              SD + subject_encoder/ for the SDM), loadable by `FaceDiffuserPipeline.from_sdm_and_tdm`
+  training_state.safetensors  AdamW moments + step counters; scalars and param groups in the JSON metadata
+  metrics.csv                 every step's metrics so far (so a resumed run keeps its history)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL_SUBDIR = "model"
+STATE_FILE = "training_state.safetensors"
+
+
+def _model_root(base: Path, which: str) -> tuple[Path, str]:
+    """Where the UNet of `which` lives in `base`: an SD/model dir (unet/), a FaceDiffuserPipeline dir
+    (sdm_unet/, tdm_unet/) or a training export holding sdm/ and tdm/."""
+    if (base / which / "unet").is_dir():
+        return base / which, "unet"
+    if (base / f"{which}_unet").is_dir():
+        return base, f"{which}_unet"
+    if (base / "unet").is_dir():
+        return base, "unet"
+    raise FileNotFoundError(f"base model {base}: no unet/ (nor {which}_unet/ or {which}/unet/) directory")
+
+
+def check_base_dir(base: str | Path, which: str) -> None:
+    """Cheap validation before any heavy work: the directories the loader needs exist."""
+    base = Path(base)
+    if not base.is_dir():
+        raise FileNotFoundError(f"base model directory not found: {base}")
+    root, _ = _model_root(base, which)
+    shared = root if (root / "vae").is_dir() else base
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (shared / part).is_dir():
+            raise FileNotFoundError(f"base model {base}: missing {part}/")
+
+
+def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
+                    image_encoder: str | Path | None = None, log=print) -> dict:
+    """→ dict(unet, vae, text_encoder, tokenizer, scheduler, subject_encoder) for training `which`.
+
+    `tiny`: the random CPU test stack. Otherwise `base` is a local directory (see `_model_root`). When an SDM
+    is trained from a base without `subject_encoder/`, a SubjectEncoder with the CLIP ViT-L/14 layout is
+    created; its vision tower comes from `image_encoder` (a CLIPVisionModelWithProjection directory, e.g.
+    openai/clip-vit-large-patch14) when given, else it starts random (and this is logged).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
+    from facediffuser.pipeline import _load_scheduler
+    from facediffuser.prompts import ensure_image_token
+
+    if tiny:
+        from facediffuser.models.tiny import tiny_components
+
+        parts = tiny_components(seed=0)
+        unet = parts.pop("sdm_unet" if which == "sdm" else "tdm_unet")
+        parts.pop("tdm_unet" if which == "sdm" else "sdm_unet")
+        return {**parts, "unet": unet}
+    check_base_dir(base, which)
+    base = Path(base)
+    root, unet_folder = _model_root(base, which)
+    shared = root if (root / "vae").is_dir() else base
+    text_encoder = CLIPTextModel.from_pretrained(str(shared), subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(str(shared), subfolder="tokenizer")
+    ensure_image_token(tokenizer)
+    parts = dict(
+        unet=UNet2DConditionModel.from_pretrained(str(root), subfolder=unet_folder),
+        vae=AutoencoderKL.from_pretrained(str(shared), subfolder="vae"),
+        text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_load_scheduler(str(shared)),
+        subject_encoder=None,
+    )
+    if which == "sdm":
+        subject_dir = next((d for d in (root / "subject_encoder", base / "subject_encoder") if d.is_dir()), None)
+        if subject_dir is not None:
+            parts["subject_encoder"] = SubjectEncoder.from_pretrained(str(subject_dir))
+        else:
+            encoder = SubjectEncoder(vision_config=CLIP_VIT_L14, text_embed_dim=text_encoder.config.hidden_size)
+            if image_encoder:
+                vision = CLIPVisionModelWithProjection.from_pretrained(str(image_encoder))
+                encoder.image_encoder.load_state_dict(vision.state_dict())
+                log(f"base {base} has no subject_encoder/: new SubjectEncoder, CLIP vision tower from {image_encoder}")
+            else:
+                log(f"base {base} has no subject_encoder/: new SubjectEncoder (CLIP ViT-L/14 layout, random init; "
+                    "give --image-encoder DIR to start from pretrained CLIP)")
+            parts["subject_encoder"] = encoder
+    return parts
+
+
+def save_model_dir(out_dir: str | Path, which: str, *, unet, vae, text_encoder, tokenizer, scheduler,
+                   subject_encoder=None) -> None:
+    """Write one model directory through `FaceDiffuserPipeline.save_model_dir` (the one place the layout lives)."""
+    from facediffuser.pipeline import FaceDiffuserPipeline
+
+    pipe = FaceDiffuserPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                subject_encoder=subject_encoder, sdm_unet=unet, tdm_unet=unet, scheduler=scheduler)
+    pipe.save_model_dir(out_dir, which)
+
+
+def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+    metadata = {
+        "step": str(int(step)),
+        "param_groups": json.dumps(state["param_groups"]),
+        "extra": json.dumps(extra or {}),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Restore AdamW state from `save_training_state`'s file; → (step, extra)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    param_groups = json.loads(metadata["param_groups"])
+    for group in param_groups:  # JSON turns tuples into lists
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    return int(metadata["step"]), json.loads(metadata["extra"])
