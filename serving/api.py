@@ -1,0 +1,183 @@
+"""HTTP API of the Serve app: request/response models, limits, and the checks that turn bad input into 4xx.
+
+Everything here is plain pydantic/FastAPI (no Ray), so the rules are easy to read in one place. Static bounds
+live in the models (they appear in /openapi.json); the deployment's configurable, tighter limits (`Limits`)
+are checked by `check_request` and reported by `GET /v1/info`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import asdict, dataclass
+from typing import Literal, Union
+
+from pydantic import BaseModel, Field
+
+from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers
+from facediffuser.schedulers import SCHEDULERS
+
+SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+
+# Hard bounds of the schema; a deployment may only tighten them (Limits).
+HARD_MAX_STEPS = 200
+HARD_MAX_SIDE = 2048
+HARD_MAX_PHOTOS = 8
+MAX_PROMPT_CHARS = 2000
+DEFAULT_STEPS = 50
+
+
+class RequestError(Exception):
+    """A problem with the client's request: becomes `status` with body {"error": code, "message": message}.
+
+    Raised in any deployment; its args survive pickling, so the ingress can re-raise it as an HTTP answer.
+    """
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(status, code, message)
+        self.status, self.code, self.message = status, code, message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one deployment accepts (tighter than the schema's hard bounds; see /v1/info)."""
+
+    max_payload_bytes: int = 20 * 1024 * 1024
+    max_steps: int = 100
+    max_side: int = 1024  # width and height, pixels
+    max_subjects: int = DEFAULT_MAX_SUBJECTS
+    max_photos_per_subject: int = 4
+    max_reference_pixels: int = 4096 * 4096
+    max_num_images: int = 4
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Base64Image = str  # standard base64 of the image file's bytes; a "data:image/...;base64," prefix is accepted
+
+
+class GenerateRequest(BaseModel):
+    """One prompt with a `<|image|>` marker after each subject noun, and one reference per marker, in order."""
+
+    model_config = {"extra": "forbid"}
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
+                        examples=["a man <|image|> riding a horse on the moon"])
+    references: list[Union[Base64Image, list[Base64Image]]] = Field(
+        ..., min_length=1, max_length=DEFAULT_MAX_SUBJECTS,
+        description="base64 images, one per marker in order; an entry may be a list of several photos of that person",
+    )
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_images: int = Field(1, ge=1, le=4)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="image k uses seed + k; random when omitted")
+    steps: int | None = Field(None, ge=1, le=HARD_MAX_STEPS, description="default: 50, or the server's max_steps if lower")
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
+    alpha: float = Field(0.3, ge=0.0, le=1.0, description="fraction of the schedule before fusion starts")
+    beta: float = Field(0.6, ge=0.0, le=1.0, description="fraction of the schedule before SDM-only sampling")
+    width: int | None = Field(None, ge=64, le=HARD_MAX_SIDE, multiple_of=8, description="default: the model's size")
+    height: int | None = Field(None, ge=64, le=HARD_MAX_SIDE, multiple_of=8)
+    scheduler: SchedulerName = "ddim"
+    return_masks: bool = False
+
+
+class StageTimings(BaseModel):
+    encode_s: float
+    queue_s: float
+    denoise_s: float
+    decode_s: float
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNG images")
+    seeds: list[int]
+    fusion_masks: str | None = Field(None, description="base64 PNG: a row per image, a column per fusion step")
+    overlays: list[str] | None = Field(None, description="base64 PNG: each image tinted where the SDM dominated")
+    batch_size: int = Field(description="images denoised together in this request's snf_denoise call")
+    batch_requests: int = Field(description="requests served by that call")
+    timings: StageTimings
+    manifest: dict
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+
+
+@dataclass
+class CheckedRequest:
+    """A validated request, references decoded from base64 to bytes (one list of photos per subject)."""
+
+    request: GenerateRequest
+    references: list[list[bytes]]
+
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    body = _DATA_URL.sub("", text.strip())
+    try:
+        data = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "invalid_base64", f"{where} is not valid base64") from None
+    if not data:
+        raise RequestError(400, "invalid_base64", f"{where} is empty")
+    return data
+
+
+def check_request(request: GenerateRequest, limits: Limits) -> CheckedRequest:
+    """The checks a schema cannot express: markers vs references, and this deployment's limits."""
+    markers = count_markers(request.prompt)
+    if markers == 0:
+        raise RequestError(422, "no_subjects", f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
+    if markers > limits.max_subjects:
+        raise RequestError(422, "too_many_subjects", f"the prompt has {markers} subjects; at most {limits.max_subjects} are allowed")
+    if markers != len(request.references):
+        raise RequestError(
+            422, "reference_count_mismatch",
+            f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(request.references)} reference(s) were given",
+        )
+    if request.steps is None:
+        request.steps = min(DEFAULT_STEPS, limits.max_steps)
+    if request.steps > limits.max_steps:
+        raise RequestError(422, "steps_out_of_range", f"steps={request.steps} exceeds this server's limit of {limits.max_steps}")
+    if request.num_images > limits.max_num_images:
+        raise RequestError(422, "too_many_images", f"num_images={request.num_images} exceeds {limits.max_num_images}")
+    if request.alpha > request.beta:
+        raise RequestError(422, "boundaries_out_of_range", f"need alpha <= beta, got alpha={request.alpha}, beta={request.beta}")
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value is not None and value > limits.max_side:
+            raise RequestError(422, "dimensions_over_limit", f"{name}={value} exceeds this server's limit of {limits.max_side}")
+    references = []
+    for index, entry in enumerate(request.references, start=1):
+        photos = entry if isinstance(entry, list) else [entry]
+        if not photos:
+            raise RequestError(422, "empty_reference", f"reference {index} is an empty list of photos")
+        if len(photos) > limits.max_photos_per_subject:
+            raise RequestError(
+                422, "too_many_photos", f"reference {index} has {len(photos)} photos; at most {limits.max_photos_per_subject}"
+            )
+        where = (lambda k: f"reference {index}") if len(photos) == 1 else (lambda k: f"reference {index} photo {k}")
+        references.append([decode_base64(photo, where(k)) for k, photo in enumerate(photos, start=1)])
+    return CheckedRequest(request=request, references=references)
+
+
+def validation_message(errors: list[dict]) -> tuple[int, str, str]:
+    """FastAPI's validation errors → (status, code, one readable line naming the field)."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        return 400, "invalid_json", f"the request body is not valid JSON ({detail.get('ctx', {}).get('error', 'parse error')})"
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    first = errors[0] if errors else {}
+    code = "unknown_scheduler" if first.get("loc", ())[-1:] == ("scheduler",) else "invalid_request"
+    return 422, code, "; ".join(parts)

@@ -1,0 +1,537 @@
+"""Ray Serve app: HTTP ingress → subject encoder → SNF sampler (both UNets and the VAE on one replica).
+
+    facediffuser serve --tiny --port 8000          # local Ray, blocks until Ctrl-C
+    serve deploy serving/config/serve.yaml         # the same app on a running cluster (import path: app_builder)
+
+The sampler calls `facediffuser.sampling.snf_denoise` once per batch: compatible requests (same steps, size,
+scheduler, guidance and stage boundaries) that arrive together are denoised in one call, each from latents drawn
+from its own seeds, so a batched request gets the same images it would get alone.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types in the ingress signatures.
+
+import argparse
+import asyncio
+import base64
+import hmac
+import io
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
+
+from facediffuser.generate import load_pipeline, model_identity
+from facediffuser.images import tensor_to_pil
+from facediffuser.manifest import package_versions
+from facediffuser.prompts import strip_markers
+from facediffuser.sampling import boundaries_from_fractions, snf_denoise
+from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
+from facediffuser.visualize import mask_grid, mask_overlay
+
+from serving.api import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+    RequestError,
+    check_request,
+    validation_message,
+)
+
+TOKEN_ENV = "FACEDIFFUSER_API_TOKEN"
+RETRY_AFTER_S = 2
+
+
+@dataclass
+class ServeConfig:
+    """Everything the app needs; built from CLI flags (`run`) or the YAML's `args` (`app_builder`)."""
+
+    model: str | None = None
+    tiny: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "facediffuser"
+    route_prefix: str = "/"
+    api_token: str | None = None  # default: $FACEDIFFUSER_API_TOKEN
+    dtype: str = "float32"
+    face_detector: str | None = "mediapipe"  # None: no detection, whole photo padded square
+    cache_size: int = 256
+    # resources and scaling (sampler = both UNets + VAE; encoder = text + CLIP vision)
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    encoder_num_gpus: float = 0.0
+    encoder_num_cpus: float = 0.5
+    ingress_num_cpus: float = 0.1
+    torch_threads: int = 0  # 0: torch's default
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 32
+    max_batch_size: int = 4  # requests per snf_denoise call; 1 turns batching off
+    batch_wait_timeout_s: float = 0.05
+    health_check_period_s: float = 10.0
+    limits: dict = field(default_factory=dict)  # Limits fields
+
+    def __post_init__(self):
+        if self.api_token is None:
+            self.api_token = os.environ.get(TOKEN_ENV) or None
+        if not self.tiny and not self.model:
+            raise ValueError("give a model directory (--model DIR) or --tiny")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size (a batch needs that many in flight)")
+        Limits(**self.limits)  # unknown keys fail here, before any deployment starts
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ServeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown serve config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _load(config: ServeConfig):
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    pipe = load_pipeline(config.model, config.tiny, torch_dtype=getattr(torch, config.dtype))
+    device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() else "cpu"
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- deployments
+@serve.deployment(name="SubjectEncoder")
+class SubjectEncoderDeployment:
+    """Reference photos → face crop → CLIP image tokens (LRU-cached by content hash) → prompt embeddings."""
+
+    def __init__(self, config: dict):
+        from serving.subjects import SubjectEncoding
+
+        cfg = ServeConfig.from_dict(config)
+        pipe = _load(cfg)
+        detector = None
+        if cfg.face_detector:
+            from facediffuser.data.faces import make_detector
+
+            detector = make_detector(cfg.face_detector)
+        self.encoding = SubjectEncoding(pipe, detector, cfg.cache_size, Limits(**cfg.limits).max_reference_pixels)
+
+    def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]]) -> dict:
+        started = time.perf_counter()
+        try:
+            out = self.encoding.encode(prompt, negative_prompt, references)
+        except RequestError as exc:
+            return {"error": (exc.status, exc.code, exc.message)}  # plain data crosses the process boundary
+        out["seconds"] = time.perf_counter() - started
+        return out
+
+    def ready(self) -> dict:
+        return self.encoding.stats()
+
+    def check_health(self) -> None:
+        if self.encoding.pipe.subject_encoder is None:
+            raise RuntimeError("subject encoder not loaded")
+
+
+@dataclass
+class _Job:
+    """One request inside a batch; `key` groups requests that can share one snf_denoise call."""
+
+    request: dict
+    embeds: dict
+    arrived: float
+    key: tuple = ()
+    iterations: int = 0
+    boundaries: tuple[int, int] = (0, 0)
+
+
+@serve.deployment(name="Sampler")
+class SamplerDeployment:
+    """Both UNets, the VAE and the scheduler config; one snf_denoise call per group of compatible requests."""
+
+    def __init__(self, config: dict):
+        cfg = ServeConfig.from_dict(config)
+        self.pipe = _load(cfg)
+        self.identity = model_identity(self.pipe, cfg.model)
+        self.versions = package_versions()
+        self.default_size = self.pipe.sdm_unet.config.sample_size * self.pipe.vae_scale_factor
+        self.generate.set_max_batch_size(cfg.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.batches_served = 0
+
+    def ready(self) -> dict:
+        return {**self.identity, "default_size": self.default_size, "batches_served": self.batches_served}
+
+    def check_health(self) -> None:
+        if self.pipe.sdm_unet is None or self.pipe.tdm_unet is None or self.pipe.vae is None:
+            raise RuntimeError("sampler models not loaded")
+
+    def _plan(self, job: _Job) -> None:
+        r = job.request
+        scheduler = make_scheduler(r["scheduler"], self.pipe.scheduler.config)
+        scheduler.set_timesteps(r["steps"])
+        job.iterations = len(scheduler.timesteps)
+        job.boundaries = boundaries_from_fractions(r["alpha"], r["beta"], job.iterations)
+        size = (r["height"] or self.default_size, r["width"] or self.default_size)
+        job.key = (r["scheduler"], r["steps"], size, float(r["guidance_scale"]), job.boundaries)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
+    async def generate(self, jobs: list[_Job]) -> list[dict]:
+        started = time.perf_counter()
+        groups: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.key, []).append(index)
+        results: list[dict] = [{}] * len(jobs)
+        for indices in groups.values():
+            group = [jobs[i] for i in indices]
+            try:
+                outputs = await asyncio.to_thread(self._denoise_group, group, started)
+            except ValueError as exc:  # e.g. a size the VAE cannot take
+                outputs = [{"error": (422, "invalid_request", str(exc))}] * len(group)
+            for i, output in zip(indices, outputs):
+                results[i] = output
+        self.batches_served += 1
+        return results
+
+    async def submit(self, request: dict, embeds: dict) -> dict:
+        job = _Job(request=request, embeds=embeds, arrived=time.perf_counter())
+        try:
+            self._plan(job)
+        except ValueError as exc:
+            return {"error": (422, "invalid_request", str(exc))}
+        return await self.generate(job)
+
+    @torch.no_grad()
+    def _denoise_group(self, group: list[_Job], batch_started: float) -> list[dict]:
+        pipe, first = self.pipe, group[0]
+        scheduler_kind, steps, (height, width), guidance, (s, f) = first.key
+        scheduler = make_scheduler(scheduler_kind, pipe.scheduler.config)  # fresh: solvers keep per-call state
+        dtype, device = pipe.sdm_unet.dtype, pipe.sdm_unet.device
+        shape = (4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+        seeds, generators, counts = [], [], []
+        for job in group:
+            count = job.request["num_images"]
+            base = job.request["seed"]
+            job_seeds = [base + k for k in range(count)]  # image k of a request always uses seed + k
+            seeds.append(job_seeds)
+            generators += [torch.Generator().manual_seed(seed) for seed in job_seeds]
+            counts.append(count)
+        # Each image's initial noise comes from its own generator, which then feeds any stochastic scheduler:
+        # the same as FaceDiffuserPipeline._initial_latents, independent of who else is in the batch.
+        latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        latents = (latents * scheduler.init_noise_sigma).to(device, dtype)
+
+        def stacked(name):
+            return torch.cat([job.embeds[name].repeat(count, 1, 1) for job, count in zip(group, counts)]).to(device, dtype)
+
+        want_masks = any(job.request["return_masks"] for job in group)
+        denoise_started = time.perf_counter()
+        result = snf_denoise(
+            pipe.tdm_unet, pipe.sdm_unet, scheduler, latents, stacked("null"), stacked("text"), stacked("augmented"),
+            num_inference_steps=steps, guidance_scale=guidance, start_merge_step=s, final_step=f,
+            return_masks=want_masks, generator=generators,
+        )
+        decode_started = time.perf_counter()
+        images = tensor_to_pil(pipe.decode_latents(result.latents))
+        masks = torch.stack(result.masks)[:, :, 0].float().cpu() if want_masks and result.masks else None
+        decode_s = time.perf_counter() - decode_started
+        denoise_s = decode_started - denoise_started
+
+        outputs, offset = [], 0
+        for job, job_seeds, count in zip(group, seeds, counts):
+            rows = slice(offset, offset + count)
+            offset += count
+            output = {
+                "images": [_png(image) for image in images[rows]],
+                "seeds": job_seeds,
+                "batch_size": len(images),
+                "batch_requests": len(group),
+                "timings": {"queue_s": denoise_started - job.arrived, "denoise_s": denoise_s, "decode_s": decode_s},
+                "manifest": {
+                    "scheduler": scheduler_name(scheduler), "steps": steps, "iterations": job.iterations,
+                    "guidance_scale": guidance, "size": [width, height],
+                    "boundaries": {"start_merge_step": s, "final_step": f, "alpha": job.request["alpha"],
+                                   "beta": job.request["beta"], "fusion_steps": result.fusion_steps},
+                    **self.identity, "versions": self.versions,
+                },
+            }
+            if job.request["return_masks"]:
+                job_masks = masks[:, rows] if masks is not None else torch.zeros(0, count, *shape[1:])
+                output["fusion_masks"] = _png(mask_grid(job_masks))
+                if job_masks.shape[0]:
+                    mean = job_masks.mean(dim=0)
+                    output["overlays"] = [_png(mask_overlay(image, mean[k])) for k, image in enumerate(images[rows])]
+            outputs.append(output)
+        return outputs
+
+
+# -------------------------------------------------------------------------------------------------- ingress
+api = FastAPI(
+    title="Face-diffuser",
+    version="1.0",
+    description="Subject-to-image generation of given people: a prompt with a `<|image|>` marker after each "
+    "subject noun, and one reference photo per marker. Errors are JSON: {\"error\": code, \"message\": text}.",
+)
+bearer = HTTPBearer(auto_error=False, description=f"required when the server sets ${TOKEN_ENV}")
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 503)}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError):
+    return _error(exc.status, exc.code, exc.message)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return _error(*validation_message(exc.errors()))
+
+
+@api.middleware("http")
+async def _limit_payload(request: Request, call_next):
+    """413 before parsing: a declared Content-Length over the limit, or a body that turns out larger."""
+    limits: Limits | None = getattr(request.app.state, "limits", None)
+    if limits is not None and request.method in ("POST", "PUT", "PATCH"):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_payload_bytes:
+            return _error(413, "payload_too_large", f"the body is {declared} bytes; the limit is {limits.max_payload_bytes}")
+        body = await request.body()  # Starlette caches it for the route
+        if len(body) > limits.max_payload_bytes:
+            return _error(413, "payload_too_large", f"the body is {len(body)} bytes; the limit is {limits.max_payload_bytes}")
+    return await call_next(request)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Errors that mean "try again shortly": a replica died or is restarting, or a queue is full."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, (BackPressureError, rex.RayActorError, rex.ActorUnavailableError)) or (
+        type(exc).__name__ in ("DeploymentUnavailableError", "ActorDiedError")
+    )
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class FaceDiffuserAPI:
+    """Validation, auth and limits; then encoder → sampler. Heavy work never runs here."""
+
+    def __init__(self, encoder, sampler, config: dict):
+        cfg = ServeConfig.from_dict(config)
+        self.encoder, self.sampler = encoder, sampler
+        self.limits = Limits(**cfg.limits)
+        self.token = cfg.api_token
+        self.config = cfg
+        api.state.limits = self.limits
+
+    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if self.token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise RequestError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+
+    async def _call(self, method, *args):
+        try:
+            return await method.remote(*args)
+        except RequestError:
+            raise
+        except Exception as exc:
+            if _unavailable(exc):
+                raise RequestError(503, "unavailable", f"the service is busy or restarting ({type(exc).__name__}); retry shortly") from None
+            raise
+
+    @api.get("/healthz", responses={503: {"model": ErrorResponse}})
+    async def healthz(self):
+        """Ready only when the encoder's and the sampler's models are loaded and answering."""
+        try:
+            encoder, sampler = await asyncio.wait_for(
+                asyncio.gather(self.encoder.ready.remote(), self.sampler.ready.remote()), timeout=5
+            )
+        except Exception as exc:
+            return _error(503, "not_ready", f"models are not ready ({type(exc).__name__})")
+        return {"status": "ready", "encoder_cache": encoder, "batches_served": sampler["batches_served"]}
+
+    @api.get("/v1/info", responses=ERRORS)
+    async def info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """Models, limits, schedulers, batching and package versions."""
+        self._authorize(credentials)
+        sampler = await self._call(self.sampler.ready)
+        return {
+            "model": sampler["model"], "hashes": sampler["hashes"], "default_size": sampler["default_size"],
+            "limits": self.limits.as_dict(), "schedulers": sorted(SCHEDULERS),
+            "face_detector": self.config.face_detector,
+            "batching": {"max_batch_size": self.config.max_batch_size, "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
+            "versions": package_versions(),
+        }
+
+    @api.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
+    async def generate(self, body: GenerateRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """Generate `num_images` images of the referenced people; image k uses seed + k."""
+        started = time.perf_counter()
+        self._authorize(credentials)
+        checked = check_request(body, self.limits)
+        if body.seed is None:
+            body.seed = int.from_bytes(os.urandom(4), "little") >> 1
+        embeds = await self._call(self.encoder.encode, body.prompt, body.negative_prompt, checked.references)
+        if "error" in embeds:
+            raise RequestError(*embeds["error"])
+        request = body.model_dump()
+        request.pop("references")
+        output = await self._call(self.sampler.submit, request, embeds)
+        if "error" in output:
+            raise RequestError(*output["error"])
+        total_s = time.perf_counter() - started
+        timings = {"encode_s": embeds["seconds"], **output["timings"], "total_s": total_s}
+        manifest = {
+            "prompt": body.prompt, "plain_prompt": strip_markers(body.prompt), "negative_prompt": body.negative_prompt,
+            "references": embeds["reference_sha256"], "seeds": output["seeds"], **output["manifest"],
+            "seconds": round(total_s, 3),
+        }
+        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+        return GenerateResponse(
+            images=[b64(png) for png in output["images"]], seeds=output["seeds"],
+            fusion_masks=b64(output["fusion_masks"]) if "fusion_masks" in output else None,
+            overlays=[b64(png) for png in output["overlays"]] if "overlays" in output else None,
+            batch_size=output["batch_size"], batch_requests=output["batch_requests"],
+            timings={k: round(v, 4) for k, v in timings.items()}, manifest=manifest,
+        )
+
+
+# ------------------------------------------------------------------------------------------ building and CLI
+def build_app(config: ServeConfig, upstream_app: str | None = None):
+    """The bound application: ingress → (encoder, sampler), with resources, scaling and queue limits.
+
+    With `upstream_app`, only an ingress is deployed, in front of that running app's encoder and sampler
+    (e.g. a second route with its own token or limits, sharing the loaded models).
+    """
+    values = asdict(config)
+    ingress = FaceDiffuserAPI.options(
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=4 * config.max_ongoing_requests * config.max_replicas,
+        max_queued_requests=4 * config.max_queued_requests * config.max_replicas,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
+    )
+    if upstream_app:
+        encoder = serve.get_deployment_handle("SubjectEncoder", app_name=upstream_app)
+        sampler = serve.get_deployment_handle("Sampler", app_name=upstream_app)
+        return ingress.bind(encoder, sampler, values)
+    scaling = {
+        "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+        "target_ongoing_requests": config.target_ongoing_requests,
+    }
+    encoder = SubjectEncoderDeployment.options(
+        ray_actor_options={"num_cpus": config.encoder_num_cpus, "num_gpus": config.encoder_num_gpus},
+        autoscaling_config=scaling, max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests, health_check_period_s=config.health_check_period_s,
+    ).bind(values)
+    sampler = SamplerDeployment.options(
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        autoscaling_config=scaling, max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests, health_check_period_s=config.health_check_period_s,
+    ).bind(values)
+    return ingress.bind(encoder, sampler, values)
+
+
+def app_builder(args: dict):
+    """`serve deploy` entry (import_path: serving.app:app_builder); `args` are ServeConfig fields."""
+    return build_app(ServeConfig.from_dict(dict(args or {})))
+
+
+def start(config: ServeConfig, upstream_app: str | None = None) -> str:
+    """Deploy on the current (or a new local) Ray and wait until ready; → base URL of the app."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_gpus=None if config.num_gpus or config.encoder_num_gpus else 0)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config, upstream_app), name=config.app_name, route_prefix=config.route_prefix)
+    return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/)")
+    source.add_argument("--tiny", action="store_true", help="small random models, for trying the service on a CPU")
+    defaults = ServeConfig(tiny=True)
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--num-gpus", type=float, default=defaults.num_gpus, help="GPUs per sampler replica")
+    parser.add_argument("--encoder-num-gpus", type=float, default=defaults.encoder_num_gpus)
+    parser.add_argument("--num-cpus", type=float, default=defaults.num_cpus, help="CPUs per sampler replica")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--min-replicas", type=int, default=defaults.min_replicas)
+    parser.add_argument("--max-replicas", type=int, default=defaults.max_replicas)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="1 turns batching off")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=defaults.batch_wait_timeout_s)
+    parser.add_argument("--max-ongoing-requests", type=int, default=defaults.max_ongoing_requests)
+    parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests)
+    parser.add_argument("--face-detector", default=defaults.face_detector, choices=("mediapipe", "mtcnn", "none"))
+    parser.add_argument("--max-steps", type=int, default=Limits.max_steps)
+    parser.add_argument("--max-side", type=int, default=Limits.max_side)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        model=args.model, tiny=args.tiny, host=args.host, port=args.port, num_gpus=args.num_gpus,
+        encoder_num_gpus=args.encoder_num_gpus, num_cpus=args.num_cpus, dtype=args.dtype,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s, max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        face_detector=None if args.face_detector == "none" else args.face_detector,
+        limits={"max_steps": args.max_steps, "max_side": args.max_side},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    config = config_from_args(args)  # validates before Ray starts
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        url = start(config)
+        auth = " (bearer token required)" if config.api_token else ""
+        print(f"serving on {url}{auth}: POST /v1/generate, GET /healthz, /v1/info, /docs. Ctrl-C stops.", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from facediffuser.cli import module_main
+
+    module_main("serve")
