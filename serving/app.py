@@ -185,6 +185,11 @@ class SamplerDeployment:
     def ready(self) -> dict:
         return {**self.identity, "default_size": self.default_size, "batches_served": self.batches_served}
 
+    def configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Change batching on a running replica (the benchmark compares on/off on the same warm replica)."""
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
     def check_health(self) -> None:
         if self.pipe.sdm_unet is None or self.pipe.tdm_unet is None or self.pipe.vae is None:
             raise RuntimeError("sampler models not loaded")
@@ -436,7 +441,7 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     ingress = FaceDiffuserAPI.options(
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=4 * config.max_ongoing_requests * config.max_replicas,
-        max_queued_requests=4 * config.max_queued_requests * config.max_replicas,
+        max_queued_requests=-1 if config.max_queued_requests < 0 else 4 * config.max_queued_requests * config.max_replicas,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
     )
     if upstream_app:

@@ -1,0 +1,136 @@
+"""Bounded load generator for the Serve app over loopback HTTP: a fixed number of requests at a fixed
+concurrency, then a report (throughput, p50/p99 latency, status counts, batch sizes). It always ends.
+
+    python -m serving.loadtest --url http://127.0.0.1:8000 --reference face.jpg --concurrency 8 --requests 32
+
+Used by the tests and by benchmarks/serve.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class LoadReport:
+    concurrency: int
+    requests: int
+    seconds: float
+    statuses: dict[int, int]
+    latencies_s: list[float] = field(repr=False)
+    batch_sizes: list[int] = field(repr=False)
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    @property
+    def throughput(self) -> float:
+        """Successful requests per second of wall time."""
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
+
+    def summary(self) -> dict:
+        return {
+            "concurrency": self.concurrency, "requests": self.requests, "ok": self.ok,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "seconds": round(self.seconds, 3), "requests_per_s": round(self.throughput, 3),
+            "p50_s": round(self.percentile(50), 4), "p99_s": round(self.percentile(99), 4),
+            "mean_batch_size": round(float(np.mean(self.batch_sizes)), 2) if self.batch_sizes else None,
+            "max_batch_size": max(self.batch_sizes) if self.batch_sizes else None,
+        }
+
+
+def run_load(
+    url: str,
+    payload: Callable[[int], dict],
+    *,
+    concurrency: int,
+    requests: int,
+    headers: dict | None = None,
+    timeout_s: float = 300.0,
+) -> LoadReport:
+    """POST `payload(i)` for i in range(requests) to `url` with `concurrency` requests in flight.
+
+    Latencies are recorded for successful (200) answers only; every answer's status is counted.
+    """
+    if concurrency < 1 or requests < 1:
+        raise ValueError("concurrency and requests must be >= 1")
+
+    async def main() -> LoadReport:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(requests):
+            queue.put_nowait(i)
+        statuses: Counter[int] = Counter()
+        latencies: list[float] = []
+        batch_sizes: list[int] = []
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
+
+            async def worker() -> None:
+                while True:
+                    try:
+                        i = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    sent = time.perf_counter()
+                    try:
+                        response = await client.post(url, json=payload(i))
+                    except httpx.HTTPError:
+                        statuses[-1] += 1  # connection-level failure
+                        continue
+                    statuses[response.status_code] += 1
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - sent)
+                        batch_sizes.append(int(response.json().get("batch_requests", 1)))
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            seconds = time.perf_counter() - started
+        return LoadReport(concurrency, requests, seconds, dict(statuses), latencies, batch_sizes)
+
+    return asyncio.run(main())
+
+
+def generate_payload(reference_b64: str, *, steps: int = 4, prompt: str = "a man <|image|> on a beach",
+                     seed_base: int = 0, **extra) -> Callable[[int], dict]:
+    """Request i asks for one image with seed `seed_base + i` (distinct work, same shape: batchable)."""
+
+    def payload(i: int) -> dict:
+        return {"prompt": prompt, "references": [reference_b64], "steps": steps, "seed": seed_base + i, **extra}
+
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="base URL of the app, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--reference", required=True, help="a photo with a face")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--token", default=None, help="bearer token, if the server requires one")
+    args = parser.parse_args(argv)
+    reference = base64.b64encode(Path(args.reference).read_bytes()).decode()
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
+    report = run_load(args.url.rstrip("/") + "/v1/generate", generate_payload(reference, steps=args.steps),
+                      concurrency=args.concurrency, requests=args.requests, headers=headers)
+    print(json.dumps(report.summary(), indent=2))
+    return 0 if report.ok == report.requests else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
