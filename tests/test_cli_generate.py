@@ -1,0 +1,81 @@
+"""`facediffuser generate` as a user runs it: the console script, its files, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facediffuser.cli import main
+
+BIN = Path(sys.executable).parent / "facediffuser"
+
+
+@pytest.mark.slow
+def test_generate_writes_images_masks_and_manifest(tmp_path, astronaut):
+    reference = tmp_path / "astronaut.jpg"
+    Image.fromarray(astronaut).save(reference)
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [str(BIN), "generate", "--tiny", "--prompt", "a woman <|image|> on the moon", "--reference", str(reference),
+         "--out", str(out), "--steps", "8", "--num-images", "2", "--seed", "4", "--scheduler", "dpm++",
+         "--width", "96", "--height", "64"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_MININTERVAL": "0"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "sampling" in run.stderr  # the progress bar
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seeds"] == [4, 5] and manifest["scheduler"] == "dpm++" and manifest["steps"] == 8
+    assert manifest["boundaries"]["start_merge_step"] == 2 and manifest["boundaries"]["final_step"] == 5
+    assert manifest["versions"]["torch"] and len(manifest["hashes"]["tiny"]) == 64
+    for name in manifest["files"]["images"] + manifest["files"]["overlays"]:
+        assert Image.open(out / name).size == (96, 64)
+    grid = Image.open(out / manifest["files"]["fusion_masks"])
+    assert grid.size[0] > grid.size[1]  # 3 fusion steps across, 2 images down
+    assert len(np.unique(np.asarray(grid))) >= 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "a man <|image|> and a woman <|image|>"], "2 <|image|> marker(s) but 1 --reference"),
+        (["--prompt", "a man <|image|>", "--width", "65"], "multiples of 8"),
+        (["--prompt", "a man <|image|>", "--alpha", "0.9", "--beta", "0.2"], "alpha <= beta"),
+    ],
+)
+def test_generate_bad_input_is_one_line(tmp_path, astronaut, capsys, extra, message):
+    reference = tmp_path / "a.png"
+    Image.fromarray(astronaut).save(reference)
+    code = main(["generate", "--tiny", "--reference", str(reference), "--out", str(tmp_path / "o"), "--steps", "2", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("facediffuser generate: error:") and message in err[-1]
+
+
+def test_generate_rejects_a_non_image_reference_before_loading_models(tmp_path, capsys):
+    fake = tmp_path / "face.jpg"
+    fake.write_bytes(b"\x00" * 64)
+    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a man <|image|>",
+                 "--reference", str(fake), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "face.jpg: not a decodable image" in capsys.readouterr().err
+
+
+def test_generate_missing_model_directory(tmp_path, astronaut, capsys):
+    reference = tmp_path / "a.png"
+    Image.fromarray(astronaut).save(reference)
+    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a man <|image|>",
+                 "--reference", str(reference), "--out", str(tmp_path / "o")])
+    assert code == 2 and "model directory not found" in capsys.readouterr().err
+
+
+def test_unknown_scheduler_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--tiny", "--prompt", "x <|image|>", "--reference", "a", "--out", "o", "--scheduler", "heun"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
