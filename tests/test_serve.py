@@ -1,0 +1,308 @@
+"""The Serve app over real HTTP on 127.0.0.1, tiny models, one real local Ray.
+
+serve.run costs ~24 s (much more on a busy machine), so the app starts once per module and every test checks
+several things against it. Tests run in file order; the replica-kill test is last because it disrupts service.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+MAIN_APP = "facediffuser-test"
+STEPS = 4
+
+
+def png_b64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, astronaut):
+    from ray import serve
+
+    from serving.app import ServeConfig, start
+
+    config = ServeConfig(
+        tiny=True, port=free_port(), app_name=MAIN_APP, torch_threads=1,
+        num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1,
+        max_batch_size=4, batch_wait_timeout_s=0.25, max_ongoing_requests=8, max_queued_requests=4,
+        health_check_period_s=2.0,
+        limits={"max_steps": 8, "max_side": 128, "max_payload_bytes": 3_000_000, "max_reference_pixels": 1024 * 1024},
+    )
+    url = start(config)
+    client = httpx.Client(base_url=url, timeout=120)
+    yield {"url": url, "config": config, "client": client, "reference": png_b64(astronaut)}
+    client.close()
+    serve.delete(MAIN_APP)
+
+
+def generate(client: httpx.Client, reference: str, **fields) -> httpx.Response:
+    body = {"prompt": "a man <|image|> on a beach", "references": [reference], "steps": STEPS, "seed": 7, **fields}
+    return client.post("/v1/generate", json=body)
+
+
+def test_generate_end_to_end(service, astronaut):
+    client, reference = service["client"], service["reference"]
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    info = client.get("/v1/info").json()
+    assert info["model"] == "tiny" and info["limits"]["max_steps"] == 8 and "ddim" in info["schedulers"]
+    assert info["versions"]["ray"] and info["batching"]["max_batch_size"] == 4
+
+    response = generate(client, reference, num_images=2, seed=11, return_masks=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["seeds"] == [11, 12]
+    images = [decode_png(image) for image in body["images"]]
+    assert [image.shape for image in images] == [(128, 128, 3)] * 2
+    assert not np.array_equal(images[0], images[1])  # different seeds, different pictures
+    masks = decode_png(body["fusion_masks"])
+    assert masks.ndim == 2 and masks.shape[0] > 64  # a row per image
+    assert len(body["overlays"]) == 2
+    manifest = body["manifest"]
+    assert manifest["seeds"] == [11, 12] and manifest["scheduler"] == "ddim" and manifest["steps"] == STEPS
+    assert manifest["model"] == "tiny" and len(manifest["references"][0][0]) == 64  # sha256 of the photo
+    assert manifest["boundaries"]["fusion_steps"], "stage 2 (fusion) ran"
+    assert set(body["timings"]) == {"encode_s", "queue_s", "denoise_s", "decode_s", "total_s"}
+
+    # Same seed → same bytes; image k of a multi-image request = the single request with seed + k.
+    again = generate(client, reference, num_images=2, seed=11, return_masks=True).json()
+    assert again["images"] == body["images"]
+    second_alone = generate(client, reference, seed=12).json()
+    assert np.abs(decode_png(second_alone["images"][0]).astype(int) - images[1].astype(int)).max() <= 1
+    # The repeated reference was served from the encoder's cache.
+    assert client.get("/healthz").json()["encoder_cache"]["hits"] >= 2
+
+    # Two subjects, the second given as two photos of the same person (embeddings averaged); other schedulers.
+    mirrored = png_b64(np.ascontiguousarray(astronaut[:, ::-1]))
+    two = client.post("/v1/generate", json={
+        "prompt": "a man <|image|> and a woman <|image|> in a park", "references": [reference, [reference, mirrored]],
+        "steps": 3, "seed": 1, "scheduler": "euler-a", "negative_prompt": "blurry", "width": 64, "height": 96,
+    })
+    assert two.status_code == 200, two.text
+    assert decode_png(two.json()["images"][0]).shape == (96, 64, 3)
+    assert len(two.json()["manifest"]["references"][1]) == 2
+    stochastic_again = client.post("/v1/generate", json={
+        "prompt": "a man <|image|> and a woman <|image|> in a park", "references": [reference, [reference, mirrored]],
+        "steps": 3, "seed": 1, "scheduler": "euler-a", "negative_prompt": "blurry", "width": 64, "height": 96,
+    })
+    assert stochastic_again.json()["images"] == two.json()["images"]  # ancestral noise is seeded per image too
+
+
+def _noise_png(size: int = 160) -> str:
+    return png_b64((np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8))
+
+
+BAD_REQUESTS = {
+    # name: (body or raw bytes, expected status, expected error code)
+    "invalid json": (b'{"prompt": "a man <|image|>", ', 400, "invalid_json"),
+    "invalid base64": ({"references": ["not base64 at all!"]}, 400, "invalid_base64"),
+    "non-image bytes": ({"references": [base64.b64encode(b"hello, not an image").decode()]}, 422, "invalid_image"),
+    "marker/reference mismatch": ({"prompt": "a man <|image|> and a woman <|image|>"}, 422, "reference_count_mismatch"),
+    "zero subjects": ({"prompt": "a beach at sunset"}, 422, "no_subjects"),
+    "zero references": ({"references": []}, 422, "invalid_request"),
+    "too many subjects": ({"prompt": " and ".join(["a man <|image|>"] * 5)}, 422, "too_many_subjects"),
+    "no face in reference": ({"references": ["NOISE"]}, 422, "no_face_found"),
+    "dimensions over limit": ({"width": 256}, 422, "dimensions_over_limit"),
+    "dimensions not a multiple of 8": ({"height": 100}, 422, "invalid_request"),
+    "reference pixels over limit": ({"references": ["HUGE"]}, 413, "invalid_image"),
+    "payload over limit": ({"negative_prompt": None, "references": ["A" * 4_000_000]}, 413, "payload_too_large"),
+    "steps zero": ({"steps": 0}, 422, "invalid_request"),
+    "steps over server limit": ({"steps": 9}, 422, "steps_out_of_range"),
+    "guidance negative": ({"guidance_scale": -1}, 422, "invalid_request"),
+    "guidance too large": ({"guidance_scale": 31}, 422, "invalid_request"),
+    "alpha above 1": ({"alpha": 1.5}, 422, "invalid_request"),
+    "alpha after beta": ({"alpha": 0.8, "beta": 0.2}, 422, "boundaries_out_of_range"),
+    "unknown scheduler": ({"scheduler": "magic"}, 422, "unknown_scheduler"),
+    "unknown field": ({"cfg": 3}, 422, "invalid_request"),
+    "marker before any noun": ({"prompt": "<|image|> walks on a beach"}, 422, "invalid_prompt"),
+    "num_images too large": ({"num_images": 5}, 422, "invalid_request"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_input_is_4xx_json_naming_the_problem(service, name):
+    client, reference = service["client"], service["reference"]
+    payload, status, code = BAD_REQUESTS[name]
+    if isinstance(payload, bytes):
+        response = client.post("/v1/generate", content=payload, headers={"content-type": "application/json"})
+    else:
+        body = {"prompt": "a man <|image|> on a beach", "references": [reference], "steps": STEPS, **payload}
+        if body["prompt"].count("<|image|>") == 5:
+            body["references"] = [reference] * 4
+        swap = {"NOISE": _noise_png(), "HUGE": png_b64(np.zeros((1100, 1000, 3), np.uint8))}
+        body["references"] = [swap.get(r, r) if isinstance(r, str) else r for r in body["references"]]
+        response = client.post("/v1/generate", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["error"] == code and error["message"], error
+
+
+def test_openapi_and_schemathesis_find_no_server_errors(service):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    client = service["client"]
+    spec = client.get("/openapi.json").json()
+    assert "/v1/generate" in spec["paths"] and "/healthz" in spec["paths"]
+    assert client.get("/docs").status_code == 200
+    schema = schemathesis.openapi.from_dict(spec)
+    server_errors = []
+    for path, method in (("/v1/generate", "POST"), ("/v1/info", "GET"), ("/healthz", "GET")):
+        operation = schema[path][method]
+        strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE) | operation.as_strategy(
+            generation_mode=GenerationMode.NEGATIVE
+        )
+
+        @settings(max_examples=25 if method == "POST" else 5, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def check(case):
+            response = case.call(base_url=service["url"], timeout=120)
+            if response.status_code >= 500:
+                server_errors.append((case.method, case.path, case.body, response.status_code, response.text[:300]))
+
+        check()
+    assert not server_errors, server_errors[:3]
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(service):
+    client, reference = service["client"], service["reference"]
+    seeds = [101, 102, 103, 104]
+    alone = {}
+    for seed in seeds:
+        body = generate(client, reference, seed=seed).json()
+        assert body["batch_requests"] == 1  # one at a time: nothing to batch with
+        alone[seed] = decode_png(body["images"][0])
+
+    batched_seen = 0
+    for _attempt in range(3):  # arrival timing decides the grouping; a few tries make batching near-certain
+        with ThreadPoolExecutor(len(seeds)) as pool:
+            responses = list(pool.map(lambda s: generate(client, reference, seed=s), seeds))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        for seed, response in zip(seeds, responses):
+            body = response.json()
+            batched_seen = max(batched_seen, body["batch_requests"])
+            assert body["batch_size"] >= body["batch_requests"]
+            difference = np.abs(decode_png(body["images"][0]).astype(int) - alone[seed].astype(int)).max()
+            assert difference <= 1, f"seed {seed}: batched image differs from unbatched by {difference}"
+        if batched_seen > 1:
+            break
+    assert batched_seen > 1, "concurrent compatible requests were never served in one batch"
+
+
+def test_bounded_load_test_and_overload_answers_503(service):
+    from serving.loadtest import generate_payload, run_load
+
+    url = service["url"] + "/v1/generate"
+    report = run_load(url, generate_payload(service["reference"], steps=STEPS), concurrency=4, requests=12)
+    summary = report.summary()
+    print("load test:", summary)
+    assert report.ok == 12 and len(report.latencies_s) == 12
+    assert summary["requests_per_s"] > 0 and summary["p50_s"] <= summary["p99_s"]
+    assert summary["max_batch_size"] >= 1
+
+    # Far more concurrent requests than ongoing (8) + queued (4) allow: the excess is refused, not collapsed.
+    def one(i):
+        return httpx.post(url, json=generate_payload(service["reference"], steps=8)(i), timeout=300)
+
+    with ThreadPoolExecutor(28) as pool:
+        responses = list(pool.map(one, range(28)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and statuses.count(200) >= 8, statuses
+    assert all(r.headers.get("retry-after") and r.json()["error"] for r in refused)
+    assert service["client"].get("/healthz").status_code == 200  # still serving
+
+
+def test_token_auth_on_and_off(service, monkeypatch):
+    from ray import serve
+
+    from serving.app import ServeConfig, TOKEN_ENV, start
+
+    client, reference = service["client"], service["reference"]
+    assert generate(client, reference).status_code == 200  # main app: no token configured, none needed
+
+    # A second ingress (own route, token from the environment) in front of the same loaded models.
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    secured_config = ServeConfig(
+        **{**service["config"].__dict__, "app_name": "facediffuser-secured", "route_prefix": "/secured", "api_token": None}
+    )
+    assert secured_config.api_token == "s3cret-token"
+    url = start(secured_config, upstream_app=MAIN_APP)
+    try:
+        with httpx.Client(base_url=url, timeout=120) as secured:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+                response = secured.post("/v1/generate", headers=headers,
+                                        json={"prompt": "a man <|image|>", "references": [reference], "steps": 2})
+                assert response.status_code == 401 and response.json()["error"] == "unauthorized", response.text
+                assert secured.get("/v1/info", headers=headers).status_code == 401
+            good = {"Authorization": "Bearer s3cret-token"}
+            ok = secured.post("/v1/generate", headers=good, json={"prompt": "a man <|image|>", "references": [reference],
+                                                                   "steps": 2, "seed": 3})
+            assert ok.status_code == 200 and len(ok.json()["images"]) == 1
+            assert secured.get("/v1/info", headers=good).json()["model"] == "tiny"
+            assert secured.get("/healthz").status_code == 200  # probes need no token
+    finally:
+        serve.delete("facediffuser-secured")
+
+
+def test_killed_sampler_replica_recovers(service):
+    import ray
+
+    client, reference = service["client"], service["reference"]
+
+    def sampler_replicas() -> list[str]:
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith(f"SERVE_REPLICA::{MAIN_APP}#Sampler#"))
+
+    before = sampler_replicas()
+    assert len(before) == 1
+    in_flight: dict = {}
+
+    def slow_request():
+        in_flight["response"] = generate(client, reference, steps=8, num_images=4, seed=5)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(1.0)  # let it reach the sampler
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    thread.join(timeout=300)
+    # The request caught by the kill either finished first or is told to retry; never a 500.
+    assert in_flight["response"].status_code in (200, 503), in_flight["response"].text
+
+    deadline = time.monotonic() + 240
+    recovered = None
+    while time.monotonic() < deadline:
+        response = generate(client, reference, seed=6)
+        if response.status_code == 200:
+            recovered = response
+            break
+        assert response.status_code == 503 and response.headers.get("retry-after"), response.text
+        time.sleep(2)
+    assert recovered is not None, "the service did not recover within 240 s"
+    after = sampler_replicas()
+    assert len(after) == 1 and after != before  # Serve replaced the dead replica
+    assert generate(client, reference, seed=7).status_code == 200
+    assert client.get("/healthz").status_code == 200
