@@ -1,12 +1,15 @@
-"""Image I/O shared by the pipeline, the CLI, preprocessing and serving: decode anything sane to RGB."""
+"""Image I/O shared by the pipeline, the CLI, preprocessing and serving: decode anything sane to RGB.
+
+torch is imported only by the functions that need it: decoding alone stays light (preprocessing workers).
+"""
 
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -64,7 +67,8 @@ def load_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         if source.ndim != 3 or source.shape[2] not in (3, 4):
             raise ImageDecodeError(f"array image must be HxWx3, got shape {source.shape}")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(source[..., :3]).astype(np.uint8)))
-    if isinstance(source, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only come from an already imported torch
+    if torch is not None and isinstance(source, torch.Tensor):
         if source.ndim != 3 or source.shape[0] != 3:
             raise ImageDecodeError(f"tensor image must be [3,H,W] in [0,1], got shape {tuple(source.shape)}")
         array = (source.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round()
@@ -72,8 +76,10 @@ def load_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     raise ImageDecodeError(f"unsupported image type {type(source).__name__}")
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+def pil_to_tensor(image: Image.Image) -> "torch.Tensor":
     """RGB PIL → [3, H, W] float32 in [0, 1]."""
+    import torch
+
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
