@@ -85,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--no-identity-scores", action="store_true",
+                        help="skip the per-image dlib face similarity to each reference (manifest identity_scores)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         alpha=args.alpha, beta=args.beta, start_merge_step=args.start_merge_step, final_step=args.final_step,
         height=args.height, width=args.width, return_masks=True, callback=progress,
+        identity_scores=not args.no_identity_scores,
     )
     bar.close()
     files = write_results(out_dir, result)
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         "boundaries": {"start_merge_step": result.start_merge_step, "final_step": result.final_step,
                        "alpha": args.alpha, "beta": args.beta, "fusion_steps": result.fusion_steps},
         "size": list(result.images[0].size),
+        "identity_scores": result.identity_scores,  # per image, per subject; null: no face found
         **model_identity(pipe, args.model),
         "files": files,
         "versions": package_versions(),

@@ -32,6 +32,8 @@ class FaceDiffuserOutput:
     num_iterations: int
     masks: torch.Tensor | None = None  # [fusion steps, B, h, w] float32, 1 = SDM chose the pixel
     fusion_steps: list[int] = field(default_factory=list)
+    # with identity_scores: per image, per subject, dlib similarity of its face to the reference (None: no face)
+    identity_scores: list[list[float | None]] | None = None
 
 
 class FaceDiffuserPipeline(DiffusionPipeline):
@@ -257,7 +259,10 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         fusion: FusionOptions = OFFICIAL_FUSION,
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
+        identity_scores: bool | Any = False,
     ) -> FaceDiffuserOutput:
+        """`identity_scores=True` (or a `facediffuser.metrics.identity.IdentityScorer`) also returns, per image,
+        each subject's face similarity to its reference (dlib by default), for filtering or regenerating."""
         default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         multiple = self.vae_scale_factor
@@ -293,10 +298,18 @@ class FaceDiffuserPipeline(DiffusionPipeline):
                 if result.masks
                 else torch.zeros(0, count, *result.latents.shape[-2:])
             )
+        want_scores = identity_scores is not False and identity_scores is not None
+        pil_images = tensor_to_pil(images) if output_type == "pil" or want_scores else None
+        scores = None
+        if want_scores:
+            from facediffuser.metrics.identity import identity_similarities  # dlib loads only when asked
+
+            scorer = None if identity_scores is True else identity_scores
+            scores = identity_similarities(pil_images, reference_images, scorer)
         return FaceDiffuserOutput(
-            images=images if output_type == "pt" else tensor_to_pil(images),
+            images=images if output_type == "pt" else pil_images,
             seeds=seeds, start_merge_step=s, final_step=f, num_iterations=num_iterations,
-            masks=masks, fusion_steps=result.fusion_steps,
+            masks=masks, fusion_steps=result.fusion_steps, identity_scores=scores,
         )
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
