@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=float, default=0.0)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs for the local Ray")
     parser.add_argument("--torch-threads", type=int, default=0)
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
 
@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     from serving.loadtest import generate_payload, run_load
 
     top = max(args.concurrency)
+    if not args.port:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
     config = ServeConfig(
         model=args.model, tiny=args.tiny, port=args.port, app_name="facediffuser-bench", num_gpus=args.num_gpus,
         num_cpus=0.5 if not args.num_gpus else 1.0, encoder_num_cpus=0.25, ingress_num_cpus=0.1,

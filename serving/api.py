@@ -164,8 +164,10 @@ def check_request(request: GenerateRequest, limits: Limits) -> CheckedRequest:
             raise RequestError(
                 422, "too_many_photos", f"reference {index} has {len(photos)} photos; at most {limits.max_photos_per_subject}"
             )
-        where = (lambda k: f"reference {index}") if len(photos) == 1 else (lambda k: f"reference {index} photo {k}")
-        references.append([decode_base64(photo, where(k)) for k, photo in enumerate(photos, start=1)])
+        references.append([
+            decode_base64(photo, f"reference {index}" if len(photos) == 1 else f"reference {index} photo {k}")
+            for k, photo in enumerate(photos, start=1)
+        ])
     return CheckedRequest(request=request, references=references)
 
 

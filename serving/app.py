@@ -50,6 +50,7 @@ from serving.api import (
 
 TOKEN_ENV = "FACEDIFFUSER_API_TOKEN"
 RETRY_AFTER_S = 2
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 @dataclass
@@ -107,10 +108,13 @@ class ServeConfig:
         return cls(**values)
 
 
-def _load(config: ServeConfig):
+def _load(config: ServeConfig, drop: tuple[str, ...]):
+    """The pipeline without the components this deployment never uses (`drop`), on the GPU when it has one."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     pipe = load_pipeline(config.model, config.tiny, torch_dtype=getattr(torch, config.dtype))
+    for name in drop:
+        setattr(pipe, name, None)
     device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() else "cpu"
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -131,7 +135,7 @@ class SubjectEncoderDeployment:
         from serving.subjects import SubjectEncoding
 
         cfg = ServeConfig.from_dict(config)
-        pipe = _load(cfg)
+        pipe = _load(cfg, drop=("sdm_unet", "tdm_unet", "vae"))
         detector = None
         if cfg.face_detector:
             from facediffuser.data.faces import make_detector
@@ -174,9 +178,11 @@ class SamplerDeployment:
 
     def __init__(self, config: dict):
         cfg = ServeConfig.from_dict(config)
-        self.pipe = _load(cfg)
+        self.pipe = _load(cfg, drop=())
         self.identity = model_identity(self.pipe, cfg.model)
+        self.pipe.text_encoder = self.pipe.subject_encoder = None  # the encoder deployment owns those
         self.versions = package_versions()
+        self.consecutive_failures = 0
         self.default_size = self.pipe.sdm_unet.config.sample_size * self.pipe.vae_scale_factor
         self.generate.set_max_batch_size(cfg.max_batch_size)
         self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -191,8 +197,11 @@ class SamplerDeployment:
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def check_health(self) -> None:
+        """Unhealthy (Serve replaces the replica) when models are missing or sampling keeps failing."""
         if self.pipe.sdm_unet is None or self.pipe.tdm_unet is None or self.pipe.vae is None:
             raise RuntimeError("sampler models not loaded")
+        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{self.consecutive_failures} batches in a row failed")
 
     def _plan(self, job: _Job) -> None:
         r = job.request
@@ -205,7 +214,6 @@ class SamplerDeployment:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
     async def generate(self, jobs: list[_Job]) -> list[dict]:
-        started = time.perf_counter()
         groups: dict[tuple, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(index)
@@ -213,9 +221,16 @@ class SamplerDeployment:
         for indices in groups.values():
             group = [jobs[i] for i in indices]
             try:
-                outputs = await asyncio.to_thread(self._denoise_group, group, started)
-            except ValueError as exc:  # e.g. a size the VAE cannot take
+                outputs = await asyncio.to_thread(self._denoise_group, group)
+                self.consecutive_failures = 0
+            except ValueError as exc:  # a request the models cannot take (the ingress checks most earlier)
                 outputs = [{"error": (422, "invalid_request", str(exc))}] * len(group)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                outputs = [{"error": (503, "unavailable", "out of GPU memory; retry shortly or ask for fewer/smaller images")}] * len(group)
+            except Exception as exc:  # a fault on our side: answer 500 for this batch only; health decides the rest
+                self.consecutive_failures += 1
+                outputs = [{"error": (500, "internal", f"sampling failed ({type(exc).__name__}: {exc})")}] * len(group)
             for i, output in zip(indices, outputs):
                 results[i] = output
         self.batches_served += 1
@@ -230,7 +245,7 @@ class SamplerDeployment:
         return await self.generate(job)
 
     @torch.no_grad()
-    def _denoise_group(self, group: list[_Job], batch_started: float) -> list[dict]:
+    def _denoise_group(self, group: list[_Job]) -> list[dict]:
         pipe, first = self.pipe, group[0]
         scheduler_kind, steps, (height, width), guidance, (s, f) = first.key
         scheduler = make_scheduler(scheduler_kind, pipe.scheduler.config)  # fresh: solvers keep per-call state
@@ -315,6 +330,11 @@ async def _request_error(request: Request, exc: RequestError):
     return _error(exc.status, exc.code, exc.message)
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    return _error(500, "internal", f"unexpected server error ({type(exc).__name__})")
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     return _error(*validation_message(exc.errors()))
@@ -366,8 +386,6 @@ class FaceDiffuserAPI:
     async def _call(self, method, *args):
         try:
             return await method.remote(*args)
-        except RequestError:
-            raise
         except Exception as exc:
             if _unavailable(exc):
                 raise RequestError(503, "unavailable", f"the service is busy or restarting ({type(exc).__name__}); retry shortly") from None

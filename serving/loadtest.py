@@ -30,6 +30,7 @@ class LoadReport:
     statuses: dict[int, int]
     latencies_s: list[float] = field(repr=False)
     batch_sizes: list[int] = field(repr=False)
+    stage_timings: list[dict] = field(default_factory=list, repr=False)  # each 200 answer's "timings"
 
     @property
     def ok(self) -> int:
@@ -51,6 +52,10 @@ class LoadReport:
             "p50_s": round(self.percentile(50), 4), "p99_s": round(self.percentile(99), 4),
             "mean_batch_size": round(float(np.mean(self.batch_sizes)), 2) if self.batch_sizes else None,
             "max_batch_size": max(self.batch_sizes) if self.batch_sizes else None,
+            "mean_stage_s": {
+                stage: round(float(np.mean([t[stage] for t in self.stage_timings])), 4)
+                for stage in (self.stage_timings[0] if self.stage_timings else {})
+            },
         }
 
 
@@ -77,6 +82,7 @@ def run_load(
         statuses: Counter[int] = Counter()
         latencies: list[float] = []
         batch_sizes: list[int] = []
+        stage_timings: list[dict] = []
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
 
@@ -95,12 +101,14 @@ def run_load(
                     statuses[response.status_code] += 1
                     if response.status_code == 200:
                         latencies.append(time.perf_counter() - sent)
-                        batch_sizes.append(int(response.json().get("batch_requests", 1)))
+                        body = response.json()
+                        batch_sizes.append(int(body.get("batch_requests", 1)))
+                        stage_timings.append(body.get("timings", {}))
 
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             seconds = time.perf_counter() - started
-        return LoadReport(concurrency, requests, seconds, dict(statuses), latencies, batch_sizes)
+        return LoadReport(concurrency, requests, seconds, dict(statuses), latencies, batch_sizes, stage_timings)
 
     return asyncio.run(main())
 
