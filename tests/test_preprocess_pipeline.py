@@ -179,5 +179,5 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
         manifest = json.loads(s3.get_object(Bucket="faces", Key="out/manifest.json")["Body"].read())
         assert manifest["counts"]["input"] == 4 and manifest["counts"]["written"] == 1
         assert manifest["counts"]["read"]["rejected"] == 2 and manifest["config"]["source"] == "fastcomposer"
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="faces", Prefix="out/shards/")["Contents"]]
-    assert len(keys) == 1
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="faces", Prefix="out/")["Contents"]]
+    assert sum(key.endswith(".parquet") for key in keys) == 2  # one shard file + the rejects file
