@@ -213,8 +213,8 @@ def build_dataset(config: TrainConfig):
     from ray.data import ActorPoolStrategy
 
     resolution, object_resolution = _model_sizes(config)
-    fs, path = dataio.resolve(config.data)
-    dataset = ray.data.read_parquet(path, filesystem=fs, columns=None)
+    fs, path = ray_filesystem(config.data)
+    dataset = ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": config.data_cpus})
     return dataset.map_batches(
         BuildExamples, fn_constructor_kwargs=dict(config=config, resolution=resolution, object_resolution=object_resolution),
         batch_size=config.batch_size, batch_format="pyarrow", num_cpus=config.data_cpus,
@@ -371,8 +371,24 @@ def _read_metrics(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------ driver side
 
 
+def ray_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Like `dataio.resolve`, but an S3 filesystem carries the driver's endpoint and credentials itself.
+
+    Ray Data read tasks and Ray Train's controller and workers get this object pickled; without explicit
+    credentials the AWS SDK in a process started without the AWS_* variables falls back to instance metadata
+    lookups, which hang off EC2."""
+    fs, path = dataio.resolve(uri)
+    if not dataio.is_s3(uri) or not os.environ.get("AWS_ACCESS_KEY_ID"):
+        return fs, path
+    return pafs.S3FileSystem(
+        access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"), endpoint_override=os.environ.get("AWS_ENDPOINT_URL"),
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    ), path
+
+
 def _storage(config: TrainConfig) -> tuple[pafs.FileSystem, str]:
-    return dataio.resolve(config.storage)
+    return ray_filesystem(config.storage)
 
 
 def fit_one(config: TrainConfig) -> dict:
