@@ -19,7 +19,8 @@ def aggregate(rows: list[dict], identity_names: list[str], with_clip: bool) -> d
     resemble the same reference most).
     """
     table: dict[str, dict[str, dict]] = {}
-    for protocol in sorted({r["protocol"] for r in rows}):
+    present = {r["protocol"] for r in rows}
+    for protocol in [p for p in ("single", "multi") if p in present] + sorted(present - {"single", "multi"}):
         table[protocol] = {}
         for method in dict.fromkeys(r["method"] for r in rows if r["protocol"] == protocol):
             chosen = [r for r in rows if r["protocol"] == protocol and r["method"] == method]
@@ -93,7 +94,9 @@ def bar_chart(table: dict, path: Path) -> None:
             positions = np.arange(len(metrics)) + (index - (len(methods) - 1) / 2) * width
             axis.bar(positions, [summary[m] for m in metrics], width, label=method)
         axis.set_xticks(np.arange(len(metrics)), [m.replace("_", "\n", 1) for m in metrics], fontsize=8)
-        axis.set_ylim(0, 1)
+        lowest = min(0.0, *(summary[m] for summary in methods.values() for m in metrics))
+        axis.set_ylim(lowest, 1)  # CLIP cosine can be negative (random models); the others lie in [0, 1]
+        axis.axhline(0, color="black", linewidth=0.6)
         axis.set_title(f"{protocol}-subject")
         axis.legend(fontsize=8)
     figure.tight_layout()
