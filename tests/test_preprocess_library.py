@@ -199,3 +199,49 @@ def test_cli_rejects_wrong_input_or_output_in_one_line_before_work(tmp_path, cap
         err = capsys.readouterr().err.strip()
         assert err.startswith("facediffuser preprocess: error:") and message in err and "\n" not in err, err
     assert not (tmp_path / "o").exists()  # nothing was written
+
+    # `python -m pipelines.preprocess` (what `ray job submit` runs) shares the parser and the errors
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--input", str(tmp_path / "missing"),
+                             "--output", str(tmp_path / "o")], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("facediffuser preprocess: error: --input")
+
+
+@pytest.mark.slow
+def test_model_captioner_loads_from_a_directory(tmp_path, astronaut):
+    """A tiny random BLIP saved to disk (no downloads): the path the real BLIP takes, end to end."""
+    import torch
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    from facediffuser.data.captions import check_captioner, make_captioner
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "man", "woman", "beach"]
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                              tokenizer=BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}))
+    layers = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, hidden_size=32)
+    config = BlipConfig(text_config=dict(vocab_size=len(vocab), encoder_hidden_size=32, bos_token_id=2,
+                                         sep_token_id=3, pad_token_id=0, eos_token_id=3, **layers),
+                        vision_config=dict(image_size=32, patch_size=8, projection_dim=32, **layers), projection_dim=32)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+
+    check_captioner(str(tmp_path / "blip"))
+    captioner = make_captioner(str(tmp_path / "blip"))
+    with torch.no_grad():  # make the loaded random decoder say "man" every time, so the caption is known
+        captioner.model.text_decoder.cls.predictions.decoder.bias[vocab.index("man")] = 1e4
+    item = {**stages.new_item("a.jpg", "a.jpg"), "image": stages.encode_jpeg(Image.fromarray(astronaut)),
+            "subjects": [{"face_box": [0, 0, 1, 1], "score": 1.0}]}
+    captioned = stages.caption_stage(item, captioner)
+    words = captioned["caption"].split()
+    assert words and set(words) == {"man"}
+    linked = stages.link_stage(captioned)  # "man man man …" names more people than the one face
+    assert linked["stage"] == "link" and f"{len(words)} person nouns" in linked["reason"]
+    kept = stages.caption_stage({**item, "caption": "a woman"}, captioner)
+    assert kept["caption"] == "a woman"  # existing captions are kept
