@@ -124,9 +124,9 @@ def build_dataset(items: list[dict], config: PreprocessConfig, cluster_cpus: flo
     def task_stage(ds, function):
         return ds.map_batches(function, fn_kwargs={"config": config}, num_cpus=TASK_CPUS, **common)
 
-    def model_stage(ds, cls):
+    def model_stage(ds, cls, uses_gpu: bool):
         return ds.map_batches(cls, fn_constructor_args=(config,), compute=ActorPoolStrategy(size=actors),
-                              num_cpus=actor_cpus, num_gpus=config.num_gpus_per_stage, **common)
+                              num_cpus=actor_cpus, num_gpus=config.num_gpus_per_stage if uses_gpu else 0, **common)
 
     rows = [{"id": i["id"], "source": i["source"], "caption_source": i["caption_source"] or ""} for i in items]
     blocks = max(1, min(len(rows), (len(rows) + config.batch_size - 1) // config.batch_size))
@@ -135,9 +135,13 @@ def build_dataset(items: list[dict], config: PreprocessConfig, cluster_cpus: flo
     if config.source == "fastcomposer":
         return task_stage(ds, convert_fastcomposer)
     ds = task_stage(ds, read_images)
-    ds = model_stage(ds, DetectFaces)
-    ds = model_stage(ds, SegmentPersons)
-    ds = model_stage(ds, WriteCaptions) if config.captioner != TEMPLATE else task_stage(ds, template_captions)
+    # mediapipe's Python solutions run on the CPU; MTCNN and captioning models can use the GPU
+    ds = model_stage(ds, DetectFaces, uses_gpu=config.detector == "mtcnn")
+    ds = model_stage(ds, SegmentPersons, uses_gpu=False)
+    if config.captioner != TEMPLATE:
+        ds = model_stage(ds, WriteCaptions, uses_gpu=True)
+    else:
+        ds = task_stage(ds, template_captions)
     return task_stage(ds, link_nouns)
 
 
@@ -221,7 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'template' (default) or a transformers image-to-text model directory / hub id")
     parser.add_argument("--max-subjects", type=int, default=4, help="images with more faces are rejected")
     parser.add_argument("--resolution", type=int, default=512, help="short side of stored images (downscale only)")
-    parser.add_argument("--num-gpus-per-stage", type=float, default=0.0, help="GPUs per model-stage actor")
+    parser.add_argument("--num-gpus-per-stage", type=float, default=0.0,
+                        help="GPUs per actor of the stages that use one (MTCNN, a captioner model)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per map_batches call")
     parser.add_argument("--actors-per-stage", type=int, default=None,
                         help="actors in each model stage's pool (default: the cluster's CPU count)")
