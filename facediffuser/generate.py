@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,30 +21,62 @@ from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_grid, mask_overlay
 
 
+def local_model_dir(model: str) -> Path:
+    """A model directory as a local path. An s3:// prefix is mirrored into a cache directory first (again only
+    when the remote listing changed), so every loader below works on plain files."""
+    from facediffuser.data import io as dataio
+
+    if not dataio.is_s3(model):
+        return Path(model)
+    import pyarrow.fs as pafs
+
+    fs, prefix = dataio.resolve(model)
+    try:
+        listing = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    except (OSError, FileNotFoundError) as exc:
+        raise FileNotFoundError(f"model {model}: cannot be listed ({str(exc).splitlines()[0]})") from None
+    files = sorted((i.path, i.size, str(i.mtime)) for i in listing if i.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"model directory not found: {model} (no objects under that prefix)")
+    cache_root = Path(os.environ.get("FACEDIFFUSER_CACHE", Path.home() / ".cache" / "facediffuser")) / "models"
+    local = cache_root / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:16]
+    stamp = json.dumps(files)
+    if (local / ".listing.json").is_file() and (local / ".listing.json").read_text() == stamp:
+        return local
+    staging = local.with_name(local.name + ".incoming")
+    shutil.rmtree(staging, ignore_errors=True)
+    pafs.copy_files(prefix, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    (staging / ".listing.json").write_text(stamp)
+    shutil.rmtree(local, ignore_errors=True)
+    staging.rename(local)
+    return local
+
+
 def load_pipeline(model: str | None = None, tiny: bool = False, torch_dtype=torch.float32) -> FaceDiffuserPipeline:
-    """A model directory → pipeline. Accepts a saved FaceDiffuserPipeline (model_index.json) or a directory
-    holding `sdm/` and `tdm/` model directories (what training writes). `tiny=True` builds the CPU test stack."""
+    """A model directory (local or s3://) → pipeline. Accepts a saved FaceDiffuserPipeline (model_index.json)
+    or a directory holding `sdm/` and `tdm/` model directories (what training writes). `tiny=True` builds the
+    CPU test stack."""
     if tiny:
         from facediffuser.models.tiny import tiny_pipeline
 
         return tiny_pipeline()
     if not model:
         raise ValueError("give --model DIR (or --tiny for the small random test models)")
-    root = Path(model)
+    root = local_model_dir(model)
     if not root.is_dir():
         raise FileNotFoundError(f"model directory not found: {root}")
     if (root / "model_index.json").is_file():
         return FaceDiffuserPipeline.from_pretrained(str(root), torch_dtype=torch_dtype)
     if (root / "sdm" / "unet").is_dir() and (root / "tdm" / "unet").is_dir():
         return FaceDiffuserPipeline.from_sdm_and_tdm(root / "sdm", root / "tdm", torch_dtype=torch_dtype)
-    raise ValueError(f"{root} is neither a FaceDiffuserPipeline directory (model_index.json) nor holds sdm/ and tdm/")
+    raise ValueError(f"{model} is neither a FaceDiffuserPipeline directory (model_index.json) nor holds sdm/ and tdm/")
 
 
 def model_identity(pipe: FaceDiffuserPipeline, model: str | None) -> dict:
     if model:
-        root = Path(model)
+        root = local_model_dir(model)
         parts = [root / "sdm", root / "tdm"] if (root / "sdm").is_dir() else [root]
-        return {"model": str(root), "hashes": {str(p): directory_hash(p) for p in parts}}
+        return {"model": str(model), "hashes": {str(p.relative_to(root.parent)): directory_hash(p) for p in parts}}
     return {"model": "tiny", "hashes": {"tiny": module_hash(pipe.sdm_unet, pipe.tdm_unet, pipe.subject_encoder)}}
 
 

@@ -21,10 +21,11 @@ def package_versions(names=PACKAGES) -> dict[str, str | None]:
 
 
 def directory_hash(path: str | Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order (streamed; large files are fine)."""
+    """sha256 over every file's relative path and bytes, in sorted order (streamed; large files are fine).
+    Hidden files (e.g. a cache's bookkeeping) are not part of the model."""
     root = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         digest.update(str(file.relative_to(root)).encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
