@@ -66,7 +66,14 @@ def run_ray(input_dir: str, output_dir: str, num_cpus: int) -> tuple[float, dict
     from facediffuser.data.stages import PreprocessConfig
     from pipelines.preprocess import preprocess
 
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # on a crowded machine the raylet can miss Ray's fixed 30 s start-up window
+        try:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         start = time.perf_counter()
         manifest = preprocess(PreprocessConfig(input=input_dir, output=output_dir))
