@@ -499,6 +499,11 @@ def train(configs: list[TrainConfig]) -> list[dict]:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    needed = sum(c.workers * c.cpus_per_worker + c.data_actors * c.data_cpus for c in configs)
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - needed < 1:  # Ray Data's file listing task takes one whole CPU; without it ingest never starts
+        raise ValueError(f"the cluster has {total:g} CPUs; training needs {needed:g} plus 1 free for Ray Data's "
+                         "file listing: lower --workers, --cpus-per-worker or --data-cpus")
     env = configs[0].worker_env
     launch = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": env} if env else None)(fit_one)
     refs = [launch.remote(c) for c in configs]

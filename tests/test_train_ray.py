@@ -20,14 +20,15 @@ from facediffuser.data.schema import to_table
 from facediffuser.training.samples import sample_records
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--tiny", "--resolution", "64", "--batch-size", "2", "--cpus-per-worker", "0.5", "--data-cpus", "0.25"]
+SMALL = ["--tiny", "--resolution", "64", "--batch-size", "2", "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, astronaut) -> Path:
     """Shards made with the schema's own writer from the real astronaut photo and synthetic people."""
     folder = tmp_path_factory.mktemp("shards")
-    table = to_table(sample_records(6, astronaut))
+    # 16 rows: an epoch holds several steps (each epoch restarts the Ray Data pipeline, which is slow here)
+    table = to_table(sample_records(16, astronaut))
     pq.write_table(table.slice(0, 3), folder / "part-0.parquet")
     pq.write_table(table.slice(3), folder / "part-1.parquet")
     return folder
