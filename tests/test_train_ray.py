@@ -50,7 +50,7 @@ def test_bad_input_fails_in_one_line_before_work(tmp_path, shards):
         "missing columns: caption": ["--model", "tdm", "--data", str(wrong), "--tiny"],
         "no such file": ["--model", "tdm", "--data", str(tmp_path / "absent"), "--tiny"],
         "--base: base model directory not found": ["--model", "sdm", "--data", str(shards), "--base", str(tmp_path / "nobase")],
-        "fewer than one batch": ["--model", "both", "--data", str(shards), "--tiny", "--batch-size", "4", "--workers", "2"],
+        "fewer than one batch": ["--model", "both", "--data", str(shards), "--tiny", "--batch-size", "16", "--workers", "2"],
     }
     for expected, args in cases.items():
         done = _cli(*args, "--storage", storage, "--name", "bad")
