@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facediffuser.metrics.protocol import METHODS
+
 # metrics whose values lie in [0, 1] and belong on the bar chart, in display order
 CHART_METRICS = ("identity_facenet", "identity_dlib", "prompt_clip", "face_rate_facenet", "face_rate_dlib")
 
@@ -22,7 +24,8 @@ def aggregate(rows: list[dict], identity_names: list[str], with_clip: bool) -> d
     present = {r["protocol"] for r in rows}
     for protocol in [p for p in ("single", "multi") if p in present] + sorted(present - {"single", "multi"}):
         table[protocol] = {}
-        for method in dict.fromkeys(r["method"] for r in rows if r["protocol"] == protocol):
+        methods = {r["method"] for r in rows if r["protocol"] == protocol}
+        for method in sorted(methods, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)):
             chosen = [r for r in rows if r["protocol"] == protocol and r["method"] == method]
             summary: dict = {"images": len(chosen)}
             for name in identity_names:
