@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,12 +39,13 @@ def ray_head(tmp_path_factory):
     """A separate Ray cluster started the way a user starts one. `--block` keeps it in one process group that
     we end ourselves: a plain `ray stop` would also stop the test session's own cluster."""
     port, dashboard = free_port(), free_port()
-    temp = tmp_path_factory.mktemp("rayhead")
+    log = open(tmp_path_factory.mktemp("rayhead") / "ray-start.log", "w")
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--temp-dir={temp}", "--object-store-memory=300000000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=ROOT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 240
@@ -53,10 +56,11 @@ def ray_head(tmp_path_factory):
         time.sleep(3)
     else:
         os.killpg(head.pid, signal.SIGTERM)
-        raise RuntimeError("ray start --head did not come up")
+        raise RuntimeError(f"ray start --head did not come up: {Path(log.name).read_text()[-2000:]}")
     yield address
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def submit(address: str, *command: str) -> subprocess.CompletedProcess:
