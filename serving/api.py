@@ -83,6 +83,7 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=64, le=HARD_MAX_SIDE, multiple_of=8)
     scheduler: SchedulerName = "ddim"
     return_masks: bool = False
+    identity_scores: bool = Field(True, description="score each image's faces against the references (dlib)")
 
 
 class StageTimings(BaseModel):
@@ -90,6 +91,7 @@ class StageTimings(BaseModel):
     queue_s: float
     denoise_s: float
     decode_s: float
+    identity_s: float | None = None
     total_s: float
 
 
@@ -102,6 +104,8 @@ class GenerateResponse(BaseModel):
     batch_requests: int = Field(description="requests served by that call")
     timings: StageTimings
     manifest: dict
+    identity_scores: list[list[float | None]] | None = Field(
+        None, description="per image, per subject: dlib cosine similarity to the reference, in [-1, 1]; null: no face")
 
 
 class ErrorResponse(BaseModel):

@@ -13,6 +13,7 @@ from its own seeds, so a batched request gets the same images it would get alone
 import argparse
 import asyncio
 import base64
+import hashlib
 import hmac
 import io
 import os
@@ -20,11 +21,12 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.config import BackpressureConfig
@@ -49,6 +51,7 @@ from serving.api import (
 )
 
 TOKEN_ENV = "FACEDIFFUSER_API_TOKEN"
+STATIC_PAGE = Path(__file__).parent / "static" / "index.html"
 RETRY_AFTER_S = 2
 MAX_CONSECUTIVE_FAILURES = 3
 
@@ -142,6 +145,10 @@ class SubjectEncoderDeployment:
 
             detector = make_detector(cfg.face_detector)
         self.encoding = SubjectEncoding(pipe, detector, cfg.cache_size, Limits(**cfg.limits).max_reference_pixels)
+        from facediffuser.metrics.identity import DlibEmbedder, IdentityScorer
+
+        self.identity = IdentityScorer(DlibEmbedder())  # dlib: CPU, bundled CC0 weights
+        self.identity_lock = threading.Lock()
 
     def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]]) -> dict:
         started = time.perf_counter()
@@ -152,12 +159,27 @@ class SubjectEncoderDeployment:
         out["seconds"] = time.perf_counter() - started
         return out
 
+    def identity_scores(self, images: list[bytes], references: list[list[bytes]]) -> list[list[float | None]]:
+        """Per image, per subject: dlib cosine similarity of the subject's reference to its face (None: no face).
+
+        Reference descriptors are cached by the sha256 of the subject's photos, like the CLIP embeddings."""
+        from facediffuser.images import decode_image
+
+        with self.identity_lock:
+            embedded = [self.identity.reference(photos, key=_photos_key(photos)) for photos in references]
+            return [[None if s is None else round(s, 4) for s in self.identity.score(decode_image(png), embedded).similarities]
+                    for png in images]
+
     def ready(self) -> dict:
         return self.encoding.stats()
 
     def check_health(self) -> None:
         if self.encoding.pipe.subject_encoder is None:
             raise RuntimeError("subject encoder not loaded")
+
+
+def _photos_key(photos: list[bytes]) -> str:
+    return ",".join(hashlib.sha256(data).hexdigest() for data in photos)
 
 
 @dataclass
@@ -391,6 +413,11 @@ class FaceDiffuserAPI:
                 raise RequestError(503, "unavailable", f"the service is busy or restarting ({type(exc).__name__}); retry shortly") from None
             raise
 
+    @api.get("/", include_in_schema=False)
+    async def page(self):
+        """The web page for trying the API in a browser (one static file, no build step)."""
+        return HTMLResponse(STATIC_PAGE.read_text(encoding="utf-8"))
+
     @api.get("/healthz", responses={503: {"model": ErrorResponse}})
     async def healthz(self):
         """Ready only when the encoder's and the sampler's models are loaded and answering."""
@@ -431,11 +458,17 @@ class FaceDiffuserAPI:
         output = await self._call(self.sampler.submit, request, embeds)
         if "error" in output:
             raise RequestError(*output["error"])
+        identity_scores = None
+        if body.identity_scores:
+            identity_started = time.perf_counter()
+            identity_scores = await self._call(self.encoder.identity_scores, output["images"], checked.references)
+            output["timings"]["identity_s"] = time.perf_counter() - identity_started
         total_s = time.perf_counter() - started
         timings = {"encode_s": embeds["seconds"], **output["timings"], "total_s": total_s}
         manifest = {
             "prompt": body.prompt, "plain_prompt": strip_markers(body.prompt), "negative_prompt": body.negative_prompt,
             "references": embeds["reference_sha256"], "seeds": output["seeds"], **output["manifest"],
+            "identity_scores": identity_scores, "identity_metric": "dlib cosine" if identity_scores is not None else None,
             "seconds": round(total_s, 3),
         }
         b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
@@ -444,7 +477,7 @@ class FaceDiffuserAPI:
             fusion_masks=b64(output["fusion_masks"]) if "fusion_masks" in output else None,
             overlays=[b64(png) for png in output["overlays"]] if "overlays" in output else None,
             batch_size=output["batch_size"], batch_requests=output["batch_requests"],
-            timings={k: round(v, 4) for k, v in timings.items()}, manifest=manifest,
+            timings={k: round(v, 4) for k, v in timings.items()}, manifest=manifest, identity_scores=identity_scores,
         )
 
 

@@ -1,13 +1,12 @@
 """The Serve app over real HTTP on 127.0.0.1, tiny models, one real local Ray.
 
-serve.run costs ~24 s (much more on a busy machine), so the app starts once per module and every test checks
-several things against it. Tests run in file order; the replica-kill test is last because it disrupts service.
+serve.run costs ~24 s (much more on a busy machine), so the app starts once per test session (tests/serve_fixtures.py)
+and every test checks several things against it. Tests run in file order; the replica-kill test is last because it disrupts service.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,49 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.conftest import free_port
+from tests.serve_fixtures import MAIN_APP, STEPS, decode_png, generate, png_b64, service  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-MAIN_APP = "facediffuser-test"
-STEPS = 4
-
-
-def png_b64(array: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def decode_png(text: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
-
-
-@pytest.fixture(scope="module")
-def service(ray_session, astronaut):
-    from ray import serve
-
-    from serving.app import ServeConfig, start
-
-    config = ServeConfig(
-        tiny=True, port=free_port(), app_name=MAIN_APP, torch_threads=1,
-        num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1,
-        max_batch_size=4, batch_wait_timeout_s=0.25, max_ongoing_requests=8, max_queued_requests=4,
-        health_check_period_s=2.0,
-        limits={"max_steps": 8, "max_side": 128, "max_payload_bytes": 3_000_000, "max_reference_pixels": 1024 * 1024},
-    )
-    url = start(config)
-    client = httpx.Client(base_url=url, timeout=120)
-    yield {"url": url, "config": config, "client": client, "reference": png_b64(astronaut)}
-    client.close()
-    serve.delete(MAIN_APP)
-
-
-def generate(client: httpx.Client, reference: str, **fields) -> httpx.Response:
-    body = {"prompt": "a man <|image|> on a beach", "references": [reference], "steps": STEPS, "seed": 7, **fields}
-    return client.post("/v1/generate", json=body)
 
 
 def test_generate_end_to_end(service, astronaut):
@@ -82,7 +42,11 @@ def test_generate_end_to_end(service, astronaut):
     assert manifest["seeds"] == [11, 12] and manifest["scheduler"] == "ddim" and manifest["steps"] == STEPS
     assert manifest["model"] == "tiny" and len(manifest["references"][0][0]) == 64  # sha256 of the photo
     assert manifest["boundaries"]["fusion_steps"], "stage 2 (fusion) ran"
-    assert set(body["timings"]) == {"encode_s", "queue_s", "denoise_s", "decode_s", "total_s"}
+    assert set(body["timings"]) == {"encode_s", "queue_s", "denoise_s", "decode_s", "identity_s", "total_s"}
+    # dlib identity scores: one per subject per image, a cosine in [-1, 1] or None (no face in a tiny-model image)
+    scores = body["identity_scores"]
+    assert len(scores) == 2 and all(len(row) == 1 for row in scores), scores
+    assert all(s is None or -1 <= s <= 1 for row in scores for s in row) and manifest["identity_scores"] == scores
 
     # Same seed → same bytes; image k of a multi-image request = the single request with seed + k.
     again = generate(client, reference, num_images=2, seed=11, return_masks=True).json()

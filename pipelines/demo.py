@@ -1,0 +1,270 @@
+"""`facediffuser demo`: the whole system end to end on a fresh machine, in a few minutes on 2 CPU cores.
+
+1. sample photos: the bundled astronaut photo as one, two and three people (mirrored and tiled side by side)
+2. preprocessing (pipelines.preprocess on Ray Data) → Parquet shards with linked subjects
+3. training (pipelines.train on Ray Train): tiny TDM and SDM side by side for a few dozen steps
+   (skipped with --model DIR: real weights)
+4. serving (serving.app on Ray Serve, 127.0.0.1) and one real HTTP generate request with a reference photo
+5. OUT/index.html showing the photos, the shards' manifest, the loss curves, the images and fusion masks
+
+A Ray that is already initialised (e.g. a test session's) is reused and left running; otherwise the demo starts
+one and shuts it down at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ASTRONAUT = Path(__file__).resolve().parents[1] / "facediffuser" / "assets" / "astronaut.jpg"
+PROMPT = "a person <|image|> walking on the moon"
+NAME = "demo"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo-output"
+    model: str | None = None  # real weights (a directory holding sdm/ and tdm/): skip training
+    steps: int = 30  # training steps per model
+    sample_steps: int = 20  # denoising steps of the generate request
+    num_images: int = 2
+    resolution: int = 64  # training image side (tiny models)
+    port: int = 0  # 0: a free port
+    num_cpus: int = 2  # of the local Ray the demo starts
+
+    def validate(self) -> None:
+        if self.model is not None and not Path(self.model).is_dir():
+            raise FileNotFoundError(f"--model {self.model}: no such directory")
+        for name in ("steps", "sample_steps", "num_images", "num_cpus"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.num_images <= 4:
+            raise ValueError(f"--num-images must be 1 to 4, got {self.num_images}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {self.out}: exists and is not a directory")
+
+
+def _phase(number: int, text: str) -> float:
+    print(f"[demo {number}/5] {text}", flush=True)
+    return time.perf_counter()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sample_photos(folder: Path) -> list[Path]:
+    """The astronaut as 1, 2 and 3 people: the photo and its mirror image tiled side by side."""
+    photo = np.asarray(Image.open(ASTRONAUT).convert("RGB"))
+    mirror = np.ascontiguousarray(photo[:, ::-1])
+    arrangements = {
+        "one-person": photo,
+        "one-person-mirrored": mirror,
+        "two-people": np.concatenate([photo, mirror], axis=1),
+        "two-people-swapped": np.concatenate([mirror, photo], axis=1),
+        "three-people": np.concatenate([photo, mirror, photo], axis=1),
+        "three-people-mirrored": np.concatenate([mirror, photo, mirror], axis=1),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, pixels in arrangements.items():
+        path = folder / f"{name}.jpg"
+        Image.fromarray(pixels).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def _serve_http_port() -> int | None:
+    """The HTTP port of a Serve instance already running on this Ray, or None when Serve is not running."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.port if client is not None else None
+    except Exception:  # a private API: treat anything unexpected as "not running"
+        return None
+
+
+def _write_png(data_b64: str, path: Path) -> Path:
+    path.write_bytes(base64.b64decode(data_b64))
+    return path
+
+
+def write_index(out: Path, sections: list[tuple[str, list[Path], str]]) -> Path:
+    """OUT/index.html: one section per phase; images by relative path, so the folder can be moved or zipped."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Face-diffuser demo</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:auto;padding:1rem}"
+             "img{max-width:100%;margin:.2rem;border:1px solid #ddd;image-rendering:pixelated}"
+             ".row img{height:160px}pre{background:#f4f4f4;padding:.5rem;overflow:auto;max-height:20rem}"
+             "</style></head><body><h1>Face-diffuser demo</h1>"]
+    for title, images, text in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if text:
+            parts.append(f"<pre>{html.escape(text)}</pre>")
+        if images:
+            cls = " class='row'" if len(images) > 2 else ""
+            parts.append(f"<div{cls}>" + "".join(
+                f"<a href='{p.relative_to(out).as_posix()}'><img src='{p.relative_to(out).as_posix()}' "
+                f"alt='{html.escape(p.stem)}' title='{html.escape(p.stem)}'></a>" for p in images) + "</div>")
+    parts.append("</body></html>")
+    path = out / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def demo(config: DemoConfig) -> dict:
+    """Run every phase; → paths of what was written. Validates first, cleans up Ray/Serve last."""
+    config.validate()
+    import httpx
+    import ray
+    from ray import serve
+
+    from pipelines import preprocess as preprocess_pipeline
+    from pipelines import train as train_pipeline
+    from facediffuser.data.stages import PreprocessConfig
+    from serving.app import ServeConfig, start
+
+    out = Path(config.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("photos", "preprocessed", "generated"):  # a rerun replaces the previous results
+        shutil.rmtree(out / stale, ignore_errors=True)
+    started = time.perf_counter()
+    own_ray = not ray.is_initialized()
+    own_serve = False
+    app_name = f"facediffuser-{NAME}"
+    try:
+        if own_ray:
+            ray.init(num_cpus=config.num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False)
+
+        t = _phase(1, "sample photos: the astronaut as one, two and three people")
+        photos = sample_photos(out / "photos")
+        print(f"  {len(photos)} photos in {out / 'photos'} ({time.perf_counter() - t:.1f} s)", flush=True)
+
+        t = _phase(2, "preprocessing on Ray Data: detect faces → person masks → captions → link nouns → Parquet")
+        manifest = preprocess_pipeline.preprocess(PreprocessConfig(
+            input=str(out / "photos"), output=str(out / "preprocessed"), resolution=256, batch_size=2,
+            actors_per_stage=1, rows_per_shard=4))
+        counts = manifest["counts"]
+        print(f"  {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected "
+              f"({time.perf_counter() - t:.1f} s) → {out / 'preprocessed'}", flush=True)
+        if not counts["written"]:
+            raise RuntimeError("preprocessing wrote no rows; see preprocessed/rejects/rejects.parquet")
+
+        curves: list[Path] = []
+        if config.model:
+            _phase(3, f"training skipped: using the model in {config.model}")
+            model_dir = str(Path(config.model).resolve())
+        else:
+            t = _phase(3, f"training tiny TDM and SDM side by side on Ray Train ({config.steps} steps each)")
+            base = train_pipeline.TrainConfig(
+                model="tdm", data=str(out / "preprocessed" / "shards"), storage=str(out / "runs"), name=NAME,
+                tiny=True, resolution=config.resolution, batch_size=2, cpus_per_worker=0.25, data_cpus=0.1,
+                max_steps=config.steps, checkpoint_every=config.steps, keep_checkpoints=1, lr=1e-4, max_failures=0)
+            rows = train_pipeline.check_data(base.data)
+            train_pipeline.validate(base, rows)
+            configs = [base, train_pipeline.TrainConfig(**{**base.__dict__, "model": "sdm"})]
+            shutil.rmtree(out / "runs" / NAME, ignore_errors=True)  # a fresh run, not a resume of an old one
+            summaries = train_pipeline.train(configs)
+            train_pipeline.write_export_note(configs, None)
+            for s in summaries:
+                print(f"  {s['model']}: {s['steps']} steps, loss_den {s['loss_den']:.4f}, loss_loc {s['loss_loc']:.4f}",
+                      flush=True)
+            model_dir = str(out / "runs" / NAME / "final")
+            curves = [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
+            print(f"  models in {model_dir} ({time.perf_counter() - t:.1f} s)", flush=True)
+
+        t = _phase(4, "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
+        running_port = _serve_http_port()
+        own_serve = running_port is None
+        port = running_port or config.port or _free_port()
+        serve_config = ServeConfig(
+            model=model_dir, port=port, app_name=app_name, route_prefix=f"/{NAME}", torch_threads=1,
+            num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1)
+        url = start(serve_config)
+        reference = base64.b64encode(ASTRONAUT.read_bytes()).decode()
+        request = {"prompt": PROMPT, "references": [reference], "num_images": config.num_images, "seed": 42,
+                   "steps": config.sample_steps, "return_masks": True}
+        response = httpx.post(f"{url}/v1/generate", json=request, timeout=600)
+        if response.status_code != 200:
+            raise RuntimeError(f"generate answered {response.status_code}: {response.text[:300]}")
+        body = response.json()
+        generated = out / "generated"
+        generated.mkdir()
+        images = [_write_png(b64, generated / f"image-{k}-seed{seed}.png")
+                  for k, (b64, seed) in enumerate(zip(body["images"], body["seeds"]))]
+        masks = [_write_png(body["fusion_masks"], generated / "fusion-masks.png")] if body.get("fusion_masks") else []
+        overlays = [_write_png(b64, generated / f"overlay-{k}.png") for k, b64 in enumerate(body.get("overlays") or [])]
+        response_summary = {k: v for k, v in body.items() if k not in ("images", "fusion_masks", "overlays")}
+        (generated / "response.json").write_text(json.dumps(response_summary, indent=2))
+        print(f"  {len(images)} image(s) in {body['timings']['total_s']:.1f} s; identity scores "
+              f"{body.get('identity_scores')} ({time.perf_counter() - t:.1f} s) → {generated}", flush=True)
+
+        _phase(5, "writing index.html")
+        index = write_index(out, [
+            ("1. Sample photos (input of preprocessing)", photos, ""),
+            ("2. Preprocessing: the shards' manifest", [], json.dumps(manifest, indent=2)),
+            ("3. Training: loss curves (TDM, SDM)", curves, "" if curves else f"training skipped: {model_dir}"),
+            (f"4. Generated: “{PROMPT}”", images + overlays, json.dumps(response_summary["timings"], indent=2)),
+            ("Fusion masks (a row per image, a column per fusion step)", masks, ""),
+        ])
+    finally:
+        try:
+            if ray.is_initialized():
+                if own_serve:
+                    serve.shutdown()
+                else:
+                    try:
+                        serve.delete(app_name)
+                    except Exception:
+                        pass
+        finally:
+            if own_ray:
+                ray.shutdown()
+    result = {"out": str(out), "index": str(index), "photos": [str(p) for p in photos],
+              "shards": str(out / "preprocessed" / "shards"), "manifest": str(out / "preprocessed" / "manifest.json"),
+              "model": model_dir, "curves": [str(c) for c in curves], "images": [str(p) for p in images],
+              "masks": [str(p) for p in masks + overlays], "seconds": round(time.perf_counter() - started, 1)}
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DemoConfig()
+    parser.add_argument("--out", default=defaults.out, help="where the results go (default: demo-output/)")
+    parser.add_argument("--model", default=None, help="real weights (a directory holding sdm/ and tdm/): skip training")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per model")
+    parser.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="denoising steps")
+    parser.add_argument("--num-images", type=int, default=defaults.num_images)
+    parser.add_argument("--port", type=int, default=defaults.port, help="HTTP port of the Serve app (0: a free one)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = DemoConfig(out=args.out, model=args.model, steps=args.steps, sample_steps=args.sample_steps,
+                        num_images=args.num_images, port=args.port)
+    result = demo(config)
+    print(f"\ndemo finished in {result['seconds']:.0f} s. Open {result['index']}\n"
+          f"  photos:       {Path(result['photos'][0]).parent}\n"
+          f"  shards:       {result['shards']} (manifest: {result['manifest']})\n"
+          f"  models:       {result['model']}\n"
+          + "".join(f"  loss curve:   {c}\n" for c in result["curves"])
+          + "".join(f"  image:        {p}\n" for p in result["images"])
+          + "".join(f"  mask:         {p}\n" for p in result["masks"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from facediffuser.cli import module_main
+
+    module_main("demo")
