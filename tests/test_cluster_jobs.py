@@ -23,6 +23,8 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Ray 2.60's `ray start` turns on token authentication (token in ~/.ray/auth_token); its clients must opt in.
+TOKEN_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
 
 
 def s3_client():
@@ -45,13 +47,14 @@ def ray_head(tmp_path_factory):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--temp-dir={temp}", "--object-store-memory=300000000"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=TOKEN_ENV,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 240
     while time.time() < deadline:
         try:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True, timeout=120)
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
+                                   timeout=120, env=TOKEN_ENV)
             if probe.returncode == 0:
                 break
         except subprocess.TimeoutExpired:
@@ -71,7 +74,7 @@ def submit(address: str, *command: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
          "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *command],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT,
+        capture_output=True, text=True, timeout=1200, cwd=ROOT, env=TOKEN_ENV,
     )
 
 
