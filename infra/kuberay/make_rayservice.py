@@ -22,6 +22,7 @@ spec:
   rayClusterConfig:
     rayVersion: "2.60.0"
     enableInTreeAutoscaling: true
+    authOptions: {{mode: token}}  # Ray 2.60 token auth; KubeRay creates the token and wires it up
     headGroupSpec:
       rayStartParams:
         num-cpus: "0"
