@@ -35,12 +35,18 @@ def generate(client: httpx.Client, reference: str, **fields) -> httpx.Response:
     return client.post("/v1/generate", json=body)
 
 
+_RUNNING: dict = {}  # the one started app: each module importing the fixture gets its own FixtureDef
+
+
 @pytest.fixture(scope="session")
 def service(ray_session, astronaut):
     from ray import serve
 
     from serving.app import ServeConfig, start
 
+    if _RUNNING:  # already started for another module of this session
+        yield _RUNNING
+        return
     config = ServeConfig(
         tiny=True, port=free_port(), app_name=MAIN_APP, torch_threads=1,
         num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1,
@@ -50,6 +56,7 @@ def service(ray_session, astronaut):
     )
     url = start(config)
     client = httpx.Client(base_url=url, timeout=120)
-    yield {"url": url, "config": config, "client": client, "reference": png_b64(astronaut)}
+    _RUNNING.update({"url": url, "config": config, "client": client, "reference": png_b64(astronaut)})
+    yield _RUNNING
     client.close()
     serve.delete(MAIN_APP)
