@@ -24,7 +24,8 @@ from conftest import free_port
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Ray 2.60's `ray start` turns on token authentication (token in ~/.ray/auth_token); its clients must opt in.
-TOKEN_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+# The cluster runs `python -m ...` entrypoints with its own PATH: put this environment's interpreter first.
+TOKEN_ENV = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def s3_client():
@@ -50,19 +51,20 @@ def ray_head(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=TOKEN_ENV,
     )
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 240
+    deadline, probe_output = time.time() + 240, ""
     while time.time() < deadline:
         try:
             probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
                                    timeout=120, env=TOKEN_ENV)
             if probe.returncode == 0:
                 break
+            probe_output = probe.stderr.decode(errors="replace")[-1500:]
         except subprocess.TimeoutExpired:
             pass
         time.sleep(3)
     else:
         os.killpg(head.pid, signal.SIGTERM)
-        raise RuntimeError(f"ray start --head did not come up: {Path(log.name).read_text()[-2000:]}")
+        raise RuntimeError(f"ray start --head did not come up; `ray job list` said: {probe_output}")
     yield address
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=120)
@@ -71,11 +73,16 @@ def ray_head(tmp_path_factory):
 
 def submit(address: str, *command: str) -> subprocess.CompletedProcess:
     env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *command],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT, env=TOKEN_ENV,
-    )
+    deadline = time.time() + 180
+    while True:  # the head's job agent comes up a little after the dashboard answers
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+             "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *command],
+            capture_output=True, text=True, timeout=1200, cwd=ROOT, env=TOKEN_ENV,
+        )
+        if "No available agent" not in done.stderr or time.time() > deadline:
+            return done
+        time.sleep(5)
 
 
 @pytest.mark.slow
