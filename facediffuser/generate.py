@@ -33,7 +33,9 @@ def local_model_dir(model: str) -> Path:
     fs, prefix = dataio.resolve(model)
     try:
         listing = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-    except (OSError, FileNotFoundError) as exc:
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model directory not found: {model}") from None
+    except OSError as exc:
         raise FileNotFoundError(f"model {model}: cannot be listed ({str(exc).splitlines()[0]})") from None
     files = sorted((i.path, i.size, str(i.mtime)) for i in listing if i.type == pafs.FileType.File)
     if not files:

@@ -1,6 +1,6 @@
 """The Serve app under test, started once per test session and shared by tests/test_serve.py and tests/test_web.py.
 
-Import the fixture into a test module (`from tests.serve_fixtures import service`); serve.run costs ~24 s here, so
+Import the fixture into a test module (`from serve_fixtures import service`); serve.run costs ~24 s here, so
 both modules use the same running app (tiny models, real HTTP on 127.0.0.1, the session's real local Ray).
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
+from conftest import free_port
 
 MAIN_APP = "facediffuser-test"
 STEPS = 4

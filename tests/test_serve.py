@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serve_fixtures import MAIN_APP, STEPS, decode_png, generate, png_b64, service  # noqa: F401
+from serve_fixtures import MAIN_APP, STEPS, decode_png, generate, png_b64, service  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tests.serve_fixtures import service  # noqa: F401
+from serve_fixtures import service  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
