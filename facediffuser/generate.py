@@ -138,20 +138,19 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.tiny)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=None, desc="sampling", unit="step")
+    with tqdm(total=None, desc="sampling", unit="step") as bar:  # closed before any error is printed
 
-    def progress(i: int, total: int) -> None:
-        bar.total = total
-        bar.update(1)
+        def progress(i: int, total: int) -> None:
+            bar.total = total
+            bar.update(1)
 
-    result = pipe(
-        args.prompt, references, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-        seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        alpha=args.alpha, beta=args.beta, start_merge_step=args.start_merge_step, final_step=args.final_step,
-        height=args.height, width=args.width, return_masks=True, callback=progress,
-        identity_scores=not args.no_identity_scores,
-    )
-    bar.close()
+        result = pipe(
+            args.prompt, references, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+            seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            alpha=args.alpha, beta=args.beta, start_merge_step=args.start_merge_step, final_step=args.final_step,
+            height=args.height, width=args.width, return_masks=True, callback=progress,
+            identity_scores=not args.no_identity_scores,
+        )
     files = write_results(out_dir, result)
     manifest = {
         "prompt": args.prompt,
