@@ -264,7 +264,8 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         """`identity_scores=True` (or a `facediffuser.metrics.identity.IdentityScorer`) also returns, per image,
         each subject's face similarity to its reference (dlib by default), for filtering or regenerating."""
         default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
-        height, width = height or default_size, width or default_size
+        height = default_size if height is None else height
+        width = default_size if width is None else width
         multiple = self.vae_scale_factor
         if height % multiple or width % multiple or height < multiple or width < multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")

@@ -116,19 +116,27 @@ def test_official_checkpoint_import(tmp_path, astronaut):
     assert imported("a man <|image|>", [astronaut], seed=1, **FAST).images[0].size == (64, 64)
 
 
+class NotATensor:
+    """An arbitrary class in a checkpoint: weights_only loading must refuse to unpickle it."""
+
+
 def test_official_import_refuses_pickled_objects_and_wrong_layouts(tmp_path):
     base = tiny_pipeline(seed=8)
     base.save_model_dir(tmp_path / "sd15", "tdm")
 
-    class NotATensor:
-        pass
-
     torch.save({"unet.x": NotATensor()}, tmp_path / "evil.bin")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "evil.bin", tmp_path / "evil.bin")
+    vision = dict(base.subject_encoder.config.vision_config)
     torch.save({"unet.conv_in.weight": torch.zeros(1)}, tmp_path / "partial.bin")
-    with pytest.raises(ValueError, match="does not match"):
-        FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "partial.bin", tmp_path / "partial.bin")
+    with pytest.raises(ValueError, match="has no 'image_encoder.\\*' weights"):
+        FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "partial.bin", tmp_path / "partial.bin",
+                                                       vision_config=vision)
+    wrong = {"unet.conv_in.weight": torch.zeros(1), "image_encoder.x": torch.zeros(1), "postfuse_module.y": torch.zeros(1)}
+    torch.save(wrong, tmp_path / "wrong.bin")
+    with pytest.raises(ValueError, match="does not match the architecture"):
+        FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "wrong.bin", tmp_path / "wrong.bin",
+                                                       vision_config=vision)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "nope.bin", tmp_path / "nope.bin")
 
