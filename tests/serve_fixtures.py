@@ -49,7 +49,9 @@ def service(ray_session, astronaut):
         return
     config = ServeConfig(
         tiny=True, port=free_port(), app_name=MAIN_APP, torch_threads=1,
-        num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1,
+        # No CPU reservations: the app stays up for the whole session, and the training tests that run while
+        # it is idle need the session's 2 CPUs for their workers and Ray Data (which waits for a free CPU).
+        num_cpus=0, encoder_num_cpus=0, ingress_num_cpus=0, min_replicas=1, max_replicas=1,
         max_batch_size=4, batch_wait_timeout_s=0.25, max_ongoing_requests=8, max_queued_requests=4,
         health_check_period_s=2.0,
         limits={"max_steps": 8, "max_side": 128, "max_payload_bytes": 3_000_000, "max_reference_pixels": 1024 * 1024},
