@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,8 +60,14 @@ def clip_tokenizer_dir() -> str:
     assert len(vocab) == CLIP_VOCAB_SIZE
     out = Path(tempfile.gettempdir()) / "facediffuser-clip-tokenizer"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    files = {
+        "vocab.json": json.dumps({token: i for i, token in enumerate(vocab)}),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+    }
+    for name, text in files.items():  # several processes (Ray actors) may do this at once: replace atomically
+        staging = out / f".{name}.{os.getpid()}.{threading.get_ident()}"
+        staging.write_text(text)
+        os.replace(staging, out / name)
     return str(out)
 
 
