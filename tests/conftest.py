@@ -8,6 +8,9 @@ import socket
 import numpy as np
 import pytest
 
+# Ray workers use this environment as it is, also under `uv run pytest` (see facediffuser/cli.py).
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
