@@ -78,11 +78,7 @@ class TrainConfig:
 
 def check_data(uri: str) -> int:
     """Shards exist, are readable and have our schema; → row count. One-line errors."""
-    fs, path = dataio.resolve(uri)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as exc:
-        raise FileNotFoundError(f"--data {uri}: cannot be reached ({str(exc).splitlines()[0]})") from None
+    fs, path, info = dataio.file_info(uri, "--data")
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"--data {uri}: no such file, directory or S3 prefix")
     import pyarrow.dataset as pads

@@ -73,13 +73,18 @@ def remove_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
-def check_input_dir(uri: str) -> None:
-    """Raise FileNotFoundError/ValueError (one line) unless `uri` is an existing directory or S3 prefix."""
+def file_info(uri: str, flag: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """(filesystem, path, info) of `uri`; an unreachable store is a one-line FileNotFoundError naming `flag`."""
     fs, path = resolve(uri)
     try:
-        info = fs.get_file_info(path)
+        return fs, path, fs.get_file_info(path)
     except OSError as exc:
-        raise FileNotFoundError(f"--input {uri}: cannot be reached ({str(exc).splitlines()[0]})") from None
+        raise FileNotFoundError(f"{flag} {uri}: cannot be reached ({str(exc).splitlines()[0]})") from None
+
+
+def check_input_dir(uri: str) -> None:
+    """Raise FileNotFoundError/ValueError (one line) unless `uri` is an existing directory or S3 prefix."""
+    _, _, info = file_info(uri, "--input")
     if info.type == pafs.FileType.File:
         raise ValueError(f"--input {uri}: is a file, expected a directory or s3:// prefix")
     if info.type == pafs.FileType.NotFound:
