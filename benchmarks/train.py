@@ -1,11 +1,13 @@
 """Seconds per training step: the Ray Train loop vs a plain torch loop of the same step and data, one run.
 
-    .venv/bin/python benchmarks/train.py --model sdm --steps 20 --batch-size 2 --resolution 64
+    .venv/bin/python benchmarks/train.py --model sdm --steps 20 --batch-size 2 --resolution 64 --threads 1
 
 Both loops run `facediffuser.training.step.TrainStep` on `ExampleBuilder` batches of the same shards (sample
-rows: the astronaut photo + synthetic people, or --data). The plain loop builds each batch inline; Ray Train
-gets them from Ray Data actors. Per-step times come from each loop's own clock; the first --warmup steps are
-dropped. Prints medians, the ratio Ray / plain (target ≤ 1.10) and every input.
+rows: the astronaut photo + synthetic people, or --data), with the same number of torch threads (--threads: the
+plain loop sets it, the Ray Train worker gets that many CPUs and sets it from them). The plain loop builds each
+batch inline; the Ray Train worker gets its rows from Ray Data and builds the next batch on Ray Data's prefetch
+thread while the current step runs. Per-step times come from each loop's own clock; the first --warmup steps
+are dropped. Prints medians, the ratio Ray / plain (target ≤ 1.10) and every input.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def plain_loop(config, steps: int) -> tuple[list[float], list[float]]:
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
     from pipelines.train import _model_sizes
 
+    torch.set_num_threads(int(config.cpus_per_worker))
     torch.manual_seed(config.seed)
     parts = load_components(config.base, config.model, tiny=config.tiny)
     optim = OptimConfig(lr=config.lr, mixed_precision=config.mixed_precision)
@@ -95,7 +98,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"))
-    parser.add_argument("--num-cpus", type=int, default=None, help="for the local Ray started here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both loops (CPUs of the Ray worker)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray started here (default: --threads + 2, so the reads and Ray "
+                             "Data's file listing fit beside the worker)")
     args = parser.parse_args()
 
     import ray
@@ -106,13 +112,13 @@ def main() -> None:
     data = args.data or make_shards(work / "shards", 16)
     config = TrainConfig(model=args.model, data=str(Path(data).resolve()), storage=str(work / "runs"), name="bench",
                          base=args.base, tiny=args.base is None, workers=1, use_gpu=args.use_gpu,
-                         cpus_per_worker=1.0, data_cpus=0.5, max_steps=args.steps, batch_size=args.batch_size,
+                         cpus_per_worker=float(args.threads), data_cpus=0.25, max_steps=args.steps, batch_size=args.batch_size,
                          lr=1e-5, checkpoint_every=args.steps, mixed_precision=args.mixed_precision,
                          resolution=args.resolution, max_failures=0)
     if Path(config.data).is_dir():  # the plain loop reads one file; the Ray loop reads the directory
         config_plain_data = sorted(Path(config.data).glob("*.parquet"))[0]
     plain_with_data, plain_step = plain_loop(TrainConfig(**{**config.__dict__, "data": str(config_plain_data)}), args.steps)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.num_cpus or args.threads + 2, include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
     ray_steps = ray_loop(config)
     ray_wall = time.perf_counter() - started
@@ -124,8 +130,8 @@ def main() -> None:
     step_median = statistics.median(plain_step[keep])
     report = {
         "inputs": {**{k: getattr(args, k) for k in ("model", "steps", "warmup", "batch_size", "resolution", "use_gpu",
-                                                    "mixed_precision")},
-                   "base": args.base or "tiny", "data": data, "python": platform.python_version(),
+                                                    "mixed_precision", "threads")},
+                   "ray_num_cpus": args.num_cpus or args.threads + 2, "base": args.base or "tiny", "data": data, "python": platform.python_version(),
                    "device": "cuda" if args.use_gpu else "cpu"},
         "seconds_per_step": {"ray_train": round(ray_median, 4), "plain_torch_inline_data": round(plain_median, 4),
                              "plain_torch_step_only": round(step_median, 4)},

@@ -1,7 +1,8 @@
 """`facediffuser train` / `python -m pipelines.train`: fine-tune the TDM and/or the SDM on Ray Train.
 
-shards (local dir or s3://) → Ray Data `map_batches` (decode + METHOD.md §3 augmentation, CPU actors)
-→ `get_dataset_shard("train").iter_torch_batches` in each TorchTrainer worker → DDP step
+shards (local dir or s3://) → Ray Data reads (all the run's epochs in one dataset)
+→ `get_dataset_shard("train").iter_torch_batches` in each TorchTrainer worker, whose collate function decodes and
+augments (METHOD.md §3) on Ray Data's prefetch thread → DDP step
 (facediffuser.training.step) → every N steps a checkpoint = model directory + optimizer state (safetensors).
 
 Storage layout (STORAGE/NAME):
@@ -12,18 +13,18 @@ Storage layout (STORAGE/NAME):
                               With --model sdm (or tdm) the other one is the untrained base, written once
                               (final/export.json says which parts were trained).
 
-`--model both` launches the two trainings side by side (one Ray task per TorchTrainer) on one cluster.
+`--model both` runs the two trainings side by side (one driver thread per TorchTrainer) on one cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import csv
-import io
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -50,11 +51,11 @@ class TrainConfig:
     base: str | None = None
     tiny: bool = False
     image_encoder: str | None = None
-    workers: int = 1
+    # Resources: None = derived from the cluster Ray finds (plan_resources), so a plain command fits the machine.
+    workers: int | None = None
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 1.0  # per decode/augment actor
-    data_actors: int = 1
+    cpus_per_worker: float | None = None
+    data_cpus: float | None = None  # per Ray Data read task
     max_steps: int = 1000
     batch_size: int = 4  # per worker
     lr: float = 1e-5
@@ -127,8 +128,8 @@ def resolve_base(base: str | None) -> str | None:
 def validate(config: TrainConfig, rows: int) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", config.name):
         raise ValueError(f"--name {config.name!r}: use letters, digits, '.', '_' or '-'")
-    for name in ("workers", "max_steps", "batch_size", "checkpoint_every", "data_actors", "keep_checkpoints"):
-        if getattr(config, name) < 1:
+    for name in ("workers", "max_steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.max_failures < 0:
         raise ValueError("--max-failures must be >= 0")
@@ -138,9 +139,12 @@ def validate(config: TrainConfig, rows: int) -> None:
         raise ValueError(f"--mixed-precision must be bf16, fp16 or no, got {config.mixed_precision!r}")
     if config.resolution is not None and (config.resolution < 64 or config.resolution % 64):
         raise ValueError(f"--resolution must be a multiple of 64, got {config.resolution}")
-    if rows < config.batch_size * config.workers:
+    for name in ("cpus_per_worker", "data_cpus"):
+        if getattr(config, name) is not None and not getattr(config, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    if rows < config.batch_size * (config.workers or 1):
         raise ValueError(f"--data has {rows} rows, fewer than one batch for every worker "
-                         f"({config.workers} × {config.batch_size}); lower --batch-size")
+                         f"({config.workers or 1} × {config.batch_size}); lower --batch-size")
     fs, path = dataio.resolve(config.storage)
     try:
         if fs.get_file_info(path).type == pafs.FileType.File:
@@ -154,18 +158,24 @@ def validate(config: TrainConfig, rows: int) -> None:
 # ------------------------------------------------------------------------------------ Ray Data ingest
 
 
-class BuildExamples:
-    """map_batches actor: shard rows → fixed-shape training tensors (tokenizer loaded once per actor)."""
+def example_collate(config: TrainConfig, seed: int):
+    """The worker's collate function: a batch of shard rows (pyarrow) → training tensors. Ray Data runs it on its
+    prefetch thread, so decoding and augmenting the next batch overlaps the current step. (Built in a function
+    so that importing this module imports neither Ray Data nor torch.)"""
+    import torch
+    from ray.data.collate_fn import ArrowBatchCollateFn
 
-    def __init__(self, config: TrainConfig, resolution: int, object_resolution: int):
-        from facediffuser.training.data import DataConfig, ExampleBuilder
+    from facediffuser.training.data import DataConfig, ExampleBuilder
 
-        self.builder = ExampleBuilder(
-            DataConfig(config.model, resolution=resolution, object_resolution=object_resolution), _tokenizer(config)
-        )
+    resolution, object_resolution = _model_sizes(config)
+    builder = ExampleBuilder(DataConfig(config.model, resolution=resolution, object_resolution=object_resolution),
+                             _tokenizer(config), seed=seed)
 
-    def __call__(self, batch):
-        return self.builder(batch)
+    class BuildExamples(ArrowBatchCollateFn):
+        def __call__(self, batch):
+            return {key: torch.from_numpy(value) for key, value in builder(batch).items()}
+
+    return BuildExamples()
 
 
 def _tokenizer(config: TrainConfig):
@@ -189,9 +199,9 @@ def _tokenizer(config: TrainConfig):
 def _model_sizes(config: TrainConfig) -> tuple[int, int]:
     """(target resolution, object crop size) from the base's configs, without loading weights."""
     if config.tiny:
-        from facediffuser.models.tiny import tiny_subject_encoder, tiny_unet
+        from facediffuser.models.tiny import TINY_IMAGE_SIZE, TINY_OBJECT_SIZE
 
-        native, objects = tiny_unet().config.sample_size * 8, tiny_subject_encoder().image_size
+        native, objects = TINY_IMAGE_SIZE, TINY_OBJECT_SIZE
     else:
         from diffusers import UNet2DConditionModel
 
@@ -204,18 +214,41 @@ def _model_sizes(config: TrainConfig) -> tuple[int, int]:
     return config.resolution or native, objects
 
 
-def build_dataset(config: TrainConfig):
-    import ray
-    from ray.data import ActorPoolStrategy
+EPOCHS_PER_PASS = 16  # one ingest execution, and so one actor pool and one set of imports, covers this many epochs
 
-    resolution, object_resolution = _model_sizes(config)
+
+def epochs_per_pass(config: TrainConfig, rows: int) -> int:
+    """Epochs one pass of the ingest must hold so that every worker gets `max_steps` full batches (capped)."""
+    per_epoch = max(1, rows // (config.workers * config.batch_size))  # full batches per worker and epoch
+    return max(1, min(EPOCHS_PER_PASS, -(-config.max_steps // per_epoch) + 1))  # +1: the equal split may trim rows
+
+
+IN_MEMORY_BYTES = 64 * 2**20  # shards up to this size are read once by the driver and shuffled per epoch in memory
+
+
+def build_dataset(config: TrainConfig, rows: int):
+    """shards → rows, for all the epochs of the run in one dataset (a worker iterates it once).
+
+    Small shards (IN_MEMORY_BYTES) are read once here and each epoch is a seeded permutation of their rows, so the
+    ingest starts no Ray Data tasks at all. Larger ones stream: each epoch is a read of the shards in its own seeded
+    file order, and the reads are unioned. Either way the pipeline is planned and started once per run, not once
+    per epoch (on small datasets a restart per epoch cost more than the training itself)."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    import ray
+    from ray.data import FileShuffleConfig
+
     fs, path = ray_filesystem(config.data)
-    dataset = ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": config.data_cpus})
-    return dataset.map_batches(
-        BuildExamples, fn_constructor_kwargs=dict(config=config, resolution=resolution, object_resolution=object_resolution),
-        batch_size=config.batch_size, batch_format="pyarrow", num_cpus=config.data_cpus,
-        compute=ActorPoolStrategy(min_size=1, max_size=config.data_actors),
-    )
+    epochs = epochs_per_pass(config, rows)
+    shards = pads.dataset(path, filesystem=fs, format="parquet")
+    if sum(info.size for info in fs.get_file_info(shards.files)) <= IN_MEMORY_BYTES:
+        table = shards.to_table()
+        order = np.random.default_rng(config.seed)
+        return ray.data.from_arrow([table.take(order.permutation(table.num_rows)) for _ in range(epochs)])
+    reads = [ray.data.read_parquet(path, filesystem=fs, shuffle=FileShuffleConfig(seed=config.seed + epoch),
+                                   ray_remote_args={"num_cpus": config.data_cpus})
+             for epoch in range(epochs)]
+    return reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
 
 
 # ------------------------------------------------------------------------------------ the worker loop
@@ -230,6 +263,10 @@ def _maybe_fail(config: TrainConfig, step: int, rank: int, world: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"failed at step {step}\n")
+    # Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a crash straight after
+    # a checkpoint report can beat the controller to it, and the restart would then start from the checkpoint
+    # before. Give it three polls so the test always sees the case it describes (resume from the latest one).
+    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
     raise RuntimeError(f"injected fault at step {step} ({FAIL_AT_STEP_ENV})")
 
 
@@ -258,22 +295,27 @@ def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from tqdm.auto import tqdm
 
     from facediffuser.training import checkpoint as ckpt
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
 
+    progress = config_dict.pop("progress", None)  # the driver's ProgressBoard actor (rank 0 reports to it)
     config = TrainConfig(**config_dict)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    report_progress = (lambda **fields: progress.update.remote(config.model, **fields)) if progress and rank == 0 \
+        else (lambda **fields: None)
+    collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # as many torch threads as CPUs this worker was given (at least one)
+        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     optim = OptimConfig(lr=config.lr, mixed_precision=config.mixed_precision)
 
     restored = ray.train.get_checkpoint()
     history: list[dict] = []
     start_step, attempt = 0, 0
-    with (restored.as_directory() if restored else _nothing()) as restored_dir:
+    with (restored.as_directory() if restored else contextlib.nullcontext()) as restored_dir:
         if restored_dir:
             parts = ckpt.load_components(Path(restored_dir) / ckpt.MODEL_SUBDIR, config.model, log=lambda m: None)
         else:
@@ -293,13 +335,12 @@ def train_loop_per_worker(config_dict: dict) -> None:
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
     step_fn = TrainStep(wrapped, optimizer, optim, device)
     shard = ray.train.get_dataset_shard("train")
+    report_progress(step=start_step, total=config.max_steps, resumed_from=start_step if restored else None)
 
-    bar = tqdm(total=config.max_steps, initial=start_step, desc=f"train {config.model}", disable=rank != 0,
-               mininterval=2.0)
     step = start_step
     last = time.perf_counter()
-    while step < config.max_steps:
-        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True):
+    while step < config.max_steps:  # one pass holds many epochs (build_dataset); a long run takes several passes
+        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, collate_fn=collate):
             _maybe_fail(config, step + 1, rank, world)
             metrics = step_fn(batch)
             step += 1
@@ -308,22 +349,25 @@ def train_loop_per_worker(config_dict: dict) -> None:
                            samples_per_s=config.batch_size * world / max(now - last, 1e-9))
             last = now
             history.append({k: metrics[k] for k in METRIC_COLUMNS})
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            report_progress(step=step, loss=metrics["loss"])
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 _report(config, model, parts, optimizer, step, attempt, history, rank)
                 last = time.perf_counter()  # checkpoint time is not step time
             if step >= config.max_steps:
                 break
-    bar.close()
 
 
-class _nothing:
-    def __enter__(self):
-        return None
+class ProgressBoard:
+    """A tiny actor (0 CPUs) that rank 0 of each run writes its step and loss to; the driver draws the bars."""
 
-    def __exit__(self, *exc):
-        return False
+    def __init__(self):
+        self.state: dict[str, dict] = {}
+
+    def update(self, model: str, **fields) -> None:
+        self.state.setdefault(model, {}).update(fields)
+
+    def read(self) -> dict[str, dict]:
+        return self.state
 
 
 def _report(config, model, parts, optimizer, step, attempt, history, rank) -> None:
@@ -387,7 +431,7 @@ def _storage(config: TrainConfig) -> tuple[pafs.FileSystem, str]:
     return ray_filesystem(config.storage)
 
 
-def fit_one(config: TrainConfig) -> dict:
+def fit_one(config: TrainConfig, progress=None) -> dict:
     """Run (or resume) one TorchTrainer; export its final model dir and metrics. → summary dict."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -395,10 +439,11 @@ def fit_one(config: TrainConfig) -> dict:
     fs, storage_path = _storage(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**asdict(config), "worker_env": {}},  # credentials travel in the runtime env only
+        # credentials travel in the runtime env only
+        train_loop_config={**asdict(config), "worker_env": {}, "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
-        datasets={"train": build_dataset(config)},
+        datasets={"train": build_dataset(config, check_data(config.data))},
         run_config=ray.train.RunConfig(
             name=config.model,
             storage_path=f"{storage_path.rstrip('/')}/{config.name}",
@@ -488,31 +533,85 @@ def pair_with_base(config: TrainConfig) -> str | None:
     return other
 
 
-def train(configs: list[TrainConfig]) -> list[dict]:
-    """Run the trainings (side by side when there are several), each from its own Ray task so that every
-    TorchTrainer has its own driver and the workers get the S3 settings. → one summary per model."""
+def plan_resources(configs: list[TrainConfig], cluster_cpus: float, cluster_gpus: float) -> tuple[list[TrainConfig], str]:
+    """Fill in the resources the user left open from the cluster Ray found; → (configs, one line saying what).
+
+    One CPU stays unreserved: Ray Data lists the shard files in a task that needs a whole free CPU, and the
+    ingest never starts without it. The rest is shared evenly by the runs: without GPUs one worker per run
+    (several CPU workers on one machine only add DDP traffic), with GPUs one worker per GPU. Decoding happens in
+    the workers (example_collate), so the read tasks get a small slice and the workers the rest."""
+    share = (cluster_cpus - 1) / len(configs)
+    planned = []
+    for config in configs:
+        workers = config.workers or (max(1, int(cluster_gpus // len(configs))) if config.use_gpu else 1)
+        data_cpus = config.data_cpus or round(max(min(share / 8, 1.0), 0.05), 2)
+        cpus_per_worker = config.cpus_per_worker or round(max((share - data_cpus) / workers, 0.05), 2)
+        planned.append(replace(config, workers=workers, data_cpus=data_cpus, cpus_per_worker=cpus_per_worker))
+    needed = sum(c.workers * c.cpus_per_worker + c.data_cpus for c in planned)
+    if cluster_cpus - needed < 1 - 1e-9:
+        raise ValueError(f"the cluster has {cluster_cpus:g} CPUs; training needs {needed:g} plus 1 free for Ray Data's "
+                         "file listing: lower --workers, --cpus-per-worker or --data-cpus, or leave them out")
+    p = planned[0]
+    gpus = ", 1 GPU" if p.use_gpu else ""
+    line = (f"resources per model: {p.workers} worker(s) × {p.cpus_per_worker:g} CPU{gpus}, Ray Data reads "
+            f"{p.data_cpus:g} CPU (cluster: {cluster_cpus:g} CPUs, {cluster_gpus:g} GPUs; 1 CPU left free)")
+    return planned, line
+
+
+def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
+    """Run the trainings (side by side when there are several). Each TorchTrainer is driven from a thread of this
+    process (a launcher task per run would be one more process importing Ray Train). → one summary per model."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    needed = sum(c.workers * c.cpus_per_worker + c.data_actors * c.data_cpus for c in configs)
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - needed < 1:  # Ray Data's file listing task takes one whole CPU; without it ingest never starts
-        raise ValueError(f"the cluster has {total:g} CPUs; training needs {needed:g} plus 1 free for Ray Data's "
-                         "file listing: lower --workers, --cpus-per-worker or --data-cpus")
-    env = configs[0].worker_env
-    launch = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": env} if env else None)(fit_one)
-    refs = [launch.remote(c) for c in configs]
+    from pipelines.ray_runtime import init_ray
+
+    init_ray(verbose=verbose)
+    resources = ray.cluster_resources()
+    configs, line = plan_resources(configs, resources.get("CPU", 0), resources.get("GPU", 0))
+    print(line, flush=True)
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(configs), thread_name_prefix="fit")
+    try:
+        futures = [pool.submit(fit_one, c, board) for c in configs]
+        _show_progress(board, configs, futures)
+    finally:  # on Ctrl-C, do not wait here: shutting Ray down ends the fits
+        pool.shutdown(wait=False)
     summaries, errors = [], []
-    for config, ref in zip(configs, refs):
+    for config, future in zip(configs, futures):
         try:
-            summaries.append(ray.get(ref))
+            summaries.append(future.result())
         except Exception as exc:
             errors.append(f"{config.model}: {_root_cause(exc)}")
     if errors:
         raise RuntimeError("training failed (" + "; ".join(errors) + "); rerun the same command to resume "
                            "from the last checkpoint")
     return summaries
+
+
+def _show_progress(board, configs: list[TrainConfig], futures: list) -> None:
+    """One bar per model, fed by the workers through `board`, until every run has finished."""
+    import ray
+    from tqdm.auto import tqdm
+
+    bars = {c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
+            for i, c in enumerate(configs)}
+    said = set()
+    while True:
+        finished = all(f.done() for f in futures)
+        for model, state in ray.get(board.read.remote()).items():
+            bar = bars[model]
+            if state.get("resumed_from") and model not in said:
+                said.add(model)
+                bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")
+            bar.n = state.get("step", 0)
+            if "loss" in state:
+                bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+            bar.refresh()
+        if finished:
+            break
+        concurrent.futures.wait(futures, timeout=1.0)
+    for bar in bars.values():
+        bar.close()
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -548,11 +647,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CLIP vision directory for a new subject encoder when --base has no subject_encoder/")
     parser.add_argument("--storage", required=True, help="where runs live: a directory or s3:// prefix")
     parser.add_argument("--name", required=True, help="run name; rerunning with the same name resumes")
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per model")
+    auto = " (default: derived from the cluster's CPUs and GPUs; the command prints what it chose)"
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers per model" + auto)
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--data-cpus", type=float, default=1.0, help="CPUs per decode/augment actor")
-    parser.add_argument("--data-actors", type=int, default=1, help="most decode/augment actors per model")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved per worker" + auto)
+    parser.add_argument("--data-cpus", type=float, default=None, help="CPUs per Ray Data read task" + auto)
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=4, help="per worker")
     parser.add_argument("--lr", type=float, default=1e-5)
@@ -562,6 +661,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"), help="GPU only")
     parser.add_argument("--resolution", type=int, default=None, help="training image side (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines on the terminal")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -570,7 +670,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig(
         model="sdm" if args.model == "both" else args.model, data=args.data, storage=args.storage, name=args.name,
         base=base, tiny=args.tiny, image_encoder=args.image_encoder, workers=args.workers, use_gpu=args.use_gpu,
-        cpus_per_worker=args.cpus_per_worker, data_cpus=args.data_cpus, data_actors=args.data_actors,
+        cpus_per_worker=args.cpus_per_worker, data_cpus=args.data_cpus,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, mixed_precision=args.mixed_precision, max_failures=args.max_failures,
         resolution=args.resolution, seed=args.seed,
@@ -596,7 +696,7 @@ def run(args: argparse.Namespace) -> int:
     for c in configs:
         check_base(c)
     print(f"training {' and '.join(models)} on {rows} rows from {config.data} → {config.run_root}")
-    summaries = train(configs)
+    summaries = train(configs, verbose=args.verbose)
     paired = pair_with_base(configs[0]) if len(configs) == 1 else None
     write_export_note(configs, paired)
     for s in summaries:

@@ -20,7 +20,8 @@ from facediffuser.data.schema import to_table
 from facediffuser.training.samples import sample_records
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--tiny", "--resolution", "64", "--batch-size", "2", "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
+TINY = ["--tiny", "--resolution", "64", "--batch-size", "2"]
+SMALL = [*TINY, "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,25 @@ def _metrics(text: str) -> list[dict]:
 
 
 @pytest.mark.slow
+def test_resources_are_derived_from_the_cluster_unless_given():
+    from dataclasses import replace
+
+    from pipelines.train import TrainConfig, plan_resources
+
+    base = TrainConfig(model="tdm", data="d", storage="s", name="n", tiny=True)
+    both = [base, replace(base, model="sdm")]
+    planned, line = plan_resources(both, 2, 0)  # this machine: 2 CPUs, no GPU
+    assert [(c.workers, c.cpus_per_worker, c.data_cpus) for c in planned] == [(1, 0.44, 0.06)] * 2
+    assert sum(c.workers * c.cpus_per_worker + c.data_cpus for c in planned) <= 1  # one CPU left for file listing
+    assert line.startswith("resources per model: 1 worker(s) × 0.44 CPU")
+    planned, _ = plan_resources([replace(c, use_gpu=True) for c in both], 16, 8)  # one worker per GPU, split
+    assert [c.workers for c in planned] == [4, 4] and all(c.cpus_per_worker >= 1 for c in planned)
+    planned, _ = plan_resources([replace(base, cpus_per_worker=0.5, data_cpus=0.1)], 2, 0)  # given values stay
+    assert (planned[0].cpus_per_worker, planned[0].data_cpus) == (0.5, 0.1)
+    with pytest.raises(ValueError, match="the cluster has 2 CPUs; training needs 2.12 plus 1 free"):
+        plan_resources([replace(base, workers=2, cpus_per_worker=1.0)], 2, 0)
+
+
 def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shards, tmp_path, monkeypatch, capsys):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="train")
@@ -114,9 +134,11 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
 @pytest.mark.slow
 def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, tmp_path, capsys, astronaut):
     storage = tmp_path / "runs"
+    # no resource flags: the runs are sized from the 2-CPU cluster (the README's CPU try-out command)
     assert cli_main(["train", "--model", "both", "--data", str(shards), "--storage", str(storage), "--name", "pair",
-                     "--max-steps", "2", "--checkpoint-every", "2", "--lr", "1e-4", *SMALL]) == 0
+                     "--max-steps", "2", "--checkpoint-every", "2", "--lr", "1e-4", *TINY]) == 0
     out = capsys.readouterr().out
+    assert "resources per model: 1 worker(s) × 0.44 CPU, Ray Data reads 0.06 CPU (cluster: 2 CPUs" in out
     final = storage / "pair" / "final"
     assert out.strip().splitlines()[-1] == f"final model: {final}"
     assert "tdm: 2 steps" in out and "sdm: 2 steps" in out

@@ -1,3 +1,12 @@
-from facediffuser.models.subject_encoder import PostFuseModule, SubjectEncoder
+"""Model classes. Imported on first use: `facediffuser.models.tiny`'s tokenizer (used by every training-data
+actor) must not pull diffusers in through this package."""
+
+import importlib
 
 __all__ = ["PostFuseModule", "SubjectEncoder"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return getattr(importlib.import_module("facediffuser.models.subject_encoder"), name)
+    raise AttributeError(f"module 'facediffuser.models' has no attribute {name!r}")

@@ -17,12 +17,22 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from typing import TYPE_CHECKING
 
-from facediffuser.models.subject_encoder import SubjectEncoder
+import torch
+
 from facediffuser.prompts import ensure_image_token
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from facediffuser.models.subject_encoder import SubjectEncoder
+
+# The model classes are imported where the models are built: a process that only needs the tokenizer or the
+# sizes (e.g. a Ray Data actor building training examples) does not pay seconds for importing diffusers.
+TINY_IMAGE_SIZE = 128  # default generated/training image side (16×16 latents)
+TINY_OBJECT_SIZE = 32  # the tiny CLIP vision tower's input side
 
 # Stable Diffusion 1.5's noise schedule.
 SD15_SCHEDULE = dict(
@@ -71,14 +81,18 @@ def clip_tokenizer_dir() -> str:
     return str(out)
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer() -> "CLIPTokenizer":
+    from transformers import CLIPTokenizer
+
     folder = Path(clip_tokenizer_dir())
     tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
     ensure_image_token(tokenizer)
     return tokenizer
 
 
-def tiny_unet(width: int = 32, cross_attention_dim: int = 32, sample_size: int = 16) -> UNet2DConditionModel:
+def tiny_unet(width: int = 32, cross_attention_dim: int = 32, sample_size: int = TINY_IMAGE_SIZE // 8) -> "UNet2DConditionModel":
+    from diffusers import UNet2DConditionModel
+
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
@@ -93,7 +107,9 @@ def tiny_unet(width: int = 32, cross_attention_dim: int = 32, sample_size: int =
     )
 
 
-def tiny_vae(sample_size: int = 128) -> AutoencoderKL:
+def tiny_vae(sample_size: int = TINY_IMAGE_SIZE) -> "AutoencoderKL":
+    from diffusers import AutoencoderKL
+
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -108,7 +124,9 @@ def tiny_vae(sample_size: int = 128) -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(hidden: int = 32) -> CLIPTextModel:
+def tiny_text_encoder(hidden: int = 32) -> "CLIPTextModel":
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -118,16 +136,20 @@ def tiny_text_encoder(hidden: int = 32) -> CLIPTextModel:
     )
 
 
-def tiny_subject_encoder(text_hidden: int = 32) -> SubjectEncoder:
+def tiny_subject_encoder(text_hidden: int = 32) -> "SubjectEncoder":
+    from facediffuser.models.subject_encoder import SubjectEncoder
+
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=32, patch_size=8, projection_dim=text_hidden,
+        image_size=TINY_OBJECT_SIZE, patch_size=8, projection_dim=text_hidden,
     )
     return SubjectEncoder(vision_config=vision, text_embed_dim=text_hidden)
 
 
 def tiny_components(seed: int = 0, unet_width: int = 32) -> dict:
     """All pipeline components, deterministic for a seed. Default images are 128×128 (16×16 latents)."""
+    from diffusers import DDIMScheduler
+
     torch.manual_seed(seed)
     return dict(
         vae=tiny_vae(),
