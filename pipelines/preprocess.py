@@ -2,16 +2,20 @@
 
 read + decode → detect faces → person masks → caption → link nouns → OUTPUT/shards/*.parquet,
 OUTPUT/rejects/rejects.parquet and OUTPUT/manifest.json. Each stage is a library function on one image
-(facediffuser/data/stages.py) wrapped here in a small map_batches class; model stages load their model once
-per actor and run on an ActorPoolStrategy pool.
+(facediffuser/data/stages.py). The stages that share a device are fused into ONE map_batches actor class that loads
+its models once: on CPUs the whole chain is one pool of one-CPU actors (ActorPoolStrategy(size=N)); with
+`--num-gpus-per-stage` the stages that can use a GPU (MTCNN, a captioner model) become pools of their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -29,77 +33,139 @@ from facediffuser.manifest import package_versions
 # the same in every stage, whatever environment the cluster was started with.
 AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_DEFAULT_REGION", "AWS_REGION")
-TASK_CPUS = 0.1  # model-free stages (read/decode, template captions, linking) are light next to the models
-ACTOR_CPU_SHARE = 0.8  # of the cluster's CPUs, split among the model-stage actors; the rest runs the tasks
+GPU_ACTOR_CPUS = 0.25  # a GPU-stage actor mostly waits on its GPU; the rest of the CPUs go to the CPU stages
+WRITE_TASK_CPUS = 0.25  # the light steps after the stages (status columns, shard rows, parquet write)
+TASKS_IN_FLIGHT = 2  # per actor: one running batch and one queued (hides the call's round trip, keeps the tail short)
 
 
-# ------------------------------------------------------------------------------------ stage wrappers
+# ------------------------------------------------------------------------------------------- the layout
 
 
-class _ItemStage:
-    """Runs `apply` on each item of a batch; items already rejected pass through untouched."""
+@dataclass(frozen=True)
+class StagePlan:
+    """One map_batches actor pool: the stages it runs (in order), its size and resources per actor."""
 
-    def apply(self, item: dict) -> dict:
-        raise NotImplementedError
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return _map_items(batch, self.apply)
-
-
-def _device(config: PreprocessConfig) -> str:
-    return "cuda" if config.num_gpus_per_stage > 0 else "cpu"
+    names: tuple[str, ...]
+    actors: int
+    num_cpus: float
+    num_gpus: float = 0.0
 
 
-class DetectFaces(_ItemStage):
-    def __init__(self, config: PreprocessConfig):
-        self.config = config
-        self.detector = make_detector(config.detector, config.min_face_score, device=_device(config))
-
-    def apply(self, item):
-        return stages.detect_stage(item, self.detector, self.config)
+def _on_gpu(name: str, config: PreprocessConfig) -> bool:
+    """Only MTCNN and a captioner model can use a GPU (mediapipe's Python solutions run on the CPU)."""
+    return config.num_gpus_per_stage > 0 and ((name == "detect" and config.detector == "mtcnn")
+                                              or (name == "caption" and config.captioner != TEMPLATE))
 
 
-class SegmentPersons(_ItemStage):
-    def __init__(self, config: PreprocessConfig):
-        self.segmenter = PersonSegmenter()
+def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: float = 0.0) -> list[StagePlan]:
+    """The stage layout: consecutive stages on the same device share one actor pool (fused, models loaded once
+    per actor). Template captions and noun linking are cheap and ride with the stage before them.
 
-    def apply(self, item):
-        return stages.segment_stage(item, self.segmenter)
+    CPU pools get one CPU per actor and, by default, as many actors as the cluster has CPUs (less what the GPU
+    pools reserve), split among the CPU pools; GPU pools get `--num-gpus-per-stage` per actor and at most as many
+    actors as the cluster's GPUs hold. `--actors-per-stage N` sets every pool's size (a CPU actor's share then
+    drops below one CPU if the pools would not fit otherwise)."""
+    if config.source == "fastcomposer":
+        groups: list[tuple[list[str], bool]] = [(["convert"], False)]
+    else:
+        groups = []
+        for name in stages.IMAGE_STAGES:
+            gpu = _on_gpu(name, config)
+            rides_along = name == "link" or (name == "caption" and not gpu)
+            if groups and (rides_along or groups[-1][1] == gpu):
+                groups[-1][0].append(name)
+            else:
+                groups.append(([name], gpu))
+    gpu_actors = max(1, int(cluster_gpus // config.num_gpus_per_stage)) if config.num_gpus_per_stage else 0
+    if config.actors_per_stage:
+        gpu_actors = min(gpu_actors, config.actors_per_stage)
+    gpu_pools = sum(gpu for _, gpu in groups)
+    cpu_pools = len(groups) - gpu_pools
+    cpu_budget = max(cluster_cpus - gpu_pools * gpu_actors * GPU_ACTOR_CPUS, min(cluster_cpus, 1.0))
+    cpu_actors = config.actors_per_stage or max(1, int(cpu_budget // cpu_pools))
+    cpu_share = min(1.0, cpu_budget / (cpu_pools * cpu_actors))
+    return [StagePlan(tuple(names), gpu_actors, GPU_ACTOR_CPUS, config.num_gpus_per_stage) if gpu
+            else StagePlan(tuple(names), cpu_actors, cpu_share) for names, gpu in groups]
 
 
-class WriteCaptions(_ItemStage):
-    def __init__(self, config: PreprocessConfig):
-        self.captioner = make_captioner(config.captioner, device=_device(config))
-
-    def apply(self, item):
-        return stages.caption_stage(item, self.captioner)
-
-
-# Model-free stages run as plain Ray tasks (nothing to load once per actor).
+# ------------------------------------------------------------------------------------------- the stages
 
 
 def _map_items(batch: pa.Table, function) -> pa.Table:
-    return work_table([item if item["stage"] else function(item) for item in batch.to_pylist()])
+    return work_table([function(item) for item in batch.to_pylist()])
 
 
-def read_images(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
-    return _map_items(batch, lambda item: stages.read_stage(item, config))
+class RunStages:
+    """A map_batches actor that runs a fused run of stages on each item of a batch (through
+    `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
+
+    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str):
+        self.config, self.names = config, names
+        self.detector = make_detector(config.detector, config.min_face_score, device=device) \
+            if "detect" in names else None
+        self.segmenter = PersonSegmenter() if "segment" in names else None
+        self.captioner = make_captioner(config.captioner, device=device) if "caption" in names else None
+        if "torch" in sys.modules:  # MTCNN, a captioner: as many torch threads as the actor has CPUs
+            sys.modules["torch"].set_num_threads(max(1, int(num_cpus)))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _map_items(batch, lambda item: stages.apply_stages(
+            item, self.config, self.names, detector=self.detector, segmenter=self.segmenter,
+            captioner=self.captioner))
 
 
-def template_captions(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
-    return _map_items(batch, lambda item: stages.caption_stage(item, None))
+class ConvertFastComposer:
+    """--source fastcomposer: jpg + json + npy → a work row, no models."""
+
+    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str):
+        self.config = config
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _map_items(batch, lambda item: item if item["stage"] else convert_stage(item, self.config))
 
 
-def link_nouns(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
-    return _map_items(batch, stages.link_stage)
+def shard_sink(shards_uri: str, rows_per_shard: int):
+    """The pipeline's last step, a ray.data Datasink: each write task turns its work rows into SHARD_SCHEMA files
+    of at most `rows_per_shard` rows and returns the status of every row it saw (`sink.statuses` once the write
+    is done), so the shards and the accounting (rejects included) come out of one pass over the data. (Defined
+    in a function so that importing this module does not import Ray Data.)"""
+    import uuid
+
+    import pyarrow.parquet as pq
+    from ray.data.datasource import Datasink
+
+    class _ShardSink(Datasink):
+        def __init__(self):
+            self.uri, self.rows_per_shard, self.prefix = shards_uri, rows_per_shard, uuid.uuid4().hex[:12]
+            self.statuses: list[dict] = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return self.rows_per_shard  # a write task gets about one shard's worth of rows
+
+        def write(self, blocks, ctx) -> pa.Table:
+            items = [row for block in blocks for row in _as_table(block).to_pylist()]
+            table = stages.shard_table(items)
+            if table.num_rows:
+                fs, path = dataio.resolve(self.uri)
+                fs.create_dir(path, recursive=True)
+                for part, start in enumerate(range(0, table.num_rows, self.rows_per_shard)):
+                    # a retried task rewrites the same names instead of adding files
+                    name = f"{self.prefix}_{ctx.task_idx:06d}_{part:03d}.parquet"
+                    pq.write_table(table.slice(start, self.rows_per_shard), f"{path}/{name}", filesystem=fs)
+            return pa.Table.from_pylist([{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items],
+                                        schema=REJECT_SCHEMA)
+
+        def on_write_complete(self, write_result) -> None:
+            self.statuses = [row for table in write_result.write_returns for row in table.to_pylist()]
+
+    return _ShardSink()
 
 
-def convert_fastcomposer(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
-    return _map_items(batch, lambda item: convert_stage(item, config))
+def _as_table(block) -> pa.Table:
+    from ray.data.block import BlockAccessor
 
-
-def to_shard_rows(batch: pa.Table) -> pa.Table:
-    return stages.shard_table(batch.to_pylist())
+    return BlockAccessor.for_block(block).to_arrow()
 
 
 # ---------------------------------------------------------------------------------------- the pipeline
@@ -110,43 +176,32 @@ def _runtime_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def build_dataset(items: list[dict], config: PreprocessConfig, cluster_cpus: float):
+def input_blocks(items: list[dict], plans: list[StagePlan], batch_size: int) -> list[pa.Table]:
+    """The work rows cut into blocks of at most `batch_size` rows, and at least two blocks per actor of the
+    widest pool when there are enough rows (so every actor gets work and the last batch is short)."""
+    actors = max(plan.actors for plan in plans)
+    size = max(1, min(batch_size, math.ceil(len(items) / (2 * actors))))
+    table = work_table(items)
+    return [table.slice(start, size) for start in range(0, len(items), size)]
+
+
+def build_dataset(items: list[dict], config: PreprocessConfig, cluster_cpus: float, cluster_gpus: float = 0.0):
     """The lazy Ray Dataset of work rows (all stages applied; rejected rows carry stage + reason)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    actors = config.actors_per_stage or max(1, int(cluster_cpus))
-    model_stages = [DetectFaces, SegmentPersons] + ([WriteCaptions] if config.captioner != TEMPLATE else [])
-    actor_cpus = ACTOR_CPU_SHARE * cluster_cpus / (actors * len(model_stages))
-    remote = _runtime_env()
-    common = dict(batch_format="pyarrow", batch_size=config.batch_size, **remote)
-
-    def task_stage(ds, function):
-        return ds.map_batches(function, fn_kwargs={"config": config}, num_cpus=TASK_CPUS, **common)
-
-    def model_stage(ds, cls, uses_gpu: bool):
-        return ds.map_batches(cls, fn_constructor_args=(config,), compute=ActorPoolStrategy(size=actors),
-                              num_cpus=actor_cpus, num_gpus=config.num_gpus_per_stage if uses_gpu else 0, **common)
-
-    rows = [{"id": i["id"], "source": i["source"], "caption_source": i["caption_source"] or ""} for i in items]
-    blocks = max(1, min(len(rows), (len(rows) + config.batch_size - 1) // config.batch_size))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(_as_work_rows, batch_format="pyarrow", num_cpus=TASK_CPUS, **remote)
-    if config.source == "fastcomposer":
-        return task_stage(ds, convert_fastcomposer)
-    ds = task_stage(ds, read_images)
-    # mediapipe's Python solutions run on the CPU; MTCNN and captioning models can use the GPU
-    ds = model_stage(ds, DetectFaces, uses_gpu=config.detector == "mtcnn")
-    ds = model_stage(ds, SegmentPersons, uses_gpu=False)
-    if config.captioner != TEMPLATE:
-        ds = model_stage(ds, WriteCaptions, uses_gpu=True)
-    else:
-        ds = task_stage(ds, template_captions)
-    return task_stage(ds, link_nouns)
-
-
-def _as_work_rows(batch: pa.Table) -> pa.Table:
-    return work_table([stages.new_item(r["id"], r["source"], r["caption_source"] or None) for r in batch.to_pylist()])
+    plans = plan_stages(config, cluster_cpus, cluster_gpus)
+    blocks = input_blocks(items, plans, config.batch_size)
+    ds = ray.data.from_arrow(blocks)
+    stage_class = ConvertFastComposer if config.source == "fastcomposer" else RunStages
+    for plan in plans:
+        device = "cuda" if plan.num_gpus > 0 else "cpu"
+        ds = ds.map_batches(stage_class, fn_constructor_args=(config, plan.names, plan.num_cpus, device),
+                            compute=ActorPoolStrategy(size=plan.actors,
+                                                      max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
+                            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, batch_format="pyarrow",
+                            batch_size=blocks[0].num_rows, zero_copy_batch=True, **_runtime_env())
+    return ds
 
 
 def list_items(config: PreprocessConfig) -> list[dict]:
@@ -166,31 +221,30 @@ def check_config(config: PreprocessConfig) -> None:
         check_captioner(config.captioner)
 
 
-def preprocess(config: PreprocessConfig) -> dict:
+def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     """Run the pipeline on the current Ray cluster (started locally when none is). Returns the manifest."""
-    import ray
     import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.ray_runtime import init_ray
 
     check_config(config)
     items = list_items(config)
     started = time.time()
-    if not ray.is_initialized():
-        ray.init()
-    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
+    resources = ray.cluster_resources()
+    cluster_cpus, cluster_gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
 
     # a rerun replaces the previous output instead of adding rows beside it
     shards_uri, rejects_uri = dataio.join(config.output, "shards"), dataio.join(config.output, "rejects")
     dataio.remove_dir(shards_uri)
     dataio.remove_dir(rejects_uri)
 
-    ds = build_dataset(items, config, cluster_cpus).materialize()
-    statuses = ds.select_columns(["id", "source", "stage", "reason"]).take_all()
+    sink = shard_sink(shards_uri, config.rows_per_shard)
+    build_dataset(items, config, cluster_cpus, cluster_gpus).write_datasink(
+        sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **_runtime_env()})
+    statuses = sink.statuses
     rejected = [s for s in statuses if s["stage"]]
-    written = len(statuses) - len(rejected)
-    if written:
-        ds.map_batches(to_shard_rows, batch_format="pyarrow", num_cpus=TASK_CPUS, **_runtime_env()).write_parquet(
-            shards_uri, min_rows_per_file=min(written, config.rows_per_shard),
-            max_rows_per_file=config.rows_per_shard, ray_remote_args={**_runtime_env(), "num_cpus": TASK_CPUS})
     fs, path = dataio.resolve(dataio.join(rejects_uri, "rejects.parquet"))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(pa.Table.from_pylist(sorted(rejected, key=lambda r: r["id"]), schema=REJECT_SCHEMA), path,
@@ -203,6 +257,9 @@ def preprocess(config: PreprocessConfig) -> dict:
         "counts": stages.stage_counts(config.source, len(items), [r["stage"] for r in rejected]),
         "config": config.to_dict(),
         "cluster_cpus": cluster_cpus,
+        "cluster_gpus": cluster_gpus,
+        "stages": [{"stages": list(p.names), "actors": p.actors, "num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
+                   for p in plan_stages(config, cluster_cpus, cluster_gpus)],
         "package_versions": package_versions(("facediffuser", "ray", "pyarrow", "numpy", "mediapipe",
                                               "facenet-pytorch", "torch", "transformers", "pillow")),
         "wall_time_s": round(time.time() - started, 3),
@@ -234,6 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=stages.DEFAULT_MAX_PIXELS,
                         help="larger images are rejected before decoding")
 
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     return PreprocessConfig(input=args.input, output=args.output, source=args.source, detector=args.detector,
@@ -244,7 +302,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = preprocess(config_from_args(args))
+    manifest = preprocess(config_from_args(args), verbose=args.verbose)
     counts = manifest["counts"]
     print(f"preprocess: {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected "
           f"in {manifest['wall_time_s']:.1f} s → {args.output}")

@@ -1,8 +1,9 @@
 """The preprocessing stages as plain functions on one work item (a dict; one image). No Ray here.
 
-`pipelines/preprocess.py` wraps each stage in a Ray Data `map_batches` class; `process_locally` runs the same
-functions in a plain loop (the benchmark's baseline). An item that fails a stage gets `stage` and `reason`
-set and passes through the later stages untouched, so every input ends as a shard row or a reject row.
+`pipelines/preprocess.py` runs them through `apply_stages` inside Ray Data `map_batches` actors;
+`process_locally` runs the same function in a plain loop (the benchmark's baseline). An item that fails a stage
+gets `stage` and `reason` set and passes through the later stages untouched, so every input ends as a shard row
+or a reject row.
 """
 
 from __future__ import annotations
@@ -224,19 +225,35 @@ def stage_counts(source: str, total: int, rejected_stages: list[str]) -> dict:
 
 # ------------------------------------------------------------------------------------- the plain loop
 
+IMAGE_STAGES = ("read", "detect", "segment", "caption", "link")  # `read` covers read + decode
+
+
+def apply_stages(item: dict, config: PreprocessConfig, names=IMAGE_STAGES, *, detector=None, segmenter=None,
+                 captioner=None) -> dict:
+    """Runs the named stages in order on one item, stopping at the first that rejects it (`caption` with
+    captioner None writes the template). The plain loop and every Ray stage go through here."""
+    for name in names:
+        if item["stage"]:
+            break
+        if name == "read":
+            item = read_stage(item, config)
+        elif name == "detect":
+            item = detect_stage(item, detector, config)
+        elif name == "segment":
+            item = segment_stage(item, segmenter)
+        elif name == "caption":
+            item = caption_stage(item, captioner)
+        elif name == "link":
+            item = link_stage(item)
+        else:
+            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(IMAGE_STAGES)}")
+    return item
+
 
 def process_locally(items: list[dict], config: PreprocessConfig, detector, segmenter, captioner=None,
                     progress: bool = True) -> list[dict]:
     """All stages, one image at a time, in this process: the same functions the Ray pipeline runs."""
     from tqdm.auto import tqdm
 
-    out = []
-    for item in tqdm(items, desc="preprocess (plain loop)", disable=not progress):
-        item = read_stage(item, config)
-        for stage in (lambda i: detect_stage(i, detector, config), lambda i: segment_stage(i, segmenter),
-                      lambda i: caption_stage(i, captioner), link_stage):
-            if item["stage"]:
-                break
-            item = stage(item)
-        out.append(item)
-    return out
+    return [apply_stages(item, config, detector=detector, segmenter=segmenter, captioner=captioner)
+            for item in tqdm(items, desc="preprocess (plain loop)", disable=not progress)]
