@@ -55,9 +55,31 @@ class DemoConfig:
             raise ValueError(f"--out {self.out}: exists and is not a directory")
 
 
-def _phase(number: int, text: str) -> float:
-    print(f"[demo {number}/5] {text}", flush=True)
-    return time.perf_counter()
+PHASES = ("photos", "preprocess", "train", "serve", "page")
+
+
+class PhaseClock:
+    """Prints each phase's heading and, at its end, its time; keeps the times for the summary."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def start(self, name: str, text: str) -> None:
+        self.stop()
+        print(f"[demo {PHASES.index(name) + 1}/{len(PHASES)}] {text}", flush=True)
+        self._current = (name, time.perf_counter())
+
+    def stop(self) -> float:
+        if self._current is None:
+            return 0.0
+        name, started = self._current
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        self._current = None
+        return self.seconds[name]
+
+    def summary(self) -> str:
+        return "phase times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
 
 
 def _free_port() -> int:
@@ -68,8 +90,7 @@ def _free_port() -> int:
 
 def sample_photos(folder: Path) -> list[Path]:
     """The astronaut as 1, 2 and 3 people: the photo (P) and its mirror image (M) tiled side by side, four
-    arrangements of each count (12 photos: an epoch of several training steps, since each epoch restarts the
-    data pipeline), the dimmer copies so that not every row is identical."""
+    arrangements of each count (12 photos), the dimmer copies so that not every row is identical."""
     photo = np.asarray(Image.open(ASTRONAUT).convert("RGB"))
     tiles = {"P": photo, "M": np.ascontiguousarray(photo[:, ::-1])}
     layouts = ["P", "M", "p", "m", "PM", "MP", "PP", "mm", "PMP", "MPM", "PPM", "mpm"]  # lower case: dimmer
@@ -123,94 +144,46 @@ def write_index(out: Path, sections: list[tuple[str, list[Path], str]]) -> Path:
     return path
 
 
-def demo(config: DemoConfig) -> dict:
-    """Run every phase; → paths of what was written. Validates first, cleans up Ray/Serve last."""
+def demo(config: DemoConfig, verbose: bool = False) -> dict:
+    """Run every phase; → paths of what was written and each phase's time. Validates first, cleans up Ray/Serve
+    last."""
     config.validate()
-    import httpx
     import ray
     from ray import serve
 
-    from pipelines import preprocess as preprocess_pipeline
-    from pipelines import train as train_pipeline
-    from facediffuser.data.stages import PreprocessConfig
-    from serving.app import ServeConfig, start
+    from pipelines.ray_runtime import init_ray
 
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("photos", "preprocessed", "generated"):  # a rerun replaces the previous results
         shutil.rmtree(out / stale, ignore_errors=True)
     started = time.perf_counter()
+    clock = PhaseClock()
     own_ray = not ray.is_initialized()
     own_serve = False
     app_name = f"facediffuser-{NAME}"
     try:
-        if own_ray:
-            ray.init(num_cpus=config.num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False)
-
-        t = _phase(1, "sample photos: the astronaut as one, two and three people")
+        init_ray(verbose, num_cpus=config.num_cpus, num_gpus=0)
+        clock.start("photos", "sample photos: the astronaut as one, two and three people")
         photos = sample_photos(out / "photos")
-        print(f"  {len(photos)} photos in {out / 'photos'} ({time.perf_counter() - t:.1f} s)", flush=True)
-
-        t = _phase(2, "preprocessing on Ray Data: detect faces → person masks → captions → link nouns → Parquet")
-        manifest = preprocess_pipeline.preprocess(PreprocessConfig(
-            input=str(out / "photos"), output=str(out / "preprocessed"), resolution=256, batch_size=2,
-            actors_per_stage=1, rows_per_shard=4))
-        counts = manifest["counts"]
-        print(f"  {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected "
-              f"({time.perf_counter() - t:.1f} s) → {out / 'preprocessed'}", flush=True)
-        if not counts["written"]:
-            raise RuntimeError("preprocessing wrote no rows; see preprocessed/rejects/rejects.parquet")
-
-        curves: list[Path] = []
+        print(f"  {len(photos)} photos in {out / 'photos'} ({clock.stop():.1f} s)", flush=True)
+        clock.start("preprocess", "preprocessing on Ray Data: detect faces → person masks → captions → link nouns "
+                                  "→ Parquet")
+        manifest = _preprocess(out)
+        print(f"  ({clock.stop():.1f} s) → {out / 'preprocessed'}", flush=True)
         if config.model:
-            _phase(3, f"training skipped: using the model in {config.model}")
-            model_dir = str(Path(config.model).resolve())
+            clock.start("train", f"training skipped: using the model in {config.model}")
+            model_dir, curves = str(Path(config.model).resolve()), []
         else:
-            t = _phase(3, f"training tiny TDM and SDM side by side on Ray Train ({config.steps} steps each)")
-            base = train_pipeline.TrainConfig(
-                model="tdm", data=str(out / "preprocessed" / "shards"), storage=str(out / "runs"), name=NAME,
-                tiny=True, resolution=config.resolution, batch_size=2, cpus_per_worker=0.25, data_cpus=0.1,
-                max_steps=config.steps, checkpoint_every=config.steps, keep_checkpoints=1, lr=1e-4, max_failures=0)
-            rows = train_pipeline.check_data(base.data)
-            train_pipeline.validate(base, rows)
-            configs = [base, train_pipeline.TrainConfig(**{**base.__dict__, "model": "sdm"})]
-            shutil.rmtree(out / "runs" / NAME, ignore_errors=True)  # a fresh run, not a resume of an old one
-            summaries = train_pipeline.train(configs)
-            train_pipeline.write_export_note(configs, None)
-            for s in summaries:
-                print(f"  {s['model']}: {s['steps']} steps, loss_den {s['loss_den']:.4f}, loss_loc {s['loss_loc']:.4f}",
-                      flush=True)
-            model_dir = str(out / "runs" / NAME / "final")
-            curves = [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
-            print(f"  models in {model_dir} ({time.perf_counter() - t:.1f} s)", flush=True)
-
-        t = _phase(4, "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
-        running_port = _serve_http_port()
-        own_serve = running_port is None
-        port = running_port or config.port or _free_port()
-        serve_config = ServeConfig(
-            model=model_dir, port=port, app_name=app_name, route_prefix=f"/{NAME}", torch_threads=1,
-            num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1)
-        url = start(serve_config)
-        reference = base64.b64encode(ASTRONAUT.read_bytes()).decode()
-        request = {"prompt": PROMPT, "references": [reference], "num_images": config.num_images, "seed": 42,
-                   "steps": config.sample_steps, "return_masks": True}
-        response = httpx.post(f"{url}/v1/generate", json=request, timeout=600)
-        if response.status_code != 200:
-            raise RuntimeError(f"generate answered {response.status_code}: {response.text[:300]}")
-        body = response.json()
-        generated = out / "generated"
-        generated.mkdir()
-        images = [_write_png(b64, generated / f"image-{k}-seed{seed}.png")
-                  for k, (b64, seed) in enumerate(zip(body["images"], body["seeds"]))]
-        masks = [_write_png(body["fusion_masks"], generated / "fusion-masks.png")] if body.get("fusion_masks") else []
-        overlays = [_write_png(b64, generated / f"overlay-{k}.png") for k, b64 in enumerate(body.get("overlays") or [])]
-        response_summary = {k: v for k, v in body.items() if k not in ("images", "fusion_masks", "overlays")}
-        (generated / "response.json").write_text(json.dumps(response_summary, indent=2))
-        print(f"  {len(images)} image(s) in {body['timings']['total_s']:.1f} s; identity scores "
-              f"{body.get('identity_scores')} ({time.perf_counter() - t:.1f} s) → {generated}", flush=True)
-
-        _phase(5, "writing index.html")
+            clock.start("train", f"training tiny TDM and SDM side by side on Ray Train ({config.steps} steps each)")
+            model_dir, curves = _train(config, out)
+        print(f"  models in {model_dir} ({clock.stop():.1f} s)", flush=True)
+        clock.start("serve", "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
+        own_serve = _serve_http_port() is None
+        images, masks, overlays, response_summary = _generate_over_http(config, out, app_name)
+        print(f"  {len(images)} image(s) in {response_summary['timings']['total_s']:.1f} s; identity scores "
+              f"{response_summary.get('identity_scores')} ({clock.stop():.1f} s) → {out / 'generated'}", flush=True)
+        clock.start("page", "writing index.html")
         index = write_index(out, [
             ("1. Sample photos (input of preprocessing)", photos, ""),
             ("2. Preprocessing: the shards' manifest", [], json.dumps(manifest, indent=2)),
@@ -218,6 +191,7 @@ def demo(config: DemoConfig) -> dict:
             (f"4. Generated: “{PROMPT}”", images + overlays, json.dumps(response_summary["timings"], indent=2)),
             ("Fusion masks (a row per image, a column per fusion step)", masks, ""),
         ])
+        clock.stop()
     finally:
         try:
             if ray.is_initialized():
@@ -231,11 +205,75 @@ def demo(config: DemoConfig) -> dict:
         finally:
             if own_ray:
                 ray.shutdown()
-    result = {"out": str(out), "index": str(index), "photos": [str(p) for p in photos],
-              "shards": str(out / "preprocessed" / "shards"), "manifest": str(out / "preprocessed" / "manifest.json"),
-              "model": model_dir, "curves": [str(c) for c in curves], "images": [str(p) for p in images],
-              "masks": [str(p) for p in masks + overlays], "seconds": round(time.perf_counter() - started, 1)}
-    return result
+    seconds = round(time.perf_counter() - started, 1)
+    (out / "timings.json").write_text(json.dumps({"total_s": seconds, "phases_s": clock.seconds}, indent=2))
+    return {"out": str(out), "index": str(index), "photos": [str(p) for p in photos],
+            "shards": str(out / "preprocessed" / "shards"), "manifest": str(out / "preprocessed" / "manifest.json"),
+            "model": model_dir, "curves": [str(c) for c in curves], "images": [str(p) for p in images],
+            "masks": [str(p) for p in masks + overlays], "seconds": seconds, "phases": clock.seconds,
+            "summary": clock.summary()}
+
+
+def _preprocess(out: Path) -> dict:
+    from facediffuser.data.stages import PreprocessConfig
+    from pipelines import preprocess as preprocess_pipeline
+
+    manifest = preprocess_pipeline.preprocess(PreprocessConfig(
+        input=str(out / "photos"), output=str(out / "preprocessed"), resolution=256, batch_size=2, rows_per_shard=4))
+    counts = manifest["counts"]
+    print(f"  {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected", flush=True)
+    if not counts["written"]:
+        raise RuntimeError("preprocessing wrote no rows; see preprocessed/rejects/rejects.parquet")
+    return manifest
+
+
+def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
+    """Tiny TDM and SDM side by side, resources derived from the cluster; → (final model dir, loss curves)."""
+    from pipelines import train as train_pipeline
+
+    base = train_pipeline.TrainConfig(
+        model="tdm", data=str(out / "preprocessed" / "shards"), storage=str(out / "runs"), name=NAME, tiny=True,
+        resolution=config.resolution, batch_size=2, max_steps=config.steps, checkpoint_every=config.steps,
+        keep_checkpoints=1, lr=1e-4, max_failures=0)
+    train_pipeline.validate(base, train_pipeline.check_data(base.data))
+    configs = [base, train_pipeline.TrainConfig(**{**base.__dict__, "model": "sdm"})]
+    shutil.rmtree(out / "runs" / NAME, ignore_errors=True)  # a fresh run, not a resume of an old one
+    summaries = train_pipeline.train(configs)
+    train_pipeline.write_export_note(configs, None)
+    for s in summaries:
+        print(f"  {s['model']}: {s['steps']} steps, loss_den {s['loss_den']:.4f}, loss_loc {s['loss_loc']:.4f}",
+              flush=True)
+    return str(out / "runs" / NAME / "final"), [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
+
+
+def _generate_over_http(config: DemoConfig, out: Path, app_name: str) -> tuple[list[Path], list[Path], list[Path], dict]:
+    """Start the Serve app (or add it to a running Serve), send one generate request with the reference photo;
+    → (images, fusion masks, mask overlays, the response without its pictures)."""
+    import httpx
+
+    from serving.app import ServeConfig, start
+
+    model_dir = config.model and str(Path(config.model).resolve()) or str(out / "runs" / NAME / "final")
+    port = _serve_http_port() or config.port or _free_port()
+    url = start(ServeConfig(
+        model=model_dir, port=port, app_name=app_name, route_prefix=f"/{NAME}", torch_threads=1,
+        num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1))
+    reference = base64.b64encode(ASTRONAUT.read_bytes()).decode()
+    request = {"prompt": PROMPT, "references": [reference], "num_images": config.num_images, "seed": 42,
+               "steps": config.sample_steps, "return_masks": True}
+    response = httpx.post(f"{url}/v1/generate", json=request, timeout=600)
+    if response.status_code != 200:
+        raise RuntimeError(f"generate answered {response.status_code}: {response.text[:300]}")
+    body = response.json()
+    generated = out / "generated"
+    generated.mkdir()
+    images = [_write_png(b64, generated / f"image-{k}-seed{seed}.png")
+              for k, (b64, seed) in enumerate(zip(body["images"], body["seeds"]))]
+    masks = [_write_png(body["fusion_masks"], generated / "fusion-masks.png")] if body.get("fusion_masks") else []
+    overlays = [_write_png(b64, generated / f"overlay-{k}.png") for k, b64 in enumerate(body.get("overlays") or [])]
+    summary = {k: v for k, v in body.items() if k not in ("images", "fusion_masks", "overlays")}
+    (generated / "response.json").write_text(json.dumps(summary, indent=2))
+    return images, masks, overlays, summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,13 +284,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="denoising steps")
     parser.add_argument("--num-images", type=int, default=defaults.num_images)
     parser.add_argument("--port", type=int, default=defaults.port, help="HTTP port of the Serve app (0: a free one)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 
 def run(args: argparse.Namespace) -> int:
     config = DemoConfig(out=args.out, model=args.model, steps=args.steps, sample_steps=args.sample_steps,
                         num_images=args.num_images, port=args.port)
-    result = demo(config)
-    print(f"\ndemo finished in {result['seconds']:.0f} s. Open {result['index']}\n"
+    result = demo(config, verbose=args.verbose)
+    print(f"\ndemo finished in {result['seconds']:.0f} s ({result['summary']}). Open {result['index']}\n"
           f"  photos:       {Path(result['photos'][0]).parent}\n"
           f"  shards:       {result['shards']} (manifest: {result['manifest']})\n"
           f"  models:       {result['model']}\n"

@@ -192,12 +192,14 @@ def check_references(subjects) -> None:
             raise ValueError(f"subject {subject.id}: no face found in its reference photo {subject.reference}")
 
 
-def evaluate(config: EvaluateConfig) -> dict:
+def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
     """Run the benchmark on the current Ray cluster (a local one is started when none is). Returns report.json."""
     import ray
     from PIL import Image
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
+
+    from pipelines.ray_runtime import init_ray
 
     config.validate()
     subjects = load_subjects(config.subjects)
@@ -211,8 +213,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if not ray.is_initialized():
-        ray.init()
+    init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
 
     ds = ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 200))
     ds = ds.map_batches(GenerateImages, fn_constructor_args=(config,), batch_size=1, batch_format="pyarrow",
@@ -355,6 +356,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actor-cpus", type=float, default=1.0)
     parser.add_argument("--showcase", type=int, default=8, help="prompts per protocol shown in grids and overlays")
 
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     return EvaluateConfig(
@@ -369,7 +371,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate(config_from_args(args))
+    report = evaluate(config_from_args(args), verbose=args.verbose)
     for protocol, methods in report["results"].items():
         for method, summary in methods.items():
             numbers = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
