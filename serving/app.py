@@ -16,10 +16,12 @@ import base64
 import hashlib
 import hmac
 import io
+import logging
 import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -129,6 +131,66 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
+# ---------------------------------------------------------------------------------------------- batching
+class _Coalescer:
+    """One `run(items) -> outputs` call at a time; each call takes up to `limit` of the items waiting by then.
+
+    Why: `@serve.batch` forms the next batch while one runs and keeps it until that one is done (Ray forms
+    batches before taking its max_concurrent_batches semaphore). Requests that arrive during a long call thus sit
+    in many small batches, each waiting its turn: under load the formed batches stayed near 1 request. So the
+    batch handlers here only hand their requests over (their `max_concurrent_batches` is high on purpose), and
+    whenever the work is free, the next call takes what is waiting: oldest first and, with `key`, those that share
+    the oldest's key. One handler at a time holds `lock` (FIFO) and runs calls until its own items are done.
+    """
+
+    def __init__(self, run, limit: int, key=None):
+        self.run, self.limit, self.key = run, limit, key
+        self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.lock: asyncio.Lock | None = None  # made on first use, on the replica's event loop
+        self.sizes: Counter = Counter()  # items per run call → calls
+
+    async def __call__(self, items: list) -> list:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self.waiting.extend(zip(items, futures))
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:
+            while not all(future.done() for future in futures):
+                await self._run_next()
+        return [future.result() for future in futures]
+
+    def _take(self) -> list[tuple[object, asyncio.Future]]:
+        key = self.key(self.waiting[0][0]) if self.key else None
+        taken, kept = [], []
+        for entry in self.waiting:
+            fits = len(taken) < self.limit and (self.key is None or self.key(entry[0]) == key)
+            (taken if fits else kept).append(entry)
+        self.waiting = kept
+        return taken
+
+    async def _run_next(self) -> None:
+        taken = self._take()
+        try:
+            outputs = await self.run([item for item, _ in taken])
+        except BaseException as exc:  # the items taken with it must not wait forever
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("interrupted"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.sizes[len(taken)] += 1
+        for (_, future), output in zip(taken, outputs):
+            future.set_result(output)
+
+
+def _no_concurrent_batches_warning(record: logging.LogRecord) -> bool:
+    """Serve warns when max_batch_size × max_concurrent_batches exceeds max_ongoing_requests; with _Coalescer that
+    is intended (a formed batch only hands its requests over), so this warning is dropped."""
+    return "max_concurrent_batches" not in record.getMessage()
+
+
 # ---------------------------------------------------------------------------------------------- deployments
 @serve.deployment(name="SubjectEncoder")
 class SubjectEncoderDeployment:
@@ -149,15 +211,20 @@ class SubjectEncoderDeployment:
 
         self.identity = IdentityScorer(DlibEmbedder())  # dlib: CPU, bundled CC0 weights
         self.identity_lock = threading.Lock()
+        logging.getLogger("ray.serve").addFilter(_no_concurrent_batches_warning)
+        # Requests that arrive while a call runs are encoded together in the next one (identical ones once), so
+        # requests that came in together leave together and can meet in one sampler batch.
+        self.coalescer = _Coalescer(self._encode_many, limit=cfg.max_ongoing_requests)
+        self.encode.set_max_batch_size(cfg.max_ongoing_requests)
 
-    def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]]) -> dict:
-        started = time.perf_counter()
-        try:
-            out = self.encoding.encode(prompt, negative_prompt, references)
-        except RequestError as exc:
-            return {"error": (exc.status, exc.code, exc.message)}  # plain data crosses the process boundary
-        out["seconds"] = time.perf_counter() - started
-        return out
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
+    async def encode(self, prompts: list[str], negative_prompts: list[str | None],
+                     references: list[list[list[bytes]]]) -> list[dict]:
+        """Per request: {"null", "text", "augmented", "reference_sha256"} or {"error": (status, code, message)}."""
+        return await self.coalescer(list(zip(prompts, negative_prompts, references)))
+
+    async def _encode_many(self, requests: list[tuple]) -> list[dict]:
+        return await asyncio.to_thread(self.encoding.encode_many, requests)
 
     def identity_scores(self, images: list[bytes], references: list[list[bytes]]) -> list[list[float | None]]:
         """Per image, per subject: dlib cosine similarity of the subject's reference to its face (None: no face).
@@ -171,11 +238,15 @@ class SubjectEncoderDeployment:
                     for png in images]
 
     def ready(self) -> dict:
-        return self.encoding.stats()
+        return {**self.encoding.stats(), "calls": _histogram(self.coalescer.sizes)}
 
     def check_health(self) -> None:
         if self.encoding.pipe.subject_encoder is None:
             raise RuntimeError("subject encoder not loaded")
+
+
+def _histogram(sizes: Counter) -> dict[str, int]:
+    return {str(size): count for size, count in sorted(sizes.items())}
 
 
 def _photos_key(photos: list[bytes]) -> str:
@@ -206,15 +277,31 @@ class SamplerDeployment:
         self.versions = package_versions()
         self.consecutive_failures = 0
         self.default_size = self.pipe.sdm_unet.config.sample_size * self.pipe.vae_scale_factor
-        self.generate.set_max_batch_size(cfg.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        logging.getLogger("ray.serve").addFilter(_no_concurrent_batches_warning)
+        # One snf_denoise call at a time; each takes up to max_batch_size waiting requests that share a key.
+        self.coalescer = _Coalescer(self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key)
+        self.configure_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self.batches_served = 0
 
     def ready(self) -> dict:
         return {**self.identity, "default_size": self.default_size, "batches_served": self.batches_served}
 
+    def stats(self) -> dict:
+        """Batches this replica formed so far: `formed_batches` maps requests per snf_denoise call → calls."""
+        formed = self.coalescer.sizes
+        calls = sum(formed.values())
+        requests = sum(size * count for size, count in formed.items())
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "batches_served": self.batches_served, "requests_served": requests, "formed_batches": _histogram(formed),
+            "mean_batch_requests": round(requests / calls, 3) if calls else None,
+            "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+        }
+
     def configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         """Change batching on a running replica (the benchmark compares on/off on the same warm replica)."""
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self.coalescer.limit = max_batch_size
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -234,29 +321,25 @@ class SamplerDeployment:
         size = (r["height"] or self.default_size, r["width"] or self.default_size)
         job.key = (r["scheduler"], r["steps"], size, float(r["guidance_scale"]), job.boundaries)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05, max_concurrent_batches=1024)
     async def generate(self, jobs: list[_Job]) -> list[dict]:
-        groups: dict[tuple, list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault(job.key, []).append(index)
-        results: list[dict] = [{}] * len(jobs)
-        for indices in groups.values():
-            group = [jobs[i] for i in indices]
-            try:
-                outputs = await asyncio.to_thread(self._denoise_group, group)
-                self.consecutive_failures = 0
-            except ValueError as exc:  # a request the models cannot take (the ingress checks most earlier)
-                outputs = [{"error": (422, "invalid_request", str(exc))}] * len(group)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                outputs = [{"error": (503, "unavailable", "out of GPU memory; retry shortly or ask for fewer/smaller images")}] * len(group)
-            except Exception as exc:  # a fault on our side: answer 500 for this batch only; health decides the rest
-                self.consecutive_failures += 1
-                outputs = [{"error": (500, "internal", f"sampling failed ({type(exc).__name__}: {exc})")}] * len(group)
-            for i, output in zip(indices, outputs):
-                results[i] = output
+        """Requests that arrived within batch_wait_timeout_s of each other; the coalescer runs them (see _Coalescer)."""
+        return await self.coalescer(jobs)
+
+    async def _run_group(self, group: list[_Job]) -> list[dict]:
+        try:
+            outputs = await asyncio.to_thread(self._denoise_group, group)
+            self.consecutive_failures = 0
+        except ValueError as exc:  # a request the models cannot take (the ingress checks most earlier)
+            outputs = [{"error": (422, "invalid_request", str(exc))}] * len(group)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            outputs = [{"error": (503, "unavailable", "out of GPU memory; retry shortly or ask for fewer/smaller images")}] * len(group)
+        except Exception as exc:  # a fault on our side: answer 500 for this batch only; health decides the rest
+            self.consecutive_failures += 1
+            outputs = [{"error": (500, "internal", f"sampling failed ({type(exc).__name__}: {exc})")}] * len(group)
         self.batches_served += 1
-        return results
+        return outputs
 
     async def submit(self, request: dict, embeds: dict) -> dict:
         job = _Job(request=request, embeds=embeds, arrived=time.perf_counter())
@@ -442,6 +525,14 @@ class FaceDiffuserAPI:
             "versions": package_versions(),
         }
 
+    @api.get("/v1/stats", responses=ERRORS)
+    async def stats(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """Batches formed so far by the sampler replica that answers (one per call; all of them with one replica):
+        `formed_batches` maps requests per snf_denoise call to the number of such calls."""
+        self._authorize(credentials)
+        sampler, encoder = await asyncio.gather(self._call(self.sampler.stats), self._call(self.encoder.ready))
+        return {"sampler": sampler, "encoder_cache": encoder}
+
     @api.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, body: GenerateRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         """Generate `num_images` images of the referenced people; image k uses seed + k."""
@@ -450,7 +541,9 @@ class FaceDiffuserAPI:
         checked = check_request(body, self.limits)
         if body.seed is None:
             body.seed = int.from_bytes(os.urandom(4), "little") >> 1
+        encode_started = time.perf_counter()
         embeds = await self._call(self.encoder.encode, body.prompt, body.negative_prompt, checked.references)
+        encode_s = time.perf_counter() - encode_started
         if "error" in embeds:
             raise RequestError(*embeds["error"])
         request = body.model_dump()
@@ -464,7 +557,7 @@ class FaceDiffuserAPI:
             identity_scores = await self._call(self.encoder.identity_scores, output["images"], checked.references)
             output["timings"]["identity_s"] = time.perf_counter() - identity_started
         total_s = time.perf_counter() - started
-        timings = {"encode_s": embeds["seconds"], **output["timings"], "total_s": total_s}
+        timings = {"encode_s": encode_s, **output["timings"], "total_s": total_s}
         manifest = {
             "prompt": body.prompt, "plain_prompt": strip_markers(body.prompt), "negative_prompt": body.negative_prompt,
             "references": embeds["reference_sha256"], "seeds": output["seeds"], **output["manifest"],

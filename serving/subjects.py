@@ -94,5 +94,20 @@ class SubjectEncoding:
             "null": null.cpu(), "text": text.cpu(), "augmented": augmented.cpu(), "reference_sha256": hashes,
         }
 
+    def encode_many(self, requests: list[tuple[str, str | None, list[list[bytes]]]]) -> list[dict]:
+        """`encode` for several (prompt, negative_prompt, references) at once → per request, encode's dict or
+        {"error": (status, code, message)}. Identical requests (same prompts, same photo bytes) are encoded once."""
+        done: dict[tuple, dict] = {}
+        out = []
+        for prompt, negative_prompt, references in requests:
+            key = (prompt, negative_prompt, tuple(tuple(hashlib.sha256(d).digest() for d in photos) for photos in references))
+            if key not in done:
+                try:
+                    done[key] = self.encode(prompt, negative_prompt, references)
+                except RequestError as exc:
+                    done[key] = {"error": (exc.status, exc.code, exc.message)}  # plain data crosses processes
+            out.append(done[key])
+        return out
+
     def stats(self) -> dict:
         return {"cached": len(self.cache), "hits": self.hits, "misses": self.misses}

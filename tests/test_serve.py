@@ -159,10 +159,21 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(service):
         assert body["batch_requests"] == 1  # one at a time: nothing to batch with
         alone[seed] = decode_png(body["images"][0])
 
-    batched_seen = 0
-    for _attempt in range(3):  # arrival timing decides the grouping; a few tries make batching near-certain
-        with ThreadPoolExecutor(len(seeds)) as pool:
+    def formed() -> dict[int, int]:
+        stats = client.get("/v1/stats")
+        assert stats.status_code == 200, stats.text
+        return {int(size): calls for size, calls in stats.json()["sampler"]["formed_batches"].items()}
+
+    # While a slow request (another key: 8 steps) keeps the sampler busy, four compatible requests arrive; they
+    # must wait together and be denoised in one call, however @serve.batch happened to group their arrival.
+    batched_seen, grown = 0, {}
+    for _attempt in range(3):
+        before = formed()
+        with ThreadPoolExecutor(len(seeds) + 1) as pool:
+            blocker = pool.submit(generate, client, reference, seed=9, steps=8, num_images=4)
+            time.sleep(0.5)  # let it reach the sampler first
             responses = list(pool.map(lambda s: generate(client, reference, seed=s), seeds))
+            assert blocker.result().status_code == 200
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
         for seed, response in zip(seeds, responses):
             body = response.json()
@@ -170,9 +181,13 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(service):
             assert body["batch_size"] >= body["batch_requests"]
             difference = np.abs(decode_png(body["images"][0]).astype(int) - alone[seed].astype(int)).max()
             assert difference <= 1, f"seed {seed}: batched image differs from unbatched by {difference}"
-        if batched_seen > 1:
+        after = formed()
+        grown = {size: after[size] - before.get(size, 0) for size in after if after[size] != before.get(size, 0)}
+        assert sum(size * calls for size, calls in grown.items()) == len(seeds) + 1  # every request counted once
+        if batched_seen > 1 and max(grown) > 1:
             break
     assert batched_seen > 1, "concurrent compatible requests were never served in one batch"
+    assert max(grown) > 1, f"the sampler recorded no batch of more than one request: {grown}"
 
 
 def test_bounded_load_test_and_overload_answers_503(service):

@@ -78,3 +78,53 @@ def test_subject_crop_finds_the_astronauts_face_and_refuses_noise(astronaut):
     with pytest.raises(RequestError, match="no face found") as caught:
         subject_crop(noise, detector, "reference 2")
     assert caught.value.status == 422
+
+
+def test_coalescer_runs_what_waits_as_one_call_per_key_up_to_the_limit():
+    """Requests handed over while a call runs are taken together by the next call (not one call per formed batch),
+    oldest first, only those sharing the oldest's key, at most `limit` per call; every caller gets its own output."""
+    import asyncio
+
+    from serving.app import _Coalescer
+
+    calls: list[list[str]] = []
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def run(items):
+            calls.append(list(items))
+            if len(calls) == 1:
+                await release.wait()  # the first call is busy until everything else has been handed over
+            return [item.upper() for item in items]
+
+        coalescer = _Coalescer(run, limit=4, key=lambda item: item[0])
+        first = asyncio.create_task(coalescer(["a0"]))
+        await asyncio.sleep(0)
+        # Six formed batches arrive while "a0" runs, as @serve.batch would hand them over one by one.
+        later = [asyncio.create_task(coalescer(batch)) for batch in (["a1"], ["a2", "b1"], ["a3"], ["a4"], ["a5"], ["b2"])]
+        await asyncio.sleep(0.01)
+        release.set()
+        return await first, await asyncio.gather(*later)
+
+    first, later = asyncio.run(scenario())
+    assert first == ["A0"] and later == [["A1"], ["A2", "B1"], ["A3"], ["A4"], ["A5"], ["B2"]]
+    assert calls == [["a0"], ["a1", "a2", "a3", "a4"], ["b1", "b2"], ["a5"]]
+
+
+def test_coalescer_fails_only_the_call_that_raised():
+    import asyncio
+
+    from serving.app import _Coalescer
+
+    async def run(items):
+        if "bad" in items:
+            raise RuntimeError("boom")
+        return items
+
+    async def scenario():
+        coalescer = _Coalescer(run, limit=1)
+        return await asyncio.gather(coalescer(["bad"]), coalescer(["ok"]), return_exceptions=True)
+
+    bad, ok = asyncio.run(scenario())
+    assert isinstance(bad, RuntimeError) and ok == ["ok"]
