@@ -1,12 +1,21 @@
-"""Serve throughput and latency with request batching on vs. off, in one run, on the same warm replicas.
+"""Serve overhead and batching: the Serve app over real HTTP versus the same pipeline called in-process, one run.
 
-    .venv/bin/python benchmarks/serve.py --tiny                       # CPU, tiny random models
+    .venv/bin/python benchmarks/serve.py --tiny                       # CPU, tiny random models (~2.5 min on 2 cores)
     .venv/bin/python benchmarks/serve.py --model DIR --num-gpus 1     # real models on a GPU
 
-For each mode (batching off = max_batch_size 1, then on) and each concurrency (1, 4, 8), a bounded closed-loop
-load over loopback HTTP (serving/loadtest.py) measures requests/s and p50/p99 latency. The app runs one
-sampler replica (autoscaling pinned) so that only batching differs. Prints a table and the ratio
-batched/unbatched requests/s at the highest concurrency (target ≥ 2).
+Four measurements, interleaved so that a change in machine load hits both sides alike:
+
+1. bare, batch 1: `FaceDiffuserPipeline.__call__` in this process, one image per call (images/s);
+2. Serve, batching off (max_batch_size 1), concurrency 1: closed-loop HTTP load on loopback (requests/s);
+3. bare, batch 8: one call with `num_images_per_prompt=8` (images/s);
+4. Serve, batching on (max_batch_size 8), concurrency 8.
+
+Same models, prompt, reference photo, scheduler (DDIM), steps, guidance, alpha/beta and resolution on both sides;
+torch uses the same number of threads in this process and in the Serve replicas. Identity scoring is off in the
+requests (the bare pipeline does not score either). Serve requests carry distinct seeds (distinct work).
+
+Targets: (2) >= 0.8x (1) and (4) >= 0.8x (3). The mean formed batch size (requests per snf_denoise call) comes
+from the app's own record (GET /v1/stats), as a difference before/after each Serve measurement.
 """
 
 from __future__ import annotations
@@ -22,89 +31,151 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+PROMPT = "a man <|image|> on a beach"
+TARGET = 0.8
+
+
+def formed_since(before: dict, after: dict) -> dict[int, int]:
+    """Formed-batch histogram (requests per snf_denoise call → calls) of what happened between two /v1/stats."""
+    old, new = before["sampler"]["formed_batches"], after["sampler"]["formed_batches"]
+    diff = {int(k): new[k] - old.get(k, 0) for k in new}
+    return {k: v for k, v in sorted(diff.items()) if v}
+
+
+def mean_size(histogram: dict[int, int]) -> float | None:
+    calls = sum(histogram.values())
+    return sum(k * v for k, v in histogram.items()) / calls if calls else None
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model")
     source.add_argument("--tiny", action="store_true")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--requests-per-client", type=int, default=4, help="requests = this × concurrency (min 8)")
-    parser.add_argument("--batch-size", type=int, default=8, help="max_batch_size when batching is on")
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=0, help="width = height in pixels; 0: the model's default")
+    parser.add_argument("--batch", type=int, default=8, help="bare batch size = Serve concurrency and max_batch_size")
+    parser.add_argument("--requests-1", type=int, default=5, help="bare calls / Serve requests at batch 1")
+    parser.add_argument("--rounds", type=int, default=3, help="bare batch calls; Serve requests = rounds × batch")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.25)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 2, help="both sides")
     parser.add_argument("--num-gpus", type=float, default=0.0)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs for the local Ray")
-    parser.add_argument("--torch-threads", type=int, default=0)
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
 
-    import numpy as np
+    import httpx
     import ray
+    import torch
     from PIL import Image
     from ray import serve
     from skimage.data import astronaut
 
+    from facediffuser.generate import load_pipeline
     from serving.app import ServeConfig, start
     from serving.loadtest import generate_payload, run_load
 
-    top = max(args.concurrency)
+    torch.set_num_threads(args.torch_threads)
     if not args.port:
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             args.port = sock.getsockname()[1]
+    reference = Image.fromarray(astronaut())
+    buffer = io.BytesIO()
+    reference.save(buffer, format="PNG")
+    reference_b64 = base64.b64encode(buffer.getvalue()).decode()
+
+    # ---------------------------------------------------------------------------------------- in-process pipeline
+    device = "cuda" if args.num_gpus and torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(args.model, args.tiny).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    size = args.size or pipe.sdm_unet.config.sample_size * pipe.vae_scale_factor
+    sampling = dict(num_inference_steps=args.steps, guidance_scale=5.0, alpha=0.3, beta=0.6, height=size, width=size)
+
+    def bare(count: int, calls: int) -> dict:
+        started = time.perf_counter()
+        for call in range(calls):
+            pipe(PROMPT, [reference], num_images_per_prompt=count, seed=1000 + call * count, **sampling)
+        seconds = time.perf_counter() - started
+        return {"calls": calls, "batch": count, "images": calls * count, "seconds": round(seconds, 3),
+                "images_per_s": round(calls * count / seconds, 3)}
+
+    pipe(PROMPT, [reference], num_images_per_prompt=args.batch, seed=0, **{**sampling, "num_inference_steps": 2})
+
+    # ---------------------------------------------------------------------------------------------- Serve app
     config = ServeConfig(
         model=args.model, tiny=args.tiny, port=args.port, app_name="facediffuser-bench", num_gpus=args.num_gpus,
-        num_cpus=0.5 if not args.num_gpus else 1.0, encoder_num_cpus=0.25, ingress_num_cpus=0.1,
+        num_cpus=0, encoder_num_cpus=0, ingress_num_cpus=0,  # no reservations: the in-process side shares the cores
         torch_threads=args.torch_threads, min_replicas=1, max_replicas=1,
-        max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-        max_ongoing_requests=max(2 * top, args.batch_size), max_queued_requests=-1,
+        max_batch_size=args.batch, batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_ongoing_requests=2 * args.batch, max_queued_requests=-1,
     )
     ray.init(address="local", num_cpus=args.num_cpus, num_gpus=None if args.num_gpus else 0,
              include_dashboard=False, log_to_driver=False)
+    results: dict = {}
     try:
         started = time.perf_counter()
         url = start(config)
         print(f"app ready in {time.perf_counter() - started:.1f} s at {url}", flush=True)
-        buffer = io.BytesIO()
-        Image.fromarray(astronaut()).save(buffer, format="PNG")
-        payload = generate_payload(base64.b64encode(buffer.getvalue()).decode(), steps=args.steps)
         sampler = serve.get_deployment_handle("Sampler", app_name=config.app_name)
         endpoint = url + "/v1/generate"
-        run_load(endpoint, payload, concurrency=2, requests=4)  # warm-up: caches, allocator, first-call costs
+        payload = generate_payload(reference_b64, steps=args.steps, prompt=PROMPT, seed_base=10_000,
+                                   width=size, height=size, guidance_scale=5.0, alpha=0.3, beta=0.6,
+                                   identity_scores=False)
 
-        rows = []
-        for mode, batch_size in (("unbatched", 1), ("batched", args.batch_size)):
+        def stats() -> dict:
+            return httpx.get(url + "/v1/stats", timeout=60).json()
+
+        def serve_load(batch_size: int, concurrency: int, requests: int) -> dict:
             sampler.configure_batching.remote(batch_size, args.batch_wait_timeout_s).result()
-            for concurrency in args.concurrency:
-                requests = max(8, args.requests_per_client * concurrency)
-                report = run_load(endpoint, payload, concurrency=concurrency, requests=requests)
-                row = {"mode": mode, **report.summary()}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            run_load(endpoint, payload, concurrency=concurrency, requests=concurrency)  # one warm round
+            before = stats()
+            report = run_load(endpoint, payload, concurrency=concurrency, requests=requests)
+            formed = formed_since(before, stats())
+            return {**report.summary(), "max_batch_size": batch_size, "formed_batches": formed,
+                    "mean_formed_batch": round(mean_size(formed), 2) if formed else None}
+
+        run_load(endpoint, payload, concurrency=2, requests=4)  # warm-up: encoder cache, allocator, first calls
+        results["bare_1"] = bare(1, args.requests_1)
+        print("bare batch 1:", json.dumps(results["bare_1"]), flush=True)
+        results["serve_1"] = serve_load(1, 1, args.requests_1)
+        print("serve unbatched c=1:", json.dumps(results["serve_1"]), flush=True)
+        results["bare_n"] = bare(args.batch, args.rounds)
+        print(f"bare batch {args.batch}:", json.dumps(results["bare_n"]), flush=True)
+        results["serve_n"] = serve_load(args.batch, args.batch, args.rounds * args.batch)
+        print(f"serve batched c={args.batch}:", json.dumps(results["serve_n"]), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    def rate(mode, concurrency):
-        return next(r["requests_per_s"] for r in rows if r["mode"] == mode and r["concurrency"] == concurrency)
-
-    print(f"\nmodel={'tiny' if args.tiny else args.model} steps={args.steps} size=default scheduler=ddim "
-          f"replicas=1 max_batch_size={args.batch_size} batch_wait={args.batch_wait_timeout_s}s "
-          f"ray_cpus={args.num_cpus} gpus={args.num_gpus}")
-    print("| mode | concurrency | requests | req/s | p50 s | p99 s | mean batch |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.3f} | "
-              f"{r['p99_s']:.3f} | {r['mean_batch_size']} |")
-    ratio = rate("batched", top) / rate("unbatched", top)
-    print(f"\nbatched / unbatched throughput at concurrency {top}: {ratio:.2f}x (target >= 2x)")
+    r1 = results["serve_1"]["requests_per_s"] / results["bare_1"]["images_per_s"]
+    rn = results["serve_n"]["requests_per_s"] / results["bare_n"]["images_per_s"]
+    n = args.batch
+    print(f"\nmodel={'tiny' if args.tiny else args.model} steps={args.steps} size={size}x{size} scheduler=ddim "
+          f"guidance=5.0 alpha=0.3 beta=0.6 identity_scores=off torch_threads={args.torch_threads} "
+          f"ray_cpus={args.num_cpus} gpus={args.num_gpus} replicas=1 batch_wait_timeout_s={args.batch_wait_timeout_s}")
+    print(f"requests: bare {args.requests_1}x1 and {args.rounds}x{n} images; Serve {results['serve_1']['requests']} at "
+          f"concurrency 1 and {results['serve_n']['requests']} at concurrency {n} (after one warm round each)")
+    print("| side | batch / concurrency | images or requests per s | p50 s | mean formed batch | formed batches |")
+    print("|---|---|---|---|---|---|")
+    print(f"| bare pipeline | batch 1 | {results['bare_1']['images_per_s']:.3f} | | 1 | |")
+    s1 = results["serve_1"]
+    print(f"| Serve, batching off | concurrency 1 | {s1['requests_per_s']:.3f} | {s1['p50_s']:.3f} | "
+          f"{s1['mean_formed_batch']} | {s1['formed_batches']} |")
+    print(f"| bare pipeline | batch {n} | {results['bare_n']['images_per_s']:.3f} | | {n} | |")
+    sn = results["serve_n"]
+    print(f"| Serve, batching on (max {n}) | concurrency {n} | {sn['requests_per_s']:.3f} | {sn['p50_s']:.3f} | "
+          f"{sn['mean_formed_batch']} | {sn['formed_batches']} |")
+    print(f"\nServe unbatched c=1 / bare batch 1: {r1:.2f}x (target >= {TARGET}x)")
+    print(f"Serve batched c={n} / bare batch {n}: {rn:.2f}x (target >= {TARGET}x); "
+          f"mean formed batch {sn['mean_formed_batch']} requests")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"rows": rows, "ratio": ratio, "args": vars(args)}, indent=2))
-    failed = [r for r in rows if r["ok"] != r["requests"]]
+        Path(args.json_out).write_text(json.dumps({"results": results, "ratios": {"c1": r1, f"c{n}": rn},
+                                                   "args": vars(args), "size": size}, indent=2))
+    failed = [k for k in ("serve_1", "serve_n") if results[k]["ok"] != results[k]["requests"]]
     return 1 if failed else 0
 
 

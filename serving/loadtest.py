@@ -52,9 +52,10 @@ class LoadReport:
             "p50_s": round(self.percentile(50), 4), "p99_s": round(self.percentile(99), 4),
             "mean_batch_size": round(float(np.mean(self.batch_sizes)), 2) if self.batch_sizes else None,
             "max_batch_size": max(self.batch_sizes) if self.batch_sizes else None,
-            "mean_stage_s": {
-                stage: round(float(np.mean([t[stage] for t in self.stage_timings])), 4)
+            "mean_stage_s": {  # stages an answer leaves out or sets to null (identity_s when not asked) are skipped
+                stage: round(float(np.mean(values)), 4)
                 for stage in (self.stage_timings[0] if self.stage_timings else {})
+                if (values := [t[stage] for t in self.stage_timings if t.get(stage) is not None])
             },
         }
 
