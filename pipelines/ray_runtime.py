@@ -32,7 +32,8 @@ def init_ray(verbose: bool = False, **init_kwargs) -> Path | None:
     if not ray.is_initialized():
         init_kwargs.setdefault("include_dashboard", False)
         init_kwargs.setdefault("log_to_driver", verbose)
-        init_kwargs.setdefault("logging_level", logging.INFO if verbose else logging.WARNING)
+        # quiet: only errors while Ray starts (the log file is set up once the session's folder exists)
+        init_kwargs.setdefault("logging_level", logging.INFO if verbose else logging.ERROR)
         ray.init(**init_kwargs)
     return None if verbose else quiet_console()
 
@@ -42,6 +43,14 @@ def quiet_console() -> Path:
     if "log" in _state:
         return _state["log"]
     log = _log_dir() / DRIVER_LOG
+    try:  # first, because importing Ray Data installs its own console handler
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+    except Exception:  # Ray Data is optional for serve-only installs
+        pass
     handler = logging.FileHandler(log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in RAY_LOGGERS:
@@ -50,15 +59,8 @@ def quiet_console() -> Path:
             if isinstance(existing, logging.StreamHandler) and not isinstance(existing, logging.FileHandler):
                 logger.removeHandler(existing)
         logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
         logger.propagate = False
-    try:
-        from ray.data import DataContext
-
-        context = DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-    except Exception:  # Ray Data is optional for serve-only installs
-        pass
     _divert_raylet_notices(log)
     _state["log"] = log
     print(f"(Ray's own messages: {log}; --verbose shows them here)", file=sys.stderr, flush=True)

@@ -444,6 +444,9 @@ def fit_one(config: TrainConfig, progress=None) -> dict:
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         datasets={"train": build_dataset(config, check_data(config.data))},
+        # one worker: nothing to split, and without a split the dataset runs inside the worker instead of in a
+        # SplitCoordinator actor (one more process, polling for the whole run)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if config.workers == 1 else "all"),
         run_config=ray.train.RunConfig(
             name=config.model,
             storage_path=f"{storage_path.rstrip('/')}/{config.name}",
