@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model")
     source.add_argument("--tiny", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=0, help="width = height in pixels; 0: the model's default")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--size", type=int, default=0,
+                        help="width = height in pixels; 0: 192 with --tiny (big enough that the UNet's compute, not "
+                        "Python's per-call overhead, dominates a step), else the model's default")
     parser.add_argument("--batch", type=int, default=8, help="bare batch size = Serve concurrency and max_batch_size")
     parser.add_argument("--requests-1", type=int, default=5, help="bare calls / Serve requests at batch 1")
-    parser.add_argument("--rounds", type=int, default=3, help="bare batch calls; Serve requests = rounds × batch")
+    parser.add_argument("--rounds", type=int, default=2, help="bare batch calls; Serve requests = rounds × batch")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.25)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 2, help="both sides")
     parser.add_argument("--num-gpus", type=float, default=0.0)
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
+    run_started = time.perf_counter()
 
     import httpx
     import ray
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.num_gpus and torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.model, args.tiny).to(device)
     pipe.set_progress_bar_config(disable=True)
-    size = args.size or pipe.sdm_unet.config.sample_size * pipe.vae_scale_factor
+    size = args.size or (192 if args.tiny else pipe.sdm_unet.config.sample_size * pipe.vae_scale_factor)
     sampling = dict(num_inference_steps=args.steps, guidance_scale=5.0, alpha=0.3, beta=0.6, height=size, width=size)
 
     def bare(count: int, calls: int) -> dict:
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"calls": calls, "batch": count, "images": calls * count, "seconds": round(seconds, 3),
                 "images_per_s": round(calls * count / seconds, 3)}
 
-    pipe(PROMPT, [reference], num_images_per_prompt=args.batch, seed=0, **{**sampling, "num_inference_steps": 2})
+    for count in (1, args.batch):  # warm-up: same shapes, few steps
+        pipe(PROMPT, [reference], num_images_per_prompt=count, seed=0, **{**sampling, "num_inference_steps": 2})
 
     # ---------------------------------------------------------------------------------------------- Serve app
     config = ServeConfig(
@@ -129,16 +133,19 @@ def main(argv: list[str] | None = None) -> int:
         def stats() -> dict:
             return httpx.get(url + "/v1/stats", timeout=60).json()
 
+        warm = generate_payload(reference_b64, steps=2, prompt=PROMPT, width=size, height=size,
+                                identity_scores=False)  # warm-up rounds: same shapes, few steps
+
         def serve_load(batch_size: int, concurrency: int, requests: int) -> dict:
             sampler.configure_batching.remote(batch_size, args.batch_wait_timeout_s).result()
-            run_load(endpoint, payload, concurrency=concurrency, requests=concurrency)  # one warm round
+            run_load(endpoint, warm, concurrency=concurrency, requests=concurrency)  # one warm round
             before = stats()
             report = run_load(endpoint, payload, concurrency=concurrency, requests=requests)
             formed = formed_since(before, stats())
             return {**report.summary(), "max_batch_size": batch_size, "formed_batches": formed,
                     "mean_formed_batch": round(mean_size(formed), 2) if formed else None}
 
-        run_load(endpoint, payload, concurrency=2, requests=4)  # warm-up: encoder cache, allocator, first calls
+        run_load(endpoint, warm, concurrency=2, requests=4)  # warm-up: encoder cache, allocator, first calls
         results["bare_1"] = bare(1, args.requests_1)
         print("bare batch 1:", json.dumps(results["bare_1"]), flush=True)
         results["serve_1"] = serve_load(1, 1, args.requests_1)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
           f"guidance=5.0 alpha=0.3 beta=0.6 identity_scores=off torch_threads={args.torch_threads} "
           f"ray_cpus={args.num_cpus} gpus={args.num_gpus} replicas=1 batch_wait_timeout_s={args.batch_wait_timeout_s}")
     print(f"requests: bare {args.requests_1}x1 and {args.rounds}x{n} images; Serve {results['serve_1']['requests']} at "
-          f"concurrency 1 and {results['serve_n']['requests']} at concurrency {n} (after one warm round each)")
+          f"concurrency 1 and {results['serve_n']['requests']} at concurrency {n} (after one 2-step warm round each)")
     print("| side | batch / concurrency | images or requests per s | p50 s | mean formed batch | formed batches |")
     print("|---|---|---|---|---|---|")
     print(f"| bare pipeline | batch 1 | {results['bare_1']['images_per_s']:.3f} | | 1 | |")
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nServe unbatched c=1 / bare batch 1: {r1:.2f}x (target >= {TARGET}x)")
     print(f"Serve batched c={n} / bare batch {n}: {rn:.2f}x (target >= {TARGET}x); "
           f"mean formed batch {sn['mean_formed_batch']} requests")
+    print(f"whole run: {time.perf_counter() - run_started:.0f} s")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"results": results, "ratios": {"c1": r1, f"c{n}": rn},
                                                    "args": vars(args), "size": size}, indent=2))
