@@ -8,8 +8,10 @@ functions and write the same shards + rejects:
   plain   one process, one image at a time (facediffuser.data.stages.process_locally), models loaded once
   ray@1   pipelines.preprocess on a local Ray with num_cpus=1
   ray@2   the same with num_cpus=2
-Times include model loading (plain) and actor start-up (Ray), not `ray.init`. Targets: ray@1 ≥ 0.85× plain,
-ray@2 ≥ 1.7× ray@1. The machine may be shared: the load average is printed beside the figures.
+"1 CPU" means one core: the plain loop and the whole local Ray of ray@1 (every process it starts inherits the
+affinity) are pinned to core 0, since mediapipe's TFLite runtime would otherwise spread over every core it sees;
+ray@2 gets cores 0 and 1. Times include model loading (plain) and actor start-up (Ray), not `ray.init`.
+Targets: ray@1 ≥ 0.85× plain, ray@2 ≥ 1.7× ray@1. The load average is printed beside the figures.
 """
 
 from __future__ import annotations
@@ -60,15 +62,33 @@ def run_plain(input_dir: str, output_dir: str) -> float:
     return time.perf_counter() - start
 
 
+def pinned(cores: int):
+    """Pin this process (and so everything it starts) to the first `cores` cores; restores the old set after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, set(sorted(before)[:cores]))
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
+
+    return scope()
+
+
 def run_ray(input_dir: str, output_dir: str, num_cpus: int) -> tuple[float, dict]:
     import ray
+
+    from pipelines.ray_runtime import init_ray
 
     from facediffuser.data.stages import PreprocessConfig
     from pipelines.preprocess import preprocess
 
     for attempt in range(3):  # on a crowded machine the raylet can miss Ray's fixed 30 s start-up window
         try:
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False)
+            init_ray(address="local", num_cpus=num_cpus, num_gpus=0)
             break
         except Exception:
             ray.shutdown()
@@ -93,9 +113,11 @@ def main() -> None:
         inputs.mkdir()
         make_inputs(inputs, args.images)
         load_before = os.getloadavg()[0]
-        plain_s = run_plain(str(inputs), str(Path(work, "plain")))
-        ray1_s, manifest1 = run_ray(str(inputs), str(Path(work, "ray1")), 1)
-        ray2_s, manifest2 = run_ray(str(inputs), str(Path(work, "ray2")), 2)
+        with pinned(1):
+            plain_s = run_plain(str(inputs), str(Path(work, "plain")))
+            ray1_s, manifest1 = run_ray(str(inputs), str(Path(work, "ray1")), 1)
+        with pinned(2):
+            ray2_s, manifest2 = run_ray(str(inputs), str(Path(work, "ray2")), 2)
         load_after = os.getloadavg()[0]
 
     n = args.images
@@ -103,6 +125,7 @@ def main() -> None:
         "inputs": {"images": n, "source": "skimage astronaut, 1-3 people per image, ~470 px high",
                    "written": manifest1["counts"]["written"], "rejected": manifest1["counts"]["rejected"],
                    "detector": "mediapipe", "captioner": "template", "cpu_count": os.cpu_count(),
+                   "cores": {"plain": 1, "ray@1": 1, "ray@2": 2},
                    "load_average_before_after": [round(load_before, 2), round(load_after, 2)]},
         "plain_images_per_s": round(n / plain_s, 2),
         "ray_1cpu_images_per_s": round(n / ray1_s, 2),

@@ -2,7 +2,7 @@
 
 shards (local dir or s3://) → Ray Data reads (all the run's epochs in one dataset)
 → `get_dataset_shard("train").iter_torch_batches` in each TorchTrainer worker, whose collate function decodes and
-augments (METHOD.md §3) on Ray Data's prefetch thread → DDP step
+augments (METHOD.md §3; on a GPU worker on Ray Data's prefetch thread, overlapping the step) → DDP step
 (facediffuser.training.step) → every N steps a checkpoint = model directory + optimizer state (safetensors).
 
 Storage layout (STORAGE/NAME):
@@ -45,7 +45,7 @@ METRIC_COLUMNS = ("step", "attempt", "loss", "loss_den", "loss_loc", "lr", "grad
 @dataclass
 class TrainConfig:
     model: str  # "sdm" | "tdm" (one run); the CLI's "both" becomes two configs
-    data: str
+    data: str | list[str]  # shards directories or s3:// prefixes
     storage: str
     name: str
     base: str | None = None
@@ -77,24 +77,50 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------ validation (no Ray)
 
 
-def check_data(uri: str) -> int:
-    """Shards exist, are readable and have our schema; → row count. One-line errors."""
-    fs, path, info = dataio.file_info(uri, "--data")
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"--data {uri}: no such file, directory or S3 prefix")
+def data_uris(data: str | list[str]) -> list[str]:
+    return [data] if isinstance(data, str) else list(data)
+
+
+def resolve_data(values: list[str]) -> list[str]:
+    """Each --data value → a shards directory: a preprocess output (manifest.json beside shards/) means its shards/,
+    anything else is taken as shards itself. Says in one line what each value resolved to."""
+    if len({dataio.is_s3(v) for v in values}) > 1:
+        raise ValueError("--data: give either local directories or s3:// prefixes, not both")
+    resolved = []
+    for value in values:
+        uri = value if dataio.is_s3(value) else dataio.resolve(value)[1]
+        shards, manifest = dataio.join(uri, "shards"), dataio.join(uri, "manifest.json")
+        if dataio.exists(manifest) and dataio.exists(shards):
+            note = json.loads(dataio.read_bytes(manifest))
+            counts = note.get("counts", {})
+            print(f"--data {value}: preprocess output; reading {shards} ({counts.get('written', '?')} rows written, "
+                  f"{counts.get('rejected', '?')} rejected, schema v{note.get('schema_version', '?')})")
+            uri = shards
+        resolved.append(uri)
+    return resolved
+
+
+def check_data(data: str | list[str]) -> int:
+    """Shards exist, are readable and have our schema; → row count over all of them. One-line errors."""
     import pyarrow.dataset as pads
 
-    try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
-        files = list(dataset.files)
-    except Exception as exc:  # pyarrow raises several types for non-Parquet content
-        raise ValueError(f"--data {uri}: not readable as Parquet ({str(exc).splitlines()[0]})") from None
-    if not files:
-        raise ValueError(f"--data {uri}: no Parquet shards found")
-    check_schema(dataset.schema, what=f"--data {uri}")
-    rows = dataset.count_rows()
-    if rows == 0:
-        raise ValueError(f"--data {uri}: the shards hold no rows")
+    rows = 0
+    for uri in data_uris(data):
+        fs, path, info = dataio.file_info(uri, "--data")
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"--data {uri}: no such file, directory or S3 prefix")
+        try:
+            dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+            files = list(dataset.files)
+        except Exception as exc:  # pyarrow raises several types for non-Parquet content
+            raise ValueError(f"--data {uri}: not readable as Parquet ({str(exc).splitlines()[0]})") from None
+        if not files:
+            raise ValueError(f"--data {uri}: no Parquet shards found")
+        check_schema(dataset.schema, what=f"--data {uri}")
+        count = dataset.count_rows()
+        if count == 0:
+            raise ValueError(f"--data {uri}: the shards hold no rows")
+        rows += count
     return rows
 
 
@@ -159,9 +185,8 @@ def validate(config: TrainConfig, rows: int) -> None:
 
 
 def example_collate(config: TrainConfig, seed: int):
-    """The worker's collate function: a batch of shard rows (pyarrow) → training tensors. Ray Data runs it on its
-    prefetch thread, so decoding and augmenting the next batch overlaps the current step. (Built in a function
-    so that importing this module imports neither Ray Data nor torch.)"""
+    """The worker's collate function: a batch of shard rows (pyarrow) → training tensors (decode + augmentation).
+    (Built in a function so that importing this module imports neither Ray Data nor torch.)"""
     import torch
     from ray.data.collate_fn import ArrowBatchCollateFn
 
@@ -238,14 +263,17 @@ def build_dataset(config: TrainConfig, rows: int):
     import ray
     from ray.data import FileShuffleConfig
 
-    fs, path = ray_filesystem(config.data)
+    uris = data_uris(config.data)
+    fs, _ = ray_filesystem(uris[0])
+    paths = [dataio.resolve(uri)[1] for uri in uris]
     epochs = epochs_per_pass(config, rows)
-    shards = pads.dataset(path, filesystem=fs, format="parquet")
+    shards = pads.dataset([f for p in paths for f in pads.dataset(p, filesystem=fs, format="parquet").files],
+                          filesystem=fs, format="parquet")
     if sum(info.size for info in fs.get_file_info(shards.files)) <= IN_MEMORY_BYTES:
         table = shards.to_table()
         order = np.random.default_rng(config.seed)
         return ray.data.from_arrow([table.take(order.permutation(table.num_rows)) for _ in range(epochs)])
-    reads = [ray.data.read_parquet(path, filesystem=fs, shuffle=FileShuffleConfig(seed=config.seed + epoch),
+    reads = [ray.data.read_parquet(paths, filesystem=fs, shuffle=FileShuffleConfig(seed=config.seed + epoch),
                                    ray_remote_args={"num_cpus": config.data_cpus})
              for epoch in range(epochs)]
     return reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
@@ -335,12 +363,16 @@ def train_loop_per_worker(config_dict: dict) -> None:
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
     step_fn = TrainStep(wrapped, optimizer, optim, device)
     shard = ray.train.get_dataset_shard("train")
+    # On a GPU the next batch is built on Ray Data's prefetch thread while the step runs on the device. On CPU
+    # workers that thread would only compete with the step for the GIL and the cores: build it inline instead.
+    prefetch = 1 if device.type == "cuda" else 0
     report_progress(step=start_step, total=config.max_steps, resumed_from=start_step if restored else None)
 
     step = start_step
     last = time.perf_counter()
     while step < config.max_steps:  # one pass holds many epochs (build_dataset); a long run takes several passes
-        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, collate_fn=collate):
+        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, collate_fn=collate,
+                                              prefetch_batches=prefetch):
             _maybe_fail(config, step + 1, rank, world)
             metrics = step_fn(batch)
             step += 1
@@ -642,7 +674,8 @@ def write_export_note(configs: list[TrainConfig], paired: str | None) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, choices=("tdm", "sdm", "both"), help="which model(s) to train")
-    parser.add_argument("--data", required=True, help="Parquet shards: a directory or s3:// prefix")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="preprocess output directories (or s3:// prefixes), or their shards/ directories")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--base", help="base model: SD layout directory (+subject_encoder/ for the SDM) or hub id")
     source.add_argument("--tiny", action="store_true", help="start from the small random test models")
@@ -684,8 +717,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
     if not dataio.is_s3(config.storage):
         config.storage = dataio.resolve(config.storage)[1]
-    if not dataio.is_s3(config.data):
-        config.data = dataio.resolve(config.data)[1]
+    config.data = resolve_data(args.data)
     return config
 
 
@@ -698,7 +730,7 @@ def run(args: argparse.Namespace) -> int:
     configs = [replace(config, model=m) for m in models]
     for c in configs:
         check_base(c)
-    print(f"training {' and '.join(models)} on {rows} rows from {config.data} → {config.run_root}")
+    print(f"training {' and '.join(models)} on {rows} rows from {', '.join(data_uris(config.data))} → {config.run_root}")
     summaries = train(configs, verbose=args.verbose)
     paired = pair_with_base(configs[0]) if len(configs) == 1 else None
     write_export_note(configs, paired)

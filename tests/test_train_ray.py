@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ SMALL = [*TINY, "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
 def shards(tmp_path_factory, astronaut) -> Path:
     """Shards made with the schema's own writer from the real astronaut photo and synthetic people."""
     folder = tmp_path_factory.mktemp("shards")
-    # 16 rows: an epoch holds several steps (each epoch restarts the Ray Data pipeline, which is slow here)
+    # 16 rows in two files: an epoch holds several steps
     table = to_table(sample_records(16, astronaut))
     pq.write_table(table.slice(0, 3), folder / "part-0.parquet")
     pq.write_table(table.slice(3), folder / "part-1.parquet")
@@ -61,6 +62,21 @@ def test_bad_input_fails_in_one_line_before_work(tmp_path, shards):
     done = _cli("--model", "sdm", "--data", str(shards), "--tiny", "--storage", storage, "--name", "bad", "--epochs", "3")
     assert done.returncode == 2 and "unrecognized arguments: --epochs 3" in done.stderr
     assert not Path(storage).exists()  # nothing was started or written
+
+
+def test_data_resolves_a_preprocess_output_a_shards_dir_or_a_list(tmp_path, shards, capsys):
+    from pipelines.train import check_data, resolve_data
+
+    output = tmp_path / "data"  # what `facediffuser preprocess --output data/` leaves
+    shutil.copytree(shards, output / "shards")
+    (output / "manifest.json").write_text(json.dumps({"schema_version": 1, "counts": {"written": 16, "rejected": 2}}))
+    resolved = resolve_data([str(output), str(shards)])
+    assert resolved == [str(output / "shards"), str(shards)]
+    assert f"--data {output}: preprocess output; reading {output / 'shards'} (16 rows written, 2 rejected" in \
+        capsys.readouterr().out
+    assert check_data(resolved) == 32 and check_data(str(shards)) == 16
+    with pytest.raises(ValueError, match="either local directories or s3:// prefixes"):
+        resolve_data([str(shards), "s3://bucket/shards"])
 
 
 def _metrics(text: str) -> list[dict]:
@@ -134,8 +150,11 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
 @pytest.mark.slow
 def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, tmp_path, capsys, astronaut):
     storage = tmp_path / "runs"
+    output = tmp_path / "data"  # a preprocess output directory, given as is
+    shutil.copytree(shards, output / "shards")
+    (output / "manifest.json").write_text(json.dumps({"schema_version": 1, "counts": {"written": 16, "rejected": 0}}))
     # no resource flags: the runs are sized from the 2-CPU cluster (the README's CPU try-out command)
-    assert cli_main(["train", "--model", "both", "--data", str(shards), "--storage", str(storage), "--name", "pair",
+    assert cli_main(["train", "--model", "both", "--data", str(output), "--storage", str(storage), "--name", "pair",
                      "--max-steps", "2", "--checkpoint-every", "2", "--lr", "1e-4", *TINY]) == 0
     out = capsys.readouterr().out
     assert "resources per model: 1 worker(s) × 0.44 CPU, Ray Data reads 0.06 CPU (cluster: 2 CPUs" in out
