@@ -108,6 +108,7 @@ def main() -> None:
 
     import ray
 
+    from pipelines.ray_runtime import init_ray
     from pipelines.train import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="facediffuser-train-bench-"))
@@ -121,7 +122,7 @@ def main() -> None:
         config_plain_data = sorted(Path(config.data).glob("*.parquet"))[0]
     plain_config = TrainConfig(**{**config.__dict__, "data": str(config_plain_data)})
     plain_before = plain_loop(plain_config, args.steps)
-    ray.init(num_cpus=args.num_cpus or args.threads + 2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=args.num_cpus or args.threads + 2)
     started = time.perf_counter()
     ray_steps = ray_loop(config)
     ray_wall = time.perf_counter() - started

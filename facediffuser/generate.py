@@ -21,11 +21,30 @@ from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_grid, mask_overlay
 
 
-def local_model_dir(model: str) -> Path:
-    """A model directory as a local path. An s3:// prefix is mirrored into a cache directory first (again only
-    when the remote listing changed), so every loader below works on plain files."""
+_SAID: set[str] = set()
+
+
+def run_final_dir(model: str) -> str:
+    """A training run directory (`runs/NAME`, holding `final/` beside the Ray run folders) → its `final/`, said
+    once per run; any other model directory is returned as it is."""
     from facediffuser.data import io as dataio
 
+    final = dataio.join(model, "final")
+    if dataio.exists(dataio.join(model, "sdm", "unet")) or not dataio.exists(dataio.join(final, "export.json")):
+        return model
+    if model not in _SAID:
+        _SAID.add(model)
+        print(f"--model {model}: a training run; using its final models in {final}", flush=True)
+    return final
+
+
+def local_model_dir(model: str) -> Path:
+    """A model directory (or a training run's directory, see run_final_dir) as a local path. An s3:// prefix is
+    mirrored into a cache directory first (again only when the remote listing changed), so every loader below
+    works on plain files."""
+    from facediffuser.data import io as dataio
+
+    model = run_final_dir(model)
     if not dataio.is_s3(model):
         return Path(model)
     import pyarrow.fs as pafs
@@ -104,7 +123,8 @@ def write_results(out_dir: Path, result, *, prefix: str = "image") -> dict[str, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/)")
+    source.add_argument("--model", help="model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a "
+                                        "training run's directory (runs/NAME: its final/ is used)")
     source.add_argument("--tiny", action="store_true", help="small random models for trying the tool on a CPU")
     parser.add_argument("--prompt", required=True, help='e.g. "a man <|image|> and a woman <|image|> on a beach"')
     parser.add_argument("--reference", action="append", required=True, metavar="IMAGE",

@@ -38,8 +38,9 @@ def insert_markers(caption: str, noun_ends: list[int]) -> str:
 
 
 def ensure_image_token(tokenizer) -> int:
-    """Add the marker to the tokenizer if it is missing; return its id."""
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
+    """Add the marker to the tokenizer if it is missing; return its id. (Looks in the added tokens, not
+    `get_vocab()`, which rebuilds the whole 49k-entry vocabulary dict: ~40 ms on every prompt.)"""
+    if IMAGE_TOKEN not in tokenizer.get_added_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 

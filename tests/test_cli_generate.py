@@ -79,3 +79,22 @@ def test_unknown_scheduler_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--tiny", "--prompt", "x <|image|>", "--reference", "a", "--out", "o", "--scheduler", "heun"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_takes_a_training_run_directory(tmp_path, astronaut, capsys):
+    from facediffuser.models.tiny import tiny_pipeline
+
+    run = tmp_path / "runs" / "try"  # what `facediffuser train --storage runs/ --name try` leaves
+    pipe = tiny_pipeline()
+    for which in ("sdm", "tdm"):
+        pipe.save_model_dir(run / "final" / which, which)
+        (run / which).mkdir()  # Ray Train's run folder: checkpoints, metrics (no model directory at its top)
+    (run / "final" / "export.json").write_text(json.dumps({"sdm": {"trained": True}, "tdm": {"trained": True}}))
+    reference = tmp_path / "a.png"
+    Image.fromarray(astronaut).save(reference)
+    code = main(["generate", "--model", str(run), "--prompt", "a woman <|image|> on the moon", "--reference",
+                 str(reference), "--out", str(tmp_path / "o"), "--steps", "2", "--width", "64", "--height", "64"])
+    assert code == 0
+    assert f"--model {run}: a training run; using its final models in {run / 'final'}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["files"]["images"]
