@@ -614,12 +614,11 @@ def app_builder(args: dict):
     return build_app(ServeConfig.from_dict(dict(args or {})))
 
 
-def start(config: ServeConfig, upstream_app: str | None = None) -> str:
+def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = False) -> str:
     """Deploy on the current (or a new local) Ray and wait until ready; → base URL of the app."""
-    import ray
+    from pipelines.ray_runtime import init_ray  # the one way every command starts Ray (quiet console)
 
-    if not ray.is_initialized():
-        ray.init(num_gpus=None if config.num_gpus or config.encoder_num_gpus else 0)
+    init_ray(verbose, num_gpus=None if config.num_gpus or config.encoder_num_gpus else 0)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config, upstream_app), name=config.app_name, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
@@ -627,7 +626,8 @@ def start(config: ServeConfig, upstream_app: str | None = None) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/)")
+    source.add_argument("--model", help="model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a "
+                                        "training run's directory (runs/NAME: its final/ is used)")
     source.add_argument("--tiny", action="store_true", help="small random models, for trying the service on a CPU")
     defaults = ServeConfig(tiny=True)
     parser.add_argument("--host", default=defaults.host)
@@ -645,6 +645,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-detector", default=defaults.face_detector, choices=("mediapipe", "mtcnn", "none"))
     parser.add_argument("--max-steps", type=int, default=Limits.max_steps)
     parser.add_argument("--max-side", type=int, default=Limits.max_side)
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own log lines")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -666,7 +667,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        url = start(config)
+        url = start(config, verbose=args.verbose)
         auth = " (bearer token required)" if config.api_token else ""
         print(f"serving on {url}{auth}: POST /v1/generate, GET /healthz, /v1/info, /docs. Ctrl-C stops.", flush=True)
         while not stop.wait(1.0):
