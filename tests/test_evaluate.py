@@ -1,5 +1,7 @@
 """`facediffuser evaluate` end to end on a real local Ray: tiny models, a tiny random CLIP and FaceNet, two
-subjects × one prompt per kind, both protocols, all four methods — one run, many checks."""
+subjects × one prompt per kind, both protocols, all four methods — one run, many checks. Also: forgiving subject
+folders (no noun.txt, any image name, several photos per person), a killed run continued to the same report,
+and the --quick preset."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 from facediffuser.cli import main
+from pipelines.evaluate import (STOP_AFTER_ENV, EvaluateConfig, InjectedFault, load_eval_subjects, make_tasks)
 from test_metrics import save_random_facenet, save_tiny_clip
 
 METHODS = ("snf", "sdm-only", "tdm-only", "average")
@@ -32,7 +35,9 @@ def make_subjects(root: Path, astronaut: np.ndarray) -> Path:
         ({"--facenet-weights": "/nonexistent/facenet.pt"}, "--facenet-weights file not found"),
         ({"--prompts-per-kind": "11"}, "--prompts-per-kind must be in 1..10"),
         ({"--protocol": "multi", "--subjects": "ONE"}, "at least 2 subjects"),
-        ({"--subjects": "NOUNLESS"}, "missing"),
+        ({"--subjects": "EMPTY"}, "subject x: no image"),
+        ({"--subjects": "BROKEN"}, "subject x: unreadable image in"),
+        ({"--subjects": "DOG"}, "subject x: class noun 'dog'"),
     ],
 )
 def test_evaluate_bad_input_is_one_line_before_any_work(tmp_path, astronaut, capsys, change, message):
@@ -40,15 +45,71 @@ def test_evaluate_bad_input_is_one_line_before_any_work(tmp_path, astronaut, cap
     (tmp_path / "one" / "astro").mkdir(parents=True)
     Image.fromarray(astronaut).save(tmp_path / "one" / "astro" / "ref.jpg")
     (tmp_path / "one" / "astro" / "noun.txt").write_text("woman")
-    (tmp_path / "nounless" / "x").mkdir(parents=True)
-    Image.fromarray(astronaut).save(tmp_path / "nounless" / "x" / "ref.jpg")
-    places = {"ONE": str(tmp_path / "one"), "NOUNLESS": str(tmp_path / "nounless")}
+    for place in ("empty", "broken", "dog"):  # a good subject beside the bad one: the error names the bad one
+        make_subjects(tmp_path / place, astronaut)
+        (tmp_path / place / "x").mkdir()
+    (tmp_path / "empty" / "x" / "noun.txt").write_text("man")
+    (tmp_path / "broken" / "x" / "me.jpg").write_bytes(b"not a jpeg at all")
+    Image.fromarray(astronaut).save(tmp_path / "dog" / "x" / "dog.png")
+    (tmp_path / "dog" / "x" / "noun.txt").write_text("dog")
+    places = {name.upper(): str(tmp_path / name.lower()) for name in ("ONE", "EMPTY", "BROKEN", "DOG")}
     options = {"--subjects": str(subjects), "--out": str(tmp_path / "out"), **change}
     argv = ["evaluate", "--tiny"] + [x for k, v in options.items() for x in (k, places.get(v, v))]
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("facediffuser evaluate: error:") and message in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+def forgiving_subjects(root: Path, astronaut: np.ndarray) -> Path:
+    """astro: two photos under odd names (the astronaut and her mirror image), no noun.txt, junk beside them;
+    mirror: one .png photo with a noun.txt in capitals."""
+    mirrored = np.ascontiguousarray(astronaut[:, ::-1])
+    (root / "astro").mkdir(parents=True)
+    Image.fromarray(astronaut).save(root / "astro" / "IMG 0001.JPEG")
+    Image.fromarray(mirrored).save(root / "astro" / "side view.webp")
+    (root / "astro" / "notes.txt").write_text("taken in 1984")
+    (root / "astro" / "._IMG 0001.JPEG").write_bytes(b"macOS resource fork, not an image")
+    (root / "mirror").mkdir()
+    Image.fromarray(mirrored).save(root / "mirror" / "portrait.png")
+    (root / "mirror" / "noun.txt").write_text("Woman\n")
+    (root / ".thumbnails").mkdir()  # hidden folders are not subjects
+    return root
+
+
+def test_subjects_need_no_noun_file_and_take_every_photo(tmp_path, astronaut):
+    subjects = load_eval_subjects(forgiving_subjects(tmp_path / "subjects", astronaut))
+    assert [(s.id, s.noun, s.noun_given, [Path(p).name for p in s.photos]) for s in subjects] == [
+        ("astro", "person", False, ["IMG 0001.JPEG", "side view.webp"]), ("mirror", "woman", True, ["portrait.png"])]
+    config = EvaluateConfig(subjects="", out="", tiny=True, methods=["snf"], prompts_per_kind=1, images_per_prompt=2)
+    tasks = make_tasks(subjects, config)
+    assert [t["task"] for t in tasks] == list(range(len(tasks))) and len(tasks) == 2 * 4 + 4
+    single = {(t["subjects"], t["prompt_position"]): t for t in tasks if t["protocol"] == "single"}
+    assert single["astro", 0]["prompt"] == "a person <|image|> wearing a red hat"
+    assert single["astro", 1]["prompt"] == "a watercolor painting of a person <|image|>"
+    assert single["mirror", 0]["prompt"] == "a woman <|image|> wearing a red hat"
+    assert single["astro", 3]["seed"] == single["mirror", 3]["seed"] == 42 + 3 * 2
+    # several photos of one person: one reference entry holding both (the pipeline averages their embeddings)
+    assert json.loads(single["astro", 0]["references"]) == [list(subjects[0].photos)]
+    assert json.loads(single["mirror", 0]["references"]) == [subjects[1].photos[0]]
+    multi = [t for t in tasks if t["protocol"] == "multi"]
+    assert multi[0]["prompt"].startswith("a person <|image|> and a woman <|image|>")
+    assert json.loads(multi[0]["references"]) == [list(subjects[0].photos), subjects[1].photos[0]]
+
+
+def test_out_of_another_run_is_refused_in_one_line(tmp_path, astronaut, capsys):
+    subjects = forgiving_subjects(tmp_path / "subjects", astronaut)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text("{}\n")
+    argv = ["evaluate", "--tiny", "--quick", "--subjects", str(subjects), "--out", str(out)]
+    assert main(argv) == 2
+    assert "results.jsonl without run.json" in capsys.readouterr().err.strip().splitlines()[-1]
+    (out / "run.json").write_text(json.dumps({"steps": 3, "seed": 42}))
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds a run with other settings" in last and "steps" in last and "seed" not in last.split("(")[1]
+    assert (out / "results.jsonl").read_text() == "{}\n"  # nothing overwritten
 
 
 @pytest.mark.slow
@@ -112,3 +173,71 @@ def test_evaluate_on_ray_writes_report_grids_and_distinguishes_methods(ray_sessi
     markdown = (out / "report.md").read_text()
     assert "## single-subject" in markdown and "## multi-subject" in markdown
     assert "| tdm-only |" in markdown and "![metrics](metrics.png)" in markdown
+
+
+@pytest.mark.slow
+def test_killed_run_continues_to_the_report_of_an_uninterrupted_one(ray_session, tmp_path, astronaut, capsys,
+                                                                     monkeypatch):
+    subjects = forgiving_subjects(tmp_path / "subjects", astronaut)
+
+    def evaluate(out: Path, *extra: str) -> int:
+        return main(["evaluate", "--tiny", "--subjects", str(subjects), "--out", str(out), "--protocol", "both",
+                     "--methods", "snf,tdm-only", "--prompts-per-kind", "1", "--images-per-prompt", "2",
+                     "--steps", "4", "--resolution", "64", "--showcase", "2", *extra])
+
+    def rows(out: Path) -> dict:
+        lines = (out / "results.jsonl").read_text().splitlines()
+        return {(r["protocol"], r["method"], r["subjects"], r["prompt_position"], r["image_index"]): r
+                for r in map(json.loads, lines)}
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert evaluate(whole) == 0
+    said = capsys.readouterr().out
+    assert said.count("no noun.txt for astro: using the noun 'person'") == 1 and "mirror" not in said.split("\n")[0]
+    expected = json.loads((whole / "report.json").read_text())
+    assert expected["counts"] == {"tasks": 24, "images": 48} and expected["resumed_images"] == 0
+    astro = next(r for r in rows(whole).values() if r["subjects"] == "astro")
+    assert len(json.loads(astro["references"])[0]) == 2 and astro["prompt"].startswith("a person")
+
+    monkeypatch.setenv(STOP_AFTER_ENV, "10")
+    with pytest.raises(InjectedFault):
+        evaluate(killed)
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert len((killed / "results.jsonl").read_text().splitlines()) == 10 and not (killed / "report.json").exists()
+    with open(killed / "results.jsonl", "a") as results:  # a line torn by the kill
+        results.write('{"protocol": "single", "method": "sn')
+    assert evaluate(killed) == 0
+    report = json.loads((killed / "report.json").read_text())
+    assert report["results"] == expected["results"] and report["counts"] == expected["counts"]
+    assert 2 <= report["resumed_images"] <= 10 and report["resumed_images"] % 2 == 0  # whole tasks kept
+    assert "continuing" in capsys.readouterr().out
+    # the same seeds, the same pixels, the same scores as the run that was never interrupted
+    before, after = rows(whole), rows(killed)
+    assert before.keys() == after.keys() and len(after) == 48
+    for key, row in after.items():
+        assert row["image_seed"] == before[key]["image_seed"] and row["identity_dlib"] == before[key]["identity_dlib"]
+        assert np.array_equal(np.asarray(Image.open(killed / row["file"])), np.asarray(Image.open(whole / row["file"])))
+    assert sorted(p.name for p in killed.glob("overlay_*")) == sorted(p.name for p in whole.glob("overlay_*"))
+
+    # a finished run continued: nothing generated, the same report again; other settings are refused
+    assert evaluate(killed) == 0
+    again = json.loads((killed / "report.json").read_text())
+    assert again["results"] == expected["results"] and again["resumed_images"] == 48
+    assert evaluate(killed, "--seed", "7") == 2 and "other settings (seed)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_preset_runs_a_small_benchmark(ray_session, tmp_path, astronaut):
+    subjects = forgiving_subjects(tmp_path / "subjects", astronaut)
+    out = tmp_path / "quick"
+    assert main(["evaluate", "--tiny", "--quick", "--subjects", str(subjects), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    config = report["config"]
+    assert (config["quick"], config["steps"], config["images_per_prompt"], config["prompts_per_kind"],
+            config["max_pairs"]) == (True, 10, 1, 2, 1)
+    # (2 subjects + 1 pair) × 2 prompts × 4 kinds × 4 methods, one image each
+    assert report["counts"] == {"tasks": 96, "images": 96}
+    for protocol in ("single", "multi"):
+        assert list(report["results"][protocol]) == list(METHODS)
+        assert all(s["images"] == (16 if protocol == "single" else 8) for s in report["results"][protocol].values())
+    assert len(list((out / "images").rglob("*.png"))) == 96
