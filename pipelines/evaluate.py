@@ -92,7 +92,9 @@ class EvaluateConfig:
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if not self.tiny:
-            root = Path(self.model or "")
+            from facediffuser.generate import run_final_dir
+
+            root = Path(run_final_dir(self.model)) if self.model else Path("")  # runs/NAME → its final/
             if not self.model or not root.is_dir():
                 raise FileNotFoundError(f"model directory not found: {self.model}")
             if not (root / "model_index.json").is_file() and not all((root / d).is_dir() for d in ("sdm/unet", "tdm/unet")):
