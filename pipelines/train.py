@@ -90,6 +90,7 @@ def resolve_data(values: list[str]) -> list[str]:
     for value in values:
         uri = value if dataio.is_s3(value) else dataio.resolve(value)[1]
         shards, manifest = dataio.join(uri, "shards"), dataio.join(uri, "manifest.json")
+        dataio.file_info(uri, "--data")  # an unreachable store fails here, in one line
         if dataio.exists(manifest) and dataio.exists(shards):
             note = json.loads(dataio.read_bytes(manifest))
             counts = note.get("counts", {})
