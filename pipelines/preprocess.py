@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
 from facediffuser.data import stages
@@ -221,8 +222,49 @@ def check_config(config: PreprocessConfig) -> None:
         check_captioner(config.captioner)
 
 
+# What decides the rows written: a rerun with the same values continues the previous output, other values replace it.
+OUTPUT_SETTINGS = ("input", "source", "detector", "captioner", "max_subjects", "resolution", "max_pixels",
+                   "min_face_score")
+
+
+def previous_work(config: PreprocessConfig) -> tuple[set[str], list[dict]]:
+    """What an earlier run with the same settings already left in OUTPUT: (ids in readable shard files, reject
+    rows). A shard file cut short by an interrupted run is deleted (its rows are done again). Output made with
+    other settings, or by an older version (no run.json), is removed. Writes OUTPUT/run.json for this run."""
+    import pyarrow.parquet as pq
+
+    shards_uri, rejects_uri = dataio.join(config.output, "shards"), dataio.join(config.output, "rejects")
+    run_uri = dataio.join(config.output, "run.json")
+    settings = {"schema_version": SCHEMA_VERSION, **{k: getattr(config, k) for k in OUTPUT_SETTINGS}}
+    before = json.loads(dataio.read_bytes(run_uri)) if dataio.exists(run_uri) else None
+    done: set[str] = set()
+    rejects: list[dict] = []
+    if before != settings:
+        if before is not None or dataio.exists(shards_uri):
+            changed = sorted(k for k in settings if (before or {}).get(k) != settings[k]) if before else ["(unknown)"]
+            print(f"--output {config.output}: replacing the previous output (made with other settings: "
+                  f"{', '.join(changed)})", flush=True)
+        dataio.remove_dir(shards_uri)
+        dataio.remove_dir(rejects_uri)
+        dataio.write_bytes(run_uri, json.dumps(settings, indent=2).encode())
+        return done, rejects
+    fs, path = dataio.resolve(shards_uri)
+    files = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    for info in files:
+        try:
+            done.update(pq.read_table(info.path, columns=["id"], filesystem=fs).column("id").to_pylist())
+        except Exception:  # cut short by the interruption
+            fs.delete_file(info.path)
+    rejects_file = dataio.join(rejects_uri, "rejects.parquet")
+    if dataio.exists(rejects_file):
+        fs, path = dataio.resolve(rejects_file)
+        rejects = pq.read_table(path, filesystem=fs).to_pylist()
+    return done, rejects
+
+
 def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
-    """Run the pipeline on the current Ray cluster (started locally when none is). Returns the manifest."""
+    """Run the pipeline on the current Ray cluster (started locally when none is). Returns the manifest.
+    A rerun with the same output and settings processes only the inputs not yet written or rejected."""
     import pyarrow.parquet as pq
     import ray
 
@@ -231,30 +273,36 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     check_config(config)
     items = list_items(config)
     started = time.time()
+    done, old_rejects = previous_work(config)
+    ids = {item["id"] for item in items}
+    done &= ids
+    old_rejects = [r for r in old_rejects if r["id"] in ids and r["id"] not in done]
+    todo = [item for item in items if item["id"] not in done | {r["id"] for r in old_rejects}]
+    if len(todo) < len(items):
+        print(f"--output {config.output}: {len(items) - len(todo)} of {len(items)} inputs already done there "
+              f"(written or rejected); processing the other {len(todo)}", flush=True)
     init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
     resources = ray.cluster_resources()
     cluster_cpus, cluster_gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
 
-    # a rerun replaces the previous output instead of adding rows beside it
     shards_uri, rejects_uri = dataio.join(config.output, "shards"), dataio.join(config.output, "rejects")
-    dataio.remove_dir(shards_uri)
-    dataio.remove_dir(rejects_uri)
-
-    sink = shard_sink(shards_uri, config.rows_per_shard)
-    build_dataset(items, config, cluster_cpus, cluster_gpus).write_datasink(
-        sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **_runtime_env()})
-    statuses = sink.statuses
-    rejected = [s for s in statuses if s["stage"]]
+    statuses: list[dict] = []
+    if todo:
+        sink = shard_sink(shards_uri, config.rows_per_shard)
+        build_dataset(todo, config, cluster_cpus, cluster_gpus).write_datasink(
+            sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **_runtime_env()})
+        statuses = sink.statuses
+    if len(statuses) != len(todo):  # the accounting identity: every input is written or rejected
+        raise RuntimeError(f"pipeline lost rows: {len(todo)} in, {len(statuses)} out")
+    rejected = old_rejects + [s for s in statuses if s["stage"]]
     fs, path = dataio.resolve(dataio.join(rejects_uri, "rejects.parquet"))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(pa.Table.from_pylist(sorted(rejected, key=lambda r: r["id"]), schema=REJECT_SCHEMA), path,
                    filesystem=fs)
-
-    if len(statuses) != len(items):  # the accounting identity: every input is written or rejected
-        raise RuntimeError(f"pipeline lost rows: {len(items)} in, {len(statuses)} out")
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "counts": stages.stage_counts(config.source, len(items), [r["stage"] for r in rejected]),
+        "resumed": len(items) - len(todo),
         "config": config.to_dict(),
         "cluster_cpus": cluster_cpus,
         "cluster_gpus": cluster_gpus,
@@ -263,7 +311,7 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
         "package_versions": package_versions(("facediffuser", "ray", "pyarrow", "numpy", "mediapipe",
                                               "facenet-pytorch", "torch", "transformers", "pillow")),
         "wall_time_s": round(time.time() - started, 3),
-        "images_per_s": round(len(items) / max(time.time() - started, 1e-9), 3),
+        "images_per_s": round(len(todo) / max(time.time() - started, 1e-9), 3),
     }
     dataio.write_bytes(dataio.join(config.output, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return manifest
