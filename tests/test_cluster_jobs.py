@@ -73,8 +73,8 @@ def ray_head(tmp_path_factory):
 
 def submit(address: str, *command: str) -> subprocess.CompletedProcess:
     env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    deadline = time.time() + 180
-    while True:  # the head's job agent comes up a little after the dashboard answers
+    deadline = time.time() + 360
+    while True:  # the head's job agent comes up after the dashboard answers (minutes on a busy 2-core machine)
         done = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
              "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *command],
