@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediffuser.images import load_image, pad_to_square, pil_to_tensor, tensor_to_pil
+from facediffuser.layout import SubjectRegions, check_boxes, check_scales, scale_subjects
 from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers, ensure_image_token, tokenize_with_markers
 from facediffuser.sampling import OFFICIAL_FUSION, FusionOptions, boundaries_from_fractions, check_boundaries, snf_denoise
@@ -151,12 +152,14 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
 
     def encode_prompt(
-        self, prompt: str, references: Sequence, negative_prompt: str | None = None, *, subject_embeds=None
+        self, prompt: str, references: Sequence, negative_prompt: str | None = None, *, subject_embeds=None,
+        subject_scales: Sequence[float] | None = None,
     ):
         """→ (null_embeds, text_embeds, augmented_embeds), each [1, 77, D].
 
         `subject_embeds` [K, D], when given, replaces encoding `references` (a caller that caches them, e.g.
-        the Serve subject encoder); `references` is then only counted against the markers.
+        the Serve subject encoder); `references` is then only counted against the markers. `subject_scales`
+        (one per marker) blends each subject's fused token with its plain noun (facediffuser.layout).
         """
         num_markers = count_markers(prompt)
         if num_markers == 0:
@@ -167,6 +170,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             raise ValueError(
                 f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {len(references)} reference image(s) were given"
             )
+        subject_scales = check_scales(subject_scales, num_markers)
         tokens = tokenize_with_markers(self.tokenizer, prompt, self.max_subjects)
         null_ids = self.tokenizer(
             negative_prompt or "", padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -183,7 +187,17 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             subject_embeds.to(text_embeds.device),
             torch.tensor([tokens.num_subjects], device=text_embeds.device),
         )
-        return null_embeds, text_embeds, augmented
+        positions = tokens.image_token_mask.nonzero().flatten().tolist()
+        return null_embeds, text_embeds, scale_subjects(text_embeds, augmented, positions, subject_scales)
+
+    def subject_regions(self, prompt: str, boxes: Sequence | None, count: int, latent_size) -> SubjectRegions | None:
+        """Layout boxes (one per marker, fractions of the image) → the sampler's `regions` for `count` images."""
+        if boxes is None:
+            return None
+        tokens = tokenize_with_markers(self.tokenizer, prompt, self.max_subjects)
+        boxes = check_boxes(boxes, tokens.num_subjects)
+        positions = tokens.image_token_mask.nonzero().flatten().tolist()
+        return SubjectRegions(tokens=[positions] * count, boxes=[boxes] * count, latent_size=tuple(latent_size))
 
     def encode_references(self, references: Sequence) -> torch.Tensor:
         """One entry per subject: an image, or a list of photos of that person (their embeddings are averaged)."""
@@ -257,12 +271,17 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         width: int | None = None,
         return_masks: bool = False,
         fusion: FusionOptions = OFFICIAL_FUSION,
+        boxes: Sequence | None = None,
+        subject_scales: Sequence[float] | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
         identity_scores: bool | Any = False,
     ) -> FaceDiffuserOutput:
-        """`identity_scores=True` (or a `facediffuser.metrics.identity.IdentityScorer`) also returns, per image,
-        each subject's face similarity to its reference (dlib by default), for filtering or regenerating."""
+        """`boxes` ([x0, y0, x1, y1] fractions, one per marker) place each subject; `subject_scales` (one per
+        marker, 1 = full strength, 0 = the noun alone) set how strongly each subject's photo counts. Both default
+        to off, which is the official sampler. `identity_scores=True` (or a
+        `facediffuser.metrics.identity.IdentityScorer`) also returns, per image, each subject's face similarity to
+        its reference (dlib by default), for filtering or regenerating."""
         default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
@@ -276,20 +295,23 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         num_iterations, s, f = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
+        check_boxes(boxes, count_markers(prompt))  # before any model runs
 
-        null, text, augmented = self.encode_prompt(prompt, reference_images, negative_prompt)
+        null, text, augmented = self.encode_prompt(prompt, reference_images, negative_prompt,
+                                                   subject_scales=subject_scales)
         count = num_images_per_prompt
         dtype = self.sdm_unet.dtype
         device = self.sdm_unet.device
         latents, seeds = self._initial_latents(count, height, width, seed, generator, dtype)
         latents = (latents * self.scheduler.init_noise_sigma).to(device, dtype)
+        regions = self.subject_regions(prompt, boxes, count, latents.shape[-2:])
 
         result = snf_denoise(
             self.tdm_unet, self.sdm_unet, self.scheduler, latents,
             null.repeat(count, 1, 1).to(dtype), text.repeat(count, 1, 1).to(dtype), augmented.repeat(count, 1, 1).to(dtype),
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             start_merge_step=s, final_step=f, return_masks=return_masks, fusion=fusion, generator=generator,
-            callback=callback,
+            callback=callback, regions=regions,
         )
         images = self.decode_latents(result.latents)
         masks = None

@@ -19,6 +19,8 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from facediffuser.layout import SubjectRegions, boxed_attention
+
 
 @dataclass(frozen=True)
 class FusionOptions:
@@ -144,12 +146,15 @@ def snf_denoise(
     generator: torch.Generator | list[torch.Generator] | None = None,
     eta: float = 0.0,
     callback: Callable[[int, int], None] | None = None,
+    regions: SubjectRegions | None = None,
 ) -> SNFOutput:
     """Run the three-stage Face-diffuser sampler from initial `latents` (already scaled by init_noise_sigma).
 
     All embeddings are [B, L, D] and token-aligned; `null_embeds` is the unconditional (or negative prompt)
     sequence. Each UNet is called once per step on both of its conditionings at once. `callback(i, N)` is
-    called after every iteration (for progress bars).
+    called after every iteration (for progress bars). `regions` (layout boxes, facediffuser.layout) confines the
+    SDM's fusion wins to the union of each sample's boxes and each subject's SDM cross-attention to its box;
+    None (the default) is the official sampler.
     """
     if not (latents.shape[0] == null_embeds.shape[0] == text_embeds.shape[0] == augmented_embeds.shape[0]):
         raise ValueError(
@@ -162,31 +167,35 @@ def snf_denoise(
     check_boundaries(start_merge_step, final_step, num_iterations)
     step_kwargs = _step_kwargs(scheduler, generator, eta)
 
+    region = None if regions is None else regions.fusion_region(latents.device)
     masks: list[torch.Tensor] | None = [] if return_masks else None
     fusion_steps: list[int] = []
-    for i, t in enumerate(timesteps):
-        latent_input = scheduler.scale_model_input(latents, t)
-        use_tdm = i <= final_step  # stages 1 and 2
-        use_sdm = i > start_merge_step  # stages 2 and 3
-        if use_tdm:
-            tdm_null, tdm_direction = _guided(tdm_unet, latent_input, t, null_embeds, text_embeds, guidance_scale)
-            eps_tdm = tdm_null + tdm_direction
-        if use_sdm:
-            sdm_text, sdm_direction = _guided(sdm_unet, latent_input, t, text_embeds, augmented_embeds, guidance_scale)
-            eps_sdm = sdm_text + sdm_direction
-        if use_tdm and use_sdm:
-            if fusion.mode == "average":
-                mask = torch.full_like(eps_tdm[:, :1], 0.5, dtype=torch.float32)
+    with boxed_attention(sdm_unet, regions):  # no regions: the UNet's own attention, untouched
+        for i, t in enumerate(timesteps):
+            latent_input = scheduler.scale_model_input(latents, t)
+            use_tdm = i <= final_step  # stages 1 and 2
+            use_sdm = i > start_merge_step  # stages 2 and 3
+            if use_tdm:
+                tdm_null, tdm_direction = _guided(tdm_unet, latent_input, t, null_embeds, text_embeds, guidance_scale)
+                eps_tdm = tdm_null + tdm_direction
+            if use_sdm:
+                sdm_text, sdm_direction = _guided(sdm_unet, latent_input, t, text_embeds, augmented_embeds, guidance_scale)
+                eps_sdm = sdm_text + sdm_direction
+            if use_tdm and use_sdm:
+                if fusion.mode == "average":
+                    mask = torch.full_like(eps_tdm[:, :1], 0.5, dtype=torch.float32)
+                else:
+                    mask = snf_mask(tdm_direction, sdm_direction, fusion)
+                if region is not None:
+                    mask = mask * region  # outside the boxes the TDM's noise is used
+                fused = mask * eps_sdm.float() + (1.0 - mask) * eps_tdm.float()
+                noise_pred = fused.to(eps_sdm.dtype)
+                fusion_steps.append(i)
+                if masks is not None:
+                    masks.append(mask)
             else:
-                mask = snf_mask(tdm_direction, sdm_direction, fusion)
-            fused = mask * eps_sdm.float() + (1.0 - mask) * eps_tdm.float()
-            noise_pred = fused.to(eps_sdm.dtype)
-            fusion_steps.append(i)
-            if masks is not None:
-                masks.append(mask)
-        else:
-            noise_pred = eps_tdm if use_tdm else eps_sdm
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-        if callback is not None:
-            callback(i, num_iterations)
+                noise_pred = eps_tdm if use_tdm else eps_sdm
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                callback(i, num_iterations)
     return SNFOutput(latents=latents, masks=masks, fusion_steps=fusion_steps)
