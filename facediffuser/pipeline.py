@@ -26,7 +26,7 @@ OBJECT_RESOLUTION = 224  # references are padded square and resized to this befo
 
 @dataclass
 class FaceDiffuserOutput:
-    images: list  # PIL images (or a [B, 3, H, W] tensor in [0, 1] with output_type="pt")
+    images: list  # PIL images (a [B, 3, H, W] tensor in [0, 1] with output_type="pt", the latents with "latent")
     seeds: list[int | None]
     start_merge_step: int
     final_step: int
@@ -292,8 +292,10 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_prompt must be in 1..64, got {num_images_per_prompt}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in ("pil", "pt"):
-            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        if output_type == "latent" and identity_scores not in (False, None):
+            raise ValueError("identity_scores need images: use output_type 'pil' or 'pt'")
         num_iterations, s, f = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
         check_boxes(boxes, count_markers(prompt))  # before any model runs
 
@@ -313,7 +315,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             start_merge_step=s, final_step=f, return_masks=return_masks, fusion=fusion, generator=generator,
             callback=callback, regions=regions,
         )
-        images = self.decode_latents(result.latents)
+        images = result.latents if output_type == "latent" else self.decode_latents(result.latents)
         masks = None
         if return_masks:
             masks = (
@@ -330,7 +332,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             scorer = None if identity_scores is True else identity_scores
             scores = identity_similarities(pil_images, reference_images, scorer)
         return FaceDiffuserOutput(
-            images=images if output_type == "pt" else pil_images,
+            images=images if output_type in ("pt", "latent") else pil_images,
             seeds=seeds, start_merge_step=s, final_step=f, num_iterations=num_iterations,
             masks=masks, fusion_steps=result.fusion_steps, identity_scores=scores,
         )

@@ -170,3 +170,13 @@ def test_non_image_reference_names_the_problem(tiny_pipe, tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty file"):
         tiny_pipe("a man <|image|>", [str(empty)], num_inference_steps=2)
+
+
+def test_latent_output_decodes_to_the_pt_images(tiny_pipe, astronaut):
+    options = dict(seed=4, num_inference_steps=4, height=64, width=64)
+    latent = tiny_pipe("a woman <|image|> reading", [astronaut], output_type="latent", **options)
+    pt = tiny_pipe("a woman <|image|> reading", [astronaut], output_type="pt", **options)
+    assert latent.images.shape == (1, 4, 8, 8)
+    assert torch.equal(tiny_pipe.decode_latents(latent.images), pt.images)
+    with pytest.raises(ValueError, match="identity_scores need images"):
+        tiny_pipe("a woman <|image|> reading", [astronaut], output_type="latent", identity_scores=True, **options)
