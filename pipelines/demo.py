@@ -23,10 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from facediffuser.samples import ASTRONAUT, sample_photos
 
-ASTRONAUT = Path(__file__).resolve().parents[1] / "facediffuser" / "assets" / "astronaut.jpg"
 PROMPT = "a person <|image|> walking on the moon"
 NAME = "demo"
 
@@ -86,24 +84,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def sample_photos(folder: Path) -> list[Path]:
-    """The astronaut as 1, 2 and 3 people: the photo (P) and its mirror image (M) tiled side by side, four
-    arrangements of each count (12 photos), the dimmer copies so that not every row is identical."""
-    photo = np.asarray(Image.open(ASTRONAUT).convert("RGB"))
-    tiles = {"P": photo, "M": np.ascontiguousarray(photo[:, ::-1])}
-    layouts = ["P", "M", "p", "m", "PM", "MP", "PP", "mm", "PMP", "MPM", "PPM", "mpm"]  # lower case: dimmer
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, layout in enumerate(layouts):
-        pixels = np.concatenate([tiles[c.upper()] if c.isupper() else (tiles[c.upper()] * 0.8).astype(np.uint8)
-                                 for c in layout], axis=1)
-        people = {1: "one-person", 2: "two-people", 3: "three-people"}[len(layout)]
-        path = folder / f"{index:02d}-{people}.jpg"  # names differ by more than case (macOS)
-        Image.fromarray(pixels).save(path, quality=92)
-        paths.append(path)
-    return paths
 
 
 def _serve_http_port() -> int | None:
