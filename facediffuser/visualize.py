@@ -22,13 +22,25 @@ def mask_grid(masks: torch.Tensor, cell: int = 64, gap: int = 2) -> Image.Image:
     return grid
 
 
-def mask_overlay(image: Image.Image, mask: torch.Tensor, alpha: float = 0.45) -> Image.Image:
-    """Tint `image` red where the SDM dominated; `mask` is [h, w] in [0, 1] (e.g. the mean over fusion steps)."""
+BOX_COLOURS = [(40, 200, 255), (255, 210, 40), (120, 255, 120), (255, 120, 255)]  # subject 1..4
+
+
+def mask_overlay(image: Image.Image, mask: torch.Tensor, alpha: float = 0.45, boxes=None) -> Image.Image:
+    """Tint `image` red where the SDM dominated; `mask` is [h, w] in [0, 1] (e.g. the mean over fusion steps).
+    `boxes` (layout boxes as fractions, one per subject) are drawn as numbered outlines, one colour per subject."""
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     big = Image.fromarray((mask.float().clamp(0, 1).numpy() * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
     weight = np.asarray(big, dtype=np.float32)[..., None] / 255.0 * alpha
     red = np.array([255.0, 40.0, 40.0])
-    return Image.fromarray((base * (1 - weight) + red * weight).round().astype(np.uint8))
+    overlay = Image.fromarray((base * (1 - weight) + red * weight).round().astype(np.uint8))
+    width, height = overlay.size
+    draw = ImageDraw.Draw(overlay)
+    for index, (x0, y0, x1, y1) in enumerate(boxes or []):
+        colour = BOX_COLOURS[index % len(BOX_COLOURS)]
+        corners = [round(x0 * (width - 1)), round(y0 * (height - 1)), round(x1 * (width - 1)), round(y1 * (height - 1))]
+        draw.rectangle(corners, outline=colour, width=max(1, width // 128))
+        draw.text((corners[0] + 2, corners[1] + 1), str(index + 1), fill=colour)
+    return overlay
 
 
 def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:

@@ -89,3 +89,16 @@ def test_bad_boxes_and_scales_are_clear_errors(tiny_pipe, refs, options, message
     with pytest.raises(ValueError) as error:
         tiny_pipe(PROMPT2, refs, **options, **FAST)
     assert message in str(error.value)
+
+
+def test_overlays_draw_each_subjects_box_in_its_colour():
+    from PIL import Image
+
+    from facediffuser.visualize import BOX_COLOURS, mask_overlay
+
+    overlay = mask_overlay(Image.new("RGB", (128, 128)), torch.zeros(8, 8), boxes=BOXES)
+    pixels = overlay.load()
+    assert pixels[0, 64] == BOX_COLOURS[0] and pixels[127, 64] == BOX_COLOURS[1]  # left edges of box 1 and 2's right
+    assert pixels[100, 32] == BOX_COLOURS[1]  # box 2's top edge (y0 = 0.25)
+    assert pixels[100, 64] == (0, 0, 0) and pixels[30, 64] == (0, 0, 0)  # insides untouched
+    assert mask_overlay(Image.new("RGB", (128, 128)), torch.zeros(8, 8)).getextrema() == ((0, 0),) * 3
