@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Literal, Union
 
@@ -26,20 +28,43 @@ HARD_MAX_SIDE = 2048
 HARD_MAX_PHOTOS = 8
 MAX_PROMPT_CHARS = 2000
 DEFAULT_STEPS = 50
+# Compute budget default: pixels x images x steps of the largest documented request, 4 images of SD1.5's
+# 512x512 at the default 50 steps (= 1 image of 1024x1024 at 50 steps). See docs/serving.md.
+DEFAULT_COMPUTE_BUDGET = 512 * 512 * 4 * DEFAULT_STEPS
+
+log = logging.getLogger("ray.serve")  # in a Serve replica: the replica's log file (and its stderr)
 
 
 class RequestError(Exception):
-    """A problem with the client's request: becomes `status` with body {"error": code, "message": message}.
+    """A problem with the client's request: becomes `status` with body {"error": code, "message": message}
+    (plus "error_id" for a server fault, see `internal_error`).
 
     Raised in any deployment; its args survive pickling, so the ingress can re-raise it as an HTTP answer.
     """
 
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(status, code, message)
-        self.status, self.code, self.message = status, code, message
+    def __init__(self, status: int, code: str, message: str, error_id: str | None = None):
+        super().__init__(status, code, message, error_id)
+        self.status, self.code, self.message, self.error_id = status, code, message, error_id
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+    def as_tuple(self) -> tuple:
+        """Plain data that crosses processes; `RequestError(*t)` rebuilds it."""
+        return (self.status, self.code, self.message, self.error_id)
+
+
+def internal_error(where: str, exc: BaseException) -> RequestError:
+    """A fault on the server's side → a 500 that names only an error id; the details go to the server log.
+
+    The answer never holds the exception's text or type (paths, model internals); operators find the traceback
+    by searching the replica logs for the id.
+    """
+    error_id = uuid.uuid4().hex[:16]
+    log.error("internal error %s during %s: %s: %s", error_id, where, type(exc).__name__, exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return RequestError(500, "internal", f"internal server error during {where} (error id {error_id}; the details "
+                                         "are in the server log)", error_id)
 
 
 @dataclass(frozen=True)
@@ -53,6 +78,14 @@ class Limits:
     max_photos_per_subject: int = 4
     max_reference_pixels: int = 4096 * 4096
     max_num_images: int = 4
+    # width x height x num_images x steps of one request; each limit above alone would let one request ask for
+    # 4 x 1024^2 x 100 steps, 8x this
+    compute_budget: int = DEFAULT_COMPUTE_BUDGET
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"limits.{name} must be a positive integer, got {value!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,12 +138,16 @@ class GenerateResponse(BaseModel):
     timings: StageTimings
     manifest: dict
     identity_scores: list[list[float | None]] | None = Field(
-        None, description="per image, per subject: dlib cosine similarity to the reference, in [-1, 1]; null: no face")
+        None, description="per image, per subject: dlib cosine similarity to the reference, in [-1, 1]; null: no "
+        "face. The whole field is null when not asked for, or when scoring failed (see warnings)")
+    warnings: list[str] = Field(default_factory=list, description="what went wrong without failing the request, "
+                                "e.g. identity scoring (the images are still returned)")
 
 
 class ErrorResponse(BaseModel):
     error: str
     message: str
+    error_id: str | None = Field(None, description="server faults (500) only: quote it; the details are in the server log")
 
 
 @dataclass
@@ -135,8 +172,12 @@ def decode_base64(text: str, where: str) -> bytes:
     return data
 
 
-def check_request(request: GenerateRequest, limits: Limits) -> CheckedRequest:
-    """The checks a schema cannot express: markers vs references, and this deployment's limits."""
+def check_request(request: GenerateRequest, limits: Limits, default_size: int = 512) -> CheckedRequest:
+    """The checks a schema cannot express: markers vs references, and this deployment's limits.
+
+    `default_size` is the model's image side, used for a width or height the request leaves out (the ingress
+    passes the served model's; 512 is SD1.5's).
+    """
     markers = count_markers(request.prompt)
     if markers == 0:
         raise RequestError(422, "no_subjects", f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
@@ -159,6 +200,15 @@ def check_request(request: GenerateRequest, limits: Limits) -> CheckedRequest:
         value = getattr(request, name)
         if value is not None and value > limits.max_side:
             raise RequestError(422, "dimensions_over_limit", f"{name}={value} exceeds this server's limit of {limits.max_side}")
+    width, height = request.width or default_size, request.height or default_size
+    compute = width * height * request.num_images * request.steps
+    if compute > limits.compute_budget:
+        raise RequestError(
+            422, "over_compute_budget",
+            f"{width}x{height} pixels x {request.num_images} image(s) x {request.steps} steps = {compute} exceeds this "
+            f"server's compute budget of {limits.compute_budget} per request; ask for fewer images, fewer steps or a "
+            "smaller size",
+        )
     references = []
     for index, entry in enumerate(request.references, start=1):
         photos = entry if isinstance(entry, list) else [entry]

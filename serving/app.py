@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import io
+import ipaddress
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 
-from facediffuser.generate import load_pipeline, model_identity
+from facediffuser.model_dir import identity as model_identity, load_pipeline, version_mismatch
 from facediffuser.images import tensor_to_pil
 from facediffuser.manifest import package_versions
 from facediffuser.prompts import strip_markers
@@ -49,6 +50,8 @@ from serving.api import (
     Limits,
     RequestError,
     check_request,
+    internal_error,
+    log,
     validation_message,
 )
 
@@ -56,6 +59,42 @@ TOKEN_ENV = "FACEDIFFUSER_API_TOKEN"
 STATIC_PAGE = Path(__file__).parent / "static" / "index.html"
 RETRY_AFTER_S = 2
 MAX_CONSECUTIVE_FAILURES = 3
+# Copies of a request body the ingress holds while the request is in flight: the raw body, the parsed JSON, the
+# validated model's strings, the decoded photos (3/4). Used to size its queue (ingress_capacity, docs/serving.md).
+PAYLOAD_COPIES = 4
+# Paths served without a token (probes, the page, the API docs); every other path needs it when one is set.
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def refuse_anonymous(host: str, api_token: str | None, allow_anonymous: bool) -> None:
+    """ValueError (one line, naming the way out) for an unauthenticated API on an address others can reach."""
+    if api_token or allow_anonymous or is_loopback(host):
+        return
+    raise ValueError(
+        f"refusing to serve on {host} without a bearer token: set ${TOKEN_ENV}, or pass --allow-anonymous "
+        "(config key allow_anonymous: true) to serve it unauthenticated"
+    )
+
+
+def auth_mode(config: "ServeConfig", host: str | None = None) -> str:
+    """One line saying who may call the API (printed by `facediffuser serve`, logged by the ingress)."""
+    host = host or config.host
+    if config.api_token:
+        return "authentication: bearer token required on /v1/*"
+    if is_loopback(host):
+        return f"authentication: off (no ${TOKEN_ENV}); listening on {host}, reachable from this machine only"
+    return (f"authentication: OFF on {host} (allow_anonymous): anyone who can reach this address can use the API "
+            f"and its GPUs; set ${TOKEN_ENV} to require a token")
 
 
 @dataclass
@@ -64,11 +103,14 @@ class ServeConfig:
 
     model: str | None = None
     tiny: bool = False
+    # Where Serve's HTTP proxies listen: `facediffuser serve` starts them there; for `serve deploy` keep it equal to
+    # http_options.host (app_builder also checks the running proxies' address).
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = "facediffuser"
     route_prefix: str = "/"
     api_token: str | None = None  # default: $FACEDIFFUSER_API_TOKEN
+    allow_anonymous: bool = False  # serve without a token on a non-loopback host (refused otherwise)
     dtype: str = "float32"
     face_detector: str | None = "mediapipe"  # None: no detection, whole photo padded square
     cache_size: int = 256
@@ -87,11 +129,15 @@ class ServeConfig:
     max_batch_size: int = 4  # requests per snf_denoise call; 1 turns batching off
     batch_wait_timeout_s: float = 0.05
     health_check_period_s: float = 10.0
+    # Memory request bodies may take on the ingress's node; bounds the ingress's ongoing and queued requests
+    # (ingress_capacity; arithmetic in docs/serving.md).
+    ingress_memory_mb: int = 4096
     limits: dict = field(default_factory=dict)  # Limits fields
 
     def __post_init__(self):
         if self.api_token is None:
             self.api_token = os.environ.get(TOKEN_ENV) or None
+        refuse_anonymous(self.host, self.api_token, self.allow_anonymous)
         if not self.tiny and not self.model:
             raise ValueError("give a model directory (--model DIR) or --tiny")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -102,7 +148,8 @@ class ServeConfig:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size (a batch needs that many in flight)")
-        Limits(**self.limits)  # unknown keys fail here, before any deployment starts
+        Limits(**self.limits)  # unknown keys and bad values fail here, before any deployment starts
+        ingress_capacity(self)  # the ingress memory must hold at least one request and one queued
 
     @classmethod
     def from_dict(cls, values: dict) -> "ServeConfig":
@@ -113,16 +160,48 @@ class ServeConfig:
         return cls(**values)
 
 
+def ingress_capacity(config: ServeConfig) -> tuple[int, int]:
+    """(max_ongoing_requests, max_queued_requests) of the ingress: as many as the encoder and sampler can hold
+    (4 x theirs x max_replicas), but no more than fit `ingress_memory_mb`: an ongoing request holds about
+    PAYLOAD_COPIES x max_payload_bytes in the ingress replica, a queued one its body (1x) in Serve's HTTP proxy."""
+    payload = Limits(**config.limits).max_payload_bytes
+    memory = config.ingress_memory_mb * 2**20
+    if memory < (PAYLOAD_COPIES + 1) * payload:
+        raise ValueError(f"ingress_memory_mb={config.ingress_memory_mb} cannot hold one request and one queued: "
+                         f"needs {PAYLOAD_COPIES + 1} x max_payload_bytes = {(PAYLOAD_COPIES + 1) * payload / 2**20:.0f} MiB")
+    ongoing = min(4 * config.max_ongoing_requests * config.max_replicas, (memory - payload) // (PAYLOAD_COPIES * payload))
+    left = (memory - ongoing * PAYLOAD_COPIES * payload) // payload
+    wanted = left if config.max_queued_requests < 0 else 4 * config.max_queued_requests * config.max_replicas
+    return ongoing, max(1, min(wanted, left))
+
+
+def _running_http_host() -> str | None:
+    """The address the running Serve's HTTP proxies listen on, when this process is in a Ray session that has a
+    Serve controller (best effort: None otherwise). Never starts Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:
+        return None
+
+
 def _load(config: ServeConfig, drop: tuple[str, ...]):
     """The pipeline without the components this deployment never uses (`drop`), on the GPU when it has one."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     pipe = load_pipeline(config.model, config.tiny, torch_dtype=getattr(torch, config.dtype))
+    loaded = model_identity(pipe, config.model)  # model, hashes, model_version: taken before any part is dropped
     for name in drop:
         setattr(pipe, name, None)
     device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() else "cpu"
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device), loaded
 
 
 def _png(image) -> bytes:
@@ -197,20 +276,22 @@ class SubjectEncoderDeployment:
     """Reference photos → face crop → CLIP image tokens (LRU-cached by content hash) → prompt embeddings."""
 
     def __init__(self, config: dict):
-        from serving.subjects import SubjectEncoding
+        from serving.subjects import IdentityScoring, SubjectEncoding
 
         cfg = ServeConfig.from_dict(config)
-        pipe = _load(cfg, drop=("sdm_unet", "tdm_unet", "vae"))
+        pipe, self.loaded_model = _load(cfg, drop=("sdm_unet", "tdm_unet", "vae"))
         detector = None
         if cfg.face_detector:
             from facediffuser.data.faces import make_detector
 
             detector = make_detector(cfg.face_detector)
-        self.encoding = SubjectEncoding(pipe, detector, cfg.cache_size, Limits(**cfg.limits).max_reference_pixels)
+        max_reference_pixels = Limits(**cfg.limits).max_reference_pixels
+        self.encoding = SubjectEncoding(pipe, detector, cfg.cache_size, max_reference_pixels)
         from facediffuser.metrics.identity import DlibEmbedder, IdentityScorer
 
-        self.identity = IdentityScorer(DlibEmbedder())  # dlib: CPU, bundled CC0 weights
-        self.identity_lock = threading.Lock()
+        # dlib: CPU, bundled CC0 weights; references shrunk to a bounded copy, descriptors in a bounded LRU cache
+        self.identity = IdentityScoring(IdentityScorer(DlibEmbedder()), cfg.cache_size, max_reference_pixels)
+        self._test_fault: Exception | None = None
         logging.getLogger("ray.serve").addFilter(_no_concurrent_batches_warning)
         # Requests that arrive while a call runs are encoded together in the next one (identical ones once), so
         # requests that came in together leave together and can meet in one sampler batch.
@@ -226,19 +307,31 @@ class SubjectEncoderDeployment:
     async def _encode_many(self, requests: list[tuple]) -> list[dict]:
         return await asyncio.to_thread(self.encoding.encode_many, requests)
 
-    def identity_scores(self, images: list[bytes], references: list[list[bytes]]) -> list[list[float | None]]:
-        """Per image, per subject: dlib cosine similarity of the subject's reference to its face (None: no face).
+    async def identity_scores(self, images: list[bytes], references: list[list[bytes]]) -> dict:
+        """→ {"scores": per image, per subject: dlib cosine similarity of the subject's reference to its face
+        (None: no face)}, or {"error_id": ...} when scoring failed (logged here under that id).
 
         Reference descriptors are cached by the sha256 of the subject's photos, like the CLIP embeddings."""
-        from facediffuser.images import decode_image
+        fault, self._test_fault = self._test_fault, None
+        try:
+            if fault is not None:
+                raise fault
+            return {"scores": await asyncio.to_thread(self.identity.scores, images, references)}
+        except Exception as exc:
+            return {"error_id": internal_error("identity scoring", exc).error_id}
 
-        with self.identity_lock:
-            embedded = [self.identity.reference(photos, key=_photos_key(photos)) for photos in references]
-            return [[None if s is None else round(s, 4) for s in self.identity.score(decode_image(png), embedded).similarities]
-                    for png in images]
+    def inject_test_fault(self, error: str, message: str) -> None:
+        """TEST-ONLY (tests/test_serve.py): the next identity_scores call raises `error` ("RuntimeError" or
+        "ValueError") with `message`. Reachable only through a Ray deployment handle, not over HTTP or config."""
+        self._test_fault = {"RuntimeError": RuntimeError, "ValueError": ValueError}[error](message)
 
     def ready(self) -> dict:
-        return {**self.encoding.stats(), "calls": _histogram(self.coalescer.sizes)}
+        return {**self.encoding.stats(), "identity_cached": len(self.identity.cache),
+                "calls": _histogram(self.coalescer.sizes)}
+
+    def model(self) -> dict:
+        """What this replica loaded ({"model", "hashes", "model_version"}); the ingress compares it with the sampler's."""
+        return self.loaded_model
 
     def check_health(self) -> None:
         if self.encoding.pipe.subject_encoder is None:
@@ -247,10 +340,6 @@ class SubjectEncoderDeployment:
 
 def _histogram(sizes: Counter) -> dict[str, int]:
     return {str(size): count for size, count in sorted(sizes.items())}
-
-
-def _photos_key(photos: list[bytes]) -> str:
-    return ",".join(hashlib.sha256(data).hexdigest() for data in photos)
 
 
 @dataclass
@@ -271,8 +360,7 @@ class SamplerDeployment:
 
     def __init__(self, config: dict):
         cfg = ServeConfig.from_dict(config)
-        self.pipe = _load(cfg, drop=())
-        self.identity = model_identity(self.pipe, cfg.model)
+        self.pipe, self.identity = _load(cfg, drop=())
         self.pipe.text_encoder = self.pipe.subject_encoder = None  # the encoder deployment owns those
         self.versions = package_versions()
         self.consecutive_failures = 0
@@ -282,6 +370,12 @@ class SamplerDeployment:
         self.coalescer = _Coalescer(self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key)
         self.configure_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self.batches_served = 0
+        self._test_fault: Exception | None = None
+
+    def inject_test_fault(self, error: str, message: str) -> None:
+        """TEST-ONLY (tests/test_serve.py): the next snf_denoise call raises `error` ("RuntimeError" or
+        "ValueError") with `message`. Reachable only through a Ray deployment handle, not over HTTP or config."""
+        self._test_fault = {"RuntimeError": RuntimeError, "ValueError": ValueError}[error](message)
 
     def ready(self) -> dict:
         return {**self.identity, "default_size": self.default_size, "batches_served": self.batches_served}
@@ -296,6 +390,7 @@ class SamplerDeployment:
             "batches_served": self.batches_served, "requests_served": requests, "formed_batches": _histogram(formed),
             "mean_batch_requests": round(requests / calls, 3) if calls else None,
             "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "consecutive_failures": self.consecutive_failures,
         }
 
     def configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -330,14 +425,12 @@ class SamplerDeployment:
         try:
             outputs = await asyncio.to_thread(self._denoise_group, group)
             self.consecutive_failures = 0
-        except ValueError as exc:  # a request the models cannot take (the ingress checks most earlier)
-            outputs = [{"error": (422, "invalid_request", str(exc))}] * len(group)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             outputs = [{"error": (503, "unavailable", "out of GPU memory; retry shortly or ask for fewer/smaller images")}] * len(group)
-        except Exception as exc:  # a fault on our side: answer 500 for this batch only; health decides the rest
-            self.consecutive_failures += 1
-            outputs = [{"error": (500, "internal", f"sampling failed ({type(exc).__name__}: {exc})")}] * len(group)
+        except Exception as exc:  # a fault on our side, ValueError included (requests were checked before): answer
+            self.consecutive_failures += 1  # 500 for this batch only, details in the log; health decides the rest
+            outputs = [{"error": internal_error("sampling", exc).as_tuple()}] * len(group)
         self.batches_served += 1
         return outputs
 
@@ -351,6 +444,9 @@ class SamplerDeployment:
 
     @torch.no_grad()
     def _denoise_group(self, group: list[_Job]) -> list[dict]:
+        fault, self._test_fault = self._test_fault, None
+        if fault is not None:
+            raise fault
         pipe, first = self.pipe, group[0]
         scheduler_kind, steps, (height, width), guidance, (s, f) = first.key
         scheduler = make_scheduler(scheduler_kind, pipe.scheduler.config)  # fresh: solvers keep per-call state
@@ -422,22 +518,30 @@ api = FastAPI(
     "subject noun, and one reference photo per marker. Errors are JSON: {\"error\": code, \"message\": text}.",
 )
 bearer = HTTPBearer(auto_error=False, description=f"required when the server sets ${TOKEN_ENV}")
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500, 503)}
+UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
+def _error(status: int, code: str, message: str, error_id: str | None = None) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+    body = {"error": code, "message": message, **({"error_id": error_id} if error_id else {})}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def token_matches(given: bytes, token: str) -> bool:
+    """Timing-safe: compares fixed-length digests, so neither the token's bytes nor its length leak."""
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(token.encode()).digest())
 
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError):
-    return _error(exc.status, exc.code, exc.message)
+    return _error(exc.status, exc.code, exc.message, exc.error_id)
 
 
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception):
-    return _error(500, "internal", f"unexpected server error ({type(exc).__name__})")
+    error = internal_error(f"{request.method} {request.url.path}", exc)
+    return _error(error.status, error.code, error.message, error.error_id)
 
 
 @api.exception_handler(RequestValidationError)
@@ -445,18 +549,71 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return _error(*validation_message(exc.errors()))
 
 
-@api.middleware("http")
-async def _limit_payload(request: Request, call_next):
-    """413 before parsing: a declared Content-Length over the limit, or a body that turns out larger."""
-    limits: Limits | None = getattr(request.app.state, "limits", None)
-    if limits is not None and request.method in ("POST", "PUT", "PATCH"):
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_payload_bytes:
-            return _error(413, "payload_too_large", f"the body is {declared} bytes; the limit is {limits.max_payload_bytes}")
-        body = await request.body()  # Starlette caches it for the route
-        if len(body) > limits.max_payload_bytes:
-            return _error(413, "payload_too_large", f"the body is {len(body)} bytes; the limit is {limits.max_payload_bytes}")
-    return await call_next(request)
+class _Gate:
+    """Pure ASGI middleware in front of every route: authorise, then read the body within max_payload_bytes.
+
+    1. With a token set, every path but PUBLIC_PATHS needs it: 401 before a byte of the body is read or parsed.
+    2. A declared Content-Length over the limit: 413 at once. Otherwise the body is read chunk by chunk with a
+       running count, and 413 as soon as it passes the limit (a chunked upload is never buffered beyond it).
+    3. The body read so far is handed to the route as one message.
+    Settings come from the app's state (`token`, `limits`), set by the ingress replica.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope["app"].state
+        token: str | None = getattr(state, "token", None)
+        limits: Limits | None = getattr(state, "limits", None)
+        headers = dict(scope.get("headers") or [])
+        if token is not None and _route_path(scope) not in PUBLIC_PATHS:
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not token_matches(given.strip(), token):
+                return await _error(401, "unauthorized", UNAUTHORIZED)(scope, receive, send)
+        if limits is None:
+            return await self.app(scope, receive, send)
+        limit = limits.max_payload_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await _error(413, "payload_too_large", f"the body is {int(declared)} bytes; the limit is {limit}"
+                                )(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nobody to answer
+                return None
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await _error(413, "payload_too_large", f"the body is larger than the limit of {limit} bytes"
+                                    )(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, handed = b"".join(chunks), False
+        del chunks
+
+        async def replay():
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        return await self.app(scope, replay, send)
+
+
+def _route_path(scope) -> str:
+    """The request's path inside the app (without the Serve route prefix, which arrives as root_path)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
+
+
+api.add_middleware(_Gate)
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -479,14 +636,18 @@ class FaceDiffuserAPI:
         self.limits = Limits(**cfg.limits)
         self.token = cfg.api_token
         self.config = cfg
-        api.state.limits = self.limits
+        self.default_size: int | None = None  # the model's image side, asked from the sampler on first use
+        api.state.limits, api.state.token = self.limits, self.token  # read by _Gate
+        exposed = not self.token and not is_loopback(cfg.host)
+        (log.warning if exposed else log.info)("%s (app %s)", auth_mode(cfg), cfg.app_name)
 
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        """The routes' own check (the gate middleware has already checked, before reading the body)."""
         if self.token is None:
             return
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise RequestError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not token_matches(given, self.token):
+            raise RequestError(401, "unauthorized", UNAUTHORIZED)
 
     async def _call(self, method, *args):
         try:
@@ -505,23 +666,33 @@ class FaceDiffuserAPI:
     async def healthz(self):
         """Ready only when the encoder's and the sampler's models are loaded and answering."""
         try:
-            encoder, sampler = await asyncio.wait_for(
-                asyncio.gather(self.encoder.ready.remote(), self.sampler.ready.remote()), timeout=5
-            )
+            encoder, sampler, encoder_model = await asyncio.wait_for(asyncio.gather(
+                self.encoder.ready.remote(), self.sampler.ready.remote(), self.encoder.model.remote()), timeout=5)
         except Exception as exc:
             return _error(503, "not_ready", f"models are not ready ({type(exc).__name__})")
+        mismatch = version_mismatch({"encoder": encoder_model, "sampler": sampler})
+        if mismatch:
+            return _error(503, "model_mismatch", mismatch)
         return {"status": "ready", "encoder_cache": encoder, "batches_served": sampler["batches_served"]}
 
     @api.get("/v1/info", responses=ERRORS)
     async def info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         """Models, limits, schedulers, batching and package versions."""
         self._authorize(credentials)
-        sampler = await self._call(self.sampler.ready)
+        sampler, encoder_model = await asyncio.gather(self._call(self.sampler.ready), self._call(self.encoder.model))
+        mismatch = version_mismatch({"encoder": encoder_model, "sampler": sampler})
+        if mismatch:
+            raise RequestError(503, "model_mismatch", mismatch)
         return {
             "model": sampler["model"], "hashes": sampler["hashes"], "default_size": sampler["default_size"],
+            "model_version": sampler["model_version"],  # the same in both deployments (checked above)
+            "model_versions": {"encoder": encoder_model["model_version"], "sampler": sampler["model_version"]},
             "limits": self.limits.as_dict(), "schedulers": sorted(SCHEDULERS),
             "face_detector": self.config.face_detector,
             "batching": {"max_batch_size": self.config.max_batch_size, "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
+            "ingress": dict(zip(("max_ongoing_requests", "max_queued_requests"), ingress_capacity(self.config)),
+                            memory_mb=self.config.ingress_memory_mb),
+            "auth": "bearer" if self.token else "none",
             "versions": package_versions(),
         }
 
@@ -538,7 +709,9 @@ class FaceDiffuserAPI:
         """Generate `num_images` images of the referenced people; image k uses seed + k."""
         started = time.perf_counter()
         self._authorize(credentials)
-        checked = check_request(body, self.limits)
+        if self.default_size is None:
+            self.default_size = (await self._call(self.sampler.ready))["default_size"]
+        checked = check_request(body, self.limits, self.default_size)
         if body.seed is None:
             body.seed = int.from_bytes(os.urandom(4), "little") >> 1
         encode_started = time.perf_counter()
@@ -546,15 +719,21 @@ class FaceDiffuserAPI:
         encode_s = time.perf_counter() - encode_started
         if "error" in embeds:
             raise RequestError(*embeds["error"])
-        request = body.model_dump()
-        request.pop("references")
+        request = body.model_dump(exclude={"references"})  # the photos went to the encoder; no extra copy
         output = await self._call(self.sampler.submit, request, embeds)
         if "error" in output:
             raise RequestError(*output["error"])
-        identity_scores = None
-        if body.identity_scores:
+        identity_scores, warnings = None, []
+        if body.identity_scores:  # the images exist: a failure here costs the scores, never the answer
             identity_started = time.perf_counter()
-            identity_scores = await self._call(self.encoder.identity_scores, output["images"], checked.references)
+            try:
+                scored = await self._call(self.encoder.identity_scores, output["images"], checked.references)
+            except Exception as exc:
+                scored = {"error_id": internal_error("identity scoring", exc).error_id}
+            identity_scores = scored.get("scores")
+            if identity_scores is None:
+                warnings.append(f"identity scoring failed (error id {scored['error_id']}); the images are returned "
+                                "without identity_scores")
             output["timings"]["identity_s"] = time.perf_counter() - identity_started
         total_s = time.perf_counter() - started
         timings = {"encode_s": encode_s, **output["timings"], "total_s": total_s}
@@ -571,6 +750,7 @@ class FaceDiffuserAPI:
             overlays=[b64(png) for png in output["overlays"]] if "overlays" in output else None,
             batch_size=output["batch_size"], batch_requests=output["batch_requests"],
             timings={k: round(v, 4) for k, v in timings.items()}, manifest=manifest, identity_scores=identity_scores,
+            warnings=warnings,
         )
 
 
@@ -582,10 +762,10 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     (e.g. a second route with its own token or limits, sharing the loaded models).
     """
     values = asdict(config)
+    ongoing, queued = ingress_capacity(config)
     ingress = FaceDiffuserAPI.options(
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
-        max_ongoing_requests=4 * config.max_ongoing_requests * config.max_replicas,
-        max_queued_requests=-1 if config.max_queued_requests < 0 else 4 * config.max_queued_requests * config.max_replicas,
+        max_ongoing_requests=ongoing, max_queued_requests=queued,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
     )
     if upstream_app:
@@ -610,8 +790,15 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
 
 
 def app_builder(args: dict):
-    """`serve deploy` entry (import_path: serving.app:app_builder); `args` are ServeConfig fields."""
-    return build_app(ServeConfig.from_dict(dict(args or {})))
+    """`serve deploy` entry (import_path: serving.app:app_builder); `args` are ServeConfig fields.
+
+    Refuses (ValueError) an unauthenticated app on a non-loopback address: `args.host`, and the address the
+    running Serve's proxies listen on (http_options.host) when it can be read."""
+    config = ServeConfig.from_dict(dict(args or {}))
+    running = _running_http_host()
+    if running:
+        refuse_anonymous(running, config.api_token, config.allow_anonymous)
+    return build_app(config)
 
 
 def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = False) -> str:
@@ -620,6 +807,8 @@ def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = 
 
     init_ray(verbose, num_gpus=None if config.num_gpus or config.encoder_num_gpus else 0)
     serve.start(http_options={"host": config.host, "port": config.port})
+    # A Serve that was already running keeps its own address: check that one too.
+    refuse_anonymous(_running_http_host() or config.host, config.api_token, config.allow_anonymous)
     serve.run(build_app(config, upstream_app), name=config.app_name, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
 
@@ -630,7 +819,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "training run's directory (runs/NAME: its final/ is used)")
     source.add_argument("--tiny", action="store_true", help="small random models, for trying the service on a CPU")
     defaults = ServeConfig(tiny=True)
-    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--host", default=defaults.host, help="address to listen on; any but loopback needs "
+                        f"${TOKEN_ENV} (or --allow-anonymous)")
+    parser.add_argument("--allow-anonymous", action="store_true",
+                        help=f"serve without ${TOKEN_ENV} on a non-loopback --host (anyone who reaches it can use the GPUs)")
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--num-gpus", type=float, default=defaults.num_gpus, help="GPUs per sampler replica")
     parser.add_argument("--encoder-num-gpus", type=float, default=defaults.encoder_num_gpus)
@@ -645,18 +837,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-detector", default=defaults.face_detector, choices=("mediapipe", "mtcnn", "none"))
     parser.add_argument("--max-steps", type=int, default=Limits.max_steps)
     parser.add_argument("--max-side", type=int, default=Limits.max_side)
+    parser.add_argument("--compute-budget", type=int, default=Limits.compute_budget,
+                        help="per request: width x height x num_images x steps (default: 4 images of 512^2 at 50 steps)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own log lines")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
-        model=args.model, tiny=args.tiny, host=args.host, port=args.port, num_gpus=args.num_gpus,
+        model=args.model, tiny=args.tiny, host=args.host, port=args.port, allow_anonymous=args.allow_anonymous,
+        num_gpus=args.num_gpus,
         encoder_num_gpus=args.encoder_num_gpus, num_cpus=args.num_cpus, dtype=args.dtype,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s, max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         face_detector=None if args.face_detector == "none" else args.face_detector,
-        limits={"max_steps": args.max_steps, "max_side": args.max_side},
+        limits={"max_steps": args.max_steps, "max_side": args.max_side, "compute_budget": args.compute_budget},
     )
 
 
@@ -668,8 +863,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         url = start(config, verbose=args.verbose)
-        auth = " (bearer token required)" if config.api_token else ""
-        print(f"serving on {url}{auth}: POST /v1/generate, GET /healthz, /v1/info, /docs. Ctrl-C stops.", flush=True)
+        print(f"serving on {url}: POST /v1/generate, GET /healthz, /v1/info, /docs. Ctrl-C stops.", flush=True)
+        print(auth_mode(config, _running_http_host()), flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:

@@ -3,23 +3,48 @@ the three prompt embeddings that `snf_denoise` takes.
 
 The face detector is the preprocessing one (`facediffuser.data.faces`), so the crop a request gets and the
 faces training saw come from the same model. With `detector=None` the whole photo is used (padded square).
+Identity scoring of the generated images (`IdentityScoring`) lives here too, for the same reason: no Ray.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from collections import OrderedDict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from facediffuser.images import ImageDecodeError, decode_image
+from facediffuser.prompts import tokenize_with_markers
 
-from serving.api import RequestError
+from serving.api import RequestError, internal_error
 
 FACE_MARGIN = 0.6  # crop = face box grown by this fraction of its size on every side (keeps hair and chin)
+# Pillow decoders a reference may use (Image.open(formats=...)): the common photo formats, nothing more exotic
+# (TIFF, PSD, EPS, ICO, ... are refused before any of their decoders runs).
+REFERENCE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+IDENTITY_MAX_SIDE = 1024  # identity scoring works on a copy of each reference no larger than this per side
+
+
+def decode_reference(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    """A reference photo's bytes → RGB image, or RequestError: 422 for anything but JPEG/PNG/WebP/GIF/BMP or an
+    undecodable file, 413 for more than `max_pixels` pixels (checked from the header, before decoding)."""
+    try:
+        Image.open(io.BytesIO(data), formats=REFERENCE_FORMATS).close()  # reads the header only
+    except UnidentifiedImageError:
+        raise RequestError(422, "invalid_image", f"{where}: not a JPEG, PNG, WebP, GIF or BMP image") from None
+    except Image.DecompressionBombError:
+        raise RequestError(413, "invalid_image", f"{where}: too many pixels (limit {max_pixels})") from None
+    except Exception as exc:  # a header Pillow chokes on
+        raise RequestError(422, "invalid_image", f"{where}: not a decodable image ({type(exc).__name__})") from None
+    try:
+        return decode_image(data, max_pixels=max_pixels, name=where)
+    except ImageDecodeError as exc:
+        status = 413 if "exceeds the limit" in str(exc) else 422
+        raise RequestError(status, "invalid_image", str(exc)) from None
 
 
 def subject_crop(image: Image.Image, detector, where: str) -> Image.Image:
@@ -59,11 +84,7 @@ class SubjectEncoding:
             self.hits += 1
             return digest, self.cache[digest]
         self.misses += 1
-        try:
-            image = decode_image(data, max_pixels=self.max_reference_pixels, name=where)
-        except ImageDecodeError as exc:
-            status = 413 if "exceeds the limit" in str(exc) else 422
-            raise RequestError(status, "invalid_image", str(exc)) from None
+        image = decode_reference(data, where, self.max_reference_pixels)
         crop = subject_crop(image, self.detector, where)
         pixels = self.pipe.reference_tensor(crop)[None]
         embedding = self.pipe.subject_encoder.embed_images(pixels)[0].float().cpu()
@@ -74,7 +95,14 @@ class SubjectEncoding:
 
     @torch.no_grad()
     def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]]) -> dict:
-        """→ {"null", "text", "augmented": [1, 77, D] cpu tensors, "reference_sha256": [[hex, ...], ...]}."""
+        """→ {"null", "text", "augmented": [1, 77, D] cpu tensors, "reference_sha256": [[hex, ...], ...]}.
+
+        Raises RequestError for the client's mistakes (prompt, photos); anything else is a server fault.
+        """
+        try:  # the client's prompt: marker placement and length (what encode_prompt would refuse)
+            tokenize_with_markers(self.pipe.tokenizer, prompt, self.pipe.max_subjects)
+        except ValueError as exc:
+            raise RequestError(422, "invalid_prompt", str(exc)) from None
         with self.lock:
             hashes, subjects = [], []
             for index, photos in enumerate(references, start=1):
@@ -84,19 +112,16 @@ class SubjectEncoding:
                 hashes.append([digest for digest, _ in pairs])
                 subjects.append(torch.stack([embedding for _, embedding in pairs]).mean(dim=0))
             subject_embeds = torch.stack(subjects).to(self.pipe.subject_encoder.device, self.pipe.subject_encoder.dtype)
-            try:
-                null, text, augmented = self.pipe.encode_prompt(
-                    prompt, references, negative_prompt, subject_embeds=subject_embeds
-                )
-            except ValueError as exc:  # marker placement, prompt length: the client's prompt
-                raise RequestError(422, "invalid_prompt", str(exc)) from None
+            # The prompt was checked above: a ValueError from here on is the model stack's, a server fault.
+            null, text, augmented = self.pipe.encode_prompt(prompt, references, negative_prompt, subject_embeds=subject_embeds)
         return {
             "null": null.cpu(), "text": text.cpu(), "augmented": augmented.cpu(), "reference_sha256": hashes,
         }
 
     def encode_many(self, requests: list[tuple[str, str | None, list[list[bytes]]]]) -> list[dict]:
         """`encode` for several (prompt, negative_prompt, references) at once → per request, encode's dict or
-        {"error": (status, code, message)}. Identical requests (same prompts, same photo bytes) are encoded once."""
+        {"error": (status, code, message, error_id)}. Identical requests (same prompts, same photo bytes) are
+        encoded once; a server fault in one request (logged with its error id) fails only that one."""
         done: dict[tuple, dict] = {}
         out = []
         for prompt, negative_prompt, references in requests:
@@ -105,9 +130,54 @@ class SubjectEncoding:
                 try:
                     done[key] = self.encode(prompt, negative_prompt, references)
                 except RequestError as exc:
-                    done[key] = {"error": (exc.status, exc.code, exc.message)}  # plain data crosses processes
+                    done[key] = {"error": exc.as_tuple()}  # plain data crosses processes
+                except Exception as exc:
+                    done[key] = {"error": internal_error("subject encoding", exc).as_tuple()}
             out.append(done[key])
         return out
 
     def stats(self) -> dict:
         return {"cached": len(self.cache), "hits": self.hits, "misses": self.misses}
+
+
+class IdentityScoring:
+    """dlib identity scores of generated images against their references, with bounded work and memory.
+
+    Each reference photo is decoded as for encoding (same formats and pixel limit) and shrunk to at most
+    `max_side` pixels a side before face detection, so a 16-megapixel reference costs what a 1-megapixel one
+    does. One descriptor per subject is kept in an LRU cache of `cache_size` entries, keyed by the sha256 of
+    the subject's photos (the library scorer's own cache is unbounded, so it is not used).
+    """
+
+    def __init__(self, scorer, cache_size: int = 256, max_reference_pixels: int = 4096 * 4096,
+                 max_side: int = IDENTITY_MAX_SIDE):
+        self.scorer = scorer
+        self.cache_size, self.max_reference_pixels, self.max_side = cache_size, max_reference_pixels, max_side
+        self.cache: OrderedDict[str, np.ndarray | None] = OrderedDict()
+        self.lock = threading.Lock()  # dlib's detector and the cache are not thread-safe
+
+    def bounded_copy(self, data: bytes, where: str) -> Image.Image:
+        image = decode_reference(data, where, self.max_reference_pixels)
+        image.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)  # in place; keeps the aspect
+        return image
+
+    def reference(self, photos: list[bytes], where: str) -> np.ndarray | None:
+        key = ",".join(hashlib.sha256(data).hexdigest() for data in photos)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        named = len(photos) > 1
+        images = [self.bounded_copy(data, f"{where} photo {k}" if named else where) for k, data in enumerate(photos, 1)]
+        embedding = self.scorer.reference(images)
+        self.cache[key] = embedding
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return embedding
+
+    def scores(self, images: list[bytes], references: list[list[bytes]]) -> list[list[float | None]]:
+        """Per image (PNG bytes), per subject: cosine similarity of the subject's reference face to its face in
+        the image, rounded to 4 places; None when no face was found for it."""
+        with self.lock:
+            embedded = [self.reference(photos, f"reference {index}") for index, photos in enumerate(references, 1)]
+            return [[None if s is None else round(s, 4) for s in self.scorer.score(decode_image(png), embedded).similarities]
+                    for png in images]

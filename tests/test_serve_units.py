@@ -13,21 +13,229 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_serve_yaml_is_a_valid_deploy_config_that_builds():
+def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import ServeConfig, app_builder
+    from serving.app import TOKEN_ENV, ServeConfig, app_builder
 
     config = yaml.safe_load((ROOT / "serving/config/serve.yaml").read_text())
     ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
     (app,) = config["applications"]
     module, name = app["import_path"].split(":")
     assert (module, name) == ("serving.app", "app_builder")
+    # the app's idea of its address is the proxies' one (it decides whether a token is required)
+    assert app["args"]["host"] == config["http_options"]["host"] == "0.0.0.0"
+    assert app["args"]["allow_anonymous"] is False
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0 without a bearer token.*--allow-anonymous"):
+        app_builder(app["args"])  # the cluster lost its token secret: refuse, do not expose the GPUs
+    monkeypatch.setenv(TOKEN_ENV, "cluster-secret")
     assert ServeConfig.from_dict(app["args"]).num_gpus == 1
     built = app_builder(app["args"])  # binds deployments; nothing is deployed
     assert type(built).__name__ == "Application"
     with pytest.raises(ValueError, match="unknown serve config keys: gpus"):
         app_builder({**app["args"], "gpus": 1})
+
+
+def test_anonymous_api_is_refused_on_a_reachable_address(monkeypatch, capsys):
+    """No token + a non-loopback address: config validation (and so `facediffuser serve`) refuses in one line
+    naming --allow-anonymous; loopback, a token, or the explicit opt-out start."""
+    from facediffuser.cli import main
+    from serving.app import TOKEN_ENV, ServeConfig, auth_mode, is_loopback
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    for host in ("0.0.0.0", "::", "192.168.1.7", "10.0.0.3", "gpu-box.example.org"):
+        assert not is_loopback(host)
+        with pytest.raises(ValueError, match=f"refusing to serve on {host} without a bearer token") as refused:
+            ServeConfig(tiny=True, host=host)
+        assert "--allow-anonymous" in str(refused.value) and "\n" not in str(refused.value)
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        assert "reachable from this machine only" in auth_mode(ServeConfig(tiny=True, host=host))
+    anonymous = ServeConfig(tiny=True, host="0.0.0.0", allow_anonymous=True)
+    assert anonymous.api_token is None and "authentication: OFF on 0.0.0.0" in auth_mode(anonymous)
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    assert "bearer token required" in auth_mode(ServeConfig(tiny=True, host="0.0.0.0"))
+    monkeypatch.delenv(TOKEN_ENV)
+
+    assert main(["serve", "--tiny", "--host", "0.0.0.0"]) == 2  # before Ray starts
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--allow-anonymous" in err and "0.0.0.0" in err, err
+    args = ["serve", "--tiny", "--host", "0.0.0.0", "--allow-anonymous"]
+    import argparse
+
+    from serving.app import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(args[1:]))
+    assert config.allow_anonymous and config.host == "0.0.0.0"
+
+
+def test_check_request_compute_budget():
+    """One budget on width x height x images x steps: each limit alone admits 4 x 1024^2 x 100 steps."""
+    from serving.api import DEFAULT_COMPUTE_BUDGET, GenerateRequest, Limits, RequestError, check_request
+
+    photo = base64.b64encode(b"\x89PNG fake").decode()
+    limits = Limits()
+    assert limits.compute_budget == DEFAULT_COMPUTE_BUDGET == 512 * 512 * 4 * 50
+
+    def request(**fields):
+        return GenerateRequest(prompt="a man <|image|>", references=[photo], **fields)
+
+    # today's documented uses pass: 4 images of 512^2 at 50 steps, one 1024^2 image at 50, the tests' tiny ones
+    check_request(request(num_images=4, steps=50), limits, default_size=512)
+    check_request(request(num_images=4), limits, default_size=512)  # steps default to 50
+    check_request(request(width=1024, height=1024, steps=50), limits, default_size=512)
+    check_request(request(num_images=4, steps=8, width=128, height=128), Limits(max_steps=8, max_side=128), 128)
+    for fields, size in ((dict(num_images=4, steps=100, width=1024, height=1024), 512),
+                         (dict(num_images=4, steps=51), 512), (dict(steps=51), 1024)):
+        with pytest.raises(RequestError) as caught:
+            check_request(request(**fields), limits, default_size=size)
+        assert caught.value.status == 422 and caught.value.code == "over_compute_budget"
+        assert str(limits.compute_budget) in caught.value.message
+    tight = Limits(compute_budget=64 * 64 * 2)
+    check_request(request(width=64, height=64, steps=2), tight, default_size=512)
+    with pytest.raises(RequestError, match="64x64 pixels x 2 image"):
+        check_request(request(width=64, height=64, steps=2, num_images=2), tight, default_size=512)
+    with pytest.raises(ValueError, match="limits.compute_budget must be a positive integer"):
+        Limits(compute_budget=0)
+
+
+def _encoded(array: np.ndarray, fmt: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_reference_decoding_accepts_only_common_photo_formats(astronaut):
+    from serving.api import RequestError
+    from serving.subjects import decode_reference
+
+    small = np.ascontiguousarray(astronaut[::4, ::4])
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP"):
+        image = decode_reference(_encoded(small, fmt), "reference 1", max_pixels=1 << 20)
+        assert image.mode == "RGB" and image.size == (128, 128), fmt
+    for fmt in ("TIFF", "ICO", "PPM"):
+        with pytest.raises(RequestError, match="reference 2: not a JPEG, PNG, WebP, GIF or BMP image") as caught:
+            decode_reference(_encoded(small, fmt), "reference 2", max_pixels=1 << 20)
+        assert caught.value.status == 422 and caught.value.code == "invalid_image", fmt
+    with pytest.raises(RequestError, match="exceeds the limit") as caught:
+        decode_reference(_encoded(small, "PNG"), "reference 1", max_pixels=100 * 100)
+    assert caught.value.status == 413
+
+
+def test_identity_scoring_uses_bounded_copies_and_a_bounded_cache(astronaut):
+    """References are shrunk before face detection and their descriptors kept in an LRU of cache_size."""
+    from facediffuser.metrics.identity import IdentityScorer
+
+    from serving.subjects import IDENTITY_MAX_SIDE, IdentityScoring
+
+    class RecordingEmbedder:  # stands in for dlib: records what it was given
+        name = "recording"
+
+        def __init__(self):
+            self.seen = []
+
+        def embed_faces(self, image):
+            self.seen.append(image.size)
+            return np.ones((1, 4), np.float32) / 2
+
+    embedder = RecordingEmbedder()
+    scoring = IdentityScoring(IdentityScorer(embedder), cache_size=2, max_reference_pixels=4096 * 4096)
+    big = _encoded(np.zeros((1500, 2000, 3), np.uint8), "PNG")
+    generated = _encoded(np.ascontiguousarray(astronaut[::4, ::4]), "PNG")
+    assert scoring.scores([generated], [[big]]) == [[1.0]]
+    assert embedder.seen == [(IDENTITY_MAX_SIDE, 768), (128, 128)]  # the reference's copy, then the image
+    scoring.scores([generated], [[big]])
+    assert embedder.seen[2:] == [(128, 128)]  # the reference came from the cache
+    others = [_encoded(np.full((40 + k, 50, 3), k, np.uint8), "PNG") for k in range(3)]
+    for photo in others:
+        scoring.reference([photo], "reference 1")
+    assert len(scoring.cache) == 2  # bounded: the oldest entries went
+    before = len(embedder.seen)
+    scoring.reference([big], "reference 1")
+    assert len(embedder.seen) == before + 1  # evicted, so embedded again
+    from serving.api import RequestError
+
+    with pytest.raises(RequestError, match="not a JPEG, PNG, WebP, GIF or BMP"):
+        scoring.reference([_encoded(np.zeros((8, 8, 3), np.uint8), "TIFF")], "reference 1")
+
+
+def test_ingress_queue_is_sized_so_bodies_fit_its_memory(monkeypatch):
+    from serving.app import PAYLOAD_COPIES, TOKEN_ENV, ServeConfig, ingress_capacity
+
+    monkeypatch.setenv(TOKEN_ENV, "t")
+    args = yaml.safe_load((ROOT / "serving/config/serve.yaml").read_text())["applications"][0]["args"]
+    config = ServeConfig.from_dict(args)
+    ongoing, queued = ingress_capacity(config)
+    payload = config.limits["max_payload_bytes"]
+    # what the encoder and sampler tiers could hold (4 x 8 x 4 = 128 ongoing) would take 10 GiB of bodies
+    assert 4 * config.max_ongoing_requests * config.max_replicas * PAYLOAD_COPIES * payload > 8 * 2**30
+    assert ongoing * PAYLOAD_COPIES * payload + queued * payload <= config.ingress_memory_mb * 2**20
+    assert (ongoing, queued) == (50, 4)
+    # with small bodies the memory is no constraint: the tiers' capacity decides, as before
+    small = ServeConfig(tiny=True, max_replicas=1, max_queued_requests=4, limits={"max_payload_bytes": 3_000_000})
+    assert ingress_capacity(small) == (32, 16)
+    with pytest.raises(ValueError, match="ingress_memory_mb=64 cannot hold one request"):
+        ServeConfig(tiny=True, ingress_memory_mb=64)
+
+
+def test_gate_authorises_before_reading_and_stops_a_chunked_body_at_the_limit():
+    """The ingress's ASGI gate: 401 without touching the body; a chunked body is read only up to the limit."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from serving.api import Limits
+    from serving.app import _Gate
+
+    chunk = 64 * 1024
+    seen: list[bytes] = []
+
+    async def route(scope, receive, send):  # stands in for FastAPI's routing: reads the whole body
+        message = await receive()
+        seen.append(message["body"])
+        assert not message["more_body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(path, body_size, headers=(), token=None, limit=3_000_000):
+        app = SimpleNamespace(state=SimpleNamespace(token=token, limits=Limits(max_payload_bytes=limit)))
+        scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "app": app,
+                 "headers": [(k.encode(), v.encode()) for k, v in headers]}
+        pulled, sent = [0], []
+
+        async def receive():
+            pulled[0] += 1
+            offset = (pulled[0] - 1) * chunk
+            piece = b"x" * max(0, min(chunk, body_size - offset))
+            return {"type": "http.request", "body": piece, "more_body": offset + chunk < body_size}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(_Gate(route)(scope, receive, send))
+        status = sent[0]["status"]
+        body = b"".join(m.get("body", b"") for m in sent[1:])
+        return status, json.loads(body) if status != 200 else body, pulled[0]
+
+    status, error, pulled = call("/v1/generate", 30 * 2**20)
+    assert status == 413 and error["error"] == "payload_too_large" and "3000000" in error["message"]
+    assert pulled <= 3_000_000 // chunk + 1  # stopped at the limit, not after 30 MB (480 chunks)
+    status, body, pulled = call("/v1/generate", 200_000)
+    assert status == 200 and seen[-1] == b"x" * 200_000 and pulled == 4  # under the limit: handed over whole
+    status, error, pulled = call("/v1/generate", 30 * 2**20, headers=[("content-length", str(30 * 2**20))])
+    assert status == 413 and pulled == 0  # a declared length over the limit: not a byte read
+    # a token is set: no or a wrong token is 401 before the body is read at all (so never parsed)
+    for headers in ([], [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+        status, error, pulled = call("/v1/generate", 30 * 2**20, headers=headers, token="s3cret")
+        assert (status, error["error"], pulled) == (401, "unauthorized", 0)
+    status, _, _ = call("/v1/generate", 10, headers=[("authorization", "Bearer s3cret")], token="s3cret")
+    assert status == 200
+    status, _, _ = call("/healthz", 0, token="s3cret")  # probes need no token
+    assert status == 200
 
 
 def test_cli_rejects_bad_config_before_starting_ray(capsys):
