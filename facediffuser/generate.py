@@ -3,102 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from facediffuser.images import load_image
-from facediffuser.manifest import directory_hash, module_hash, package_versions
+from facediffuser.manifest import package_versions
+from facediffuser.model_dir import identity, load_pipeline
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
-from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA, FaceDiffuserPipeline
+from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA
 from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_grid, mask_overlay
-
-
-_SAID: set[str] = set()
-
-
-def run_final_dir(model: str) -> str:
-    """A training run directory (`runs/NAME`, holding `final/` beside the Ray run folders) → its `final/`, said
-    once per run; any other model directory is returned as it is."""
-    from facediffuser.data import io as dataio
-
-    final = dataio.join(model, "final")
-    if dataio.exists(dataio.join(model, "sdm", "unet")) or not dataio.exists(dataio.join(final, "export.json")):
-        return model
-    if model not in _SAID:
-        _SAID.add(model)
-        print(f"--model {model}: a training run; using its final models in {final}", flush=True)
-    return final
-
-
-def local_model_dir(model: str) -> Path:
-    """A model directory (or a training run's directory, see run_final_dir) as a local path. An s3:// prefix is
-    mirrored into a cache directory first (again only when the remote listing changed), so every loader below
-    works on plain files."""
-    from facediffuser.data import io as dataio
-
-    model = run_final_dir(model)
-    if not dataio.is_s3(model):
-        return Path(model)
-    import pyarrow.fs as pafs
-
-    fs, prefix = dataio.resolve(model)
-    try:
-        listing = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model directory not found: {model}") from None
-    except OSError as exc:
-        raise FileNotFoundError(f"model {model}: cannot be listed ({str(exc).splitlines()[0]})") from None
-    files = sorted((i.path, i.size, str(i.mtime)) for i in listing if i.type == pafs.FileType.File)
-    if not files:
-        raise FileNotFoundError(f"model directory not found: {model} (no objects under that prefix)")
-    cache_root = Path(os.environ.get("FACEDIFFUSER_CACHE", Path.home() / ".cache" / "facediffuser")) / "models"
-    local = cache_root / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:16]
-    stamp = json.dumps(files)
-    if (local / ".listing.json").is_file() and (local / ".listing.json").read_text() == stamp:
-        return local
-    staging = local.with_name(local.name + ".incoming")
-    shutil.rmtree(staging, ignore_errors=True)
-    pafs.copy_files(prefix, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    (staging / ".listing.json").write_text(stamp)
-    shutil.rmtree(local, ignore_errors=True)
-    staging.rename(local)
-    return local
-
-
-def load_pipeline(model: str | None = None, tiny: bool = False, torch_dtype=torch.float32) -> FaceDiffuserPipeline:
-    """A model directory (local or s3://) → pipeline. Accepts a saved FaceDiffuserPipeline (model_index.json)
-    or a directory holding `sdm/` and `tdm/` model directories (what training writes). `tiny=True` builds the
-    CPU test stack."""
-    if tiny:
-        from facediffuser.models.tiny import tiny_pipeline
-
-        return tiny_pipeline()
-    if not model:
-        raise ValueError("give --model DIR (or --tiny for the small random test models)")
-    root = local_model_dir(model)
-    if not root.is_dir():
-        raise FileNotFoundError(f"model directory not found: {root}")
-    if (root / "model_index.json").is_file():
-        return FaceDiffuserPipeline.from_pretrained(str(root), torch_dtype=torch_dtype)
-    if (root / "sdm" / "unet").is_dir() and (root / "tdm" / "unet").is_dir():
-        return FaceDiffuserPipeline.from_sdm_and_tdm(root / "sdm", root / "tdm", torch_dtype=torch_dtype)
-    raise ValueError(f"{model} is neither a FaceDiffuserPipeline directory (model_index.json) nor holds sdm/ and tdm/")
-
-
-def model_identity(pipe: FaceDiffuserPipeline, model: str | None) -> dict:
-    if model:
-        root = local_model_dir(model)
-        parts = [root / "sdm", root / "tdm"] if (root / "sdm").is_dir() else [root]
-        return {"model": str(model), "hashes": {str(p.relative_to(root.parent)): directory_hash(p) for p in parts}}
-    return {"model": "tiny", "hashes": {"tiny": module_hash(pipe.sdm_unet, pipe.tdm_unet, pipe.subject_encoder)}}
 
 
 def write_results(out_dir: Path, result, *, prefix: str = "image") -> dict[str, list[str] | str]:
@@ -185,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                        "alpha": args.alpha, "beta": args.beta, "fusion_steps": result.fusion_steps},
         "size": list(result.images[0].size),
         "identity_scores": result.identity_scores,  # per image, per subject; null: no face found
-        **model_identity(pipe, args.model),
+        **identity(pipe, args.model),  # model, hashes, model_version
         "files": files,
         "versions": package_versions(),
         "seconds": round(time.perf_counter() - started, 3),

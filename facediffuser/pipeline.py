@@ -131,17 +131,13 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         )
 
     def save_model_dir(self, out_dir: str | Path, which: str) -> None:
-        """Write the SDM or TDM alone as a diffusers-layout model directory (what training checkpoints are)."""
-        if which not in ("sdm", "tdm"):
-            raise ValueError(f"which must be 'sdm' or 'tdm', got {which!r}")
-        out = Path(out_dir)
-        (self.sdm_unet if which == "sdm" else self.tdm_unet).save_pretrained(out / "unet")
-        self.vae.save_pretrained(out / "vae")
-        self.text_encoder.save_pretrained(out / "text_encoder")
-        self.tokenizer.save_pretrained(out / "tokenizer")
-        self.scheduler.save_pretrained(out / "scheduler")
-        if which == "sdm":
-            self.subject_encoder.save_pretrained(out / "subject_encoder")
+        """Write the SDM or TDM alone as one model directory (`facediffuser.model_dir.save`, the layout's one
+        writer; docs/model-directory.md). `from_sdm_and_tdm` reads two of them back."""
+        from facediffuser import model_dir
+
+        model_dir.save(out_dir, which, unet=self.sdm_unet if which == "sdm" else self.tdm_unet, vae=self.vae,
+                       text_encoder=self.text_encoder, tokenizer=self.tokenizer, scheduler=self.scheduler,
+                       subject_encoder=self.subject_encoder)
 
     # ------------------------------------------------------------------ encoding
     @property

@@ -92,12 +92,12 @@ class EvaluateConfig:
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if not self.tiny:
-            from facediffuser.generate import run_final_dir
+            from facediffuser import model_dir
 
-            root = Path(run_final_dir(self.model)) if self.model else Path("")  # runs/NAME → its final/
+            root = Path(model_dir.resolve(self.model)) if self.model else Path("")  # runs/NAME → its final/
             if not self.model or not root.is_dir():
                 raise FileNotFoundError(f"model directory not found: {self.model}")
-            if not (root / "model_index.json").is_file() and not all((root / d).is_dir() for d in ("sdm/unet", "tdm/unet")):
+            if model_dir.kind(root) is None:
                 raise ValueError(f"{root} is neither a FaceDiffuserPipeline directory nor holds sdm/ and tdm/")
         if self.facenet_weights and not Path(self.facenet_weights).is_file():
             raise FileNotFoundError(f"--facenet-weights file not found: {self.facenet_weights}")
@@ -202,7 +202,7 @@ class GenerateImages:
     """One pipeline per actor; each task (one prompt, one method) → `images_per_prompt` image rows."""
 
     def __init__(self, config: EvaluateConfig):
-        from facediffuser.generate import load_pipeline
+        from facediffuser.model_dir import load_pipeline
         from facediffuser.schedulers import make_scheduler
 
         self.config = config
@@ -425,6 +425,7 @@ def _report(config: EvaluateConfig, out: Path, subjects, tasks, rows, showcase, 
     """report.json / report.md, the bar chart and the pictures, from every row (this run's and a previous one's)."""
     from PIL import Image
 
+    from facediffuser import model_dir
     from facediffuser.manifest import directory_hash, package_versions
     from facediffuser.metrics.report import aggregate, bar_chart, write_reports
 
@@ -439,7 +440,7 @@ def _report(config: EvaluateConfig, out: Path, subjects, tasks, rows, showcase, 
                 masks[(*key, row["method"])] = Image.open(out / row["mask_file"])
     pictures = _pictures(out, config, showcase, images, masks, tasks)
     bar_chart(table, out / pictures["chart"])
-    model = Path(config.model or ".")
+    model = Path(model_dir.resolve(config.model) if config.model else ".")  # runs/NAME → its final/
     missing = ([] if config.facenet_weights else ["FastComposer identity (give --facenet-weights)"]) + (
         [] if config.clip else ["prompt consistency (give --clip)"])
     meta = {

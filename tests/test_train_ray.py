@@ -170,7 +170,7 @@ def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, t
     note = json.loads((final / "export.json").read_text())
     assert note["sdm"]["trained"] and note["tdm"]["trained"]
 
-    from facediffuser.generate import load_pipeline
+    from facediffuser.model_dir import load_pipeline
     from facediffuser.models.tiny import tiny_components
 
     pipe = load_pipeline(str(final))

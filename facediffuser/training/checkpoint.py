@@ -1,8 +1,9 @@
 """Loading training bases and writing checkpoints, all in safetensors (no pickle anywhere).
 
 A checkpoint directory holds
-  model/                      a model directory (`FaceDiffuserPipeline.save_model_dir` layout: SD for the TDM,
-                              SD + subject_encoder/ for the SDM), loadable by `FaceDiffuserPipeline.from_sdm_and_tdm`
+  model/                      one model directory, written by `facediffuser.model_dir.save` (SD layout for the TDM,
+                              SD + subject_encoder/ for the SDM; docs/model-directory.md), loadable by
+                              `FaceDiffuserPipeline.from_sdm_and_tdm`
   training_state.safetensors  AdamW moments + step counters; scalars and param groups in the JSON metadata
   metrics.csv                 every step's metrics so far (so a resumed run keeps its history)
 """
@@ -15,7 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from facediffuser import model_dir
+
 MODEL_SUBDIR = "model"
+save_model_dir = model_dir.save  # the layout's one writer, under the name pipelines/train.py calls
 STATE_FILE = "training_state.safetensors"
 
 
@@ -94,16 +98,6 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
                     "give --image-encoder DIR to start from pretrained CLIP)")
             parts["subject_encoder"] = encoder
     return parts
-
-
-def save_model_dir(out_dir: str | Path, which: str, *, unet, vae, text_encoder, tokenizer, scheduler,
-                   subject_encoder=None) -> None:
-    """Write one model directory through `FaceDiffuserPipeline.save_model_dir` (the one place the layout lives)."""
-    from facediffuser.pipeline import FaceDiffuserPipeline
-
-    pipe = FaceDiffuserPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                subject_encoder=subject_encoder, sdm_unet=unet, tdm_unet=unet, scheduler=scheduler)
-    pipe.save_model_dir(out_dir, which)
 
 
 def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:

@@ -1,0 +1,407 @@
+"""The model-directory contract: what a model directory holds, the one writer, the one reader, and how every
+command (train, generate, serve, evaluate, demo) turns what the user gave into local files. docs/model-directory.md
+says the same for users.
+
+Layout (all weights in safetensors; nothing is pickled):
+
+  one model directory (`save`)    unet/ vae/ text_encoder/ tokenizer/ scheduler/      the diffusers SD layout
+                                  + subject_encoder/ for the SDM                       (TDM: plain SD)
+  a Face-diffuser model           sdm/ and tdm/, each one model directory              what training exports
+  (`load_pipeline` reads either)  or a FaceDiffuserPipeline.save_pretrained directory (model_index.json,
+                                  sdm_unet/ tdm_unet/ subject_encoder/ vae/ text_encoder/ tokenizer/ scheduler/)
+  a training run (STORAGE/NAME)   final/sdm, final/tdm  the Face-diffuser model the run exported
+                                  final/export.json     which of the two were trained (the other: the base)
+                                  sdm/, tdm/            Ray Train run folders (checkpoint_*/model/ = one model dir)
+                                  `resolve` turns a run directory into its final/.
+
+Any of these may be an s3:// prefix: `mirror` copies it into FACEDIFFUSER_CACHE (default ~/.cache/facediffuser)
+under mirrors/<sha256(uri)[:16]>/, content-addressed:
+
+  .lock                 flock: one process at a time checks or mirrors this URI (the others wait, then reuse it)
+  index.json            remote listing (keys, sizes, mtimes) → version: an unchanged remote is not downloaded again
+  <version>/            a complete copy; <version> is the model version (see `content_version`)
+  <version>.json        its per-part hashes
+  <version>.lock        loaders hold it shared while reading; an old version is deleted only when nobody does
+  .incoming-*/          a download in progress (a unique temp dir, renamed to <version>/ once complete)
+
+Every object key must be a plain relative path below the prefix: a key with `..`, `.`, an empty part or a leading
+`/` is refused before anything is written.
+
+The model version (`identity`'s "model_version") is a sha256 over the parts' content hashes (sdm, tdm or the
+whole pipeline directory; the same for a local copy and an s3:// copy of one model), or for --tiny over the
+weights. Manifests and the Serve app's /v1/info carry it, so two processes can check that they run one model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from typing import TYPE_CHECKING
+
+from facediffuser.data import io as dataio
+from facediffuser.manifest import directory_hash, module_hash
+
+if TYPE_CHECKING:  # torch and diffusers load only when a model does (the CLIs validate before that)
+    from facediffuser.pipeline import FaceDiffuserPipeline
+
+MODELS = ("sdm", "tdm")
+SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+FINAL = "final"  # a training run's exported Face-diffuser model
+EXPORT_NOTE = "export.json"  # in final/: which models were trained
+DOWNLOAD_THREADS = 8
+
+_SAID: set[str] = set()
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def save(out_dir: str | Path, which: str, *, unet, vae, text_encoder, tokenizer, scheduler,
+         subject_encoder=None) -> None:
+    """Write the SDM or the TDM as one model directory (the only writer of this layout: training checkpoints,
+    the export of an untrained base, and `FaceDiffuserPipeline.save_model_dir` all come here)."""
+    if which not in MODELS:
+        raise ValueError(f"which must be 'sdm' or 'tdm', got {which!r}")
+    if which == "sdm" and subject_encoder is None:
+        raise ValueError("an SDM model directory needs its subject_encoder")
+    out = Path(out_dir)
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    text_encoder.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    scheduler.save_pretrained(out / "scheduler")
+    if which == "sdm":
+        subject_encoder.save_pretrained(out / "subject_encoder")
+
+
+def final_dir(run_dir: str) -> str:
+    """STORAGE/NAME → STORAGE/NAME/final (local path or s3:// URI), where a training run exports its models."""
+    return dataio.join(run_dir, FINAL)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def resolve(model: str) -> str:
+    """A training run directory (`runs/NAME`, holding `final/` beside the Ray run folders) → its `final/`, said
+    once per run; any other model directory (local or s3://) is returned as it is."""
+    final = final_dir(model)
+    if dataio.exists(dataio.join(model, "sdm", "unet")) or not dataio.exists(dataio.join(final, EXPORT_NOTE)):
+        return model
+    if model not in _SAID:
+        _SAID.add(model)
+        print(f"--model {model}: a training run; using its final models in {final}", flush=True)
+    return final
+
+
+def kind(root: Path) -> str | None:
+    """"pipeline" (model_index.json), "sdm+tdm" (sdm/unet and tdm/unet) or None for a local directory."""
+    if (root / "model_index.json").is_file():
+        return "pipeline"
+    if all((root / which / "unet").is_dir() for which in MODELS):
+        return "sdm+tdm"
+    return None
+
+
+def local_model_dir(model: str) -> Path:
+    """A model directory (or a training run's directory, see `resolve`) as a local path; an s3:// prefix is
+    mirrored first (see `mirror`)."""
+    model = resolve(model)
+    return mirror(model) if dataio.is_s3(model) else Path(model)
+
+
+def load_pipeline(model: str | None = None, tiny: bool = False, torch_dtype=None) -> "FaceDiffuserPipeline":
+    """A model directory (local or s3://, or a training run's directory) → pipeline. Accepts a saved
+    FaceDiffuserPipeline (model_index.json) or a directory holding `sdm/` and `tdm/` (what training writes).
+    `tiny=True` builds the CPU test stack; `torch_dtype` defaults to float32. A mirrored model is read under its
+    version's shared lock, and the pipeline remembers that version for `identity`."""
+    if tiny:
+        from facediffuser.models.tiny import tiny_pipeline
+
+        return tiny_pipeline()
+    if not model:
+        raise ValueError("give --model DIR (or --tiny for the small random test models)")
+    resolved = resolve(model)
+    if not dataio.is_s3(resolved):
+        return _from_root(Path(resolved), model, torch_dtype)
+    with mirrored(resolved) as copy:
+        pipe = _from_root(copy.root, model, torch_dtype)
+    pipe._model_dir_identity = {"model": str(model), "hashes": copy.named_hashes(), "model_version": copy.version}
+    return pipe
+
+
+def _from_root(root: Path, model: str, torch_dtype) -> "FaceDiffuserPipeline":
+    import torch
+
+    from facediffuser.pipeline import FaceDiffuserPipeline
+
+    torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory not found: {root}")
+    found = kind(root)
+    if found == "pipeline":
+        return FaceDiffuserPipeline.from_pretrained(str(root), torch_dtype=torch_dtype)
+    if found == "sdm+tdm":
+        return FaceDiffuserPipeline.from_sdm_and_tdm(root / "sdm", root / "tdm", torch_dtype=torch_dtype)
+    raise ValueError(f"{model} is neither a FaceDiffuserPipeline directory (model_index.json) nor holds sdm/ and tdm/")
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def parts(root: Path) -> list[str]:
+    """The hashed parts of a Face-diffuser model, relative to its root: sdm and tdm, or "." (a pipeline dir)."""
+    return list(MODELS) if (root / "sdm").is_dir() else ["."]
+
+
+def content_version(hashes: dict[str, str]) -> str:
+    """The model version: sha256 over each part's relative name and content hash (directory_hash), sorted."""
+    digest = hashlib.sha256()
+    for part, value in sorted(hashes.items()):
+        digest.update(f"{part}\0{value}\n".encode())
+    return digest.hexdigest()
+
+
+def part_hashes(root: Path) -> dict[str, str]:
+    """{part: directory_hash} for `parts(root)`; remembered in the cache by the files' names, sizes and mtimes,
+    so a second process loading the same files (the Serve encoder beside the sampler) does not read them again."""
+    return {part: _cached_directory_hash(root / part) for part in parts(root)}
+
+
+def identity(pipe: "FaceDiffuserPipeline", model: str | None) -> dict:
+    """{"model", "hashes", "model_version"} for manifests: what `pipe` was loaded from. Hash keys name the parts
+    under the model directory's own name (e.g. final/sdm), as the manifests always did."""
+    if not model:
+        value = module_hash(pipe.sdm_unet, pipe.tdm_unet, pipe.subject_encoder)
+        return {"model": "tiny", "hashes": {"tiny": value}, "model_version": value}
+    known = getattr(pipe, "_model_dir_identity", None)
+    if known and known["model"] == str(model):
+        return dict(known)
+    resolved = resolve(model)
+    if dataio.is_s3(resolved):
+        with mirrored(resolved) as copy:
+            return {"model": str(model), "hashes": copy.named_hashes(), "model_version": copy.version}
+    root = Path(resolved)
+    hashes = part_hashes(root)
+    return {"model": str(model), "hashes": _named(root.name, hashes), "model_version": content_version(hashes)}
+
+
+def version_mismatch(seen: dict[str, dict]) -> str | None:
+    """{"encoder": identity, "sampler": identity, ...} → None when all carry one model_version, else a line
+    naming each one's version."""
+    versions = {name: (value or {}).get("model_version") for name, value in seen.items()}
+    if len(set(versions.values())) == 1 and None not in versions.values():
+        return None
+    return "the deployments loaded different models: " + ", ".join(
+        f"{name} {str(version)[:12]}" for name, version in sorted(versions.items()))
+
+
+def _named(name: str, hashes: dict[str, str]) -> dict[str, str]:
+    """Hash keys as manifests name them: the parts under the model directory's own name (final/sdm, or final)."""
+    def key(part: str) -> str:
+        if not name:
+            return part
+        return name if part == "." else f"{name}/{part}"
+
+    return {key(part): value for part, value in hashes.items()}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FACEDIFFUSER_CACHE", Path.home() / ".cache" / "facediffuser"))
+
+
+def _cached_directory_hash(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stats = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()
+    memo = cache_root() / "hashes" / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return json.loads(memo.read_text())["sha256"]
+    value = directory_hash(path)
+    with contextlib.suppress(OSError):
+        _write_atomic(memo, json.dumps({"path": str(path), "sha256": value}))
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ s3 mirror
+@dataclass
+class MirroredModel:
+    uri: str
+    root: Path  # <cache>/mirrors/<uri hash>/<version>
+    version: str
+    hashes: dict[str, str]  # part → directory_hash
+    downloaded: bool = False  # this call fetched it (False: an existing copy was reused)
+
+    def named_hashes(self) -> dict[str, str]:
+        return _named(self.uri.rstrip("/").rsplit("/", 1)[-1], self.hashes)
+
+
+def mirror(uri: str) -> Path:
+    """An s3:// model prefix → a complete local copy (downloaded only when the remote listing changed).
+
+    Safe with several processes on one machine (the Serve encoder and sampler replicas): one downloads under the
+    URI's file lock into a unique temp dir and renames it into place; the others wait and reuse it. A newer
+    version never replaces files in place: it gets its own directory, and older ones are removed only once
+    nobody holds them (see `mirrored`)."""
+    with mirrored(uri) as copy:
+        return copy.root
+
+
+@contextlib.contextmanager
+def mirrored(uri: str) -> Iterator[MirroredModel]:
+    """`mirror`, holding the version's shared lock until the block ends (load inside it)."""
+    uri = uri.rstrip("/")
+    files = _remote_files(uri)
+    stamp = hashlib.sha256(json.dumps([(rel, size, mtime) for rel, _, size, mtime in files]).encode()).hexdigest()
+    home = cache_root() / "mirrors" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    home.mkdir(parents=True, exist_ok=True)
+    with _locked(home / ".lock", fcntl.LOCK_EX):
+        index = _read_json(home / "index.json")
+        version = index.get(stamp)
+        meta = _read_json(home / f"{version}.json") if version else {}
+        downloaded = not version or not (home / version).is_dir() or "hashes" not in meta
+        if downloaded:
+            version, meta = _download(uri, files, home)
+            _write_atomic(home / "index.json", json.dumps({**index, stamp: version}, indent=1))
+        reader = _lock(home / f"{version}.lock", fcntl.LOCK_SH)
+        _prune(home, keep=version)
+    try:
+        yield MirroredModel(uri=uri, root=home / version, version=version, hashes=meta["hashes"], downloaded=downloaded)
+    finally:
+        reader.close()
+
+
+def _remote_files(uri: str) -> list[tuple[str, str, int, str]]:
+    """(relative key, store path, size, mtime) of every object under the prefix, each key checked."""
+    import pyarrow.fs as pafs
+
+    fs, prefix = dataio.resolve(uri)
+    try:
+        listing = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model directory not found: {uri}") from None
+    except OSError as exc:
+        raise FileNotFoundError(f"model {uri}: cannot be listed ({str(exc).splitlines()[0]})") from None
+    files = []
+    for info in listing:
+        if info.type != pafs.FileType.File:
+            continue
+        if not info.path.startswith(prefix.rstrip("/") + "/"):
+            raise ValueError(f"model {uri}: listed object {info.path!r} is not below the prefix; refusing to mirror")
+        relative = info.path[len(prefix.rstrip("/")) + 1:]
+        check_key(relative, uri)
+        files.append((relative, info.path, info.size, str(info.mtime)))
+    if not files:
+        raise FileNotFoundError(f"model directory not found: {uri} (no objects under that prefix)")
+    return sorted(files)
+
+
+def check_key(relative: str, uri: str, target: Path | None = None) -> Path:
+    """An object key relative to the model prefix → its path under `target` (default: a stand-in root); a key
+    that is not a plain relative path, or that resolves outside `target`, raises ValueError."""
+    segments = relative.split("/")
+    if not relative or relative.startswith("/") or any(s in ("", ".", "..") for s in segments):
+        raise ValueError(f"model {uri}: object key {relative!r} is not a plain relative path (it has '..', '.', an "
+                         "empty or a leading '/' part) and could resolve outside the mirror; refusing to mirror it")
+    base = (target or Path("/mirror-root")).resolve()
+    path = (base / relative).resolve() if target else Path(os.path.normpath(base / relative))
+    if not path.is_relative_to(base):
+        raise ValueError(f"model {uri}: object key {relative!r} resolves outside the mirror directory {base}")
+    return path
+
+
+def _download(uri: str, files: list[tuple[str, str, int, str]], home: Path) -> tuple[str, dict]:
+    """Copy every listed object into a fresh temp dir under `home`, hash it, rename it to <version>/."""
+    fs, _ = dataio.resolve(uri)
+    incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=home))
+    try:
+        def fetch(entry):
+            relative, path, size, _ = entry
+            dest = check_key(relative, uri, incoming)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(path) as source, open(dest, "wb") as out:
+                shutil.copyfileobj(source, out, 8 << 20)
+            if dest.stat().st_size != size:
+                raise OSError(f"model {uri}: {relative} changed while it was mirrored ({size} → "
+                              f"{dest.stat().st_size} bytes); try again")
+
+        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+            list(pool.map(fetch, files))
+        hashes = {part: directory_hash(incoming / part) for part in parts(incoming)}
+        version = content_version(hashes)
+        meta = {"uri": uri, "model_version": version, "hashes": hashes}
+        _write_atomic(home / f"{version}.json", json.dumps(meta, indent=1))
+        if (home / version).is_dir():  # the same content under a new listing (e.g. re-uploaded)
+            shutil.rmtree(incoming)
+        else:
+            os.rename(incoming, home / version)
+        return version, meta
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+
+
+def _prune(home: Path, keep: str) -> None:
+    """Under the URI's exclusive lock: drop interrupted downloads, and every other version nobody is reading."""
+    for path in home.iterdir():
+        if path.name.startswith(".incoming-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir() and path.name != keep:
+            try:
+                holder = _lock(home / f"{path.name}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a process is loading it; a later mirror removes it
+            try:
+                trash = Path(tempfile.mkdtemp(prefix=".incoming-", dir=home))
+                os.rename(path, trash / "old")
+                shutil.rmtree(trash, ignore_errors=True)
+                (home / f"{path.name}.json").unlink(missing_ok=True)
+            finally:
+                holder.close()
+    index = _read_json(home / "index.json")
+    kept = {stamp: version for stamp, version in index.items() if (home / version).is_dir()}
+    if kept != index:
+        _write_atomic(home / "index.json", json.dumps(kept, indent=1))
+
+
+def _lock(path: Path, mode: int):
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, mode)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: int):
+    handle = _lock(path, mode)
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
