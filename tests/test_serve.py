@@ -27,6 +27,8 @@ def test_generate_end_to_end(service, astronaut):
     info = client.get("/v1/info").json()
     assert info["model"] == "tiny" and info["limits"]["max_steps"] == 8 and "ddim" in info["schedulers"]
     assert info["versions"]["ray"] and info["batching"]["max_batch_size"] == 4
+    assert info["limits"]["compute_budget"] == 512 * 512 * 4 * 50 and info["auth"] == "none"
+    assert info["ingress"] == {"max_ongoing_requests": 32, "max_queued_requests": 16, "memory_mb": 4096}
 
     response = generate(client, reference, num_images=2, seed=11, return_masks=True)
     assert response.status_code == 200, response.text
@@ -47,6 +49,7 @@ def test_generate_end_to_end(service, astronaut):
     scores = body["identity_scores"]
     assert len(scores) == 2 and all(len(row) == 1 for row in scores), scores
     assert all(s is None or -1 <= s <= 1 for row in scores for s in row) and manifest["identity_scores"] == scores
+    assert body["warnings"] == []
 
     # Same seed → same bytes; image k of a multi-image request = the single request with seed + k.
     again = generate(client, reference, num_images=2, seed=11, return_masks=True).json()
@@ -76,11 +79,22 @@ def _noise_png(size: int = 160) -> str:
     return png_b64((np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8))
 
 
+def _tiff_b64(array: np.ndarray) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="TIFF")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 BAD_REQUESTS = {
     # name: (body or raw bytes, expected status, expected error code)
     "invalid json": (b'{"prompt": "a man <|image|>", ', 400, "invalid_json"),
     "invalid base64": ({"references": ["not base64 at all!"]}, 400, "invalid_base64"),
     "non-image bytes": ({"references": [base64.b64encode(b"hello, not an image").decode()]}, 422, "invalid_image"),
+    "TIFF reference": ({"references": ["TIFF"]}, 422, "invalid_image"),
     "marker/reference mismatch": ({"prompt": "a man <|image|> and a woman <|image|>"}, 422, "reference_count_mismatch"),
     "zero subjects": ({"prompt": "a beach at sunset"}, 422, "no_subjects"),
     "zero references": ({"references": []}, 422, "invalid_request"),
@@ -104,7 +118,7 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
-def test_bad_input_is_4xx_json_naming_the_problem(service, name):
+def test_bad_input_is_4xx_json_naming_the_problem(service, astronaut, name):
     client, reference = service["client"], service["reference"]
     payload, status, code = BAD_REQUESTS[name]
     if isinstance(payload, bytes):
@@ -113,12 +127,69 @@ def test_bad_input_is_4xx_json_naming_the_problem(service, name):
         body = {"prompt": "a man <|image|> on a beach", "references": [reference], "steps": STEPS, **payload}
         if body["prompt"].count("<|image|>") == 5:
             body["references"] = [reference] * 4
-        swap = {"NOISE": _noise_png(), "HUGE": png_b64(np.zeros((1100, 1000, 3), np.uint8))}
+        swap = {"NOISE": _noise_png(), "HUGE": png_b64(np.zeros((1100, 1000, 3), np.uint8)),
+                "TIFF": _tiff_b64(astronaut)}
         body["references"] = [swap.get(r, r) if isinstance(r, str) else r for r in body["references"]]
         response = client.post("/v1/generate", json=body)
     assert response.status_code == status, response.text
     error = response.json()
     assert error["error"] == code and error["message"], error
+    if name == "TIFF reference":
+        assert "not a JPEG, PNG, WebP, GIF or BMP image" in error["message"]
+
+
+def _chunks(total: int, size: int = 256 * 1024):
+    sent = 0
+    while sent < total:
+        piece = min(size, total - sent)
+        sent += piece
+        yield b"A" * piece
+
+
+def test_chunked_body_over_the_limit_is_413_without_reading_it_whole(service):
+    """No Content-Length (chunked): the ingress counts as it reads and answers 413 at the limit (3 MB here);
+    it never learns the 30 MB total (the ASGI-level proof of where reading stops: test_serve_units)."""
+    client = service["client"]
+    total = 30 * 2**20
+    response = client.post("/v1/generate", content=_chunks(total), headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    error = response.json()
+    assert error["error"] == "payload_too_large" and "3000000" in error["message"], error
+    assert str(total) not in error["message"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_server_faults_answer_an_error_id_and_identity_failures_keep_the_images(service):
+    """A fault inside the model stack (RuntimeError or ValueError) is a 500 naming only an error id, and the
+    sampler counts it for its health check; a failed identity scoring still returns the images, with a warning.
+    Faults are injected through the deployments' test-only `inject_test_fault` (a Ray handle call, not HTTP)."""
+    from ray import serve
+
+    client, reference = service["client"], service["reference"]
+    sampler = serve.get_deployment_handle("Sampler", app_name=MAIN_APP)
+    encoder = serve.get_deployment_handle("SubjectEncoder", app_name=MAIN_APP)
+    secret = "/models/secret-path/unet.safetensors: shape [320, 4, 3, 3] mismatch"
+    for kind in ("RuntimeError", "ValueError"):
+        sampler.inject_test_fault.remote(kind, secret).result()
+        response = generate(client, reference, seed=21)
+        assert response.status_code == 500, (kind, response.text)
+        error = response.json()
+        assert error["error"] == "internal" and len(error["error_id"]) == 16 and error["error_id"] in error["message"]
+        assert "secret" not in response.text and kind not in response.text and "shape" not in response.text
+    stats = client.get("/v1/stats").json()["sampler"]
+    assert stats["consecutive_failures"] == 2  # both counted, the ValueError too (health fails at 3)
+    assert generate(client, reference, seed=21).status_code == 200
+    assert client.get("/v1/stats").json()["sampler"]["consecutive_failures"] == 0
+
+    encoder.inject_test_fault.remote("RuntimeError", secret).result()
+    response = generate(client, reference, seed=22, num_images=2)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["images"]) == 2 and body["identity_scores"] is None and body["manifest"]["identity_scores"] is None
+    (warning,) = body["warnings"]
+    assert warning.startswith("identity scoring failed (error id ") and "secret" not in response.text
+    again = generate(client, reference, seed=22, num_images=2).json()  # the fault was one-off: scores are back
+    assert again["images"] == body["images"] and len(again["identity_scores"]) == 2 and again["warnings"] == []
 
 
 def test_openapi_and_schemathesis_find_no_server_errors(service):
@@ -223,11 +294,14 @@ def test_token_auth_on_and_off(service, monkeypatch):
     client, reference = service["client"], service["reference"]
     assert generate(client, reference).status_code == 200  # main app: no token configured, none needed
 
-    # A second ingress (own route, token from the environment) in front of the same loaded models.
+    # A second ingress (own route, token from the environment, its own tighter compute budget) in front of the
+    # same loaded models.
     monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
-    secured_config = ServeConfig(
-        **{**service["config"].__dict__, "app_name": "facediffuser-secured", "route_prefix": "/secured", "api_token": None}
-    )
+    budget = 128 * 128 * 2  # one 128x128 image at 2 steps
+    secured_config = ServeConfig(**{
+        **service["config"].__dict__, "app_name": "facediffuser-secured", "route_prefix": "/secured", "api_token": None,
+        "limits": {**service["config"].limits, "compute_budget": budget},
+    })
     assert secured_config.api_token == "s3cret-token"
     url = start(secured_config, upstream_app=MAIN_APP)
     try:
@@ -237,11 +311,25 @@ def test_token_auth_on_and_off(service, monkeypatch):
                                         json={"prompt": "a man <|image|>", "references": [reference], "steps": 2})
                 assert response.status_code == 401 and response.json()["error"] == "unauthorized", response.text
                 assert secured.get("/v1/info", headers=headers).status_code == 401
+                assert secured.get("/v1/stats", headers=headers).status_code == 401
+                # authorised before the body is read: a malformed body, a chunked 30 MB one or a 4 MB one (over
+                # the 3 MB limit) is 401 too, never its validation details or a 413
+                for content in (b'{"prompt": "a man <|image|>", ', _chunks(30 * 2**20), b"A" * 4_000_000):
+                    response = secured.post("/v1/generate", content=content,
+                                            headers={**headers, "content-type": "application/json"})
+                    assert response.status_code == 401 and response.json()["error"] == "unauthorized", response.text
             good = {"Authorization": "Bearer s3cret-token"}
+            malformed = secured.post("/v1/generate", content=b'{"prompt": ', headers={**good, "content-type": "application/json"})
+            assert malformed.status_code == 400 and malformed.json()["error"] == "invalid_json"  # parsed once authorised
             ok = secured.post("/v1/generate", headers=good, json={"prompt": "a man <|image|>", "references": [reference],
                                                                    "steps": 2, "seed": 3})
             assert ok.status_code == 200 and len(ok.json()["images"]) == 1
-            assert secured.get("/v1/info", headers=good).json()["model"] == "tiny"
+            over = secured.post("/v1/generate", headers=good, json={"prompt": "a man <|image|>", "references": [reference],
+                                                                     "steps": 2, "num_images": 2})
+            assert over.status_code == 422 and over.json()["error"] == "over_compute_budget", over.text
+            assert str(budget) in over.json()["message"]
+            info = secured.get("/v1/info", headers=good).json()
+            assert info["model"] == "tiny" and info["limits"]["compute_budget"] == budget and info["auth"] == "bearer"
             assert secured.get("/healthz").status_code == 200  # probes need no token
     finally:
         serve.delete("facediffuser-secured")
