@@ -101,11 +101,12 @@ class SubjectRegions:
         self._biases: dict = {}  # every step asks again for the same few layer sizes
 
     def fusion_region(self, device=None) -> torch.Tensor:
-        """[B, 1, h, w] float32: 1 inside the union of a sample's boxes (where the SDM may win), 0 elsewhere."""
+        """[B, 1, h, w] float32: 1 inside the union of a sample's boxes (where the SDM may win), 0 elsewhere; a
+        sample without boxes is not restricted."""
         height, width = self.latent_size
         masks = []
         for boxes in self.boxes:
-            union = torch.zeros(height, width, dtype=torch.bool)
+            union = torch.full((height, width), not boxes, dtype=torch.bool)
             for box in boxes:
                 union |= box_grid(box, height, width)
             masks.append(union)
