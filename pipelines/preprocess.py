@@ -5,6 +5,11 @@ OUTPUT/rejects/rejects.parquet and OUTPUT/manifest.json. Each stage is a library
 (facediffuser/data/stages.py). The stages that share a device are fused into ONE map_batches actor class that loads
 its models once: on CPUs the whole chain is one pool of one-CPU actors (ActorPoolStrategy(size=N)); with
 `--num-gpus-per-stage` the stages that can use a GPU (MTCNN, a captioner model) become pools of their own.
+
+A row that fails (a stage or its model raising on one image included) is a reject with its stage and reason; the
+job fails only on systemic errors (a model that cannot load, a stage raising on image after image, an output that
+cannot be written). manifest.json is removed when a run starts and written last (facediffuser/data/output.py), so
+`train` never reads the shards of a run that did not finish.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
+from facediffuser.data import output as layout
 from facediffuser.data import stages
 from facediffuser.data.captions import TEMPLATE, check_captioner, make_captioner
 from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
@@ -92,8 +98,8 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
 # ------------------------------------------------------------------------------------------- the stages
 
 
-def _map_items(batch: pa.Table, function) -> pa.Table:
-    return work_table([function(item) for item in batch.to_pylist()])
+def _map_items(batch: pa.Table, function, stage: str) -> pa.Table:
+    return stages.checked_work_table([function(item) for item in batch.to_pylist()], stage)
 
 
 class RunStages:
@@ -101,7 +107,7 @@ class RunStages:
     `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
 
     def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str):
-        self.config, self.names = config, names
+        self.config, self.names, self.guard = config, names, stages.StageGuard()
         self.detector = make_detector(config.detector, config.min_face_score, device=device) \
             if "detect" in names else None
         self.segmenter = PersonSegmenter() if "segment" in names else None
@@ -112,17 +118,18 @@ class RunStages:
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _map_items(batch, lambda item: stages.apply_stages(
             item, self.config, self.names, detector=self.detector, segmenter=self.segmenter,
-            captioner=self.captioner))
+            captioner=self.captioner, guard=self.guard), self.names[-1])
 
 
 class ConvertFastComposer:
     """--source fastcomposer: jpg + json + npy → a work row, no models."""
 
     def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str):
-        self.config = config
+        self.config, self.guard = config, stages.StageGuard()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _map_items(batch, lambda item: item if item["stage"] else convert_stage(item, self.config))
+        return _map_items(batch, lambda item: item if item["stage"] else self.guard.run(
+            "convert", lambda i: convert_stage(i, self.config), item), "convert")
 
 
 def shard_sink(shards_uri: str, rows_per_shard: int):
@@ -146,7 +153,7 @@ def shard_sink(shards_uri: str, rows_per_shard: int):
 
         def write(self, blocks, ctx) -> pa.Table:
             items = [row for block in blocks for row in _as_table(block).to_pylist()]
-            table = stages.shard_table(items)
+            table, items = stages.shard_rows(items)  # a row that does not fit the schema: a `write` reject
             if table.num_rows:
                 fs, path = dataio.resolve(self.uri)
                 fs.create_dir(path, recursive=True)
@@ -173,7 +180,7 @@ def _as_table(block) -> pa.Table:
 
 
 def _runtime_env() -> dict:
-    env = {name: os.environ[name] for name in AWS_VARIABLES if name in os.environ}
+    env = {name: os.environ[name] for name in (*AWS_VARIABLES, stages.FAULT_ENV) if name in os.environ}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
@@ -227,16 +234,23 @@ OUTPUT_SETTINGS = ("input", "source", "detector", "captioner", "max_subjects", "
                    "min_face_score")
 
 
-def previous_work(config: PreprocessConfig) -> tuple[set[str], list[dict]]:
+def previous_work(config: PreprocessConfig, ids: set[str]) -> tuple[set[str], list[dict]]:
     """What an earlier run with the same settings already left in OUTPUT: (ids in readable shard files, reject
-    rows). A shard file cut short by an interrupted run is deleted (its rows are done again). Output made with
-    other settings, or by an older version (no run.json), is removed. Writes OUTPUT/run.json for this run."""
+    rows). First removes OUTPUT/manifest.json (until this run ends, training refuses the output). A shard file cut
+    short by an interrupted run is deleted (its rows are done again), and so is one holding a row whose input is
+    gone (its other rows are done again). Output made with other settings, or by an older version (no run.json),
+    is removed. Writes OUTPUT/run.json for this run."""
     import pyarrow.parquet as pq
 
-    shards_uri, rejects_uri = dataio.join(config.output, "shards"), dataio.join(config.output, "rejects")
-    run_uri = dataio.join(config.output, "run.json")
+    layout.remove_manifest(config.output)
+    shards_uri = dataio.join(config.output, layout.SHARDS_DIR)
+    rejects_uri = dataio.join(config.output, layout.REJECTS_DIR)
+    run_uri = dataio.join(config.output, layout.RUN_FILE)
     settings = {"schema_version": SCHEMA_VERSION, **{k: getattr(config, k) for k in OUTPUT_SETTINGS}}
-    before = json.loads(dataio.read_bytes(run_uri)) if dataio.exists(run_uri) else None
+    try:
+        before = json.loads(dataio.read_bytes(run_uri)) if dataio.exists(run_uri) else None
+    except ValueError:  # cut short while written: settings unknown, so the output is replaced
+        before = {}
     done: set[str] = set()
     rejects: list[dict] = []
     if before != settings:
@@ -252,9 +266,13 @@ def previous_work(config: PreprocessConfig) -> tuple[set[str], list[dict]]:
     files = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     for info in files:
         try:
-            done.update(pq.read_table(info.path, columns=["id"], filesystem=fs).column("id").to_pylist())
+            file_ids = pq.read_table(info.path, columns=["id"], filesystem=fs).column("id").to_pylist()
         except Exception:  # cut short by the interruption
+            file_ids = None
+        if file_ids is None or not set(file_ids) <= ids:
             fs.delete_file(info.path)
+        else:
+            done.update(file_ids)
     rejects_file = dataio.join(rejects_uri, "rejects.parquet")
     if dataio.exists(rejects_file):
         fs, path = dataio.resolve(rejects_file)
@@ -273,9 +291,8 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     check_config(config)
     items = list_items(config)
     started = time.time()
-    done, old_rejects = previous_work(config)
     ids = {item["id"] for item in items}
-    done &= ids
+    done, old_rejects = previous_work(config, ids)
     old_rejects = [r for r in old_rejects if r["id"] in ids and r["id"] not in done]
     todo = [item for item in items if item["id"] not in done | {r["id"] for r in old_rejects}]
     if len(todo) < len(items):
@@ -285,14 +302,16 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     resources = ray.cluster_resources()
     cluster_cpus, cluster_gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
 
-    shards_uri, rejects_uri = dataio.join(config.output, "shards"), dataio.join(config.output, "rejects")
+    shards_uri = dataio.join(config.output, layout.SHARDS_DIR)
+    rejects_uri = dataio.join(config.output, layout.REJECTS_DIR)
     statuses: list[dict] = []
     if todo:
         sink = shard_sink(shards_uri, config.rows_per_shard)
         build_dataset(todo, config, cluster_cpus, cluster_gpus).write_datasink(
             sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **_runtime_env()})
         statuses = sink.statuses
-    if len(statuses) != len(todo):  # the accounting identity: every input is written or rejected
+    if len(statuses) != len(todo) or {s["id"] for s in statuses} != {i["id"] for i in todo}:
+        # the accounting identity: every input is written or rejected, once
         raise RuntimeError(f"pipeline lost rows: {len(todo)} in, {len(statuses)} out")
     rejected = old_rejects + [s for s in statuses if s["stage"]]
     fs, path = dataio.resolve(dataio.join(rejects_uri, "rejects.parquet"))
@@ -313,8 +332,7 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
         "wall_time_s": round(time.time() - started, 3),
         "images_per_s": round(len(todo) / max(time.time() - started, 1e-9), 3),
     }
-    dataio.write_bytes(dataio.join(config.output, "manifest.json"), json.dumps(manifest, indent=2).encode())
-    return manifest
+    return layout.write_manifest(config.output, manifest)  # last: lists the shard files, checks their rows
 
 
 # --------------------------------------------------------------------------------------------- the CLI

@@ -128,6 +128,39 @@ def _fastcomposer_tree(root, photo: np.ndarray) -> None:
     np.save(chunk / "00003.npy", ids)
 
 
+def _malformed_samples(root, photo: np.ndarray) -> dict[str, str]:
+    """FastComposer samples with a malformed json or npy beside `_fastcomposer_tree`'s: id → a fragment of the
+    reason each must be rejected with (stage `convert`). Several of them made the converter raise."""
+    chunk = root / "00000"
+    image = tile(photo, 2)[:, :1000]  # 1000×512, the id map of sample 00001
+    jpg, npy = (chunk / "00001.jpg").read_bytes(), (chunk / "00001.npy").read_bytes()
+    caption = "a man and a woman standing in a hall"
+    left = {"id": 7, "bbox": [20, 40, 480, 512], "coco_label": "person", "end": 5}
+    right = {"id": 3, "bbox": [520, 40, 990, 512], "coco_label": "person", "end": 17}
+    cases = {
+        "00010": ([{k: v for k, v in right.items() if k != "end"}, left], "person segment 0 has no end"),
+        "00011": ([{**right, "end": "17"}, left], "segment 3: end '17' does not follow a word"),
+        "00012": ([{**right, "id": [3]}, left], "person segment 0: id [3] is not an integer"),
+        "00013": ([{**right, "bbox": [520, 40, 1990, 512]}, left],
+                  "segment 3: bbox [520, 40, 1990, 512] is empty or outside the 1000x512 image"),
+        "00014": ([{**right, "bbox": [520, 40, 990]}, left], "segment 3: bbox [520, 40, 990] is not [x1, y1, x2, y2]"),
+        "00015": ("{not json", "json is not valid JSON"),
+        "00016": (["person", left], "segment 0 is a str, expected an object"),
+        "00017": ([right, left], "npy is not a readable array (EOFError"),  # an empty npy file
+        "00018": ({"caption": caption, "segments": {"0": right}}, "json has no segments list"),
+    }
+    assert image.shape[:2] == (512, 1000)
+    reasons = {}
+    for sample, (meta, reason) in cases.items():
+        if isinstance(meta, list):
+            meta = json.dumps({"caption": caption, "segments": meta})
+        (chunk / f"{sample}.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+        (chunk / f"{sample}.jpg").write_bytes(jpg)
+        (chunk / f"{sample}.npy").write_bytes(b"" if sample == "00017" else npy)
+        reasons[sample] = reason
+    return reasons
+
+
 def test_fastcomposer_conversion(tmp_path, astronaut):
     _fastcomposer_tree(tmp_path, astronaut)
     config = stages.PreprocessConfig(input=str(tmp_path), output=str(tmp_path / "out"), source="fastcomposer",
@@ -144,6 +177,128 @@ def test_fastcomposer_conversion(tmp_path, astronaut):
     assert record.subjects[1].person_box == pytest.approx([260, 20, 495, 256])
     assert record.subjects[0].score == 0.0 and record.subjects[0].face_mask_png is None
     assert stages.shard_table(items).num_rows == 1 and stages.reject_table(items).num_rows == 2
+
+
+def test_malformed_fastcomposer_samples_are_rejected_with_reasons(tmp_path, astronaut):
+    """A malformed segment or file is one reject (stage convert, the reason), never an exception; the good
+    sample beside them is still converted."""
+    _fastcomposer_tree(tmp_path, astronaut)
+    reasons = _malformed_samples(tmp_path, astronaut)
+    config = stages.PreprocessConfig(input=str(tmp_path), output="-", source="fastcomposer", resolution=256)
+    items = {i["id"]: convert_stage(i, config) for i in list_fastcomposer_items(str(tmp_path))}
+    for sample, fragment in reasons.items():
+        assert items[sample]["stage"] == "convert" and fragment in items[sample]["reason"], items[sample]["reason"]
+        assert "\n" not in items[sample]["reason"]
+    assert items["00001"]["stage"] is None
+    counts = stages.stage_counts("fastcomposer", len(items), [i["stage"] for i in items.values() if i["stage"]])
+    assert counts["input"] == len(items) == counts["written"] + counts["rejected"] and counts["written"] == 1
+    assert counts["convert"]["rejected"] == len(reasons) + 1  # + 00003's bad end
+
+
+def test_a_stage_raising_on_one_image_rejects_that_image(tmp_path, astronaut, mediapipe_models, monkeypatch):
+    """The real models in the plain loop (the function every Ray stage calls): a degenerate image that made the
+    detector raise, a segmenter and a captioner that raise on one image, and the test-only fault hook. Each is a
+    reject of its stage with the reason; the other images go through. Raising on image after image, or running
+    out of memory, is systemic and stops the loop."""
+    detector, segmenter = mediapipe_models
+    Image.fromarray(astronaut).save(tmp_path / "one.jpg")
+    Image.fromarray(tile(astronaut, 2)).save(tmp_path / "two.jpg")
+    Image.new("RGB", (300, 1), (200, 150, 120)).save(tmp_path / "line.png")  # one pixel high
+    Image.fromarray(astronaut[:, ::-1]).save(tmp_path / "mirror.jpg")
+    Image.fromarray(astronaut[::2, ::2]).save(tmp_path / "small.jpg")
+    config = stages.PreprocessConfig(input=str(tmp_path), output="-")
+    items = stages.list_image_items(str(tmp_path))
+
+    def segment(image, faces):  # the real segmenter, failing on the picture of two people
+        if len(faces) == 2:
+            raise ValueError("segmentation backend failed\non two lines")
+        return segmenter(image, faces)
+
+    def caption(image):  # a captioner model that chokes on small images
+        if image.shape[0] < 300:
+            raise RuntimeError("captioner: input too small")
+        return "a photo of a man"
+
+    monkeypatch.setenv(stages.FAULT_ENV, "detect:mirror.jpg")
+    done = {i["id"]: i for i in stages.process_locally(items, config, detector, segment, caption, progress=False)}
+    expected = {"line.png": ("detect", "no face found"),
+                "mirror.jpg": ("detect", f"raised RuntimeError: injected test fault ({stages.FAULT_ENV}=detect:mirror.jpg)"),
+                "two.jpg": ("segment", "raised ValueError: segmentation backend failed"),
+                "small.jpg": ("caption", "raised RuntimeError: captioner: input too small")}
+    for name, (stage, reason) in expected.items():
+        assert done[name]["stage"] == stage and done[name]["reason"].startswith(reason), done[name]
+        assert "\n" not in done[name]["reason"]
+    assert done["one.jpg"]["stage"] is None and done["one.jpg"]["caption"] == "a photo of a man"
+    assert stages.shard_table(list(done.values())).num_rows == 1 and stages.reject_table(list(done.values())).num_rows == 4
+
+    def broken(image):
+        raise OSError("CUDA error: device lost")
+
+    guard = stages.StageGuard(limit=3)
+    item = stages.apply_stages(stages.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
+                               guard=guard)
+    assert item["stage"] == "detect" and item["reason"] == "raised OSError: CUDA error: device lost"
+    with pytest.raises(stages.StageError, match="stage detect raised on 3 items in a row"):
+        for _ in range(2):
+            stages.apply_stages(stages.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
+                                guard=guard)
+
+    def out_of_memory(image):
+        raise MemoryError("no memory left")
+
+    with pytest.raises(MemoryError):  # at once, not as a reject
+        stages.apply_stages(stages.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=out_of_memory)
+
+
+def test_rows_that_do_not_fit_the_schema_are_rejects_of_their_stage(astronaut):
+    good = {**stages.new_item("good", "good.jpg"), "image": b"x", "width": 1, "height": 1, "caption": "a man",
+            "subjects": [{"face_box": [0, 0, 1, 1], "score": 1.0, "person_box": [0, 0, 1, 1], "mask_png": b"m",
+                          "face_mask_png": None, "noun": "man", "noun_end": 5}]}
+    odd = {**good, "id": "odd", "caption": ["not", "text"]}  # a model returned a list
+    three = {**good, "id": "three", "subjects": [{**good["subjects"][0], "person_box": [0, 0, 1]}]}
+    table = stages.checked_work_table([good, odd, three], "caption")
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["good"]["stage"] is None and rows["three"]["stage"] is None
+    assert rows["odd"]["stage"] == "caption" and rows["odd"]["reason"].startswith("the row does not fit the schema")
+    shards, items = stages.shard_rows(list(rows.values()))
+    assert shards.column("id").to_pylist() == ["good"]  # the 3-number box cannot be a shard row
+    assert {i["id"]: i["stage"] for i in items} == {"good": None, "odd": "caption", "three": "write"}
+    counts = stages.stage_counts("images", 3, ["caption", "write"])
+    assert counts["write"] == {"rejected": 1, "passed": 1} and counts["written"] == 1
+    assert stages.stage_counts("images", 2, ["mystery"])["written"] == 1  # unknown stage names still add up
+
+
+def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
+    """Until a run ends its output has no manifest (train refuses it); the manifest it writes lists the shard
+    files, and a shard file holding rows of inputs that are gone is redone, not kept."""
+    import pyarrow.parquet as pq
+
+    from facediffuser.data import output as layout
+    from facediffuser.data.schema import to_table
+    from facediffuser.training.samples import sample_records
+    from pipelines.preprocess import OUTPUT_SETTINGS, previous_work
+
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    records = sample_records(4)
+    for index, record in enumerate(records):
+        record.id = f"{index}.jpg"
+    pq.write_table(to_table(records[:2]), out / "shards" / "a.parquet")
+    pq.write_table(to_table(records[2:]), out / "shards" / "b.parquet")
+    with pytest.raises(RuntimeError, match="hold 4 rows, the run wrote 3"):
+        layout.write_manifest(str(out), {"counts": {"input": 3, "written": 3, "rejected": 0}})
+    manifest = layout.write_manifest(str(out), {"counts": {"input": 4, "written": 4, "rejected": 0}})
+    assert [(e["file"], e["rows"]) for e in manifest["shards"]] == [("a.parquet", 2), ("b.parquet", 2)]
+    assert layout.check_complete(str(out), "x")["counts"]["written"] == 4
+
+    config = stages.PreprocessConfig(input=str(tmp_path / "in"), output=str(out))
+    (out / "run.json").write_text(json.dumps({"schema_version": 1, **{k: getattr(config, k) for k in OUTPUT_SETTINGS}}))
+    done, _ = previous_work(config, {"0.jpg", "1.jpg", "2.jpg"})  # 3.jpg was removed from the input
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(layout.IncompleteOutput, match="in progress or was cut short"):
+        layout.check_complete(str(out), "x")
+    assert done == {"0.jpg", "1.jpg"} and not (out / "shards" / "b.parquet").exists()  # 2.jpg is done again
 
 
 def test_unusual_images_decode_and_bad_ones_are_rejected_with_reasons(astronaut):

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from facediffuser.cli import main as cli_main
+from facediffuser.data.output import write_manifest
 from facediffuser.data.schema import to_table
 from facediffuser.training.samples import sample_records
 
@@ -25,14 +26,25 @@ TINY = ["--tiny", "--resolution", "64", "--batch-size", "2"]
 SMALL = [*TINY, "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
 
 
+def finished_output(root: Path, input_rows: int | None = None) -> Path:
+    """Make `root` (holding shards/) look like a finished preprocess run: the manifest preprocess writes last."""
+    rows = sum(pq.read_metadata(f).num_rows for f in (root / "shards").glob("*.parquet"))
+    write_manifest(str(root), {"schema_version": 1, "counts": {"input": input_rows or rows, "written": rows,
+                                                                "rejected": (input_rows or rows) - rows}})
+    return root
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, astronaut) -> Path:
-    """Shards made with the schema's own writer from the real astronaut photo and synthetic people."""
-    folder = tmp_path_factory.mktemp("shards")
+    """The shards/ directory of a finished preprocess output (DATA/shards + DATA/manifest.json), made with the
+    schema's own writer from the real astronaut photo and synthetic people."""
+    folder = tmp_path_factory.mktemp("data") / "shards"
+    folder.mkdir()
     # 16 rows in two files: an epoch holds several steps
     table = to_table(sample_records(16, astronaut))
     pq.write_table(table.slice(0, 3), folder / "part-0.parquet")
     pq.write_table(table.slice(3), folder / "part-1.parquet")
+    finished_output(folder.parent)
     return folder
 
 
@@ -44,12 +56,18 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_bad_input_fails_in_one_line_before_work(tmp_path, shards):
     (tmp_path / "empty").mkdir()
     wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    pq.write_table(pq.read_table(shards / "part-0.parquet").drop_columns(["caption"]), wrong / "x.parquet")
+    (wrong / "shards").mkdir(parents=True)
+    pq.write_table(pq.read_table(shards / "part-0.parquet").drop_columns(["caption"]), wrong / "shards" / "x.parquet")
+    finished_output(wrong)
+    unfinished = tmp_path / "unfinished"  # a preprocess run in progress or cut short: shards, no manifest yet
+    shutil.copytree(shards, unfinished / "shards")
+    (unfinished / "run.json").write_text("{}")
     storage = str(tmp_path / "runs")
     cases = {
-        "no Parquet shards": ["--model", "sdm", "--data", str(tmp_path / "empty"), "--tiny"],
+        "not a preprocess output (no manifest.json)": ["--model", "sdm", "--data", str(tmp_path / "empty"), "--tiny"],
         "missing columns: caption": ["--model", "tdm", "--data", str(wrong), "--tiny"],
+        f"no {unfinished / 'manifest.json'}: the preprocess run there is in progress or was cut short":
+            ["--model", "tdm", "--data", str(unfinished / "shards"), "--tiny"],
         "no such file": ["--model", "tdm", "--data", str(tmp_path / "absent"), "--tiny"],
         "--base: base model directory not found": ["--model", "sdm", "--data", str(shards), "--base", str(tmp_path / "nobase")],
         "fewer than one batch": ["--model", "both", "--data", str(shards), "--tiny", "--batch-size", "16", "--workers", "2"],
@@ -69,7 +87,7 @@ def test_data_resolves_a_preprocess_output_a_shards_dir_or_a_list(tmp_path, shar
 
     output = tmp_path / "data"  # what `facediffuser preprocess --output data/` leaves
     shutil.copytree(shards, output / "shards")
-    (output / "manifest.json").write_text(json.dumps({"schema_version": 1, "counts": {"written": 16, "rejected": 2}}))
+    finished_output(output, input_rows=18)
     resolved = resolve_data([str(output), str(shards)])
     assert resolved == [str(output / "shards"), str(shards)]
     assert f"--data {output}: preprocess output; reading {output / 'shards'} (16 rows written, 2 rejected" in \
@@ -77,6 +95,51 @@ def test_data_resolves_a_preprocess_output_a_shards_dir_or_a_list(tmp_path, shar
     assert check_data(resolved) == 32 and check_data(str(shards)) == 16
     with pytest.raises(ValueError, match="either local directories or s3:// prefixes"):
         resolve_data([str(shards), "s3://bucket/shards"])
+
+
+def test_data_refuses_shards_without_a_complete_manifest(tmp_path, shards):
+    """Only the output of a finished preprocess run is read: its manifest exists, adds up and lists exactly the
+    shard files that are there. Each refusal is one line naming the manifest."""
+    from pipelines.train import resolve_data
+
+    def refused(path: Path, *fragments: str) -> None:
+        for value in (path, path / "shards"):  # the output directory or its shards/ directory: the same answer
+            with pytest.raises(ValueError) as error:
+                resolve_data([str(value)])
+            message = str(error.value)
+            assert "\n" not in message and message.startswith(f"--data {value}: "), message
+            for fragment in fragments:
+                assert fragment in message, message
+
+    def copy(name: str) -> Path:
+        shutil.copytree(shards.parent, tmp_path / name)
+        return tmp_path / name
+
+    manifest = json.loads((shards.parent / "manifest.json").read_text())
+    bare = tmp_path / "bare"  # shards alone, as a cut-short run leaves them (no manifest yet)
+    shutil.copytree(shards, bare / "shards")
+    refused(bare, f"no {bare / 'manifest.json'}", "in progress or was cut short")
+    broken = copy("broken")
+    (broken / "manifest.json").write_text('{"counts": ')
+    refused(broken, f"{broken / 'manifest.json'} is not valid JSON")
+    short = copy("short")  # counts that do not add up: in != written + rejected
+    (short / "manifest.json").write_text(json.dumps({**manifest, "counts": {"input": 20, "written": 16, "rejected": 2}}))
+    refused(short, f"{short / 'manifest.json'} is incomplete: 20 in, 16 written, 2 rejected")
+    old = copy("old")  # a manifest without the shard list
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
+    refused(old, "lists no shard files")
+    lost = copy("lost")
+    (lost / "shards" / "part-1.parquet").unlink()
+    refused(lost, f"the shards differ from {lost / 'manifest.json'}", "1 listed shard files missing: part-1.parquet")
+    added = copy("added")  # a file another run is writing there
+    shutil.copy(shards / "part-0.parquet", added / "shards" / "extra.parquet")
+    (added / "shards" / "part-0.parquet").write_bytes((shards / "part-0.parquet").read_bytes()[:100])
+    refused(added, "1 shard files not listed: extra.parquet", "1 shard files changed: part-0.parquet")
+    nothing = tmp_path / "nothing"  # a finished run that rejected every input
+    (nothing / "shards").mkdir(parents=True)
+    write_manifest(str(nothing), {"counts": {"input": 3, "written": 0, "rejected": 3}})
+    refused(nothing, "preprocess wrote no rows (3 rejected")
+    assert resolve_data([str(copy("fine"))]) == [str(tmp_path / "fine" / "shards")]  # an untouched copy is read
 
 
 def _metrics(text: str) -> list[dict]:
@@ -108,6 +171,7 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
     s3.create_bucket(Bucket="train")
     for part in sorted(shards.iterdir()):
         s3.upload_file(str(part), "train", f"shards/{part.name}")
+    s3.upload_file(str(shards.parent / "manifest.json"), "train", "manifest.json")  # a finished preprocess run
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("FACEDIFFUSER_FAIL_AT_STEP", "3")
     monkeypatch.setenv("FACEDIFFUSER_FAIL_MARKER", str(marker))
@@ -151,8 +215,7 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
 def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, tmp_path, capsys, astronaut):
     storage = tmp_path / "runs"
     output = tmp_path / "data"  # a preprocess output directory, given as is
-    shutil.copytree(shards, output / "shards")
-    (output / "manifest.json").write_text(json.dumps({"schema_version": 1, "counts": {"written": 16, "rejected": 0}}))
+    shutil.copytree(shards.parent, output)
     # no resource flags: the runs are sized from the 2-CPU cluster (the README's CPU try-out command)
     assert cli_main(["train", "--model", "both", "--data", str(output), "--storage", str(storage), "--name", "pair",
                      "--max-steps", "2", "--checkpoint-every", "2", "--lr", "1e-4", *TINY]) == 0

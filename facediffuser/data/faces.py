@@ -78,6 +78,8 @@ class MediapipeFaceDetector:
         height, width = image.shape[:2]
         side = min(height, width)
         faces: list[Face] = []
+        if side < 2:  # a line of pixels holds no face (and a window of side 1 would mean thousands of calls)
+            return []
         if max(height, width) <= 1.5 * side:
             faces = self._detect_window(image, 0, 0)
         else:

@@ -82,7 +82,8 @@ class PersonSegmenter:
         for face in faces:
             left, top, right, bottom = person_crop(face, width, height)
             full = np.zeros((height, width), dtype=np.float32)
-            full[top:bottom, left:right] = self.foreground(image[top:bottom, left:right])
+            if right > left and bottom > top:  # a degenerate face box gives an empty crop: mediapipe would abort
+                full[top:bottom, left:right] = self.foreground(image[top:bottom, left:right])
             probabilities.append(full)
         return split_foreground(probabilities, faces)
 

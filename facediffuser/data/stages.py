@@ -3,12 +3,15 @@
 `pipelines/preprocess.py` runs them through `apply_stages` inside Ray Data `map_batches` actors;
 `process_locally` runs the same function in a plain loop (the benchmark's baseline). An item that fails a stage
 gets `stage` and `reason` set and passes through the later stages untouched, so every input ends as a shard row
-or a reject row.
+or a reject row. That includes a stage (or its model) raising on one image: `StageGuard` turns the exception into
+a reject of that stage; only a stage that raises on `SYSTEMIC_AFTER` images in a row, or runs out of memory, stops
+the job (a broken model or device, not bad rows).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from dataclasses import asdict, dataclass
 
@@ -26,6 +29,9 @@ from facediffuser.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_ima
 
 SOURCES = ("images", "fastcomposer")
 JPEG_QUALITY = 95
+SYSTEMIC_AFTER = 8  # a stage that raises on this many items in a row (none getting through in between) is broken
+# Test-only fault injection (not a user setting): "STAGE:ID" makes that stage raise on the item with that id.
+FAULT_ENV = "FACEDIFFUSER_PREPROCESS_FAULT"
 
 # The row type between stages: the shard columns, all nullable, plus where and why an item was rejected.
 WORK_SUBJECT_TYPE = pa.struct([
@@ -153,8 +159,11 @@ def segment_stage(item: dict, segmenter) -> dict:
     image = stored_array(item)
     height, width = image.shape[:2]
     faces = [Face(list(s["face_box"]), s["score"]) for s in item["subjects"]]
+    masks = segmenter(image, faces)
+    if len(masks) != len(faces):
+        return reject(item, "segment", f"the segmenter returned {len(masks)} masks for {len(faces)} faces")
     subjects = []
-    for index, (subject, face, mask) in enumerate(zip(item["subjects"], faces, segmenter(image, faces))):
+    for index, (subject, face, mask) in enumerate(zip(item["subjects"], faces, masks)):
         if not mask.any():
             return reject(item, "segment", f"no person mask around face {index} at {[round(v) for v in face.box]}")
         subjects.append({**subject, "person_box": mask_box(mask), "mask_png": encode_mask(mask),
@@ -167,7 +176,9 @@ def caption_stage(item: dict, captioner) -> dict:
     if item["caption"]:
         return item
     caption = template_caption(len(item["subjects"])) if captioner is None else captioner(stored_array(item))
-    if not caption:
+    if not isinstance(caption, str):
+        return reject(item, "caption", f"the captioner returned a {type(caption).__name__}, not text")
+    if not caption.strip():
         return reject(item, "caption", "the captioner returned an empty caption")
     return {**item, "caption": caption}
 
@@ -206,15 +217,17 @@ def reject_table(items: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
 
 
-STAGE_ORDER = {"images": ("read", "decode", "detect", "segment", "caption", "link"),
-               "fastcomposer": ("read", "decode", "convert")}
+STAGE_ORDER = {"images": ("read", "decode", "detect", "segment", "caption", "link", "write"),
+               "fastcomposer": ("read", "decode", "convert", "write")}
 
 
 def stage_counts(source: str, total: int, rejected_stages: list[str]) -> dict:
-    """{"input": N, "<stage>": {"rejected": r, "passed": p}, ..., "written": W} in pipeline order."""
+    """{"input": N, "<stage>": {"rejected": r, "passed": p}, ..., "written": W} in pipeline order (a stage name
+    outside STAGE_ORDER is counted after them, so input = written + rejected holds whatever the names)."""
     counts: dict = {"input": total}
     remaining = total
-    for stage in STAGE_ORDER[source]:
+    order = STAGE_ORDER[source]
+    for stage in (*order, *sorted(set(rejected_stages) - set(order))):
         rejected = sum(1 for s in rejected_stages if s == stage)
         remaining -= rejected
         counts[stage] = {"rejected": rejected, "passed": remaining}
@@ -223,30 +236,116 @@ def stage_counts(source: str, total: int, rejected_stages: list[str]) -> dict:
     return counts
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _systemic(exc: BaseException) -> bool:
+    """Errors of the machine, not of one image: running out of (GPU) memory."""
+    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+
+
+class StageError(RuntimeError):
+    """A stage raised on SYSTEMIC_AFTER items in a row: the model or device is broken, so the job stops."""
+
+
+class StageGuard:
+    """Runs one stage on one item: an exception becomes a reject of that stage ("raised ValueError: …"), so one
+    bad image never stops the job. A stage raising on SYSTEMIC_AFTER items in a row, or out of memory, is
+    re-raised (StageError): that is the model or the device, and rejecting every row would hide it (and a
+    resumed run keeps rejects). One guard per actor / loop."""
+
+    def __init__(self, limit: int = SYSTEMIC_AFTER):
+        self.limit = limit
+        self.in_a_row: dict[str, int] = {}
+
+    def run(self, name: str, function, item: dict) -> dict:
+        try:
+            _injected_fault(name, item)
+            result = function(item)
+        except Exception as exc:
+            if _systemic(exc):
+                raise
+            self.in_a_row[name] = self.in_a_row.get(name, 0) + 1
+            if self.in_a_row[name] >= self.limit:
+                raise StageError(f"stage {name} raised on {self.limit} items in a row (the last, {item['id']}: "
+                                 f"{_one_line(exc)}): stopping, this is not one bad row") from exc
+            return reject(item, name, f"raised {_one_line(exc)}")
+        self.in_a_row[name] = 0
+        return result
+
+
+def _injected_fault(name: str, item: dict) -> None:
+    fault = os.environ.get(FAULT_ENV)
+    if fault and fault == f"{name}:{item['id']}":
+        raise RuntimeError(f"injected test fault ({FAULT_ENV}={fault})")
+
+
+def _misfit(exc: Exception) -> str:
+    return f"the row does not fit the schema: {_one_line(exc)}"
+
+
+def checked_work_table(items: list[dict], stage: str) -> pa.Table:
+    """work_table(items), where an item whose row does not fit WORK_SCHEMA (a model returned something odd)
+    becomes a bare reject of `stage` (or of the stage that had rejected it) instead of failing the batch."""
+    try:
+        return work_table(items)
+    except Exception:  # find the rows that do not fit, one at a time
+        pass
+    fixed = []
+    for item in items:
+        try:
+            work_table([item])
+        except Exception as exc:  # keep a reject's own stage and reason; drop the fields that do not fit
+            bare = new_item(item["id"], item["source"], item.get("caption_source"))
+            item = reject(bare, item["stage"], item["reason"]) if item.get("stage") else reject(bare, stage, _misfit(exc))
+        fixed.append(item)
+    return work_table(fixed)
+
+
+def shard_rows(items: list[dict]) -> tuple[pa.Table, list[dict]]:
+    """(the accepted items as a SHARD_SCHEMA table, items) — an accepted item that does not make a valid shard row
+    is rejected at `write` (returned among the items) instead of failing the whole write."""
+    try:
+        return shard_table(items), items
+    except Exception:  # find the rows that do not fit, one at a time
+        pass
+    rows, checked = [], []
+    for item in items:
+        if not item["stage"]:
+            try:
+                row = to_record(item).to_row()
+                pa.Table.from_pylist([row], schema=SHARD_SCHEMA)
+                rows.append(row)
+            except Exception as exc:
+                item = reject(item, "write", _misfit(exc))
+        checked.append(item)
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), checked
+
+
 # ------------------------------------------------------------------------------------- the plain loop
 
 IMAGE_STAGES = ("read", "detect", "segment", "caption", "link")  # `read` covers read + decode
 
 
 def apply_stages(item: dict, config: PreprocessConfig, names=IMAGE_STAGES, *, detector=None, segmenter=None,
-                 captioner=None) -> dict:
+                 captioner=None, guard: StageGuard | None = None) -> dict:
     """Runs the named stages in order on one item, stopping at the first that rejects it (`caption` with
-    captioner None writes the template). The plain loop and every Ray stage go through here."""
+    captioner None writes the template). A stage that raises rejects the item (see StageGuard; pass one guard
+    per loop so that a broken model stops it). The plain loop and every Ray stage go through here."""
+    guard = guard or StageGuard()
+    functions = {"read": lambda i: read_stage(i, config), "detect": lambda i: detect_stage(i, detector, config),
+                 "segment": lambda i: segment_stage(i, segmenter), "caption": lambda i: caption_stage(i, captioner),
+                 "link": link_stage}
+    for name in names:
+        if name not in functions:
+            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(IMAGE_STAGES)}")
     for name in names:
         if item["stage"]:
             break
-        if name == "read":
-            item = read_stage(item, config)
-        elif name == "detect":
-            item = detect_stage(item, detector, config)
-        elif name == "segment":
-            item = segment_stage(item, segmenter)
-        elif name == "caption":
-            item = caption_stage(item, captioner)
-        elif name == "link":
-            item = link_stage(item)
-        else:
-            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(IMAGE_STAGES)}")
+        item = guard.run(name, functions[name], item)
     return item
 
 
@@ -255,5 +354,6 @@ def process_locally(items: list[dict], config: PreprocessConfig, detector, segme
     """All stages, one image at a time, in this process: the same functions the Ray pipeline runs."""
     from tqdm.auto import tqdm
 
-    return [apply_stages(item, config, detector=detector, segmenter=segmenter, captioner=captioner)
+    guard = StageGuard()
+    return [apply_stages(item, config, detector=detector, segmenter=segmenter, captioner=captioner, guard=guard)
             for item in tqdm(items, desc="preprocess (plain loop)", disable=not progress)]
