@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from facediffuser.model_dir import final_dir
 from facediffuser.samples import ASTRONAUT, sample_photos
 
 PROMPT = "a person <|image|> walking on the moon"
@@ -223,7 +224,7 @@ def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
     for s in summaries:
         print(f"  {s['model']}: {s['steps']} steps, loss_den {s['loss_den']:.4f}, loss_loc {s['loss_loc']:.4f}",
               flush=True)
-    return str(out / "runs" / NAME / "final"), [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
+    return final_dir(str(out / "runs" / NAME)), [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
 
 
 def _generate_over_http(config: DemoConfig, out: Path, app_name: str) -> tuple[list[Path], list[Path], list[Path], dict]:
@@ -233,7 +234,7 @@ def _generate_over_http(config: DemoConfig, out: Path, app_name: str) -> tuple[l
 
     from serving.app import ServeConfig, start
 
-    model_dir = config.model and str(Path(config.model).resolve()) or str(out / "runs" / NAME / "final")
+    model_dir = config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME))
     port = _serve_http_port() or config.port or _free_port()
     url = start(ServeConfig(
         model=model_dir, port=port, app_name=app_name, route_prefix=f"/{NAME}", torch_threads=1,
