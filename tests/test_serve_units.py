@@ -336,3 +336,22 @@ def test_coalescer_fails_only_the_call_that_raised():
 
     bad, ok = asyncio.run(scenario())
     assert isinstance(bad, RuntimeError) and ok == ["ok"]
+
+
+def test_internal_errors_name_an_id_and_log_the_details(caplog):
+    import logging
+    import pickle
+
+    from serving.api import RequestError, internal_error
+
+    try:
+        raise ValueError("/models/secret/unet.safetensors: shape mismatch")
+    except ValueError as exc:
+        with caplog.at_level(logging.ERROR, logger="ray.serve"):
+            error = internal_error("sampling", exc)
+    assert (error.status, error.code) == (500, "internal") and len(error.error_id) == 16
+    assert error.error_id in error.message and "secret" not in error.message and "ValueError" not in error.message
+    logged = caplog.records[-1]
+    assert error.error_id in logged.getMessage() and "secret" in logged.getMessage() and logged.exc_info
+    again = RequestError(*error.as_tuple())  # crosses processes as plain data, and pickles
+    assert pickle.loads(pickle.dumps(again)).error_id == error.error_id
