@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from facediffuser import model_dir
+import serve_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
+service = serve_fixtures.service  # the session's running Serve app (tiny models)
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -254,3 +256,17 @@ def test_info_and_health_refuse_when_encoder_and_sampler_loaded_different_models
     assert refused.value.args[:2] == (503, "model_mismatch") and "encoder v1" in refused.value.args[2]
     health = asyncio.run(cls.healthz(differ))
     assert health.status_code == 503 and b"model_mismatch" in health.body
+
+
+@pytest.mark.slow
+def test_served_deployments_report_one_model_version(service):
+    """The real app (tiny models, real HTTP): encoder and sampler each loaded the model; both versions agree and
+    every answer's manifest carries the one /v1/info reports."""
+    client = service["client"]
+    info = client.get("/v1/info").json()
+    versions = info["model_versions"]
+    assert versions["encoder"] == versions["sampler"] == info["model_version"] and len(info["model_version"]) == 64
+    assert info["hashes"] == {"tiny": info["model_version"]}
+    response = serve_fixtures.generate(client, service["reference"], seed=3)
+    assert response.status_code == 200, response.text
+    assert response.json()["manifest"]["model_version"] == info["model_version"]
