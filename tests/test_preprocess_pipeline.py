@@ -1,8 +1,11 @@
 """The Ray Data preprocessing pipeline, end to end on a real local Ray: two runs that check many things each.
 
-1. Local images: real photos of 1, 2 and 3 people, unusual but valid images, every bad-input class, existing
-   captions; shards read back through the schema; accounting; manifest; the rejects' reasons.
-2. A FastComposer tree on S3 (moto's real S3 HTTP server) to S3 via the CLI, run twice: no duplicates.
+1. Local images: real photos of 1, 2 and 3 people, unusual but valid images, every bad-input class (a degenerate
+   image and a stage raising on one image included: rejects, the job goes on), existing captions; shards read back
+   through the schema; accounting; manifest; the rejects' reasons; an interrupted run that train refuses until the
+   rerun completes it.
+2. A FastComposer tree on S3 (moto's real S3 HTTP server), malformed samples included, to S3 via the CLI, run
+   twice: no duplicates.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from PIL import Image
 
 from facediffuser.data import io as dataio
 from facediffuser.data.schema import REJECT_SCHEMA, Record, check_schema, decode_mask, to_table
-from test_preprocess_library import _fastcomposer_tree, center_inside, expected_faces, tile
+from facediffuser.data.stages import FAULT_ENV
+from test_preprocess_library import _fastcomposer_tree, _malformed_samples, center_inside, expected_faces, tile
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +75,8 @@ def photo_dir(tmp_path_factory, astronaut):
     Image.fromarray(tile(astronaut, 5)).save(root / "five.jpg", quality=90)
     photo.save(root / "group.jpg")
     (root / "group.txt").write_text("two people at a launch")  # kept, but cannot be linked to one face
+    Image.new("RGB", (300, 1), (200, 150, 120)).save(root / "line.png")  # one pixel high: the detector raised
+    photo.save(root / "faulty.jpg")  # the segment stage raises on this one (the test-only fault hook)
     (root / "readme.md").write_text("ignored: not an image extension")
     return root
 
@@ -83,13 +89,17 @@ EXPECTED_REJECTS = {
     "coffee.jpg": ("detect", "no face found"),
     "five.jpg": ("detect", "5 faces, more than --max-subjects 4"),
     "group.jpg": ("link", "group nouns people"),
+    "line.png": ("detect", "no face found"),
+    "faulty.jpg": ("segment", f"raised RuntimeError: injected test fault ({FAULT_ENV}=segment:faulty.jpg)"),
 }
 
 
-def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path):
+def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch):
     from pipelines.preprocess import preprocess
+    from pipelines.train import resolve_data
     from facediffuser.data.stages import PreprocessConfig
 
+    monkeypatch.setenv(FAULT_ENV, "segment:faulty.jpg")  # reaches the Ray actors through the runtime env
     output = tmp_path / "out"
     config = PreprocessConfig(input=str(photo_dir), output=str(output), max_pixels=2_000_000, batch_size=4,
                               actors_per_stage=1, rows_per_shard=5)
@@ -137,9 +147,11 @@ def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path):
     counts = manifest["counts"]
     assert counts["input"] == len(inputs) == counts["written"] + counts["rejected"]
     assert (counts["written"], counts["decode"]["rejected"], counts["detect"]["rejected"],
-            counts["link"]["rejected"]) == (8, 4, 2, 1)
+            counts["segment"]["rejected"], counts["link"]["rejected"]) == (8, 4, 3, 1, 1)
     on_disk = json.loads((output / "manifest.json").read_text())
     assert on_disk["counts"] == counts and on_disk["config"]["max_pixels"] == 2_000_000
+    assert sorted(e["file"] for e in on_disk["shards"]) == sorted(p.name for p in (output / "shards").iterdir())
+    assert sum(e["rows"] for e in on_disk["shards"]) == 8
     assert on_disk["package_versions"]["mediapipe"] == "0.10.21" and on_disk["wall_time_s"] > 0
 
     # the training side reads the same shards through Ray Data
@@ -153,13 +165,15 @@ def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path):
     files[0].unlink()
     cut = output / "shards" / "cut-short.parquet"
     cut.write_bytes(files[1].read_bytes()[:200])
-    (output / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=f"the shards differ from {output / 'manifest.json'}"):
+        resolve_data([str(output)])  # train does not read it
     again = preprocess(config)
     assert again["resumed"] == len(inputs) - lost and not cut.exists()
     records_again, _ = _shard_records(str(output))
     assert sorted(r.id for r in records_again) == sorted(by_id)  # each row once: none lost, none twice
     assert again["counts"] == counts  # in = written + rejected, as in one uninterrupted run
     assert _read_table(str(output / "rejects" / "rejects.parquet")).to_pylist() == rejects.to_pylist()
+    assert resolve_data([str(output / "shards")]) == [str(output / "shards")]  # complete again: train reads it
 
 
 def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_path, astronaut):
@@ -168,6 +182,7 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
     from facediffuser.cli import main
 
     _fastcomposer_tree(tmp_path / "tree", astronaut)
+    malformed = _malformed_samples(tmp_path / "tree", astronaut)  # several of them made the Ray job fail
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="faces")
     for path in sorted((tmp_path / "tree").rglob("*.*")):
@@ -187,11 +202,16 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
         assert record.source == "s3://faces/ffhq/00000/00001.jpg" and (record.width, record.height) == (500, 256)
         assert [(s.noun, s.noun_end) for s in record.subjects] == [("man", 5), ("woman", 17)]
         rejects = {r["id"]: r for r in _read_table("s3://faces/out/rejects/rejects.parquet").to_pylist()}
-        assert sorted(rejects) == ["00002", "00003", "00004"]
+        assert sorted(rejects) == ["00002", "00003", "00004", *malformed]
         assert rejects["00004"]["stage"] == "read" and "cannot read" in rejects["00004"]["reason"]
         assert rejects["00003"]["stage"] == "convert"
+        for sample, fragment in malformed.items():
+            assert rejects[sample]["stage"] == "convert" and fragment in rejects[sample]["reason"]
         manifest = json.loads(s3.get_object(Bucket="faces", Key="out/manifest.json")["Body"].read())
-        assert manifest["counts"]["input"] == 4 and manifest["counts"]["written"] == 1
-        assert manifest["counts"]["read"]["rejected"] == 2 and manifest["config"]["source"] == "fastcomposer"
+        counts = manifest["counts"]
+        assert counts["input"] == 4 + len(malformed) == counts["written"] + counts["rejected"]
+        assert counts["written"] == 1 and counts["convert"]["rejected"] == 1 + len(malformed)
+        assert counts["read"]["rejected"] == 2 and manifest["config"]["source"] == "fastcomposer"
+        assert [e["rows"] for e in manifest["shards"]] == [1]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="faces", Prefix="out/")["Contents"]]
     assert sum(key.endswith(".parquet") for key in keys) == 2  # one shard file + the rejects file
