@@ -17,6 +17,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, Field
 
+from facediffuser.layout import check_boxes, check_scales
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers
 from facediffuser.schedulers import SCHEDULERS
 
@@ -116,6 +117,11 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=64, le=HARD_MAX_SIDE, multiple_of=8)
     scheduler: SchedulerName = "ddim"
     return_masks: bool = False
+    boxes: list[list[float]] | None = Field(
+        None, description="layout: [x0, y0, x1, y1] fractions of the image, one per marker in order; the SDM may win "
+        "fusion pixels only inside them and each subject's attention stays in its own box", examples=[[[0.05, 0.1, 0.5, 0.9]]])
+    subject_scales: list[float] | None = Field(
+        None, description="per marker: how strongly the subject's photo counts (1 = full, 0 = the noun alone)")
     identity_scores: bool = Field(True, description="score each image's faces against the references (dlib)")
 
 
@@ -188,6 +194,14 @@ def check_request(request: GenerateRequest, limits: Limits, default_size: int = 
             422, "reference_count_mismatch",
             f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(request.references)} reference(s) were given",
         )
+    try:  # layout options: the library's own checks, worded for the client
+        check_boxes(request.boxes, markers)
+    except ValueError as exc:
+        raise RequestError(422, "invalid_boxes", str(exc)) from None
+    try:
+        check_scales(request.subject_scales, markers)
+    except ValueError as exc:
+        raise RequestError(422, "invalid_subject_scales", str(exc)) from None
     if request.steps is None:
         request.steps = min(DEFAULT_STEPS, limits.max_steps)
     if request.steps > limits.max_steps:

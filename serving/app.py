@@ -41,6 +41,7 @@ from facediffuser.manifest import package_versions
 from facediffuser.prompts import strip_markers
 from facediffuser.sampling import boundaries_from_fractions, snf_denoise
 from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
+from facediffuser.layout import SubjectRegions
 from facediffuser.visualize import mask_grid, mask_overlay
 
 from serving.api import (
@@ -300,9 +301,10 @@ class SubjectEncoderDeployment:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
     async def encode(self, prompts: list[str], negative_prompts: list[str | None],
-                     references: list[list[list[bytes]]]) -> list[dict]:
-        """Per request: {"null", "text", "augmented", "reference_sha256"} or {"error": (status, code, message)}."""
-        return await self.coalescer(list(zip(prompts, negative_prompts, references)))
+                     references: list[list[list[bytes]]], subject_scales: list[list[float] | None]) -> list[dict]:
+        """Per request: {"null", "text", "augmented", "reference_sha256", "subject_tokens"} or
+        {"error": (status, code, message)}."""
+        return await self.coalescer(list(zip(prompts, negative_prompts, references, subject_scales)))
 
     async def _encode_many(self, requests: list[tuple]) -> list[dict]:
         return await asyncio.to_thread(self.encoding.encode_many, requests)
@@ -336,6 +338,13 @@ class SubjectEncoderDeployment:
     def check_health(self) -> None:
         if self.encoding.pipe.subject_encoder is None:
             raise RuntimeError("subject encoder not loaded")
+
+
+def _regions(group: list, counts: list[int], latent_size) -> SubjectRegions:
+    """Each image of a boxed batch: its request's subject tokens and boxes."""
+    tokens = [job.embeds["subject_tokens"] for job, count in zip(group, counts) for _ in range(count)]
+    boxes = [[tuple(b) for b in job.request["boxes"]] for job, count in zip(group, counts) for _ in range(count)]
+    return SubjectRegions(tokens=tokens, boxes=boxes, latent_size=tuple(latent_size))
 
 
 def _histogram(sizes: Counter) -> dict[str, int]:
@@ -414,7 +423,8 @@ class SamplerDeployment:
         job.iterations = len(scheduler.timesteps)
         job.boundaries = boundaries_from_fractions(r["alpha"], r["beta"], job.iterations)
         size = (r["height"] or self.default_size, r["width"] or self.default_size)
-        job.key = (r["scheduler"], r["steps"], size, float(r["guidance_scale"]), job.boundaries)
+        # boxed requests run the SDM's attention with a bias: they batch only with other boxed ones
+        job.key = (r["scheduler"], r["steps"], size, float(r["guidance_scale"]), job.boundaries, r["boxes"] is not None)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05, max_concurrent_batches=1024)
     async def generate(self, jobs: list[_Job]) -> list[dict]:
@@ -448,7 +458,7 @@ class SamplerDeployment:
         if fault is not None:
             raise fault
         pipe, first = self.pipe, group[0]
-        scheduler_kind, steps, (height, width), guidance, (s, f) = first.key
+        scheduler_kind, steps, (height, width), guidance, (s, f), boxed = first.key
         scheduler = make_scheduler(scheduler_kind, pipe.scheduler.config)  # fresh: solvers keep per-call state
         dtype, device = pipe.sdm_unet.dtype, pipe.sdm_unet.device
         shape = (4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
@@ -474,7 +484,7 @@ class SamplerDeployment:
         result = snf_denoise(
             pipe.tdm_unet, pipe.sdm_unet, scheduler, latents, stacked("null"), stacked("text"), stacked("augmented"),
             num_inference_steps=steps, guidance_scale=guidance, start_merge_step=s, final_step=f,
-            return_masks=want_masks, generator=generators,
+            return_masks=want_masks, generator=generators, regions=_regions(group, counts, shape[1:]) if boxed else None,
         )
         decode_started = time.perf_counter()
         images = tensor_to_pil(pipe.decode_latents(result.latents))
@@ -494,7 +504,8 @@ class SamplerDeployment:
                 "timings": {"queue_s": denoise_started - job.arrived, "denoise_s": denoise_s, "decode_s": decode_s},
                 "manifest": {
                     "scheduler": scheduler_name(scheduler), "steps": steps, "iterations": job.iterations,
-                    "guidance_scale": guidance, "size": [width, height],
+                    "guidance_scale": guidance, "size": [width, height], "boxes": job.request["boxes"],
+                    "subject_scales": job.request["subject_scales"],
                     "boundaries": {"start_merge_step": s, "final_step": f, "alpha": job.request["alpha"],
                                    "beta": job.request["beta"], "fusion_steps": result.fusion_steps},
                     **self.identity, "versions": self.versions,
@@ -505,7 +516,8 @@ class SamplerDeployment:
                 output["fusion_masks"] = _png(mask_grid(job_masks))
                 if job_masks.shape[0]:
                     mean = job_masks.mean(dim=0)
-                    output["overlays"] = [_png(mask_overlay(image, mean[k])) for k, image in enumerate(images[rows])]
+                    output["overlays"] = [_png(mask_overlay(image, mean[k], boxes=job.request["boxes"]))
+                                          for k, image in enumerate(images[rows])]
             outputs.append(output)
         return outputs
 
@@ -715,7 +727,8 @@ class FaceDiffuserAPI:
         if body.seed is None:
             body.seed = int.from_bytes(os.urandom(4), "little") >> 1
         encode_started = time.perf_counter()
-        embeds = await self._call(self.encoder.encode, body.prompt, body.negative_prompt, checked.references)
+        embeds = await self._call(self.encoder.encode, body.prompt, body.negative_prompt, checked.references,
+                                  body.subject_scales)
         encode_s = time.perf_counter() - encode_started
         if "error" in embeds:
             raise RequestError(*embeds["error"])

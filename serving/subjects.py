@@ -94,13 +94,15 @@ class SubjectEncoding:
         return digest, embedding
 
     @torch.no_grad()
-    def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]]) -> dict:
-        """→ {"null", "text", "augmented": [1, 77, D] cpu tensors, "reference_sha256": [[hex, ...], ...]}.
+    def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]],
+               subject_scales: list[float] | None = None) -> dict:
+        """→ {"null", "text", "augmented": [1, 77, D] cpu tensors, "reference_sha256": [[hex, ...], ...],
+        "subject_tokens": the subject nouns' token positions (for layout boxes)}.
 
         Raises RequestError for the client's mistakes (prompt, photos); anything else is a server fault.
         """
         try:  # the client's prompt: marker placement and length (what encode_prompt would refuse)
-            tokenize_with_markers(self.pipe.tokenizer, prompt, self.pipe.max_subjects)
+            tokens = tokenize_with_markers(self.pipe.tokenizer, prompt, self.pipe.max_subjects)
         except ValueError as exc:
             raise RequestError(422, "invalid_prompt", str(exc)) from None
         with self.lock:
@@ -113,22 +115,25 @@ class SubjectEncoding:
                 subjects.append(torch.stack([embedding for _, embedding in pairs]).mean(dim=0))
             subject_embeds = torch.stack(subjects).to(self.pipe.subject_encoder.device, self.pipe.subject_encoder.dtype)
             # The prompt was checked above: a ValueError from here on is the model stack's, a server fault.
-            null, text, augmented = self.pipe.encode_prompt(prompt, references, negative_prompt, subject_embeds=subject_embeds)
+            null, text, augmented = self.pipe.encode_prompt(prompt, references, negative_prompt,
+                                                            subject_embeds=subject_embeds, subject_scales=subject_scales)
         return {
             "null": null.cpu(), "text": text.cpu(), "augmented": augmented.cpu(), "reference_sha256": hashes,
+            "subject_tokens": tokens.image_token_mask.nonzero().flatten().tolist(),
         }
 
-    def encode_many(self, requests: list[tuple[str, str | None, list[list[bytes]]]]) -> list[dict]:
-        """`encode` for several (prompt, negative_prompt, references) at once → per request, encode's dict or
+    def encode_many(self, requests: list[tuple[str, str | None, list[list[bytes]], list[float] | None]]) -> list[dict]:
+        """`encode` for several (prompt, negative_prompt, references, subject_scales) at once → per request, encode's dict or
         {"error": (status, code, message, error_id)}. Identical requests (same prompts, same photo bytes) are
         encoded once; a server fault in one request (logged with its error id) fails only that one."""
         done: dict[tuple, dict] = {}
         out = []
-        for prompt, negative_prompt, references in requests:
-            key = (prompt, negative_prompt, tuple(tuple(hashlib.sha256(d).digest() for d in photos) for photos in references))
+        for prompt, negative_prompt, references, scales in requests:
+            key = (prompt, negative_prompt, tuple(tuple(hashlib.sha256(d).digest() for d in photos) for photos in references),
+                   tuple(scales or ()))
             if key not in done:
                 try:
-                    done[key] = self.encode(prompt, negative_prompt, references)
+                    done[key] = self.encode(prompt, negative_prompt, references, scales)
                 except RequestError as exc:
                     done[key] = {"error": exc.as_tuple()}  # plain data crosses processes
                 except Exception as exc:

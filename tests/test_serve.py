@@ -75,6 +75,36 @@ def test_generate_end_to_end(service, astronaut):
     assert stochastic_again.json()["images"] == two.json()["images"]  # ancestral noise is seeded per image too
 
 
+def test_layout_boxes_and_subject_scales_over_http(service, astronaut):
+    """Boxes keep every fusion-step mask inside them; the overlays come back with the boxes drawn; the manifest
+    says which photos each person used and the layout asked for; scale 1 is today's image."""
+    client, reference = service["client"], service["reference"]
+    mirrored = png_b64(np.ascontiguousarray(astronaut[:, ::-1]))
+    left_half = [[0.0, 0.0, 0.5, 1.0]]
+    boxed = generate(client, reference, references=[[reference, mirrored]], boxes=left_half, subject_scales=[0.7],
+                     return_masks=True, num_images=2, seed=3)
+    assert boxed.status_code == 200, boxed.text
+    body = boxed.json()
+    manifest = body["manifest"]
+    assert manifest["boxes"] == left_half and manifest["subject_scales"] == [0.7]
+    assert len(manifest["references"]) == 1 and len(manifest["references"][0]) == 2  # two photos of person 1
+    steps = len(manifest["boundaries"]["fusion_steps"])
+    grid = decode_png(body["fusion_masks"])  # a row per image, a column per fusion step: 64-px cells, 2-px gaps
+    assert steps and grid.shape == (2 * 64 + 2, steps * 66 - 2)
+    for column in range(steps):
+        for row in range(2):  # the 2-px gaps between cells are grey
+            cell = grid[row * 66: row * 66 + 64, column * 66: column * 66 + 64]
+            assert (cell[:, 32:] == 0).all(), "the SDM won a pixel outside the box"
+    plain = generate(client, reference, references=[[reference, mirrored]], return_masks=True, num_images=2, seed=3)
+    plain_grid = decode_png(plain.json()["fusion_masks"])
+    assert any(plain_grid[:64, c * 66 + 32: c * 66 + 64].any() for c in range(steps))  # else the check is moot
+    overlays = [decode_png(o) for o in body["overlays"]]
+    assert len(overlays) == 2 and (overlays[0][64, 0] == (40, 200, 255)).all()  # box 1's left edge, its colour
+    assert not any((decode_png(o)[64, 0] == (40, 200, 255)).all() for o in plain.json()["overlays"])
+    full = generate(client, reference, references=[[reference, mirrored]], subject_scales=[1.0], num_images=2, seed=3)
+    assert full.json()["images"] == plain.json()["images"]
+
+
 def _noise_png(size: int = 160) -> str:
     return png_b64((np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8))
 
@@ -114,6 +144,11 @@ BAD_REQUESTS = {
     "unknown field": ({"cfg": 3}, 422, "invalid_request"),
     "marker before any noun": ({"prompt": "<|image|> walks on a beach"}, 422, "invalid_prompt"),
     "num_images too large": ({"num_images": 5}, 422, "invalid_request"),
+    "box outside [0, 1]": ({"boxes": [[0.0, 0.0, 1.5, 1.0]]}, 422, "invalid_boxes"),
+    "box with x1 <= x0": ({"boxes": [[0.6, 0.0, 0.4, 1.0]]}, 422, "invalid_boxes"),
+    "box count differs from markers": ({"boxes": [[0, 0, 1, 1], [0, 0, 1, 1]]}, 422, "invalid_boxes"),
+    "negative subject scale": ({"subject_scales": [-0.5]}, 422, "invalid_subject_scales"),
+    "scale count differs from markers": ({"subject_scales": [1.0, 1.0]}, 422, "invalid_subject_scales"),
 }
 
 

@@ -84,6 +84,22 @@ def test_page_generates_from_an_uploaded_photo_and_shows_api_errors(service, bro
     assert len(score_cells) == 2  # image number + person 1
     assert "total" in browser.find_element(By.ID, "timings").text
 
+    # Two photos of one person and a box: the overlay comes back with the box drawn, the manifest line counts photos.
+    flipped = tmp_path / "astronaut-flipped.jpg"
+    Image.fromarray(astronaut[:, ::-1].copy()).save(flipped, quality=90)
+    browser.get(url + "/")
+    browser.find_element(By.CSS_SELECTOR, "input.reference").send_keys(f"{photo}\n{flipped}")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#pickers .previews img")) == 2
+    browser.find_element(By.CSS_SELECTOR, "input.box").send_keys("0, 0, 0.5, 1")
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("3")
+    browser.find_element(By.ID, "submit").click()
+    overlay = wait.until(ready.visibility_of_element_located((By.CSS_SELECTOR, "#overlays img.overlay")))
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
+    assert "person 1: 2 photo(s)" in browser.find_element(By.ID, "manifest").text
+    assert "boxes [[0,0,0.5,1]]" in browser.find_element(By.ID, "manifest").text
+
     # A file that is not an image: the API's message, in words, on the page.
     text_file = tmp_path / "notes.txt"
     text_file.write_text("this is not a photo")
