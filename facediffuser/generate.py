@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from facediffuser import config
+from facediffuser.config import arg
 from facediffuser.images import load_image
+from facediffuser.layout import check_boxes, check_scales
 from facediffuser.manifest import package_versions
 from facediffuser.model_dir import identity, load_pipeline
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
@@ -18,8 +22,9 @@ from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_grid, mask_overlay
 
 
-def write_results(out_dir: Path, result, *, prefix: str = "image") -> dict[str, list[str] | str]:
-    """Images, and when masks were asked for: a mask grid (rows = images, columns = fusion steps) and overlays."""
+def write_results(out_dir: Path, result, *, prefix: str = "image", boxes=None) -> dict[str, list[str] | str]:
+    """Images, and when masks were asked for: a mask grid (rows = images, columns = fusion steps) and overlays
+    (with the layout boxes drawn, when given)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[str] | str] = {"images": [], "overlays": []}
     for index, image in enumerate(result.images):
@@ -33,47 +38,86 @@ def write_results(out_dir: Path, result, *, prefix: str = "image") -> dict[str, 
             mean_mask = result.masks.mean(dim=0)
             for index, image in enumerate(result.images):
                 name = f"{prefix}_{index}_overlay.png"
-                mask_overlay(image, mean_mask[index]).save(out_dir / name)
+                mask_overlay(image, mean_mask[index], boxes=boxes).save(out_dir / name)
                 files["overlays"].append(name)
     return files
 
 
+@dataclass
+class GenerateConfig:
+    prompt: str = arg(help='e.g. "a man <|image|> and a woman <|image|> on a beach"')
+    reference: list[str] = arg(help="photo(s) of one person, one flag per <|image|> marker in order; several photos of "
+                                    "the same person: a.jpg,b.jpg (their embeddings are averaged)",
+                               action="append", metavar="IMAGE[,IMAGE...]")
+    out: str = arg(help="output directory")
+    model: str | None = arg(None, "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a training "
+                                  "run's directory (runs/NAME: its final/ is used)", group="source")
+    tiny: bool = arg(False, "small random models for trying the tool on a CPU", group="source")
+    negative_prompt: str | None = arg(None, "what to keep out of the scene")
+    num_images: int = arg(1, "images to generate; image k uses seed + k")
+    seed: int = arg(0, "seed of the first image")
+    steps: int = arg(50, "denoising steps")
+    guidance_scale: float = arg(5.0, "classifier-free guidance weight")
+    alpha: float | None = arg(None, f"fraction of the schedule before fusion (default {DEFAULT_ALPHA})")
+    beta: float | None = arg(None, f"fraction of the schedule before SDM-only (default {DEFAULT_BETA})")
+    start_merge_step: int | None = arg(None, "inclusive iteration index s (instead of --alpha)")
+    final_step: int | None = arg(None, "inclusive iteration index f (instead of --beta)")
+    scheduler: str = arg("ddim", "sampler", choices=sorted(SCHEDULERS))
+    width: int | None = arg(None, "image width (default: the model's)")
+    height: int | None = arg(None, "image height (default: the model's)")
+    box: list[str] | None = arg(None, "where a person goes: x0,y0,x1,y1 as fractions of the image, one flag per "
+                                      "marker in order (optional; all or none)", action="append", metavar="X0,Y0,X1,Y1")
+    subject_scales: list[float] | None = arg(None, "per marker, how strongly the person's photos count (1 = full, "
+                                                   "0 = the noun alone)", nargs="+", metavar="S")
+    no_identity_scores: bool = arg(False, "skip the per-image dlib face similarity to each reference")
+
+    @property
+    def photos(self) -> list[list[str]]:
+        """Per person, the photo paths given for them."""
+        return [[p for p in value.split(",") if p] for value in self.reference]
+
+    @property
+    def boxes(self) -> list[list[float]] | None:
+        if self.box is None:
+            return None
+        parsed = []
+        for index, text in enumerate(self.box, start=1):
+            try:
+                parsed.append([float(v) for v in text.split(",")])
+            except ValueError:
+                raise ValueError(f"--box {text}: expected x0,y0,x1,y1 as numbers (box {index})") from None
+        return parsed
+
+    def validate(self) -> None:
+        """Everything a user can get wrong, before any model loads."""
+        if not self.model and not self.tiny:
+            raise ValueError("give --model DIR (or --tiny for the small random test models)")
+        markers = count_markers(self.prompt)
+        if markers != len(self.reference):
+            raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(self.reference)} --reference given")
+        for value, photos in zip(self.reference, self.photos):
+            if not photos:
+                raise ValueError(f"--reference {value!r}: no photo path")
+            for path in photos:
+                load_image(path)  # fails early, naming the bad file
+        check_boxes(self.boxes, markers)
+        check_scales(self.subject_scales, markers)
+        out_dir = Path(self.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out {out_dir} exists and is not a directory")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a "
-                                        "training run's directory (runs/NAME: its final/ is used)")
-    source.add_argument("--tiny", action="store_true", help="small random models for trying the tool on a CPU")
-    parser.add_argument("--prompt", required=True, help='e.g. "a man <|image|> and a woman <|image|> on a beach"')
-    parser.add_argument("--reference", action="append", required=True, metavar="IMAGE",
-                        help="reference photo, one per <|image|> marker, in order")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
-    parser.add_argument("--alpha", type=float, default=None, help=f"fraction of the schedule before fusion (default {DEFAULT_ALPHA})")
-    parser.add_argument("--beta", type=float, default=None, help=f"fraction of the schedule before SDM-only (default {DEFAULT_BETA})")
-    parser.add_argument("--start-merge-step", type=int, default=None, help="inclusive iteration index s (instead of --alpha)")
-    parser.add_argument("--final-step", type=int, default=None, help="inclusive iteration index f (instead of --beta)")
-    parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--no-identity-scores", action="store_true",
-                        help="skip the per-image dlib face similarity to each reference (manifest identity_scores)")
+    config.add_arguments(parser, GenerateConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    markers = count_markers(args.prompt)
-    if markers != len(args.reference):
-        raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(args.reference)} --reference given")
-    references = [load_image(path) for path in args.reference]  # fails early, naming the bad file
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    cfg = config.from_args(GenerateConfig, args)
+    cfg.validate()
+    references = [[load_image(path) for path in photos] for photos in cfg.photos]
     started = time.perf_counter()
-    pipe = load_pipeline(args.model, args.tiny)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe = load_pipeline(cfg.model, cfg.tiny)
+    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     with tqdm(total=None, desc="sampling", unit="step") as bar:  # closed before any error is printed
 
@@ -82,27 +126,31 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         result = pipe(
-            args.prompt, references, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-            seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            alpha=args.alpha, beta=args.beta, start_merge_step=args.start_merge_step, final_step=args.final_step,
-            height=args.height, width=args.width, return_masks=True, callback=progress,
-            identity_scores=not args.no_identity_scores,
+            cfg.prompt, [photos[0] if len(photos) == 1 else photos for photos in references],
+            negative_prompt=cfg.negative_prompt, num_images_per_prompt=cfg.num_images, seed=cfg.seed,
+            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, alpha=cfg.alpha, beta=cfg.beta,
+            start_merge_step=cfg.start_merge_step, final_step=cfg.final_step, height=cfg.height, width=cfg.width,
+            boxes=cfg.boxes, subject_scales=cfg.subject_scales, return_masks=True, callback=progress,
+            identity_scores=not cfg.no_identity_scores,
         )
-    files = write_results(out_dir, result)
+    out_dir = Path(cfg.out)
+    files = write_results(out_dir, result, boxes=cfg.boxes)
     manifest = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "references": [str(Path(p).resolve()) for p in args.reference],
+        "prompt": cfg.prompt,
+        "negative_prompt": cfg.negative_prompt,
+        "references": [[str(Path(p).resolve()) for p in photos] for photos in cfg.photos],  # per person, the photos
+        "boxes": cfg.boxes,
+        "subject_scales": cfg.subject_scales,
         "seeds": result.seeds,
         "scheduler": scheduler_name(pipe.scheduler),
-        "steps": args.steps,
+        "steps": cfg.steps,
         "iterations": result.num_iterations,
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": cfg.guidance_scale,
         "boundaries": {"start_merge_step": result.start_merge_step, "final_step": result.final_step,
-                       "alpha": args.alpha, "beta": args.beta, "fusion_steps": result.fusion_steps},
+                       "alpha": cfg.alpha, "beta": cfg.beta, "fusion_steps": result.fusion_steps},
         "size": list(result.images[0].size),
         "identity_scores": result.identity_scores,  # per image, per subject; null: no face found
-        **identity(pipe, args.model),  # model, hashes, model_version
+        **identity(pipe, cfg.model),  # model, hashes, model_version
         "files": files,
         "versions": package_versions(),
         "seconds": round(time.perf_counter() - started, 3),

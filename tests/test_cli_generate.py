@@ -47,6 +47,11 @@ def test_generate_writes_images_masks_and_manifest(tmp_path, astronaut):
         (["--prompt", "a man <|image|> and a woman <|image|>"], "2 <|image|> marker(s) but 1 --reference"),
         (["--prompt", "a man <|image|>", "--width", "65"], "multiples of 8"),
         (["--prompt", "a man <|image|>", "--alpha", "0.9", "--beta", "0.2"], "alpha <= beta"),
+        (["--prompt", "a man <|image|>", "--box", "0,0,1.5,1"], "must lie in [0, 1]"),
+        (["--prompt", "a man <|image|>", "--box", "0.5,0,0.2,1"], "needs x0 < x1"),
+        (["--prompt", "a man <|image|>", "--box", "0,0,1,1", "--box", "0,0,1,1"], "2 box(es) given for 1"),
+        (["--prompt", "a man <|image|>", "--box", "left,0,1,1"], "--box left,0,1,1: expected x0,y0,x1,y1"),
+        (["--prompt", "a man <|image|>", "--subject-scales", "-1"], "subject scale 1: must be >= 0"),
     ],
 )
 def test_generate_bad_input_is_one_line(tmp_path, astronaut, capsys, extra, message):
@@ -98,3 +103,26 @@ def test_generate_takes_a_training_run_directory(tmp_path, astronaut, capsys):
     assert code == 0
     assert f"--model {run}: a training run; using its final models in {run / 'final'}" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["files"]["images"]
+
+
+@pytest.mark.slow
+def test_generate_several_photos_per_person_boxes_and_scales(tmp_path, astronaut):
+    """Two photos of one person (the astronaut and its mirror image) in one --reference, a box and a strength:
+    the manifest records the photos and the layout; every fusion mask is black right of the box; the overlay has
+    the box drawn."""
+    first, mirrored = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    Image.fromarray(astronaut).save(first)
+    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(mirrored)
+    out = tmp_path / "out"
+    code = main(["generate", "--tiny", "--prompt", "a woman <|image|> on the moon", "--reference", f"{first},{mirrored}",
+                 "--box", "0,0,0.5,1", "--subject-scales", "0.8", "--out", str(out), "--steps", "6", "--seed", "2",
+                 "--no-identity-scores"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["references"] == [[str(first.resolve()), str(mirrored.resolve())]]
+    assert manifest["boxes"] == [[0.0, 0.0, 0.5, 1.0]] and manifest["subject_scales"] == [0.8]
+    grid = np.asarray(Image.open(out / "fusion_masks.png"))
+    steps = len(manifest["boundaries"]["fusion_steps"])
+    assert steps and all((grid[:64, c * 66 + 32: c * 66 + 64] == 0).all() for c in range(steps))
+    overlay = np.asarray(Image.open(out / manifest["files"]["overlays"][0]))
+    assert tuple(overlay[64, 0]) == (40, 200, 255)  # box 1's left edge, in its colour
