@@ -97,3 +97,10 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [0, 1] → list of PIL images."""
     arrays = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """A PIL image → the bytes of its PNG file (what the HTTP API returns, base64-encoded)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -242,9 +242,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             return latents, [None] * count
         seed = random.randrange(2**31) if seed is None else int(seed)
         seeds = [seed + k for k in range(count)]  # one seed per image: image k is reproducible on its own
-        latents = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
-        )
+        latents, _ = seeded_latents(shape, seeds)
         return latents, seeds
 
     @torch.no_grad()
@@ -336,6 +334,15 @@ class FaceDiffuserPipeline(DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def seeded_latents(shape: tuple[int, ...], seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Initial noise [len(seeds), *shape] (float32, CPU), image i drawn from its own generator seeded with seeds[i],
+    so an image does not depend on the others drawn with it (the pipeline's images, and each request in a served
+    batch). → (latents, the generators after the draw: they can go on feeding a stochastic scheduler)."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    return latents, generators
 
 
 def _load_scheduler(model_dir: str):
