@@ -15,7 +15,6 @@ cannot be written). manifest.json is removed when a run starts and written last 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -23,16 +22,17 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
+from facediffuser.config import add_arguments as add_config_arguments, from_args
 from facediffuser.data import io as dataio
 from facediffuser.data import output as layout
 from facediffuser.data import stages
-from facediffuser.data.captions import TEMPLATE, check_captioner, make_captioner
+from facediffuser.data.captions import TEMPLATE, make_captioner
 from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
-from facediffuser.data.faces import DETECTORS, make_detector
+from facediffuser.data.faces import make_detector
 from facediffuser.data.masks import PersonSegmenter
 from facediffuser.data.schema import REJECT_SCHEMA, SCHEMA_VERSION
+from facediffuser.data.resume import previous_work
 from facediffuser.data.stages import PreprocessConfig, work_table
 from facediffuser.manifest import package_versions
 
@@ -220,113 +220,32 @@ def list_items(config: PreprocessConfig) -> list[dict]:
     return items
 
 
-def check_config(config: PreprocessConfig) -> None:
-    """Everything that can be wrong with the arguments, checked before any work starts."""
-    config.validate()
-    dataio.check_input_dir(config.input)
-    dataio.check_output_dir(config.output)
-    if config.source == "images":
-        check_captioner(config.captioner)
-
-
-# What decides the rows written: a rerun with the same values continues the previous output, other values replace it.
-OUTPUT_SETTINGS = ("input", "source", "detector", "captioner", "max_subjects", "resolution", "max_pixels",
-                   "min_face_score")
-
-
-def previous_work(config: PreprocessConfig, ids: set[str]) -> tuple[set[str], list[dict]]:
-    """What an earlier run with the same settings already left in OUTPUT: (ids in readable shard files, reject
-    rows). First removes OUTPUT/manifest.json (until this run ends, training refuses the output). A shard file cut
-    short by an interrupted run is deleted (its rows are done again), and so is one holding a row whose input is
-    gone (its other rows are done again). Output made with other settings, or by an older version (no run.json),
-    is removed. Writes OUTPUT/run.json for this run."""
-    import pyarrow.parquet as pq
-
-    layout.remove_manifest(config.output)
-    shards_uri = dataio.join(config.output, layout.SHARDS_DIR)
-    rejects_uri = dataio.join(config.output, layout.REJECTS_DIR)
-    run_uri = dataio.join(config.output, layout.RUN_FILE)
-    settings = {"schema_version": SCHEMA_VERSION, **{k: getattr(config, k) for k in OUTPUT_SETTINGS}}
-    try:
-        before = json.loads(dataio.read_bytes(run_uri)) if dataio.exists(run_uri) else None
-    except ValueError:  # cut short while written: settings unknown, so the output is replaced
-        before = {}
-    done: set[str] = set()
-    rejects: list[dict] = []
-    if before != settings:
-        if before is not None or dataio.exists(shards_uri):
-            changed = sorted(k for k in settings if (before or {}).get(k) != settings[k]) if before else ["(unknown)"]
-            print(f"--output {config.output}: replacing the previous output (made with other settings: "
-                  f"{', '.join(changed)})", flush=True)
-        dataio.remove_dir(shards_uri)
-        dataio.remove_dir(rejects_uri)
-        dataio.write_bytes(run_uri, json.dumps(settings, indent=2).encode())
-        return done, rejects
-    fs, path = dataio.resolve(shards_uri)
-    files = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    for info in files:
-        try:
-            file_ids = pq.read_table(info.path, columns=["id"], filesystem=fs).column("id").to_pylist()
-        except Exception:  # cut short by the interruption
-            file_ids = None
-        if file_ids is None or not set(file_ids) <= ids:
-            fs.delete_file(info.path)
-        else:
-            done.update(file_ids)
-    rejects_file = dataio.join(rejects_uri, "rejects.parquet")
-    if dataio.exists(rejects_file):
-        fs, path = dataio.resolve(rejects_file)
-        rejects = pq.read_table(path, filesystem=fs).to_pylist()
-    return done, rejects
-
-
 def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     """Run the pipeline on the current Ray cluster (started locally when none is). Returns the manifest.
     A rerun with the same output and settings processes only the inputs not yet written or rejected."""
-    import pyarrow.parquet as pq
     import ray
 
     from pipelines.ray_runtime import init_ray
 
-    check_config(config)
+    config.validate()
     items = list_items(config)
     started = time.time()
-    ids = {item["id"] for item in items}
-    done, old_rejects = previous_work(config, ids)
-    old_rejects = [r for r in old_rejects if r["id"] in ids and r["id"] not in done]
-    todo = [item for item in items if item["id"] not in done | {r["id"] for r in old_rejects}]
-    if len(todo) < len(items):
-        print(f"--output {config.output}: {len(items) - len(todo)} of {len(items)} inputs already done there "
-              f"(written or rejected); processing the other {len(todo)}", flush=True)
+    todo, old_rejects = _remaining_work(config, items)
     init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
     resources = ray.cluster_resources()
-    cluster_cpus, cluster_gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-
-    shards_uri = dataio.join(config.output, layout.SHARDS_DIR)
-    rejects_uri = dataio.join(config.output, layout.REJECTS_DIR)
-    statuses: list[dict] = []
-    if todo:
-        sink = shard_sink(shards_uri, config.rows_per_shard)
-        build_dataset(todo, config, cluster_cpus, cluster_gpus).write_datasink(
-            sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **_runtime_env()})
-        statuses = sink.statuses
-    if len(statuses) != len(todo) or {s["id"] for s in statuses} != {i["id"] for i in todo}:
-        # the accounting identity: every input is written or rejected, once
-        raise RuntimeError(f"pipeline lost rows: {len(todo)} in, {len(statuses)} out")
+    cluster = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    statuses = _run_pipeline(config, todo, *cluster)
     rejected = old_rejects + [s for s in statuses if s["stage"]]
-    fs, path = dataio.resolve(dataio.join(rejects_uri, "rejects.parquet"))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(pa.Table.from_pylist(sorted(rejected, key=lambda r: r["id"]), schema=REJECT_SCHEMA), path,
-                   filesystem=fs)
+    _write_rejects(config.output, rejected)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "counts": stages.stage_counts(config.source, len(items), [r["stage"] for r in rejected]),
         "resumed": len(items) - len(todo),
         "config": config.to_dict(),
-        "cluster_cpus": cluster_cpus,
-        "cluster_gpus": cluster_gpus,
+        "cluster_cpus": cluster[0],
+        "cluster_gpus": cluster[1],
         "stages": [{"stages": list(p.names), "actors": p.actors, "num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
-                   for p in plan_stages(config, cluster_cpus, cluster_gpus)],
+                   for p in plan_stages(config, *cluster)],
         "package_versions": package_versions(("facediffuser", "ray", "pyarrow", "numpy", "mediapipe",
                                               "facenet-pytorch", "torch", "transformers", "pillow")),
         "wall_time_s": round(time.time() - started, 3),
@@ -335,40 +254,51 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     return layout.write_manifest(config.output, manifest)  # last: lists the shard files, checks their rows
 
 
+def _remaining_work(config: PreprocessConfig, items: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the items still to process, the reject rows kept from an earlier run with the same settings)."""
+    ids = {item["id"] for item in items}
+    done, old_rejects = previous_work(config, ids)
+    old_rejects = [r for r in old_rejects if r["id"] in ids and r["id"] not in done]
+    todo = [item for item in items if item["id"] not in done | {r["id"] for r in old_rejects}]
+    if len(todo) < len(items):
+        print(f"--output {config.output}: {len(items) - len(todo)} of {len(items)} inputs already done there "
+              f"(written or rejected); processing the other {len(todo)}", flush=True)
+    return todo, old_rejects
+
+
+def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: float, cluster_gpus: float) -> list[dict]:
+    """The stages and the shard writes over `todo`; → every row's status (id, source, stage, reason)."""
+    statuses: list[dict] = []
+    if todo:
+        sink = shard_sink(dataio.join(config.output, layout.SHARDS_DIR), config.rows_per_shard)
+        build_dataset(todo, config, cluster_cpus, cluster_gpus).write_datasink(
+            sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **_runtime_env()})
+        statuses = sink.statuses
+    if len(statuses) != len(todo) or {s["id"] for s in statuses} != {i["id"] for i in todo}:
+        # the accounting identity: every input is written or rejected, once
+        raise RuntimeError(f"pipeline lost rows: {len(todo)} in, {len(statuses)} out")
+    return statuses
+
+
+def _write_rejects(output: str, rejected: list[dict]) -> None:
+    import pyarrow.parquet as pq
+
+    fs, path = dataio.resolve(dataio.join(output, layout.REJECTS_DIR, "rejects.parquet"))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.Table.from_pylist(sorted(rejected, key=lambda r: r["id"]), schema=REJECT_SCHEMA), path,
+                   filesystem=fs)
+
+
 # --------------------------------------------------------------------------------------------- the CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="directory or s3:// prefix of photos (or a FastComposer tree)")
-    parser.add_argument("--output", required=True, help="directory or s3:// prefix for shards/, rejects/, manifest.json")
-    parser.add_argument("--source", choices=stages.SOURCES, default="images",
-                        help="images: run the models; fastcomposer: convert jpg+json+npy without models")
-    parser.add_argument("--detector", choices=DETECTORS, default="mediapipe")
-    parser.add_argument("--captioner", default=TEMPLATE,
-                        help="'template' (default) or a transformers image-to-text model directory / hub id")
-    parser.add_argument("--max-subjects", type=int, default=4, help="images with more faces are rejected")
-    parser.add_argument("--resolution", type=int, default=512, help="short side of stored images (downscale only)")
-    parser.add_argument("--num-gpus-per-stage", type=float, default=0.0,
-                        help="GPUs per actor of the stages that use one (MTCNN, a captioner model)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per map_batches call")
-    parser.add_argument("--actors-per-stage", type=int, default=None,
-                        help="actors in each model stage's pool (default: the cluster's CPU count)")
-    parser.add_argument("--rows-per-shard", type=int, default=1000)
-    parser.add_argument("--max-pixels", type=int, default=stages.DEFAULT_MAX_PIXELS,
-                        help="larger images are rejected before decoding")
-
+    add_config_arguments(parser, PreprocessConfig)
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
-
-def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
-    return PreprocessConfig(input=args.input, output=args.output, source=args.source, detector=args.detector,
-                            captioner=args.captioner, max_subjects=args.max_subjects, resolution=args.resolution,
-                            num_gpus_per_stage=args.num_gpus_per_stage, batch_size=args.batch_size,
-                            actors_per_stage=args.actors_per_stage, rows_per_shard=args.rows_per_shard,
-                            max_pixels=args.max_pixels)
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = preprocess(config_from_args(args), verbose=args.verbose)
+    manifest = preprocess(from_args(PreprocessConfig, args), verbose=args.verbose)
     counts = manifest["counts"]
     print(f"preprocess: {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected "
           f"in {manifest['wall_time_s']:.1f} s → {args.output}")

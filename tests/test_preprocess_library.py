@@ -276,7 +276,7 @@ def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
     from facediffuser.data import output as layout
     from facediffuser.data.schema import to_table
     from facediffuser.training.samples import sample_records
-    from pipelines.preprocess import OUTPUT_SETTINGS, previous_work
+    from facediffuser.data.resume import OUTPUT_SETTINGS, previous_work
 
     (tmp_path / "in").mkdir()
     out = tmp_path / "out"

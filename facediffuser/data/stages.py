@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from facediffuser.config import arg
 from facediffuser.data import io as dataio
-from facediffuser.data.captions import TEMPLATE, template_caption
+from facediffuser.data.captions import TEMPLATE, check_captioner, template_caption
 from facediffuser.data.faces import DETECTORS, DEFAULT_MIN_SCORE, Face
 from facediffuser.data.linking import LinkError, link_subjects
 from facediffuser.data.masks import face_ellipse, mask_box
@@ -59,21 +60,24 @@ WORK_SCHEMA = pa.schema([
 
 @dataclass
 class PreprocessConfig:
-    input: str
-    output: str
-    source: str = "images"
-    detector: str = "mediapipe"
-    captioner: str = TEMPLATE
-    max_subjects: int = 4
-    resolution: int = 512
-    num_gpus_per_stage: float = 0.0
-    batch_size: int = 8
-    actors_per_stage: int | None = None  # None: as many as the cluster has CPUs
-    rows_per_shard: int = 1000
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    min_face_score: float = DEFAULT_MIN_SCORE
+    input: str = arg(help="directory or s3:// prefix of photos (or a FastComposer tree)")
+    output: str = arg(help="directory or s3:// prefix for shards/, rejects/, manifest.json")
+    source: str = arg("images", "images: run the models; fastcomposer: convert jpg+json+npy without models",
+                      choices=SOURCES)
+    detector: str = arg("mediapipe", "face detector", choices=DETECTORS)
+    captioner: str = arg(TEMPLATE, "'template' or a transformers image-to-text model directory / hub id")
+    max_subjects: int = arg(4, "images with more faces are rejected")
+    resolution: int = arg(512, "short side of stored images (downscale only)")
+    num_gpus_per_stage: float = arg(0.0, "GPUs per actor of the stages that use one (MTCNN, a captioner model)")
+    batch_size: int = arg(8, "images per map_batches call")
+    actors_per_stage: int | None = arg(None, "actors in each model stage's pool (default: the cluster's CPU count)")
+    rows_per_shard: int = arg(1000, "rows per Parquet shard file")
+    max_pixels: int = arg(DEFAULT_MAX_PIXELS, "larger images are rejected before decoding")
+    min_face_score: float = arg(DEFAULT_MIN_SCORE, cli=False)  # detector confidence; library callers set it
 
     def validate(self) -> None:
+        """Everything that can be wrong with the settings (input and output reachable, captioner loadable),
+        checked before any work starts."""
         if self.source not in SOURCES:
             raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.detector not in DETECTORS:
@@ -85,6 +89,10 @@ class PreprocessConfig:
             raise ValueError(f"--num-gpus-per-stage must be >= 0, got {self.num_gpus_per_stage}")
         if self.actors_per_stage is not None and self.actors_per_stage < 1:
             raise ValueError(f"--actors-per-stage must be at least 1, got {self.actors_per_stage}")
+        dataio.check_input_dir(self.input)
+        dataio.check_output_dir(self.output)
+        if self.source == "images":
+            check_captioner(self.captioner)
 
     def to_dict(self) -> dict:
         return asdict(self)
