@@ -10,7 +10,7 @@ setting it prints, averaged over the seeds:
 - time ratio: median wall time of the call / that of 50-step DDIM.
 20-step DDIM is printed as well, to show what the better solver buys at the same step count.
 
-    .venv/bin/python benchmarks/fewer_steps.py [--width 64 --size 256 --seeds 3 --repeats 3 --threads 2]
+    .venv/bin/python benchmarks/fewer_steps.py [--width 64 --size 128 --seeds 2 --repeats 2 --threads 2]
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def compare(run, reference) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=64, help="UNet base channels (tiny: 32, SD1.5: 320)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latents: size/8)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (median kept)")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (latents: size/8)")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per setting (median kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
