@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from skimage.data import astronaut
 
     from facediffuser.model_dir import load_pipeline
-    from serving.app import ServeConfig, start
+    from serving.app import start
+    from serving.settings import ServeConfig
     from serving.loadtest import generate_payload, run_load
 
     torch.set_num_threads(args.torch_threads)

@@ -232,7 +232,8 @@ def _generate_over_http(config: DemoConfig, out: Path, app_name: str) -> tuple[l
     → (images, fusion masks, mask overlays, the response without its pictures)."""
     import httpx
 
-    from serving.app import ServeConfig, start
+    from serving.app import start
+    from serving.settings import ServeConfig
 
     model_dir = config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME))
     port = _serve_http_port() or config.port or _free_port()

@@ -42,7 +42,8 @@ _RUNNING: dict = {}  # the one started app: each module importing the fixture ge
 def service(ray_session, astronaut):
     from ray import serve
 
-    from serving.app import ServeConfig, start
+    from serving.app import start
+    from serving.settings import ServeConfig
 
     if _RUNNING:  # already started for another module of this session
         yield _RUNNING

@@ -234,7 +234,8 @@ class _Handle:
 
 def test_info_and_health_refuse_when_encoder_and_sampler_loaded_different_models():
     from serving.api import Limits, RequestError
-    from serving.app import FaceDiffuserAPI, ServeConfig
+    from serving.ingress import FaceDiffuserAPI
+    from serving.settings import ServeConfig
 
     def ingress(encoder_version: str, sampler_version: str):
         cls = FaceDiffuserAPI.func_or_class.__wrapped__  # our class, without Serve's ASGI replica wrapper

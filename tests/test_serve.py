@@ -324,7 +324,8 @@ def test_bounded_load_test_and_overload_answers_503(service):
 def test_token_auth_on_and_off(service, monkeypatch):
     from ray import serve
 
-    from serving.app import ServeConfig, TOKEN_ENV, start
+    from serving.app import start
+    from serving.settings import TOKEN_ENV, ServeConfig
 
     client, reference = service["client"], service["reference"]
     assert generate(client, reference).status_code == 200  # main app: no token configured, none needed

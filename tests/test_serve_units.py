@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import TOKEN_ENV, ServeConfig, app_builder
+    from serving.app import app_builder
+    from serving.settings import TOKEN_ENV, ServeConfig
 
     config = yaml.safe_load((ROOT / "serving/config/serve.yaml").read_text())
     ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
@@ -33,7 +34,7 @@ def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
     assert ServeConfig.from_dict(app["args"]).num_gpus == 1
     built = app_builder(app["args"])  # binds deployments; nothing is deployed
     assert type(built).__name__ == "Application"
-    with pytest.raises(ValueError, match="unknown serve config keys: gpus"):
+    with pytest.raises(ValueError, match="unknown key\\(s\\) gpus"):
         app_builder({**app["args"], "gpus": 1})
 
 
@@ -41,7 +42,7 @@ def test_anonymous_api_is_refused_on_a_reachable_address(monkeypatch, capsys):
     """No token + a non-loopback address: config validation (and so `facediffuser serve`) refuses in one line
     naming --allow-anonymous; loopback, a token, or the explicit opt-out start."""
     from facediffuser.cli import main
-    from serving.app import TOKEN_ENV, ServeConfig, auth_mode, is_loopback
+    from serving.settings import TOKEN_ENV, ServeConfig, auth_mode, is_loopback
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     for host in ("0.0.0.0", "::", "192.168.1.7", "10.0.0.3", "gpu-box.example.org"):
@@ -63,11 +64,11 @@ def test_anonymous_api_is_refused_on_a_reachable_address(monkeypatch, capsys):
     args = ["serve", "--tiny", "--host", "0.0.0.0", "--allow-anonymous"]
     import argparse
 
-    from serving.app import add_arguments, config_from_args
+    from serving.app import add_arguments, config_from_cli
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    config = config_from_args(parser.parse_args(args[1:]))
+    config = config_from_cli(parser.parse_args(args[1:]))
     assert config.allow_anonymous and config.host == "0.0.0.0"
 
 
@@ -164,7 +165,7 @@ def test_identity_scoring_uses_bounded_copies_and_a_bounded_cache(astronaut):
 
 
 def test_ingress_queue_is_sized_so_bodies_fit_its_memory(monkeypatch):
-    from serving.app import PAYLOAD_COPIES, TOKEN_ENV, ServeConfig, ingress_capacity
+    from serving.settings import PAYLOAD_COPIES, TOKEN_ENV, ServeConfig, ingress_capacity
 
     monkeypatch.setenv(TOKEN_ENV, "t")
     args = yaml.safe_load((ROOT / "serving/config/serve.yaml").read_text())["applications"][0]["args"]
@@ -189,7 +190,7 @@ def test_gate_authorises_before_reading_and_stops_a_chunked_body_at_the_limit():
     from types import SimpleNamespace
 
     from serving.api import Limits
-    from serving.app import _Gate
+    from serving.gate import Gate
 
     chunk = 64 * 1024
     seen: list[bytes] = []
@@ -216,7 +217,7 @@ def test_gate_authorises_before_reading_and_stops_a_chunked_body_at_the_limit():
         async def send(message):
             sent.append(message)
 
-        asyncio.run(_Gate(route)(scope, receive, send))
+        asyncio.run(Gate(route)(scope, receive, send))
         status = sent[0]["status"]
         body = b"".join(m.get("body", b"") for m in sent[1:])
         return status, json.loads(body) if status != 200 else body, pulled[0]
@@ -293,7 +294,7 @@ def test_coalescer_runs_what_waits_as_one_call_per_key_up_to_the_limit():
     oldest first, only those sharing the oldest's key, at most `limit` per call; every caller gets its own output."""
     import asyncio
 
-    from serving.app import _Coalescer
+    from serving.coalescer import Coalescer
 
     calls: list[list[str]] = []
 
@@ -306,7 +307,7 @@ def test_coalescer_runs_what_waits_as_one_call_per_key_up_to_the_limit():
                 await release.wait()  # the first call is busy until everything else has been handed over
             return [item.upper() for item in items]
 
-        coalescer = _Coalescer(run, limit=4, key=lambda item: item[0])
+        coalescer = Coalescer(run, limit=4, key=lambda item: item[0])
         first = asyncio.create_task(coalescer(["a0"]))
         await asyncio.sleep(0)
         # Six formed batches arrive while "a0" runs, as @serve.batch would hand them over one by one.
@@ -323,7 +324,7 @@ def test_coalescer_runs_what_waits_as_one_call_per_key_up_to_the_limit():
 def test_coalescer_fails_only_the_call_that_raised():
     import asyncio
 
-    from serving.app import _Coalescer
+    from serving.coalescer import Coalescer
 
     async def run(items):
         if "bad" in items:
@@ -331,7 +332,7 @@ def test_coalescer_fails_only_the_call_that_raised():
         return items
 
     async def scenario():
-        coalescer = _Coalescer(run, limit=1)
+        coalescer = Coalescer(run, limit=1)
         return await asyncio.gather(coalescer(["bad"]), coalescer(["ok"]), return_exceptions=True)
 
     bad, ok = asyncio.run(scenario())

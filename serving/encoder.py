@@ -1,0 +1,80 @@
+"""The SubjectEncoder deployment: prompts and reference photos → prompt embeddings; dlib identity scores."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+
+from serving.api import Limits, injected_fault, internal_error
+from serving.coalescer import Coalescer, histogram, no_concurrent_batches_warning
+from serving.models import load_models
+from serving.settings import ServeConfig
+
+
+@serve.deployment(name="SubjectEncoder")
+class SubjectEncoderDeployment:
+    """Reference photos → face crop → CLIP image tokens (LRU-cached by content hash) → prompt embeddings."""
+
+    def __init__(self, config: dict):
+        from facediffuser.metrics.identity import DlibEmbedder, IdentityScorer
+        from serving.subjects import IdentityScoring, SubjectEncoding
+
+        cfg = ServeConfig.from_dict(config)
+        pipe, self.model_info = load_models(cfg, drop=("sdm_unet", "tdm_unet", "vae"))
+        detector = None
+        if cfg.face_detector:
+            from facediffuser.data.faces import make_detector
+
+            detector = make_detector(cfg.face_detector)
+        max_reference_pixels = Limits(**cfg.limits).max_reference_pixels
+        self.encoding = SubjectEncoding(pipe, detector, cfg.cache_size, max_reference_pixels)
+        # dlib: CPU, bundled CC0 weights; references shrunk to a bounded copy, descriptors in a bounded LRU cache
+        self.identity_scoring = IdentityScoring(IdentityScorer(DlibEmbedder()), cfg.cache_size, max_reference_pixels)
+        self._test_fault: Exception | None = None
+        logging.getLogger("ray.serve").addFilter(no_concurrent_batches_warning)
+        # Requests that arrive while a call runs are encoded together in the next one (identical ones once), so
+        # requests that came in together leave together and can meet in one sampler batch.
+        self.coalescer = Coalescer(self._encode_many, limit=cfg.max_ongoing_requests)
+        self.encode.set_max_batch_size(cfg.max_ongoing_requests)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
+    async def encode(self, prompts: list[str], negative_prompts: list[str | None],
+                     references: list[list[list[bytes]]], subject_scales: list[list[float] | None]) -> list[dict]:
+        """Per request: {"null", "text", "augmented", "reference_sha256", "subject_tokens"} or
+        {"error": (status, code, message)}."""
+        return await self.coalescer(list(zip(prompts, negative_prompts, references, subject_scales)))
+
+    async def _encode_many(self, requests: list[tuple]) -> list[dict]:
+        return await asyncio.to_thread(self.encoding.encode_many, requests)
+
+    async def identity_scores(self, images: list[bytes], references: list[list[bytes]]) -> dict:
+        """→ {"scores": per image, per subject: dlib cosine similarity of the subject's reference to its face
+        (None: no face)}, or {"error_id": ...} when scoring failed (logged here under that id).
+
+        Reference descriptors are cached by the sha256 of the subject's photos, like the CLIP embeddings."""
+        fault, self._test_fault = self._test_fault, None
+        try:
+            if fault is not None:
+                raise fault
+            return {"scores": await asyncio.to_thread(self.identity_scoring.scores, images, references)}
+        except Exception as exc:
+            return {"error_id": internal_error("identity scoring", exc).error_id}
+
+    def inject_test_fault(self, error: str, message: str) -> None:
+        """TEST-ONLY (tests/test_serve.py): the next identity_scores call raises `error` ("RuntimeError" or
+        "ValueError") with `message`. Reachable only through a Ray deployment handle, not over HTTP or config."""
+        self._test_fault = injected_fault(error, message)
+
+    def ready(self) -> dict:
+        return {**self.encoding.stats(), "identity_cached": len(self.identity_scoring.cache),
+                "calls": histogram(self.coalescer.sizes)}
+
+    def model(self) -> dict:
+        """What this replica loaded ({"model", "hashes", "model_version"}); the ingress compares it with the sampler's."""
+        return self.model_info
+
+    def check_health(self) -> None:
+        if self.encoding.pipe.subject_encoder is None:
+            raise RuntimeError("subject encoder not loaded")

@@ -1,0 +1,91 @@
+"""The ingress's gate: bearer-token auth and the body-size limit, checked before a route reads the request."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi.responses import JSONResponse
+
+from serving.api import Limits
+
+RETRY_AFTER_S = 2  # the Retry-After of every 503 (busy, restarting, not ready)
+# Paths served without a token (probes, the page, the API docs); every other path needs it when one is set.
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
+
+
+def error_response(status: int, code: str, message: str, error_id: str | None = None) -> JSONResponse:
+    """The API's one error shape, {"error": code, "message": text[, "error_id"]}; a 503 says when to retry."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    body = {"error": code, "message": message, **({"error_id": error_id} if error_id else {})}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def token_matches(given: bytes, token: str) -> bool:
+    """Timing-safe: compares fixed-length digests, so neither the token's bytes nor its length leak."""
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(token.encode()).digest())
+
+
+class Gate:
+    """Pure ASGI middleware in front of every route: authorise, then read the body within max_payload_bytes.
+
+    1. With a token set, every path but PUBLIC_PATHS needs it: 401 before a byte of the body is read or parsed.
+    2. A declared Content-Length over the limit: 413 at once. Otherwise the body is read chunk by chunk with a
+       running count, and 413 as soon as it passes the limit (a chunked upload is never buffered beyond it).
+    3. The body read so far is handed to the route as one message.
+    Settings come from the app's state (`token`, `limits`), set by the ingress replica.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope["app"].state
+        token: str | None = getattr(state, "token", None)
+        limits: Limits | None = getattr(state, "limits", None)
+        headers = dict(scope.get("headers") or [])
+        if token is not None and _route_path(scope) not in PUBLIC_PATHS:
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not token_matches(given.strip(), token):
+                return await error_response(401, "unauthorized", UNAUTHORIZED)(scope, receive, send)
+        if limits is None:
+            return await self.app(scope, receive, send)
+        limit = limits.max_payload_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await error_response(413, "payload_too_large", f"the body is {int(declared)} bytes; the limit is {limit}"
+                                )(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nobody to answer
+                return None
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await error_response(413, "payload_too_large", f"the body is larger than the limit of {limit} bytes"
+                                    )(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, handed = b"".join(chunks), False
+        del chunks
+
+        async def replay():
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        return await self.app(scope, replay, send)
+
+
+def _route_path(scope) -> str:
+    """The request's path inside the app (without the Serve route prefix, which arrives as root_path)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"

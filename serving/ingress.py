@@ -1,0 +1,219 @@
+"""The Ingress deployment: the FastAPI routes (validation, auth, limits), then encoder → sampler. Heavy work never
+runs here; the gate (serving/gate.py) has already checked the token and the body size."""
+
+# No `from __future__ import annotations`: FastAPI must see real types in the route signatures.
+
+import asyncio
+import base64
+import os
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from facediffuser.manifest import package_versions
+from facediffuser.model_dir import version_mismatch
+from facediffuser.prompts import strip_markers
+from facediffuser.schedulers import SCHEDULERS
+from serving.api import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+    RequestError,
+    check_request,
+    internal_error,
+    log,
+    validation_message,
+)
+from serving.gate import UNAUTHORIZED, Gate, error_response, token_matches
+from serving.settings import TOKEN_ENV, ServeConfig, auth_mode, ingress_capacity, is_loopback
+
+STATIC_PAGE = Path(__file__).parent / "static" / "index.html"
+
+api = FastAPI(
+    title="Face-diffuser",
+    version="1.0",
+    description="Subject-to-image generation of given people: a prompt with a `<|image|>` marker after each "
+    "subject noun, and one reference photo per marker. Errors are JSON: {\"error\": code, \"message\": text}.",
+)
+bearer = HTTPBearer(auto_error=False, description=f"required when the server sets ${TOKEN_ENV}")
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500, 503)}
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError):
+    return error_response(exc.status, exc.code, exc.message, exc.error_id)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    error = internal_error(f"{request.method} {request.url.path}", exc)
+    return error_response(error.status, error.code, error.message, error.error_id)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return error_response(*validation_message(exc.errors()))
+
+
+api.add_middleware(Gate)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Errors that mean "try again shortly": a replica died or is restarting, or a queue is full."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, (BackPressureError, rex.RayActorError, rex.ActorUnavailableError)) or (
+        type(exc).__name__ in ("DeploymentUnavailableError", "ActorDiedError")
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _response(body: GenerateRequest, embeds: dict, output: dict, identity_scores, warnings: list, started: float,
+              encode_s: float) -> GenerateResponse:
+    """The answer to /v1/generate: base64 pictures, timings and the manifest of what was made and how."""
+    total_s = time.perf_counter() - started
+    timings = {"encode_s": encode_s, **output["timings"], "total_s": total_s}
+    manifest = {
+        "prompt": body.prompt, "plain_prompt": strip_markers(body.prompt), "negative_prompt": body.negative_prompt,
+        "references": embeds["reference_sha256"], "seeds": output["seeds"], **output["manifest"],
+        "identity_scores": identity_scores, "identity_metric": "dlib cosine" if identity_scores is not None else None,
+        "seconds": round(total_s, 3),
+    }
+    return GenerateResponse(
+        images=[_b64(png) for png in output["images"]], seeds=output["seeds"],
+        fusion_masks=_b64(output["fusion_masks"]) if "fusion_masks" in output else None,
+        overlays=[_b64(png) for png in output["overlays"]] if "overlays" in output else None,
+        batch_size=output["batch_size"], batch_requests=output["batch_requests"],
+        timings={k: round(v, 4) for k, v in timings.items()}, manifest=manifest, identity_scores=identity_scores,
+        warnings=warnings,
+    )
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class FaceDiffuserAPI:
+    """Validation, auth and limits; then encoder → sampler. Heavy work never runs here."""
+
+    def __init__(self, encoder, sampler, config: dict):
+        cfg = ServeConfig.from_dict(config)
+        self.encoder, self.sampler = encoder, sampler
+        self.limits = Limits(**cfg.limits)
+        self.token = cfg.api_token
+        self.config = cfg
+        self.default_size: int | None = None  # the model's image side, asked from the sampler on first use
+        api.state.limits, api.state.token = self.limits, self.token  # read by Gate
+        exposed = not self.token and not is_loopback(cfg.host)
+        (log.warning if exposed else log.info)("%s (app %s)", auth_mode(cfg), cfg.app_name)
+
+    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        """The routes' own check (the gate middleware has already checked, before reading the body)."""
+        if self.token is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not token_matches(given, self.token):
+            raise RequestError(401, "unauthorized", UNAUTHORIZED)
+
+    async def _call(self, method, *args):
+        try:
+            return await method.remote(*args)
+        except Exception as exc:
+            if _unavailable(exc):
+                raise RequestError(503, "unavailable", f"the service is busy or restarting ({type(exc).__name__}); retry shortly") from None
+            raise
+
+    @api.get("/", include_in_schema=False)
+    async def page(self):
+        """The web page for trying the API in a browser (one static file, no build step)."""
+        return HTMLResponse(STATIC_PAGE.read_text(encoding="utf-8"))
+
+    @api.get("/healthz", responses={503: {"model": ErrorResponse}})
+    async def healthz(self):
+        """Ready only when the encoder's and the sampler's models are loaded and answering."""
+        try:
+            encoder, sampler, encoder_model = await asyncio.wait_for(asyncio.gather(
+                self.encoder.ready.remote(), self.sampler.ready.remote(), self.encoder.model.remote()), timeout=5)
+        except Exception as exc:
+            return error_response(503, "not_ready", f"models are not ready ({type(exc).__name__})")
+        mismatch = version_mismatch({"encoder": encoder_model, "sampler": sampler})
+        if mismatch:
+            return error_response(503, "model_mismatch", mismatch)
+        return {"status": "ready", "encoder_cache": encoder, "batches_served": sampler["batches_served"]}
+
+    @api.get("/v1/info", responses=ERRORS)
+    async def info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """Models, limits, schedulers, batching and package versions."""
+        self._authorize(credentials)
+        sampler, encoder_model = await asyncio.gather(self._call(self.sampler.ready), self._call(self.encoder.model))
+        mismatch = version_mismatch({"encoder": encoder_model, "sampler": sampler})
+        if mismatch:
+            raise RequestError(503, "model_mismatch", mismatch)
+        return {
+            "model": sampler["model"], "hashes": sampler["hashes"], "default_size": sampler["default_size"],
+            "model_version": sampler["model_version"],  # the same in both deployments (checked above)
+            "model_versions": {"encoder": encoder_model["model_version"], "sampler": sampler["model_version"]},
+            "limits": self.limits.as_dict(), "schedulers": sorted(SCHEDULERS),
+            "face_detector": self.config.face_detector,
+            "batching": {"max_batch_size": self.config.max_batch_size, "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
+            "ingress": dict(zip(("max_ongoing_requests", "max_queued_requests"), ingress_capacity(self.config)),
+                            memory_mb=self.config.ingress_memory_mb),
+            "auth": "bearer" if self.token else "none",
+            "versions": package_versions(),
+        }
+
+    @api.get("/v1/stats", responses=ERRORS)
+    async def stats(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """Batches formed so far by the sampler replica that answers (one per call; all of them with one replica):
+        `formed_batches` maps requests per snf_denoise call to the number of such calls."""
+        self._authorize(credentials)
+        sampler, encoder = await asyncio.gather(self._call(self.sampler.stats), self._call(self.encoder.ready))
+        return {"sampler": sampler, "encoder_cache": encoder}
+
+    @api.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
+    async def generate(self, body: GenerateRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """Generate `num_images` images of the referenced people; image k uses seed + k."""
+        started = time.perf_counter()
+        self._authorize(credentials)
+        if self.default_size is None:
+            self.default_size = (await self._call(self.sampler.ready))["default_size"]
+        checked = check_request(body, self.limits, self.default_size)
+        if body.seed is None:
+            body.seed = int.from_bytes(os.urandom(4), "little") >> 1
+        encode_started = time.perf_counter()
+        embeds = await self._call(self.encoder.encode, body.prompt, body.negative_prompt, checked.references,
+                                  body.subject_scales)
+        encode_s = time.perf_counter() - encode_started
+        if "error" in embeds:
+            raise RequestError(*embeds["error"])
+        request = body.model_dump(exclude={"references"})  # the photos went to the encoder; no extra copy
+        output = await self._call(self.sampler.submit, request, embeds)
+        if "error" in output:
+            raise RequestError(*output["error"])
+        identity_scores, warnings = None, []
+        if body.identity_scores:
+            identity_scores, warnings = await self._identity_scores(output, checked.references)
+        return _response(body, embeds, output, identity_scores, warnings, started, encode_s)
+
+    async def _identity_scores(self, output: dict, references: list) -> tuple[list | None, list[str]]:
+        """(scores, warnings) for the generated images; the images exist: a failure here costs the scores, never
+        the answer. Adds the time taken to output["timings"]."""
+        started = time.perf_counter()
+        try:
+            scored = await self._call(self.encoder.identity_scores, output["images"], references)
+        except Exception as exc:
+            scored = {"error_id": internal_error("identity scoring", exc).error_id}
+        output["timings"]["identity_s"] = time.perf_counter() - started
+        scores = scored.get("scores")
+        if scores is None:
+            return None, [f"identity scoring failed (error id {scored['error_id']}); the images are returned "
+                          "without identity_scores"]
+        return scores, []

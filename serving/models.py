@@ -1,0 +1,25 @@
+"""Loading the models a deployment replica needs, on the device it has."""
+
+from __future__ import annotations
+
+import torch
+
+from facediffuser.model_dir import identity as model_identity, load_pipeline
+
+
+def replica_device() -> str:
+    """The GPU when Ray gave this replica one (num_gpus > 0 makes it visible), else the CPU."""
+    return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() else "cpu"
+
+
+def load_models(config, drop: tuple[str, ...]):
+    """(pipeline, model info) for a ServeConfig: the pipeline without the components this deployment never uses
+    (`drop`), on the replica's device; model info = {"model", "hashes", "model_version"} of what was loaded."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    pipe = load_pipeline(config.model, config.tiny, torch_dtype=getattr(torch, config.dtype))
+    model_info = model_identity(pipe, config.model)  # taken before any part is dropped
+    for name in drop:
+        setattr(pipe, name, None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(replica_device()), model_info

@@ -1,0 +1,219 @@
+"""The Sampler deployment: both UNets, the VAE and the scheduler; one snf_denoise call per group of compatible
+requests (same steps, size, scheduler, guidance and stage boundaries; boxed only with boxed), each from latents
+drawn from its own seeds, so a batched request gets the same images it would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+
+from facediffuser.images import png_bytes, tensor_to_pil
+from facediffuser.layout import SubjectRegions
+from facediffuser.manifest import package_versions
+from facediffuser.pipeline import seeded_latents
+from facediffuser.sampling import boundaries_from_fractions, snf_denoise
+from facediffuser.schedulers import make_scheduler, scheduler_name
+from facediffuser.visualize import mask_grid, mask_overlay
+from serving.api import injected_fault, internal_error
+from serving.coalescer import Coalescer, histogram, no_concurrent_batches_warning
+from serving.models import load_models
+from serving.settings import ServeConfig
+
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+@dataclass
+class _Job:
+    """One request inside a batch; `key` groups requests that can share one snf_denoise call."""
+
+    request: dict
+    embeds: dict
+    arrived: float
+    key: tuple = ()
+    iterations: int = 0
+    boundaries: tuple[int, int] = (0, 0)
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image k of a request always uses seed + k."""
+        return [self.request["seed"] + k for k in range(self.request["num_images"])]
+
+
+def _regions(group: list[_Job], latent_size) -> SubjectRegions:
+    """Each image of a boxed batch: its request's subject tokens and boxes."""
+    per_image = [job for job in group for _ in range(job.request["num_images"])]
+    return SubjectRegions(tokens=[job.embeds["subject_tokens"] for job in per_image],
+                          boxes=[[tuple(b) for b in job.request["boxes"]] for job in per_image],
+                          latent_size=tuple(latent_size))
+
+
+def _mask_pictures(output: dict, job: _Job, images: list, masks: torch.Tensor | None, latent_size) -> None:
+    """Adds the job's fusion mask grid and, when fusion ran, each image's overlay (PNG bytes) to `output`."""
+    job_masks = masks if masks is not None else torch.zeros(0, len(images), *latent_size)
+    output["fusion_masks"] = png_bytes(mask_grid(job_masks))
+    if job_masks.shape[0]:
+        mean = job_masks.mean(dim=0)
+        output["overlays"] = [png_bytes(mask_overlay(image, mean[k], boxes=job.request["boxes"]))
+                              for k, image in enumerate(images)]
+
+
+@serve.deployment(name="Sampler")
+class SamplerDeployment:
+    """Both UNets, the VAE and the scheduler config; one snf_denoise call per group of compatible requests."""
+
+    def __init__(self, config: dict):
+        cfg = ServeConfig.from_dict(config)
+        self.pipe, self.model_info = load_models(cfg, drop=())
+        self.pipe.text_encoder = self.pipe.subject_encoder = None  # the encoder deployment owns those
+        self.versions = package_versions()
+        self.consecutive_failures = 0
+        self.default_size = self.pipe.sdm_unet.config.sample_size * self.pipe.vae_scale_factor
+        logging.getLogger("ray.serve").addFilter(no_concurrent_batches_warning)
+        # One snf_denoise call at a time; each takes up to max_batch_size waiting requests that share a key.
+        self.coalescer = Coalescer(self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key)
+        self.configure_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self.batches_served = 0
+        self._test_fault: Exception | None = None
+
+    def inject_test_fault(self, error: str, message: str) -> None:
+        """TEST-ONLY (tests/test_serve.py): the next snf_denoise call raises `error` ("RuntimeError" or
+        "ValueError") with `message`. Reachable only through a Ray deployment handle, not over HTTP or config."""
+        self._test_fault = injected_fault(error, message)
+
+    def ready(self) -> dict:
+        return {**self.model_info, "default_size": self.default_size, "batches_served": self.batches_served}
+
+    def stats(self) -> dict:
+        """Batches this replica formed so far: `formed_batches` maps requests per snf_denoise call → calls."""
+        formed = self.coalescer.sizes
+        calls = sum(formed.values())
+        requests = sum(size * count for size, count in formed.items())
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "batches_served": self.batches_served, "requests_served": requests, "formed_batches": histogram(formed),
+            "mean_batch_requests": round(requests / calls, 3) if calls else None,
+            "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+    def configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Change batching on a running replica (the benchmark compares on/off on the same warm replica)."""
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self.coalescer.limit = max_batch_size
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        """Unhealthy (Serve replaces the replica) when models are missing or sampling keeps failing."""
+        if self.pipe.sdm_unet is None or self.pipe.tdm_unet is None or self.pipe.vae is None:
+            raise RuntimeError("sampler models not loaded")
+        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{self.consecutive_failures} batches in a row failed")
+
+    def _plan(self, job: _Job) -> None:
+        r = job.request
+        scheduler = make_scheduler(r["scheduler"], self.pipe.scheduler.config)
+        scheduler.set_timesteps(r["steps"])
+        job.iterations = len(scheduler.timesteps)
+        job.boundaries = boundaries_from_fractions(r["alpha"], r["beta"], job.iterations)
+        size = (r["height"] or self.default_size, r["width"] or self.default_size)
+        # boxed requests run the SDM's attention with a bias: they batch only with other boxed ones
+        job.key = (r["scheduler"], r["steps"], size, float(r["guidance_scale"]), job.boundaries, r["boxes"] is not None)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05, max_concurrent_batches=1024)
+    async def generate(self, jobs: list[_Job]) -> list[dict]:
+        """Requests that arrived within batch_wait_timeout_s of each other; the coalescer runs them (see Coalescer)."""
+        return await self.coalescer(jobs)
+
+    async def _run_group(self, group: list[_Job]) -> list[dict]:
+        try:
+            outputs = await asyncio.to_thread(self._denoise_group, group)
+            self.consecutive_failures = 0
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            outputs = [{"error": (503, "unavailable", "out of GPU memory; retry shortly or ask for fewer/smaller images")}] * len(group)
+        except Exception as exc:  # a fault on our side, ValueError included (requests were checked before): answer
+            self.consecutive_failures += 1  # 500 for this batch only, details in the log; health decides the rest
+            outputs = [{"error": internal_error("sampling", exc).as_tuple()}] * len(group)
+        self.batches_served += 1
+        return outputs
+
+    async def submit(self, request: dict, embeds: dict) -> dict:
+        job = _Job(request=request, embeds=embeds, arrived=time.perf_counter())
+        try:
+            self._plan(job)
+        except ValueError as exc:
+            return {"error": (422, "invalid_request", str(exc))}
+        return await self.generate(job)
+
+    @torch.no_grad()
+    def _denoise_group(self, group: list[_Job]) -> list[dict]:
+        """One snf_denoise call and one VAE decode for the group → each job's output (see _job_output)."""
+        fault, self._test_fault = self._test_fault, None
+        if fault is not None:
+            raise fault
+        pipe = self.pipe
+        scheduler_kind, steps, (height, width), guidance, (start_merge_step, final_step), boxed = group[0].key
+        scheduler = make_scheduler(scheduler_kind, pipe.scheduler.config)  # fresh: solvers keep per-call state
+        dtype, device = pipe.sdm_unet.dtype, pipe.sdm_unet.device
+        shape = (4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        # Each image's noise comes from its own seed, as in the pipeline; its generator then feeds any stochastic
+        # scheduler: an image does not depend on who else is in the batch.
+        latents, generators = seeded_latents(shape, [seed for job in group for seed in job.seeds])
+        latents = (latents * scheduler.init_noise_sigma).to(device, dtype)
+
+        def stacked(name):
+            return torch.cat([job.embeds[name].repeat(job.request["num_images"], 1, 1) for job in group]).to(device, dtype)
+
+        want_masks = any(job.request["return_masks"] for job in group)
+        denoise_started = time.perf_counter()
+        result = snf_denoise(
+            pipe.tdm_unet, pipe.sdm_unet, scheduler, latents, stacked("null"), stacked("text"), stacked("augmented"),
+            num_inference_steps=steps, guidance_scale=guidance, start_merge_step=start_merge_step,
+            final_step=final_step, return_masks=want_masks, generator=generators,
+            regions=_regions(group, shape[1:]) if boxed else None,
+        )
+        decode_started = time.perf_counter()
+        images = tensor_to_pil(pipe.decode_latents(result.latents))
+        masks = torch.stack(result.masks)[:, :, 0].float().cpu() if want_masks and result.masks else None
+        batch = {"batch_size": len(images), "batch_requests": len(group), "denoise_started": denoise_started,
+                 "denoise_s": decode_started - denoise_started, "decode_s": time.perf_counter() - decode_started,
+                 "scheduler": scheduler_name(scheduler), "fusion_steps": result.fusion_steps}
+        outputs, offset = [], 0
+        for job in group:
+            rows = slice(offset, offset + job.request["num_images"])
+            offset = rows.stop
+            job_masks = masks[:, rows] if masks is not None else None
+            outputs.append(self._job_output(job, images[rows], job_masks, batch, shape[1:]))
+        return outputs
+
+    def _job_output(self, job: _Job, images: list, masks: torch.Tensor | None, batch: dict, latent_size) -> dict:
+        """One request's answer: PNG images, seeds, batch and timing facts, the manifest, and mask pictures when
+        it asked for them."""
+        request, (start_merge_step, final_step) = job.request, job.boundaries
+        height, width = job.key[2]
+        output = {
+            "images": [png_bytes(image) for image in images],
+            "seeds": job.seeds,
+            "batch_size": batch["batch_size"],
+            "batch_requests": batch["batch_requests"],
+            "timings": {"queue_s": batch["denoise_started"] - job.arrived, "denoise_s": batch["denoise_s"],
+                        "decode_s": batch["decode_s"]},
+            "manifest": {
+                "scheduler": batch["scheduler"], "steps": request["steps"], "iterations": job.iterations,
+                "guidance_scale": job.key[3], "size": [width, height], "boxes": request["boxes"],
+                "subject_scales": request["subject_scales"],
+                "boundaries": {"start_merge_step": start_merge_step, "final_step": final_step,
+                               "alpha": request["alpha"], "beta": request["beta"],
+                               "fusion_steps": batch["fusion_steps"]},
+                **self.model_info, "versions": self.versions,
+            },
+        }
+        if request["return_masks"]:
+            _mask_pictures(output, job, images, masks, latent_size)
+        return output

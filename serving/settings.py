@@ -1,0 +1,154 @@
+"""The app's settings (`ServeConfig`: the CLI flags and serve.yaml's `args`), and the rules on them: who may call
+the API (a token, or a loopback address) and how many requests the ingress may hold in memory."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from facediffuser.config import arg, from_dict
+from serving.api import Limits
+
+TOKEN_ENV = "FACEDIFFUSER_API_TOKEN"
+# Copies of a request body the ingress holds while the request is in flight: the raw body, the parsed JSON, the
+# validated model's strings, the decoded photos (3/4). Used to size its queue (ingress_capacity, docs/serving.md).
+PAYLOAD_COPIES = 4
+DTYPES = ("float32", "float16", "bfloat16")
+# Limits fields the command line sets (`--max-steps` ...); serve.yaml's `limits:` may set any Limits field.
+CLI_LIMITS = {
+    "max_steps": "most denoising steps per request",
+    "max_side": "largest width or height, pixels",
+    "compute_budget": "per request: width x height x num_images x steps (default: 4 images of 512^2 at 50 steps)",
+}
+
+
+@dataclass
+class ServeConfig:
+    """Everything the app needs; built from CLI flags (`run`) or the YAML's `args` (`app_builder`)."""
+
+    model: str | None = arg(None, "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a "
+                                  "training run's directory (runs/NAME: its final/ is used)", group="source")
+    tiny: bool = arg(False, "small random models, for trying the service on a CPU", group="source")
+    # Where Serve's HTTP proxies listen: `facediffuser serve` starts them there; for `serve deploy` keep it equal to
+    # http_options.host (app_builder also checks the running proxies' address).
+    host: str = arg("127.0.0.1", f"address to listen on; any but loopback needs ${TOKEN_ENV} (or --allow-anonymous)")
+    port: int = arg(8000, "HTTP port")
+    app_name: str = arg("facediffuser", cli=False)
+    route_prefix: str = arg("/", cli=False)
+    api_token: str | None = arg(None, cli=False)  # default: $FACEDIFFUSER_API_TOKEN (never a flag: ps shows those)
+    allow_anonymous: bool = arg(False, f"serve without ${TOKEN_ENV} on a non-loopback --host (anyone who reaches "
+                                       "it can use the GPUs)")
+    dtype: str = arg("float32", "model weights' dtype", choices=DTYPES)
+    face_detector: str | None = arg("mediapipe", "finds the face in reference photos (none: the whole photo, "
+                                                 "padded square)", choices=("mediapipe", "mtcnn", "none"))
+    cache_size: int = arg(256, cli=False)  # reference photos' embeddings and identity descriptors kept
+    # resources and scaling (sampler = both UNets + VAE; encoder = text + CLIP vision)
+    num_gpus: float = arg(0.0, "GPUs per sampler replica")
+    num_cpus: float = arg(1.0, "CPUs per sampler replica")
+    encoder_num_gpus: float = arg(0.0, "GPUs per encoder replica")
+    encoder_num_cpus: float = arg(0.5, cli=False)
+    ingress_num_cpus: float = arg(0.1, cli=False)
+    torch_threads: int = arg(0, cli=False)  # 0: torch's default
+    min_replicas: int = arg(1, "replicas of the encoder and of the sampler, at least")
+    max_replicas: int = arg(2, "replicas of the encoder and of the sampler, at most")
+    target_ongoing_requests: float = arg(4.0, cli=False)
+    max_ongoing_requests: int = arg(8, "requests a replica works on at once")
+    max_queued_requests: int = arg(32, "requests waiting per deployment before 503")
+    max_batch_size: int = arg(4, "requests per snf_denoise call; 1 turns batching off")
+    batch_wait_timeout_s: float = arg(0.05, "how long a batch waits for more requests")
+    health_check_period_s: float = arg(10.0, cli=False)
+    # Memory request bodies may take on the ingress's node; bounds the ingress's ongoing and queued requests
+    # (ingress_capacity; arithmetic in docs/serving.md).
+    ingress_memory_mb: int = arg(4096, cli=False)
+    limits: dict = arg({}, cli=False)  # Limits fields
+
+    def __post_init__(self):
+        if self.api_token is None:
+            self.api_token = os.environ.get(TOKEN_ENV) or None
+        if self.face_detector == "none":  # the CLI's spelling of "no detector"
+            self.face_detector = None
+        self.validate()  # every way of building one (CLI, serve.yaml, deployments, tests) is checked
+
+    def validate(self) -> None:
+        """ValueError (one line) for settings the app cannot run with, before any deployment starts."""
+        refuse_anonymous(self.host, self.api_token, self.allow_anonymous)
+        if not self.tiny and not self.model:
+            raise ValueError("give a model directory (--model DIR) or --tiny")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size (a batch needs that many in flight)")
+        Limits(**self.limits)  # unknown keys and bad values fail here
+        ingress_capacity(self)  # the ingress memory must hold at least one request and one queued
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ServeConfig":
+        """From serve.yaml's `args` (or a deployment's copy of them): unknown keys are an error naming them."""
+        return from_dict(cls, dict(values), "serve.yaml args")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def refuse_anonymous(host: str, api_token: str | None, allow_anonymous: bool) -> None:
+    """ValueError (one line, naming the way out) for an unauthenticated API on an address others can reach."""
+    if api_token or allow_anonymous or is_loopback(host):
+        return
+    raise ValueError(
+        f"refusing to serve on {host} without a bearer token: set ${TOKEN_ENV}, or pass --allow-anonymous "
+        "(config key allow_anonymous: true) to serve it unauthenticated"
+    )
+
+
+def auth_mode(config: ServeConfig, host: str | None = None) -> str:
+    """One line saying who may call the API (printed by `facediffuser serve`, logged by the ingress)."""
+    host = host or config.host
+    if config.api_token:
+        return "authentication: bearer token required on /v1/*"
+    if is_loopback(host):
+        return f"authentication: off (no ${TOKEN_ENV}); listening on {host}, reachable from this machine only"
+    return (f"authentication: OFF on {host} (allow_anonymous): anyone who can reach this address can use the API "
+            f"and its GPUs; set ${TOKEN_ENV} to require a token")
+
+
+def ingress_capacity(config: ServeConfig) -> tuple[int, int]:
+    """(max_ongoing_requests, max_queued_requests) of the ingress: as many as the encoder and sampler can hold
+    (4 x theirs x max_replicas), but no more than fit `ingress_memory_mb`: an ongoing request holds about
+    PAYLOAD_COPIES x max_payload_bytes in the ingress replica, a queued one its body (1x) in Serve's HTTP proxy."""
+    payload = Limits(**config.limits).max_payload_bytes
+    memory = config.ingress_memory_mb * 2**20
+    if memory < (PAYLOAD_COPIES + 1) * payload:
+        raise ValueError(f"ingress_memory_mb={config.ingress_memory_mb} cannot hold one request and one queued: "
+                         f"needs {PAYLOAD_COPIES + 1} x max_payload_bytes = {(PAYLOAD_COPIES + 1) * payload / 2**20:.0f} MiB")
+    ongoing = min(4 * config.max_ongoing_requests * config.max_replicas, (memory - payload) // (PAYLOAD_COPIES * payload))
+    left = (memory - ongoing * PAYLOAD_COPIES * payload) // payload
+    wanted = left if config.max_queued_requests < 0 else 4 * config.max_queued_requests * config.max_replicas
+    return ongoing, max(1, min(wanted, left))
+
+
+def running_http_host() -> str | None:
+    """The address the running Serve's HTTP proxies listen on, when this process is in a Ray session that has a
+    Serve controller (best effort: None otherwise). Never starts Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:
+        return None
