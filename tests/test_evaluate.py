@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from facediffuser.cli import main
-from pipelines.evaluate import (STOP_AFTER_ENV, EvaluateConfig, InjectedFault, load_eval_subjects, make_tasks)
+from facediffuser.metrics.subjects import load_eval_subjects, make_tasks
+from pipelines.evaluate import STOP_AFTER_ENV, EvaluateConfig, InjectedFault
 from test_metrics import save_random_facenet, save_tiny_clip
 
 METHODS = ("snf", "sdm-only", "tdm-only", "average")
