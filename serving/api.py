@@ -189,6 +189,13 @@ def check_request(request: GenerateRequest, limits: Limits, default_size: int = 
     `default_size` is the model's image side, used for a width or height the request leaves out (the ingress
     passes the served model's; 512 is SD1.5's).
     """
+    _check_subjects(request, limits)
+    _check_work(request, limits, default_size)
+    return CheckedRequest(request=request, references=_decoded_references(request, limits))
+
+
+def _check_subjects(request: GenerateRequest, limits: Limits) -> None:
+    """Markers vs references, and the layout options (boxes, subject_scales) per subject."""
     markers = count_markers(request.prompt)
     if markers == 0:
         raise RequestError(422, "no_subjects", f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
@@ -207,6 +214,10 @@ def check_request(request: GenerateRequest, limits: Limits, default_size: int = 
         check_scales(request.subject_scales, markers)
     except ValueError as exc:
         raise RequestError(422, "invalid_subject_scales", str(exc)) from None
+
+
+def _check_work(request: GenerateRequest, limits: Limits, default_size: int) -> None:
+    """Steps (filled in when left out), images, boundaries, size and the compute budget they add up to."""
     if request.steps is None:
         request.steps = min(DEFAULT_STEPS, limits.max_steps)
     if request.steps > limits.max_steps:
@@ -228,6 +239,10 @@ def check_request(request: GenerateRequest, limits: Limits, default_size: int = 
             f"server's compute budget of {limits.compute_budget} per request; ask for fewer images, fewer steps or a "
             "smaller size",
         )
+
+
+def _decoded_references(request: GenerateRequest, limits: Limits) -> list[list[bytes]]:
+    """Each subject's photos, decoded from base64 (a single photo is a list of one)."""
     references = []
     for index, entry in enumerate(request.references, start=1):
         photos = entry if isinstance(entry, list) else [entry]
@@ -241,7 +256,7 @@ def check_request(request: GenerateRequest, limits: Limits, default_size: int = 
             decode_base64(photo, f"reference {index}" if len(photos) == 1 else f"reference {index} photo {k}")
             for k, photo in enumerate(photos, start=1)
         ])
-    return CheckedRequest(request=request, references=references)
+    return references
 
 
 def validation_message(errors: list[dict]) -> tuple[int, str, str]:
