@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import json
 import shutil
 import socket
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from facediffuser.config import add_arguments as add_config_arguments, arg, from_args
 from facediffuser.model_dir import final_dir
 from facediffuser.samples import ASTRONAUT, sample_photos
 
@@ -32,14 +35,14 @@ NAME = "demo"
 
 @dataclass
 class DemoConfig:
-    out: str = "demo-output"
-    model: str | None = None  # real weights (a directory holding sdm/ and tdm/): skip training
-    steps: int = 24  # training steps per model
-    sample_steps: int = 20  # denoising steps of the generate request
-    num_images: int = 2
-    resolution: int = 64  # training image side (tiny models)
-    port: int = 0  # 0: a free port
-    num_cpus: int = 2  # of the local Ray the demo starts
+    out: str = arg("demo-output", "where the results go")
+    model: str | None = arg(None, "real weights (a directory holding sdm/ and tdm/): skip training")
+    steps: int = arg(24, "training steps per model")
+    sample_steps: int = arg(20, "denoising steps of the generate request")
+    num_images: int = arg(2, "images in the generate request (1 to 4)")
+    resolution: int = arg(64, cli=False)  # training image side (tiny models)
+    port: int = arg(0, "HTTP port of the Serve app (0: a free one)")
+    num_cpus: int = arg(2, cli=False)  # of the local Ray the demo starts
 
     def validate(self) -> None:
         if self.model is not None and not Path(self.model).is_dir():
@@ -129,22 +132,11 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
     """Run every phase; → paths of what was written and each phase's time. Validates first, cleans up Ray/Serve
     last."""
     config.validate()
-    import ray
-    from ray import serve
-
-    from pipelines.ray_runtime import init_ray
-
-    out = Path(config.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("photos", "preprocessed", "generated"):  # a rerun replaces the previous results
-        shutil.rmtree(out / stale, ignore_errors=True)
+    out = _fresh_output(config.out)
     started = time.perf_counter()
     clock = PhaseClock()
-    own_ray = not ray.is_initialized()
-    own_serve = False
     app_name = f"facediffuser-{NAME}"
-    try:
-        init_ray(verbose, num_cpus=config.num_cpus, num_gpus=0)
+    with _ray_for_demo(config.num_cpus, verbose, app_name) as session:
         clock.start("photos", "sample photos: the astronaut as one, two and three people")
         photos = sample_photos(out / "photos")
         print(f"  {len(photos)} photos in {out / 'photos'} ({clock.stop():.1f} s)", flush=True)
@@ -152,15 +144,9 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
                                   "→ Parquet")
         manifest = _preprocess(out)
         print(f"  ({clock.stop():.1f} s) → {out / 'preprocessed'}", flush=True)
-        if config.model:
-            clock.start("train", f"training skipped: using the model in {config.model}")
-            model_dir, curves = str(Path(config.model).resolve()), []
-        else:
-            clock.start("train", f"training tiny TDM and SDM side by side on Ray Train ({config.steps} steps each)")
-            model_dir, curves = _train(config, out)
-        print(f"  models in {model_dir} ({clock.stop():.1f} s)", flush=True)
+        model_dir, curves = _models(config, out, clock)
         clock.start("serve", "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
-        own_serve = _serve_http_port() is None
+        session.own_serve = _serve_http_port() is None
         images, masks, overlays, response_summary = _generate_over_http(config, out, app_name)
         print(f"  {len(images)} image(s) in {response_summary['timings']['total_s']:.1f} s; identity scores "
               f"{response_summary.get('identity_scores')} ({clock.stop():.1f} s) → {out / 'generated'}", flush=True)
@@ -173,10 +159,41 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
             ("Fusion masks (a row per image, a column per fusion step)", masks, ""),
         ])
         clock.stop()
+    seconds = round(time.perf_counter() - started, 1)
+    (out / "timings.json").write_text(json.dumps({"total_s": seconds, "phases_s": clock.seconds}, indent=2))
+    return {"out": str(out), "index": str(index), "photos": [str(p) for p in photos],
+            "shards": str(out / "preprocessed" / "shards"), "manifest": str(out / "preprocessed" / "manifest.json"),
+            "model": model_dir, "curves": [str(c) for c in curves], "images": [str(p) for p in images],
+            "masks": [str(p) for p in masks + overlays], "seconds": seconds, "phases": clock.seconds,
+            "summary": clock.summary()}
+
+
+def _fresh_output(directory: str) -> Path:
+    out = Path(directory).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("photos", "preprocessed", "generated"):  # a rerun replaces the previous results
+        shutil.rmtree(out / stale, ignore_errors=True)
+    return out
+
+
+@contextlib.contextmanager
+def _ray_for_demo(num_cpus: int, verbose: bool, app_name: str):
+    """The running Ray, or a local one started here and shut down at the end (also on errors and Ctrl-C). At the
+    end the demo's Serve app is removed, or Serve shut down when the demo started it (`session.own_serve`)."""
+    import ray
+    from ray import serve
+
+    from pipelines.ray_runtime import init_ray
+
+    own_ray = not ray.is_initialized()
+    session = types.SimpleNamespace(own_serve=False)
+    try:
+        init_ray(verbose, num_cpus=num_cpus, num_gpus=0)
+        yield session
     finally:
         try:
             if ray.is_initialized():
-                if own_serve:
+                if session.own_serve:
                     serve.shutdown()
                 else:
                     try:
@@ -186,13 +203,18 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
         finally:
             if own_ray:
                 ray.shutdown()
-    seconds = round(time.perf_counter() - started, 1)
-    (out / "timings.json").write_text(json.dumps({"total_s": seconds, "phases_s": clock.seconds}, indent=2))
-    return {"out": str(out), "index": str(index), "photos": [str(p) for p in photos],
-            "shards": str(out / "preprocessed" / "shards"), "manifest": str(out / "preprocessed" / "manifest.json"),
-            "model": model_dir, "curves": [str(c) for c in curves], "images": [str(p) for p in images],
-            "masks": [str(p) for p in masks + overlays], "seconds": seconds, "phases": clock.seconds,
-            "summary": clock.summary()}
+
+
+def _models(config: DemoConfig, out: Path, clock: PhaseClock) -> tuple[str, list[Path]]:
+    """The training phase: tiny models trained here, or the given real weights; → (model dir, loss curves)."""
+    if config.model:
+        clock.start("train", f"training skipped: using the model in {config.model}")
+        model_dir, curves = str(Path(config.model).resolve()), []
+    else:
+        clock.start("train", f"training tiny TDM and SDM side by side on Ray Train ({config.steps} steps each)")
+        model_dir, curves = _train(config, out)
+    print(f"  models in {model_dir} ({clock.stop():.1f} s)", flush=True)
+    return model_dir, curves
 
 
 def _preprocess(out: Path) -> dict:
@@ -259,20 +281,12 @@ def _generate_over_http(config: DemoConfig, out: Path, app_name: str) -> tuple[l
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = DemoConfig()
-    parser.add_argument("--out", default=defaults.out, help="where the results go (default: demo-output/)")
-    parser.add_argument("--model", default=None, help="real weights (a directory holding sdm/ and tdm/): skip training")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per model")
-    parser.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="denoising steps")
-    parser.add_argument("--num-images", type=int, default=defaults.num_images)
-    parser.add_argument("--port", type=int, default=defaults.port, help="HTTP port of the Serve app (0: a free one)")
+    add_config_arguments(parser, DemoConfig)
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = DemoConfig(out=args.out, model=args.model, steps=args.steps, sample_steps=args.sample_steps,
-                        num_images=args.num_images, port=args.port)
-    result = demo(config, verbose=args.verbose)
+    result = demo(from_args(DemoConfig, args), verbose=args.verbose)
     print(f"\ndemo finished in {result['seconds']:.0f} s ({result['summary']}). Open {result['index']}\n"
           f"  photos:       {Path(result['photos'][0]).parent}\n"
           f"  shards:       {result['shards']} (manifest: {result['manifest']})\n"
