@@ -48,8 +48,9 @@ def _scalar(annotation) -> type:
     return annotation if isinstance(annotation, type) else str
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One `--flag-name` per field of `cls` that has `cli=True`, with the field's default, type and help."""
+def add_arguments(parser: argparse.ArgumentParser, cls, required_groups: tuple[str, ...] = ()) -> None:
+    """One `--flag-name` per field of `cls` that has `cli=True`, with the field's default, type and help. For a
+    group named in `required_groups`, one of its flags must be given (argparse says so, with the usage line)."""
     hints = typing.get_type_hints(cls)
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(cls):
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         target = parser
         if meta.get("group"):
             if meta["group"] not in groups:
-                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+                groups[meta["group"]] = parser.add_mutually_exclusive_group(required=meta["group"] in required_groups)
             target = groups[meta["group"]]
         flag = "--" + f.name.replace("_", "-")
         help_text = meta.get("help", "")

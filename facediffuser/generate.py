@@ -19,7 +19,7 @@ from facediffuser.model_dir import identity, load_pipeline
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA
 from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
-from facediffuser.visualize import mask_grid, mask_overlay
+from facediffuser.visualize import mask_pictures
 
 
 def write_results(out_dir: Path, result, *, prefix: str = "image", boxes=None) -> dict[str, list[str] | str]:
@@ -32,14 +32,13 @@ def write_results(out_dir: Path, result, *, prefix: str = "image", boxes=None) -
         image.save(out_dir / name)
         files["images"].append(name)
     if result.masks is not None:
-        mask_grid(result.masks).save(out_dir / "fusion_masks.png")
+        grid, overlays = mask_pictures(result.images, result.masks, boxes=boxes)
+        grid.save(out_dir / "fusion_masks.png")
         files["fusion_masks"] = "fusion_masks.png"
-        if result.masks.shape[0]:
-            mean_mask = result.masks.mean(dim=0)
-            for index, image in enumerate(result.images):
-                name = f"{prefix}_{index}_overlay.png"
-                mask_overlay(image, mean_mask[index], boxes=boxes).save(out_dir / name)
-                files["overlays"].append(name)
+        for index, overlay in enumerate(overlays):
+            name = f"{prefix}_{index}_overlay.png"
+            overlay.save(out_dir / name)
+            files["overlays"].append(name)
     return files
 
 

@@ -43,6 +43,15 @@ def mask_overlay(image: Image.Image, mask: torch.Tensor, alpha: float = 0.45, bo
     return overlay
 
 
+def mask_pictures(images: list[Image.Image], masks: torch.Tensor, boxes=None) -> tuple[Image.Image, list[Image.Image]]:
+    """What a user looks at after sampling: the fusion-mask grid of `masks` [steps, B, h, w] and, when fusion ran,
+    each image with its mean mask (and the layout boxes) over it."""
+    if not masks.shape[0]:
+        return mask_grid(masks), []
+    mean = masks.mean(dim=0)
+    return mask_grid(masks), [mask_overlay(image, mean[k], boxes=boxes) for k, image in enumerate(images)]
+
+
 def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:
     """Lay images out in a grid (all resized to the first one's size), with optional captions."""
     if not images:

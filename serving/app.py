@@ -95,12 +95,7 @@ def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`facediffuser serve` flags: ServeConfig's CLI fields, the Limits in CLI_LIMITS, and --verbose."""
-    add_config_arguments(parser, ServeConfig)
-    # One of --model / --tiny (their "source" group) is required: argparse says so, with the usage line.
-    # (facediffuser.config has no required groups yet; this is the one place that needs one.)
-    for group in parser._mutually_exclusive_groups:
-        if {action.dest for action in group._group_actions} == {"model", "tiny"}:
-            group.required = True
+    add_config_arguments(parser, ServeConfig, required_groups=("source",))  # one of --model / --tiny
     for name, help_text in CLI_LIMITS.items():
         default = getattr(Limits, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,

@@ -18,7 +18,7 @@ from facediffuser.manifest import package_versions
 from facediffuser.pipeline import seeded_latents
 from facediffuser.sampling import boundaries_from_fractions, snf_denoise
 from facediffuser.schedulers import make_scheduler, scheduler_name
-from facediffuser.visualize import mask_grid, mask_overlay
+from facediffuser.visualize import mask_pictures
 from serving.api import injected_fault, internal_error
 from serving.coalescer import Coalescer, histogram, no_concurrent_batches_warning
 from serving.models import load_models
@@ -55,11 +55,10 @@ def _regions(group: list[_Job], latent_size) -> SubjectRegions:
 def _mask_pictures(output: dict, job: _Job, images: list, masks: torch.Tensor | None, latent_size) -> None:
     """Adds the job's fusion mask grid and, when fusion ran, each image's overlay (PNG bytes) to `output`."""
     job_masks = masks if masks is not None else torch.zeros(0, len(images), *latent_size)
-    output["fusion_masks"] = png_bytes(mask_grid(job_masks))
-    if job_masks.shape[0]:
-        mean = job_masks.mean(dim=0)
-        output["overlays"] = [png_bytes(mask_overlay(image, mean[k], boxes=job.request["boxes"]))
-                              for k, image in enumerate(images)]
+    grid, overlays = mask_pictures(images, job_masks, boxes=job.request["boxes"])
+    output["fusion_masks"] = png_bytes(grid)
+    if overlays:
+        output["overlays"] = [png_bytes(overlay) for overlay in overlays]
 
 
 @serve.deployment(name="Sampler")

@@ -54,6 +54,14 @@ def test_bad_command_lines_name_the_flag(argv, message):
         assert message in str(error.value)
 
 
+def test_a_required_group_needs_one_of_its_flags():
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser, Example, required_groups=("source",))
+    with pytest.raises((argparse.ArgumentError, SystemExit)):
+        parser.parse_args(["--storage", "s", "--data", "a"])
+    assert parser.parse_args(["--storage", "s", "--data", "a", "--tiny"]).tiny
+
+
 def test_from_dict_refuses_unknown_keys_by_name():
     assert from_dict(Example, {"storage": "s", "data": ["x"], "lr": 0.1}).lr == 0.1
     with pytest.raises(ValueError, match="serve.yaml: unknown key\\(s\\) learning_rate"):
