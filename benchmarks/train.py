@@ -45,8 +45,8 @@ def plain_loop(config, steps: int) -> tuple[list[float], list[float]]:
 
     from facediffuser.training.checkpoint import load_components
     from facediffuser.training.data import DataConfig, ExampleBuilder
+    from facediffuser.training.ingest import model_sizes
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
-    from pipelines.train import _model_sizes
 
     torch.set_num_threads(int(config.cpus_per_worker))
     torch.manual_seed(config.seed)
@@ -57,7 +57,7 @@ def plain_loop(config, steps: int) -> tuple[list[float], list[float]]:
     device = torch.device("cuda" if config.use_gpu else "cpu")
     model.to(device).train()
     step = TrainStep(model, make_optimizer(model, optim), optim, device)
-    resolution, object_resolution = _model_sizes(config)
+    resolution, object_resolution = model_sizes(config.model, config.base, config.tiny, config.resolution)
     builder = ExampleBuilder(DataConfig(config.model, resolution=resolution, object_resolution=object_resolution),
                              parts["tokenizer"])
     table = pq.read_table(config.data)

@@ -238,7 +238,7 @@ def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
         model="tdm", data=str(out / "preprocessed" / "shards"), storage=str(out / "runs"), name=NAME, tiny=True,
         resolution=config.resolution, batch_size=2, max_steps=config.steps, checkpoint_every=config.steps,
         keep_checkpoints=1, lr=1e-4, max_failures=0)
-    train_pipeline.validate(base, train_pipeline.check_data(base.data))
+    base.validate()
     configs = [base, train_pipeline.TrainConfig(**{**base.__dict__, "model": "sdm"})]
     shutil.rmtree(out / "runs" / NAME, ignore_errors=True)  # a fresh run, not a resume of an old one
     summaries = train_pipeline.train(configs)

@@ -35,11 +35,8 @@ from facediffuser.data.schema import REJECT_SCHEMA, SCHEMA_VERSION
 from facediffuser.data.resume import previous_work
 from facediffuser.data.stages import PreprocessConfig, work_table
 from facediffuser.manifest import package_versions
+from pipelines.ray_runtime import AWS_VARIABLES
 
-# Ray workers get these from the driver so that S3 (and an AWS_ENDPOINT_URL such as a local MinIO/moto) works
-# the same in every stage, whatever environment the cluster was started with.
-AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_REGION")
 GPU_ACTOR_CPUS = 0.25  # a GPU-stage actor mostly waits on its GPU; the rest of the CPUs go to the CPU stages
 WRITE_TASK_CPUS = 0.25  # the light steps after the stages (status columns, shard rows, parquet write)
 TASKS_IN_FLIGHT = 2  # per actor: one running batch and one queued (hides the call's round trip, keeps the tail short)

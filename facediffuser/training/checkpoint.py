@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from facediffuser import model_dir
 
 MODEL_SUBDIR = "model"
-save_model_dir = model_dir.save  # the layout's one writer, under the name pipelines/train.py calls
+save_model_dir = model_dir.save  # the layout's one writer, under the name the training code calls
 STATE_FILE = "training_state.safetensors"
 
 
@@ -57,9 +57,8 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
     openai/clip-vit-large-patch14) when given, else it starts random (and this is logged).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
     from facediffuser.pipeline import _load_scheduler
     from facediffuser.prompts import ensure_image_token
 
@@ -84,20 +83,28 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
         subject_encoder=None,
     )
     if which == "sdm":
-        subject_dir = next((d for d in (root / "subject_encoder", base / "subject_encoder") if d.is_dir()), None)
-        if subject_dir is not None:
-            parts["subject_encoder"] = SubjectEncoder.from_pretrained(str(subject_dir))
-        else:
-            encoder = SubjectEncoder(vision_config=CLIP_VIT_L14, text_embed_dim=text_encoder.config.hidden_size)
-            if image_encoder:
-                vision = CLIPVisionModelWithProjection.from_pretrained(str(image_encoder))
-                encoder.image_encoder.load_state_dict(vision.state_dict())
-                log(f"base {base} has no subject_encoder/: new SubjectEncoder, CLIP vision tower from {image_encoder}")
-            else:
-                log(f"base {base} has no subject_encoder/: new SubjectEncoder (CLIP ViT-L/14 layout, random init; "
-                    "give --image-encoder DIR to start from pretrained CLIP)")
-            parts["subject_encoder"] = encoder
+        parts["subject_encoder"] = _subject_encoder(base, root, text_encoder.config.hidden_size, image_encoder, log)
     return parts
+
+
+def _subject_encoder(base: Path, root: Path, text_embed_dim: int, image_encoder: str | Path | None, log):
+    """The base's subject_encoder/, or a new one (CLIP ViT-L/14 layout) from `image_encoder` or random."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
+
+    subject_dir = next((d for d in (root / "subject_encoder", base / "subject_encoder") if d.is_dir()), None)
+    if subject_dir is not None:
+        return SubjectEncoder.from_pretrained(str(subject_dir))
+    encoder = SubjectEncoder(vision_config=CLIP_VIT_L14, text_embed_dim=text_embed_dim)
+    if image_encoder:
+        vision = CLIPVisionModelWithProjection.from_pretrained(str(image_encoder))
+        encoder.image_encoder.load_state_dict(vision.state_dict())
+        log(f"base {base} has no subject_encoder/: new SubjectEncoder, CLIP vision tower from {image_encoder}")
+    else:
+        log(f"base {base} has no subject_encoder/: new SubjectEncoder (CLIP ViT-L/14 layout, random init; "
+            "give --image-encoder DIR to start from pretrained CLIP)")
+    return encoder
 
 
 def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:

@@ -1,7 +1,8 @@
 """Shard rows (facediffuser/data/schema.py) → training tensors, with METHOD.md §3's augmentation.
 
-Pure torch/numpy: `pipelines/train.py` runs `ExampleBuilder` inside Ray Data `map_batches`; the benchmark and
-tests call it directly. Every array has a fixed shape (subjects padded to `max_subjects`) so batches stack.
+Pure torch/numpy: the Ray Train workers run `ExampleBuilder` as Ray Data's collate function
+(`pipelines/train_worker.py`, built by `facediffuser.training.ingest`); the benchmark and tests call it
+directly. Every array has a fixed shape (subjects padded to `max_subjects`) so batches stack.
 
 Target image: short side → `resolution`, horizontal flip (p .5, jointly with the masks), then a centre crop
 for landscape images or black side padding + resize for portrait ones. Subject masks always follow the image

@@ -1,0 +1,219 @@
+"""One Ray Train worker of a run (`train_loop_per_worker`, started by `fit_one` in pipelines/train.py).
+
+start from the last checkpoint or the base → pull batches with `get_dataset_shard("train").iter_torch_batches`,
+whose collate function decodes and augments them (facediffuser.training.ingest; on a GPU worker on Ray Data's
+prefetch thread, overlapping the step) → DDP step (facediffuser.training.step) → every `checkpoint_every` steps
+all ranks report, rank 0 with a checkpoint: model directory + optimizer state (safetensors) + metrics.csv.
+
+At each checkpoint the ranks all-gather a checksum of their trainable parameters; its spread (0 when DDP kept them
+identical) goes into the metrics and the checkpoint. Test-only fault injection comes from the environment only
+(`FAIL_AT_STEP_ENV`, `FAIL_MARKER_ENV`; the driver forwards them to the workers), never from the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
+from pipelines.train import TrainConfig
+
+FAIL_AT_STEP_ENV = "FACEDIFFUSER_FAIL_AT_STEP"  # test-only: the last rank raises once when about to run this step
+FAIL_MARKER_ENV = "FACEDIFFUSER_FAIL_MARKER"  # the file whose existence means "already failed once"
+FAULT_ENV = (FAIL_AT_STEP_ENV, FAIL_MARKER_ENV)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Test-only fault injection, read from the worker's environment: the last rank raises once at `step`."""
+
+    step: int | None = None
+    marker: Path | None = None
+
+    @classmethod
+    def from_env(cls, run_name: str) -> Fault:
+        step = os.environ.get(FAIL_AT_STEP_ENV)
+        if not step:
+            return cls()
+        marker = os.environ.get(FAIL_MARKER_ENV) or Path(tempfile.gettempdir()) / f"facediffuser-fail-{run_name}"
+        return cls(int(step), Path(marker))
+
+    def maybe_fail(self, step: int, rank: int, world: int) -> None:
+        if self.step != step or rank != world - 1 or self.marker is None or self.marker.exists():
+            return
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(f"failed at step {step}\n")
+        # Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a crash straight
+        # after a checkpoint report can beat the controller to it, and the restart would then start from the
+        # checkpoint before. Give it three polls so the test always sees the case it describes (resume from the
+        # latest one).
+        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+        raise RuntimeError(f"injected fault at step {step} ({FAIL_AT_STEP_ENV})")
+
+
+class ProgressBoard:
+    """A tiny actor (0 CPUs) that rank 0 of each run writes its step and loss to; the driver draws the bars."""
+
+    def __init__(self):
+        self.state: dict[str, dict] = {}
+
+    def update(self, model: str, **fields) -> None:
+        self.state.setdefault(model, {}).update(fields)
+
+    def read(self) -> dict[str, dict]:
+        return self.state
+
+
+def example_collate(config: TrainConfig, seed: int):
+    """The worker's collate function: a batch of shard rows (pyarrow) → training tensors (decode + augmentation)."""
+    import torch
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    from facediffuser.training.ingest import example_builder
+
+    builder = example_builder(config.model, config.base, config.tiny, config.resolution, seed=seed)
+
+    class BuildExamples(ArrowBatchCollateFn):
+        def __call__(self, batch):
+            return {key: torch.from_numpy(value) for key, value in builder(batch).items()}
+
+    return BuildExamples()
+
+
+@dataclass
+class WorkerRun:
+    """What a worker carries from step to step."""
+
+    model: object  # facediffuser.training.step.TrainingModel
+    optimizer: object
+    optim: object  # facediffuser.training.step.OptimConfig
+    parts: dict  # the loaded components (tokenizer and scheduler are saved with every checkpoint)
+    step: int = 0
+    attempt: int = 0  # restarts so far: 0 on a fresh run, +1 for every resume
+    history: list[dict] = field(default_factory=list)  # metric rows up to `step`
+    resumed: bool = False
+
+
+def start(config: TrainConfig, rank: int, device) -> WorkerRun:
+    """The model and optimizer from Ray Train's latest checkpoint of this run when there is one, else the base."""
+    import ray.train
+
+    from facediffuser.training import checkpoint as ckpt
+    from facediffuser.training.step import OptimConfig, TrainingModel, make_optimizer
+
+    optim = OptimConfig(lr=config.lr, mixed_precision=config.mixed_precision)
+    restored = ray.train.get_checkpoint()
+    with (restored.as_directory() if restored else contextlib.nullcontext()) as restored_dir:
+        if restored_dir:
+            parts = ckpt.load_components(Path(restored_dir) / ckpt.MODEL_SUBDIR, config.model, log=lambda m: None)
+        else:
+            parts = ckpt.load_components(config.base, config.model, tiny=config.tiny, image_encoder=config.image_encoder,
+                                         log=print if rank == 0 else (lambda m: None))
+        model = TrainingModel(config.model, parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
+                              parts["subject_encoder"], optim, seed=config.seed + rank)
+        model.to(device)
+        run = WorkerRun(model, make_optimizer(model, optim), optim, parts, resumed=restored is not None)
+        if restored_dir:
+            run.step, extra = ckpt.load_training_state(Path(restored_dir) / ckpt.STATE_FILE, run.optimizer)
+            run.attempt = int(extra.get("attempt", 0)) + 1
+            run.history = [r for r in read_metrics(Path(restored_dir) / "metrics.csv") if int(r["step"]) <= run.step]
+    for group in run.optimizer.param_groups:  # --lr on a resumed run wins over the stored one
+        group["lr"] = config.lr
+    model.train()
+    return run
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from facediffuser.training.step import TrainStep
+
+    progress = config_dict.pop("progress", None)  # the driver's ProgressBoard actor (rank 0 reports to it)
+    config = TrainConfig(**config_dict)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    report_progress = (lambda **fields: progress.update.remote(config.model, **fields)) if progress and rank == 0 \
+        else (lambda **fields: None)
+    fault = Fault.from_env(config.name)
+    collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
+    torch.manual_seed(config.seed + 1000 * rank)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # as many torch threads as CPUs this worker was given (at least one)
+        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    run = start(config, rank, device)
+    step_fn = TrainStep(ray.train.torch.prepare_model(run.model, move_to_device=False), run.optimizer, run.optim, device)
+    shard = ray.train.get_dataset_shard("train")
+    # On a GPU the next batch is built on Ray Data's prefetch thread while the step runs on the device. On CPU
+    # workers that thread would only compete with the step for the GIL and the cores: build it inline instead.
+    prefetch = 1 if device.type == "cuda" else 0
+    report_progress(step=run.step, total=config.max_steps, resumed_from=run.step if run.resumed else None)
+    last = time.perf_counter()
+    while run.step < config.max_steps:  # one pass holds many epochs (build_dataset); a long run takes several passes
+        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, collate_fn=collate,
+                                              prefetch_batches=prefetch):
+            fault.maybe_fail(run.step + 1, rank, world)
+            metrics = step_fn(batch)
+            run.step += 1
+            now = time.perf_counter()
+            metrics.update(step=run.step, attempt=run.attempt, seconds=now - last,
+                           samples_per_s=config.batch_size * world / max(now - last, 1e-9))
+            run.history.append({k: metrics[k] for k in METRIC_COLUMNS})
+            report_progress(step=run.step, loss=metrics["loss"])
+            if run.step % config.checkpoint_every == 0 or run.step == config.max_steps:
+                report(config, run, rank)
+                now = time.perf_counter()  # checkpoint time is not step time
+            last = now
+            if run.step >= config.max_steps:
+                break
+
+
+def report(config: TrainConfig, run: WorkerRun, rank: int) -> None:
+    """All ranks report; rank 0 attaches the checkpoint, written to a temp dir first (Ray uploads it whole)."""
+    import ray.train
+
+    from facediffuser.training import checkpoint as ckpt
+
+    spread = rank_spread(param_checksum(run.model))
+    latest = run.history[-1]
+    metrics = {"step": run.step, "attempt": run.attempt, "loss": latest["loss"], "loss_den": latest["loss_den"],
+               "loss_loc": latest["loss_loc"], "param_rank_spread": spread}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    model = run.model
+    with tempfile.TemporaryDirectory(prefix=f"facediffuser-{config.model}-ckpt-") as tmp:
+        ckpt.save_model_dir(Path(tmp) / ckpt.MODEL_SUBDIR, config.model, unet=model.unet, vae=model.vae,
+                            text_encoder=model.text_encoder, tokenizer=run.parts["tokenizer"],
+                            scheduler=run.parts["scheduler"], subject_encoder=model.subject_encoder)
+        ckpt.save_training_state(Path(tmp) / ckpt.STATE_FILE, run.optimizer, run.step,
+                                 {"attempt": run.attempt, "model": config.model, "param_rank_spread": spread})
+        write_metrics(run.history, Path(tmp) / "metrics.csv")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{run.step:08d}")
+
+
+def param_checksum(model) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in model.trainable_parameters()))
+
+
+def rank_spread(value: float) -> float:
+    """max − min of `value` over ranks: 0 when every rank holds the same parameters."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor([value], dtype=torch.float64, device=device))
+    values = [float(v) for v in gathered]
+    return max(values) - min(values)
