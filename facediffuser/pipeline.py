@@ -276,20 +276,8 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         to off, which is the official sampler. `identity_scores=True` (or a
         `facediffuser.metrics.identity.IdentityScorer`) also returns, per image, each subject's face similarity to
         its reference (dlib by default), for filtering or regenerating."""
-        default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
-        height = default_size if height is None else height
-        width = default_size if width is None else width
-        multiple = self.vae_scale_factor
-        if height % multiple or width % multiple or height < multiple or width < multiple:
-            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-        if not 1 <= num_images_per_prompt <= 64:
-            raise ValueError(f"num_images_per_prompt must be in 1..64, got {num_images_per_prompt}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in ("pil", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        if output_type == "latent" and identity_scores not in (False, None):
-            raise ValueError("identity_scores need images: use output_type 'pil' or 'pt'")
+        height, width = self._checked_call(height, width, num_images_per_prompt, num_inference_steps, output_type,
+                                           identity_scores)
         num_iterations, s, f = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
         check_boxes(boxes, count_markers(prompt))  # before any model runs
 
@@ -330,6 +318,24 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             seeds=seeds, start_merge_step=s, final_step=f, num_iterations=num_iterations,
             masks=masks, fusion_steps=result.fusion_steps, identity_scores=scores,
         )
+
+    def _checked_call(self, height, width, num_images, num_inference_steps, output_type, identity_scores):
+        """The call's own arguments, checked before any model runs; → (height, width) with the model's default."""
+        default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
+        multiple = self.vae_scale_factor
+        if height % multiple or width % multiple or height < multiple or width < multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        if not 1 <= num_images <= 64:
+            raise ValueError(f"num_images_per_prompt must be in 1..64, got {num_images}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        if output_type == "latent" and identity_scores not in (False, None):
+            raise ValueError("identity_scores need images: use output_type 'pil' or 'pt'")
+        return height, width
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor

@@ -127,6 +127,15 @@ def _guided(unet, latent_input, t, first, second, guidance_scale):
     return eps_first, guidance_scale * (eps_second - eps_first)
 
 
+def _fusion_mask(tdm_direction, sdm_direction, fusion: FusionOptions, region) -> torch.Tensor:
+    """[B, 1, h, w] fp32 weight of the SDM's noise in one fusion step; `region` (layout boxes) confines it."""
+    if fusion.mode == "average":
+        mask = torch.full_like(tdm_direction[:, :1], 0.5, dtype=torch.float32)
+    else:
+        mask = snf_mask(tdm_direction, sdm_direction, fusion)
+    return mask if region is None else mask * region  # outside the boxes the TDM's noise is used
+
+
 @torch.no_grad()
 def snf_denoise(
     tdm_unet,
@@ -182,12 +191,7 @@ def snf_denoise(
                 sdm_text, sdm_direction = _guided(sdm_unet, latent_input, t, text_embeds, augmented_embeds, guidance_scale)
                 eps_sdm = sdm_text + sdm_direction
             if use_tdm and use_sdm:
-                if fusion.mode == "average":
-                    mask = torch.full_like(eps_tdm[:, :1], 0.5, dtype=torch.float32)
-                else:
-                    mask = snf_mask(tdm_direction, sdm_direction, fusion)
-                if region is not None:
-                    mask = mask * region  # outside the boxes the TDM's noise is used
+                mask = _fusion_mask(tdm_direction, sdm_direction, fusion, region)
                 fused = mask * eps_sdm.float() + (1.0 - mask) * eps_tdm.float()
                 noise_pred = fused.to(eps_sdm.dtype)
                 fusion_steps.append(i)
