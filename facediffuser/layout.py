@@ -24,15 +24,19 @@ import torch
 LOCALIZATION_BLOCKS = ("down_blocks.1.", "down_blocks.2.", "mid_block.", "up_blocks.1.", "up_blocks.2.")
 
 
+def _one_per_marker(values: Sequence, num_subjects: int, what: str) -> list:
+    values = list(values)
+    if len(values) != num_subjects:
+        raise ValueError(f"{len(values)} {what} given for {num_subjects} <|image|> marker(s); give one per marker")
+    return values
+
+
 def check_boxes(boxes: Sequence | None, num_subjects: int) -> list[tuple[float, float, float, float]] | None:
     """Validate boxes against the number of markers; → a list of 4-tuples (or None when no boxes were given)."""
     if boxes is None:
         return None
-    boxes = list(boxes)
-    if len(boxes) != num_subjects:
-        raise ValueError(f"{len(boxes)} box(es) given for {num_subjects} <|image|> marker(s); give one per marker")
     checked = []
-    for index, box in enumerate(boxes, start=1):
+    for index, box in enumerate(_one_per_marker(boxes, num_subjects, "box(es)"), start=1):
         try:
             x0, y0, x1, y1 = (float(v) for v in box)
         except (TypeError, ValueError):
@@ -48,11 +52,8 @@ def check_boxes(boxes: Sequence | None, num_subjects: int) -> list[tuple[float, 
 def check_scales(scales: Sequence | None, num_subjects: int) -> list[float] | None:
     if scales is None:
         return None
-    scales = list(scales)
-    if len(scales) != num_subjects:
-        raise ValueError(f"{len(scales)} subject scale(s) given for {num_subjects} <|image|> marker(s); give one per marker")
     checked = []
-    for index, scale in enumerate(scales, start=1):
+    for index, scale in enumerate(_one_per_marker(scales, num_subjects, "subject scale(s)"), start=1):
         try:
             value = float(scale)
         except (TypeError, ValueError):

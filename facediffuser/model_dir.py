@@ -14,7 +14,7 @@ Layout (all weights in safetensors; nothing is pickled):
                                   sdm/, tdm/            Ray Train run folders (checkpoint_*/model/ = one model dir)
                                   `resolve` turns a run directory into its final/.
 
-Any of these may be an s3:// prefix: `mirror` copies it into FACEDIFFUSER_CACHE (default ~/.cache/facediffuser)
+Any of these may be an s3:// prefix: `facediffuser.model_mirror.mirror` copies it into FACEDIFFUSER_CACHE (default ~/.cache/facediffuser)
 under mirrors/<sha256(uri)[:16]>/, content-addressed:
 
   .lock                 flock: one process at a time checks or mirrors this URI (the others wait, then reuse it)
@@ -35,16 +35,11 @@ weights. Manifests and the Serve app's /v1/info carry it, so two processes can c
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from typing import TYPE_CHECKING
 
@@ -58,7 +53,6 @@ MODELS = ("sdm", "tdm")
 SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 FINAL = "final"  # a training run's exported Face-diffuser model
 EXPORT_NOTE = "export.json"  # in final/: which models were trained
-DOWNLOAD_THREADS = 8
 
 _SAID: set[str] = set()
 
@@ -112,6 +106,8 @@ def kind(root: Path) -> str | None:
 def local_model_dir(model: str) -> Path:
     """A model directory (or a training run's directory, see `resolve`) as a local path; an s3:// prefix is
     mirrored first (see `mirror`)."""
+    from facediffuser.model_mirror import mirror
+
     model = resolve(model)
     return mirror(model) if dataio.is_s3(model) else Path(model)
 
@@ -127,6 +123,8 @@ def load_pipeline(model: str | None = None, tiny: bool = False, torch_dtype=None
         return tiny_pipeline()
     if not model:
         raise ValueError("give --model DIR (or --tiny for the small random test models)")
+    from facediffuser.model_mirror import mirrored
+
     resolved = resolve(model)
     if not dataio.is_s3(resolved):
         return _from_root(Path(resolved), model, torch_dtype)
@@ -183,11 +181,13 @@ def identity(pipe: "FaceDiffuserPipeline", model: str | None) -> dict:
         return dict(known)
     resolved = resolve(model)
     if dataio.is_s3(resolved):
+        from facediffuser.model_mirror import mirrored
+
         with mirrored(resolved) as copy:
             return {"model": str(model), "hashes": copy.named_hashes(), "model_version": copy.version}
     root = Path(resolved)
     hashes = part_hashes(root)
-    return {"model": str(model), "hashes": _named(root.name, hashes), "model_version": content_version(hashes)}
+    return {"model": str(model), "hashes": named_hashes(root.name, hashes), "model_version": content_version(hashes)}
 
 
 def version_mismatch(seen: dict[str, dict]) -> str | None:
@@ -200,7 +200,7 @@ def version_mismatch(seen: dict[str, dict]) -> str | None:
         f"{name} {str(version)[:12]}" for name, version in sorted(versions.items()))
 
 
-def _named(name: str, hashes: dict[str, str]) -> dict[str, str]:
+def named_hashes(name: str, hashes: dict[str, str]) -> dict[str, str]:
     """Hash keys as manifests name them: the parts under the model directory's own name (final/sdm, or final)."""
     def key(part: str) -> str:
         if not name:
@@ -223,11 +223,11 @@ def _cached_directory_hash(path: Path) -> str:
         return json.loads(memo.read_text())["sha256"]
     value = directory_hash(path)
     with contextlib.suppress(OSError):
-        _write_atomic(memo, json.dumps({"path": str(path), "sha256": value}))
+        write_atomic(memo, json.dumps({"path": str(path), "sha256": value}))
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -238,170 +238,3 @@ def _write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-
-
-# ------------------------------------------------------------------------------------------------ s3 mirror
-@dataclass
-class MirroredModel:
-    uri: str
-    root: Path  # <cache>/mirrors/<uri hash>/<version>
-    version: str
-    hashes: dict[str, str]  # part → directory_hash
-    downloaded: bool = False  # this call fetched it (False: an existing copy was reused)
-
-    def named_hashes(self) -> dict[str, str]:
-        return _named(self.uri.rstrip("/").rsplit("/", 1)[-1], self.hashes)
-
-
-def mirror(uri: str) -> Path:
-    """An s3:// model prefix → a complete local copy (downloaded only when the remote listing changed).
-
-    Safe with several processes on one machine (the Serve encoder and sampler replicas): one downloads under the
-    URI's file lock into a unique temp dir and renames it into place; the others wait and reuse it. A newer
-    version never replaces files in place: it gets its own directory, and older ones are removed only once
-    nobody holds them (see `mirrored`)."""
-    with mirrored(uri) as copy:
-        return copy.root
-
-
-@contextlib.contextmanager
-def mirrored(uri: str) -> Iterator[MirroredModel]:
-    """`mirror`, holding the version's shared lock until the block ends (load inside it)."""
-    uri = uri.rstrip("/")
-    files = _remote_files(uri)
-    stamp = hashlib.sha256(json.dumps([(rel, size, mtime) for rel, _, size, mtime in files]).encode()).hexdigest()
-    home = cache_root() / "mirrors" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    home.mkdir(parents=True, exist_ok=True)
-    with _locked(home / ".lock", fcntl.LOCK_EX):
-        index = _read_json(home / "index.json")
-        version = index.get(stamp)
-        meta = _read_json(home / f"{version}.json") if version else {}
-        downloaded = not version or not (home / version).is_dir() or "hashes" not in meta
-        if downloaded:
-            version, meta = _download(uri, files, home)
-            _write_atomic(home / "index.json", json.dumps({**index, stamp: version}, indent=1))
-        reader = _lock(home / f"{version}.lock", fcntl.LOCK_SH)
-        _prune(home, keep=version)
-    try:
-        yield MirroredModel(uri=uri, root=home / version, version=version, hashes=meta["hashes"], downloaded=downloaded)
-    finally:
-        reader.close()
-
-
-def _remote_files(uri: str) -> list[tuple[str, str, int, str]]:
-    """(relative key, store path, size, mtime) of every object under the prefix, each key checked."""
-    import pyarrow.fs as pafs
-
-    fs, prefix = dataio.resolve(uri)
-    try:
-        listing = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model directory not found: {uri}") from None
-    except OSError as exc:
-        raise FileNotFoundError(f"model {uri}: cannot be listed ({str(exc).splitlines()[0]})") from None
-    files = []
-    for info in listing:
-        if info.type != pafs.FileType.File:
-            continue
-        if not info.path.startswith(prefix.rstrip("/") + "/"):
-            raise ValueError(f"model {uri}: listed object {info.path!r} is not below the prefix; refusing to mirror")
-        relative = info.path[len(prefix.rstrip("/")) + 1:]
-        check_key(relative, uri)
-        files.append((relative, info.path, info.size, str(info.mtime)))
-    if not files:
-        raise FileNotFoundError(f"model directory not found: {uri} (no objects under that prefix)")
-    return sorted(files)
-
-
-def check_key(relative: str, uri: str, target: Path | None = None) -> Path:
-    """An object key relative to the model prefix → its path under `target` (default: a stand-in root); a key
-    that is not a plain relative path, or that resolves outside `target`, raises ValueError."""
-    segments = relative.split("/")
-    if not relative or relative.startswith("/") or any(s in ("", ".", "..") for s in segments):
-        raise ValueError(f"model {uri}: object key {relative!r} is not a plain relative path (it has '..', '.', an "
-                         "empty or a leading '/' part) and could resolve outside the mirror; refusing to mirror it")
-    base = (target or Path("/mirror-root")).resolve()
-    path = (base / relative).resolve() if target else Path(os.path.normpath(base / relative))
-    if not path.is_relative_to(base):
-        raise ValueError(f"model {uri}: object key {relative!r} resolves outside the mirror directory {base}")
-    return path
-
-
-def _download(uri: str, files: list[tuple[str, str, int, str]], home: Path) -> tuple[str, dict]:
-    """Copy every listed object into a fresh temp dir under `home`, hash it, rename it to <version>/."""
-    fs, _ = dataio.resolve(uri)
-    incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=home))
-    try:
-        def fetch(entry):
-            relative, path, size, _ = entry
-            dest = check_key(relative, uri, incoming)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(path) as source, open(dest, "wb") as out:
-                shutil.copyfileobj(source, out, 8 << 20)
-            if dest.stat().st_size != size:
-                raise OSError(f"model {uri}: {relative} changed while it was mirrored ({size} → "
-                              f"{dest.stat().st_size} bytes); try again")
-
-        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-            list(pool.map(fetch, files))
-        hashes = {part: directory_hash(incoming / part) for part in parts(incoming)}
-        version = content_version(hashes)
-        meta = {"uri": uri, "model_version": version, "hashes": hashes}
-        _write_atomic(home / f"{version}.json", json.dumps(meta, indent=1))
-        if (home / version).is_dir():  # the same content under a new listing (e.g. re-uploaded)
-            shutil.rmtree(incoming)
-        else:
-            os.rename(incoming, home / version)
-        return version, meta
-    except BaseException:
-        shutil.rmtree(incoming, ignore_errors=True)
-        raise
-
-
-def _prune(home: Path, keep: str) -> None:
-    """Under the URI's exclusive lock: drop interrupted downloads, and every other version nobody is reading."""
-    for path in home.iterdir():
-        if path.name.startswith(".incoming-"):
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.is_dir() and path.name != keep:
-            try:
-                holder = _lock(home / f"{path.name}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a process is loading it; a later mirror removes it
-            try:
-                trash = Path(tempfile.mkdtemp(prefix=".incoming-", dir=home))
-                os.rename(path, trash / "old")
-                shutil.rmtree(trash, ignore_errors=True)
-                (home / f"{path.name}.json").unlink(missing_ok=True)
-            finally:
-                holder.close()
-    index = _read_json(home / "index.json")
-    kept = {stamp: version for stamp, version in index.items() if (home / version).is_dir()}
-    if kept != index:
-        _write_atomic(home / "index.json", json.dumps(kept, indent=1))
-
-
-def _lock(path: Path, mode: int):
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, mode)
-    except BaseException:
-        handle.close()
-        raise
-    return handle
-
-
-@contextlib.contextmanager
-def _locked(path: Path, mode: int):
-    handle = _lock(path, mode)
-    try:
-        yield handle
-    finally:
-        handle.close()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from facediffuser import model_dir
+from facediffuser import model_dir, model_mirror
 import serve_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,25 +115,25 @@ def test_version_mismatch_names_both_versions():
 @pytest.mark.parametrize("key", ["../escape.txt", "sdm/../../escape.txt", "/escape.txt", "sdm//x", "./x", ""])
 def test_check_key_refuses_anything_but_a_plain_relative_path(key, tmp_path):
     with pytest.raises(ValueError, match="refusing to mirror|outside"):
-        model_dir.check_key(key, "s3://b/m", tmp_path)
+        model_mirror.check_key(key, "s3://b/m", tmp_path)
 
 
 def test_check_key_keeps_plain_keys_inside(tmp_path):
-    assert model_dir.check_key("sdm/unet/config.json", "s3://b/m", tmp_path) == (tmp_path / "sdm/unet/config.json").resolve()
-    assert model_dir.check_key("a..b/c.json", "s3://b/m", tmp_path).name == "c.json"  # dots inside a name are fine
+    assert model_mirror.check_key("sdm/unet/config.json", "s3://b/m", tmp_path) == (tmp_path / "sdm/unet/config.json").resolve()
+    assert model_mirror.check_key("a..b/c.json", "s3://b/m", tmp_path).name == "c.json"  # dots inside a name are fine
 
 
 # ------------------------------------------------------------------------------------------ s3 mirror (moto)
 CHILD = r"""
 import json, pathlib, sys, time
-from facediffuser import model_dir
+from facediffuser import model_mirror
 
 uri, gate, name = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
 (gate / name).touch()
 deadline = time.monotonic() + 60
 while len(list(gate.iterdir())) < 2 and time.monotonic() < deadline:  # start mirroring together
     time.sleep(0.005)
-with model_dir.mirrored(uri) as copy:
+with model_mirror.mirrored(uri) as copy:
     files = {str(p.relative_to(copy.root)): __import__("hashlib").sha256(p.read_bytes()).hexdigest()
              for p in sorted(copy.root.rglob("*")) if p.is_file()}
     print(json.dumps({"root": str(copy.root), "version": copy.version, "downloaded": copy.downloaded, "files": files}))
@@ -160,7 +160,7 @@ def test_two_processes_mirror_the_same_model_at_once(s3_endpoint, saved_model, c
     assert results[0]["files"] == results[1]["files"] == file_hashes(saved_model)
     home = Path(results[0]["root"]).parent
     assert [p.name for p in home.iterdir() if p.is_dir()] == [results[0]["version"]]  # no temp dir left behind
-    assert model_dir.mirror(uri) == Path(results[0]["root"])  # unchanged remote: reused, not fetched again
+    assert model_mirror.mirror(uri) == Path(results[0]["root"])  # unchanged remote: reused, not fetched again
 
 
 @pytest.mark.slow
@@ -169,17 +169,17 @@ def test_a_new_version_never_replaces_one_being_read(s3_endpoint, saved_model, c
     client.create_bucket(Bucket="models-update")
     upload(client, "models-update", "m", saved_model)
     uri = "s3://models-update/m"
-    with model_dir.mirrored(uri) as first:  # a loader holding version 1
+    with model_mirror.mirrored(uri) as first:  # a loader holding version 1
         before = file_hashes(first.root)
         key = "m/tdm/scheduler/scheduler_config.json"
         body = client.get_object(Bucket="models-update", Key=key)["Body"].read()
         client.put_object(Bucket="models-update", Key=key, Body=body + b" ")
-        second = model_dir.mirror(uri)
+        second = model_mirror.mirror(uri)
         assert second != first.root and second.parent == first.root.parent
         assert first.root.is_dir() and file_hashes(first.root) == before  # kept, untouched, while read
         assert file_hashes(second)["tdm/scheduler/scheduler_config.json"] != before["tdm/scheduler/scheduler_config.json"]
     (first.root.parent / ".incoming-crashed").mkdir()  # what a killed download leaves
-    assert model_dir.mirror(uri) == second
+    assert model_mirror.mirror(uri) == second
     assert not first.root.exists() and not (first.root.parent / ".incoming-crashed").exists()
     # a mirrored load reports the version of what it read, the same as the local copy's
     pipe = model_dir.load_pipeline(uri)
