@@ -16,9 +16,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediffuser.images import load_image, pad_to_square, pil_to_tensor, tensor_to_pil
 from facediffuser.layout import SubjectRegions, check_boxes, check_scales, scale_subjects
-from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
+from facediffuser.models.subject_encoder import SubjectEncoder
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers, ensure_image_token, tokenize_with_markers
 from facediffuser.sampling import OFFICIAL_FUSION, FusionOptions, boundaries_from_fractions, check_boundaries, snf_denoise
+from facediffuser.schedulers import load_scheduler
 
 DEFAULT_ALPHA, DEFAULT_BETA = 0.3, 0.6  # s = 15, f = 30 at 50 steps: the official inference script
 OBJECT_RESOLUTION = 224  # references are padded square and resized to this before the CLIP encoder
@@ -81,7 +82,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             subject_encoder=SubjectEncoder.from_pretrained(sdm_dir, subfolder="subject_encoder", torch_dtype=torch_dtype),
             sdm_unet=UNet2DConditionModel.from_pretrained(sdm_dir, subfolder="unet", torch_dtype=torch_dtype),
             tdm_unet=UNet2DConditionModel.from_pretrained(tdm_dir, subfolder="unet", torch_dtype=torch_dtype),
-            scheduler=_load_scheduler(sdm_dir),
+            scheduler=load_scheduler(sdm_dir),
             **kwargs,
         )
 
@@ -101,34 +102,9 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         VAE, text encoder and tokenizer come from the base (METHOD.md §5 quirk 13). Files are read with
         `torch.load(weights_only=True)`: no arbitrary unpickling. `vision_config` defaults to CLIP ViT-L/14.
         """
-        base = str(base_sd_dir)
-        sdm_state = _load_bin(sdm_bin)
-        tdm_state = _load_bin(tdm_bin)
-        unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+        from facediffuser.official import official_components
 
-        def unet_from(state: dict, name: str) -> UNet2DConditionModel:
-            unet = UNet2DConditionModel.from_config(unet_config)
-            _load_exact(unet, _with_prefix(state, "unet.", name), f"{name} unet")
-            return unet.to(torch_dtype)
-
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch_dtype)
-        subject_encoder = SubjectEncoder(
-            vision_config=vision_config or CLIP_VIT_L14, text_embed_dim=text_encoder.config.hidden_size
-        )
-        subject_state = {
-            **{f"image_encoder.{k}": v for k, v in _with_prefix(sdm_state, "image_encoder.", "sdm").items()},
-            **{f"postfuse_module.{k}": v for k, v in _with_prefix(sdm_state, "postfuse_module.", "sdm").items()},
-        }
-        _load_exact(subject_encoder, subject_state, "sdm subject encoder")
-        return cls(
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch_dtype),
-            text_encoder=text_encoder,
-            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-            subject_encoder=subject_encoder.to(torch_dtype),
-            sdm_unet=unet_from(sdm_state, "sdm"),
-            tdm_unet=unet_from(tdm_state, "tdm"),
-            scheduler=_load_scheduler(base),
-        )
+        return cls(**official_components(base_sd_dir, sdm_bin, tdm_bin, vision_config, torch_dtype))
 
     def save_model_dir(self, out_dir: str | Path, which: str) -> None:
         """Write the SDM or TDM alone as one model directory (`facediffuser.model_dir.save`, the layout's one
@@ -349,46 +325,3 @@ def seeded_latents(shape: tuple[int, ...], seeds: Sequence[int]) -> tuple[torch.
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
     return latents, generators
-
-
-def _load_scheduler(model_dir: str):
-    """The scheduler class named in the directory's config (SD1.5 ships PNDM)."""
-    import diffusers
-
-    config = diffusers.PNDMScheduler.load_config(model_dir, subfolder="scheduler")
-    cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"))
-    return cls.from_config(config)
-
-
-def _load_bin(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
-def _with_prefix(state: dict, prefix: str, name: str) -> dict[str, torch.Tensor]:
-    picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    if not picked:
-        raise ValueError(f"the {name} checkpoint has no '{prefix}*' weights")
-    return picked
-
-
-def _load_exact(module: torch.nn.Module, state: dict[str, Any], name: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"{name}: checkpoint does not match the architecture "
-            f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
-        )
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise ValueError(f"{name}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

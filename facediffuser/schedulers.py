@@ -36,3 +36,12 @@ def scheduler_name(scheduler) -> str:
         if type(scheduler) is cls:
             return name
     return type(scheduler).__name__
+
+
+def load_scheduler(model_dir: str):
+    """The scheduler class named in the directory's config (SD1.5 ships PNDM)."""
+    import diffusers
+
+    config = diffusers.PNDMScheduler.load_config(model_dir, subfolder="scheduler")
+    cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"))
+    return cls.from_config(config)

@@ -59,7 +59,7 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from facediffuser.pipeline import _load_scheduler
+    from facediffuser.schedulers import load_scheduler
     from facediffuser.prompts import ensure_image_token
 
     if tiny:
@@ -79,7 +79,7 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
     parts = dict(
         unet=UNet2DConditionModel.from_pretrained(str(root), subfolder=unet_folder),
         vae=AutoencoderKL.from_pretrained(str(shared), subfolder="vae"),
-        text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_load_scheduler(str(shared)),
+        text_encoder=text_encoder, tokenizer=tokenizer, scheduler=load_scheduler(str(shared)),
         subject_encoder=None,
     )
     if which == "sdm":
