@@ -43,10 +43,13 @@ def cache(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def upload(client, bucket: str, prefix: str, folder: Path) -> None:
+def upload(client, bucket: str, prefix: str, folder: Path) -> str:
+    """A new bucket holding `folder` under `prefix`; → its s3:// URI."""
+    client.create_bucket(Bucket=bucket)
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder)}", Body=path.read_bytes())
+    return f"s3://{bucket}/{prefix}"
 
 
 def s3_client():
@@ -143,9 +146,7 @@ with model_mirror.mirrored(uri) as copy:
 @pytest.mark.slow
 def test_two_processes_mirror_the_same_model_at_once(s3_endpoint, saved_model, cache, tmp_path):
     client = s3_client()
-    client.create_bucket(Bucket="models-race")
-    upload(client, "models-race", "runs/a/final", saved_model)
-    uri = "s3://models-race/runs/a/final"
+    uri = upload(client, "models-race", "runs/a/final", saved_model)
     gate = tmp_path / "gate"
     gate.mkdir()
     children = [subprocess.Popen([sys.executable, "-c", CHILD, uri, str(gate), name], cwd=ROOT, env=os.environ.copy(),
@@ -166,9 +167,7 @@ def test_two_processes_mirror_the_same_model_at_once(s3_endpoint, saved_model, c
 @pytest.mark.slow
 def test_a_new_version_never_replaces_one_being_read(s3_endpoint, saved_model, cache):
     client = s3_client()
-    client.create_bucket(Bucket="models-update")
-    upload(client, "models-update", "m", saved_model)
-    uri = "s3://models-update/m"
+    uri = upload(client, "models-update", "m", saved_model)
     with model_mirror.mirrored(uri) as first:  # a loader holding version 1
         before = file_hashes(first.root)
         key = "m/tdm/scheduler/scheduler_config.json"
@@ -190,9 +189,7 @@ def test_a_new_version_never_replaces_one_being_read(s3_endpoint, saved_model, c
 @pytest.mark.slow
 def test_mirrored_and_local_copies_of_one_model_have_one_version(s3_endpoint, saved_model, cache):
     client = s3_client()
-    client.create_bucket(Bucket="models-same")
-    upload(client, "models-same", "runs/b/final", saved_model)
-    uri = "s3://models-same/runs/b/final"
+    uri = upload(client, "models-same", "runs/b/final", saved_model)
     remote = model_dir.identity(model_dir.load_pipeline(uri), uri)
     local = model_dir.identity(model_dir.load_pipeline(str(saved_model)), str(saved_model))
     assert remote["hashes"] == local["hashes"] and remote["model_version"] == local["model_version"]
@@ -204,7 +201,6 @@ def test_a_key_that_leaves_the_prefix_is_refused_before_anything_is_written(s3_e
                                                                              key):
     client = s3_client()
     bucket = "hostile-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-    client.create_bucket(Bucket=bucket)
     upload(client, bucket, "m", saved_model)
     client.put_object(Bucket=bucket, Key=key, Body=b"not yours")
     with pytest.raises(ValueError, match="is not a plain relative path") as refused:
