@@ -150,6 +150,9 @@ def plan_resources(configs: list[TrainConfig], cluster_cpus: float, cluster_gpus
     return planned, line
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
     """Run the trainings (side by side when there are several). Each TorchTrainer is driven from a thread of this
     process (a launcher task per run would be one more process importing Ray Train). → one summary per model."""
@@ -161,6 +164,10 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
     init_ray(verbose=verbose)
     resources = ray.cluster_resources()
     configs, line = plan_resources(configs, resources.get("CPU", 0), resources.get("GPU", 0))
+    if sum(node["Alive"] for node in ray.nodes()) == 1:
+        # One node: a preemption takes the driver down with the run, so Ray Train's preemption watcher (one more
+        # process per run, polling throughout) has nothing to report. Ray Train passes this on to its controllers.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     print(line, flush=True)
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(configs), thread_name_prefix="fit")
