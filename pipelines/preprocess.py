@@ -65,10 +65,10 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
     """The stage layout: consecutive stages on the same device share one actor pool (fused, models loaded once
     per actor). Template captions and noun linking are cheap and ride with the stage before them.
 
-    CPU pools get one CPU per actor and, by default, as many actors as the cluster has CPUs (less what the GPU
-    pools reserve), split among the CPU pools; GPU pools get `--num-gpus-per-stage` per actor and at most as many
-    actors as the cluster's GPUs hold. `--actors-per-stage N` sets every pool's size (a CPU actor's share then
-    drops below one CPU if the pools would not fit otherwise)."""
+    CPU pools get one CPU per actor (less their part of the write task's reservation) and, by default, as many
+    actors as the cluster has CPUs (less what the GPU pools reserve), split among the CPU pools; GPU pools get
+    `--num-gpus-per-stage` per actor and at most as many actors as the cluster's GPUs hold. `--actors-per-stage N`
+    sets every pool's size (a CPU actor's share then drops below one CPU if the pools would not fit otherwise)."""
     if config.source == "fastcomposer":
         groups: list[tuple[list[str], bool]] = [(["convert"], False)]
     else:
@@ -87,7 +87,9 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
     cpu_pools = len(groups) - gpu_pools
     cpu_budget = max(cluster_cpus - gpu_pools * gpu_actors * GPU_ACTOR_CPUS, min(cluster_cpus, 1.0))
     cpu_actors = config.actors_per_stage or max(1, int(cpu_budget // cpu_pools))
-    cpu_share = min(1.0, cpu_budget / (cpu_pools * cpu_actors))
+    # The pools hold their CPUs for the whole run: keep one write task's share free, or no shard is written
+    # before the last image is processed and every finished row waits in the object store until then.
+    cpu_share = min(1.0, (cpu_budget - WRITE_TASK_CPUS) / (cpu_pools * cpu_actors))
     return [StagePlan(tuple(names), gpu_actors, GPU_ACTOR_CPUS, config.num_gpus_per_stage) if gpu
             else StagePlan(tuple(names), cpu_actors, cpu_share) for names, gpu in groups]
 

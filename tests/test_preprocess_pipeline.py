@@ -215,3 +215,22 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
         assert [e["rows"] for e in manifest["shards"]] == [1]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="faces", Prefix="out/")["Contents"]]
     assert sum(key.endswith(".parquet") for key in keys) == 2  # one shard file + the rejects file
+
+
+@pytest.mark.parametrize("cluster_cpus, gpus, config", [
+    (1, 0, {}), (2, 0, {}), (16, 0, {}), (2, 0, {"actors_per_stage": 3}),
+    (8, 2, {"detector": "mtcnn", "num_gpus_per_stage": 1}),
+])
+def test_the_stage_pools_leave_the_shard_writes_a_share_of_the_cpus(cluster_cpus, gpus, config):
+    """The pools hold their CPUs for the whole run; if they took all of them, the write tasks (and so every shard)
+    would wait for the last image, with every processed row held in the object store until then."""
+    from pipelines.preprocess import WRITE_TASK_CPUS, plan_stages
+    from facediffuser.data.stages import PreprocessConfig
+
+    plans = plan_stages(PreprocessConfig(input="in", output="out", **config), cluster_cpus, gpus)
+    held = sum(plan.actors * plan.num_cpus for plan in plans)
+    assert held <= cluster_cpus - WRITE_TASK_CPUS + 1e-9
+    cpu_pools = [plan for plan in plans if plan.num_gpus == 0]
+    assert cpu_pools and all(plan.num_cpus > 0 for plan in cpu_pools)
+    if not config:  # by default, one actor per CPU
+        assert cpu_pools[0].actors == cluster_cpus
