@@ -42,12 +42,14 @@ class SubjectEncoderDeployment:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
     async def encode(self, prompts: list[str], negative_prompts: list[str | None],
                      references: list[list[list[bytes]]], subject_scales: list[list[float] | None]) -> list[dict]:
-        """Per request: {"null", "text", "augmented", "reference_sha256", "subject_tokens"} or
+        """Per request: {"null", "text", "augmented", "reference_sha256", "subject_tokens", "model_version"} or
         {"error": (status, code, message)}."""
         return await self.coalescer(list(zip(prompts, negative_prompts, references, subject_scales)))
 
     async def _encode_many(self, requests: list[tuple]) -> list[dict]:
-        return await asyncio.to_thread(self.encoding.encode_many, requests)
+        results = await asyncio.to_thread(self.encoding.encode_many, requests)
+        # tagged with the model that made them: the sampler refuses embeddings of another model (a mixed rollout)
+        return [r if "error" in r else {**r, "model_version": self.model_info["model_version"]} for r in results]
 
     async def identity_scores(self, images: list[bytes], references: list[list[bytes]]) -> dict:
         """→ {"scores": per image, per subject: dlib cosine similarity of the subject's reference to its face

@@ -15,6 +15,7 @@ from ray import serve
 from facediffuser.images import png_bytes, tensor_to_pil
 from facediffuser.layout import SubjectRegions
 from facediffuser.manifest import package_versions
+from facediffuser.model_dir import version_mismatch
 from facediffuser.pipeline import seeded_latents
 from facediffuser.sampling import boundaries_from_fractions, snf_denoise
 from facediffuser.schedulers import make_scheduler, scheduler_name
@@ -143,6 +144,9 @@ class SamplerDeployment:
         return outputs
 
     async def submit(self, request: dict, embeds: dict) -> dict:
+        mismatch = version_mismatch({"encoder": embeds, "sampler": self.model_info})
+        if mismatch:  # the embeddings come from another model than these UNets (checked per request, not only in /healthz)
+            return {"error": (503, "model_mismatch", mismatch)}
         job = _Job(request=request, embeds=embeds, arrived=time.perf_counter())
         try:
             self._plan(job)

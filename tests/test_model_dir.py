@@ -255,6 +255,19 @@ def test_info_and_health_refuse_when_encoder_and_sampler_loaded_different_models
     assert health.status_code == 503 and b"model_mismatch" in health.body
 
 
+def test_the_sampler_refuses_embeddings_made_by_another_model():
+    """Per request, not only in /healthz: embeddings tagged with another model_version than the sampler's UNets
+    are refused with 503 model_mismatch before any denoising (an untagged one too: unknown is not "the same")."""
+    from serving.sampler import SamplerDeployment
+
+    cls = SamplerDeployment.func_or_class
+    sampler = cls.__new__(cls)  # submit alone; no Serve replica, no models
+    sampler.model_info = {"model": "m", "hashes": {}, "model_version": "v2"}
+    for embeds in ({"text": None, "model_version": "v1"}, {"text": None}):
+        answer = asyncio.run(cls.submit(sampler, {"steps": 2}, embeds))
+        assert answer["error"][:2] == (503, "model_mismatch") and "sampler v2" in answer["error"][2]
+
+
 @pytest.mark.slow
 def test_served_deployments_report_one_model_version(service):
     """The real app (tiny models, real HTTP): encoder and sampler each loaded the model; both versions agree and
