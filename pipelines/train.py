@@ -5,7 +5,7 @@ work) and the driver (size the runs to the cluster, one TorchTrainer per model, 
 
   pipelines/train_inputs.py   --data (finished preprocess outputs → shards, one Ray Data dataset for every epoch)
                               and --base (a hub id fetched once, before any work)
-  pipelines/train_worker.py   one Ray Train worker: resume or start, DDP steps, checkpoints
+  pipelines/train_worker.py   one Ray Train worker: resume or start, DDP steps, checkpoints; the progress bars
   pipelines/train_export.py   final/<model>, the paired base model, final/export.json, metrics.csv + loss curve
   facediffuser/training/      the library underneath: batches (ingest, data), the step, checkpoints, metrics
 
@@ -159,7 +159,7 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
     import ray
 
     from pipelines.ray_runtime import init_ray
-    from pipelines.train_worker import ProgressBoard
+    from pipelines.train_worker import ProgressBoard, show_progress
 
     init_ray(verbose=verbose)
     resources = ray.cluster_resources()
@@ -227,32 +227,6 @@ def fit_one(config: TrainConfig, progress=None) -> dict:
     if result.checkpoint is None:
         raise RuntimeError(f"{config.model}: training finished without a checkpoint")
     return export_final(config, result.checkpoint)
-
-
-def show_progress(board, configs: list[TrainConfig], futures: list) -> None:
-    """One bar per model, fed by the workers through `board`, until every run has finished."""
-    import ray
-    from tqdm.auto import tqdm
-
-    bars = {c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
-            for i, c in enumerate(configs)}
-    said = set()
-    while True:
-        finished = all(f.done() for f in futures)
-        for model, state in ray.get(board.read.remote()).items():
-            bar = bars[model]
-            if state.get("resumed_from") and model not in said:
-                said.add(model)
-                bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")
-            bar.n = state.get("step", 0)
-            if "loss" in state:
-                bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
-            bar.refresh()
-        if finished:
-            break
-        concurrent.futures.wait(futures, timeout=1.0)
-    for bar in bars.values():
-        bar.close()
 
 
 def root_cause(exc: BaseException) -> str:

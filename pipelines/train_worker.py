@@ -8,6 +8,7 @@ all ranks report, rank 0 with a checkpoint: model directory + optimizer state (s
 At each checkpoint the ranks all-gather a checksum of their trainable parameters; its spread (0 when DDP kept them
 identical) goes into the metrics and the checkpoint. Test-only fault injection comes from the environment only
 (`FAIL_AT_STEP_ENV`, `FAIL_MARKER_ENV`; the driver forwards them to the workers), never from the config.
+Progress: rank 0 writes its step and loss to a `ProgressBoard` actor, and the driver draws them (`show_progress`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,34 @@ class ProgressBoard:
 
     def read(self) -> dict[str, dict]:
         return self.state
+
+
+def show_progress(board, configs: list[TrainConfig], futures: list) -> None:
+    """The driver's side of the board: one bar per model, fed by rank 0 of each run, until every run has finished."""
+    import concurrent.futures
+
+    import ray
+    from tqdm.auto import tqdm
+
+    bars = {c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
+            for i, c in enumerate(configs)}
+    said = set()
+    while True:
+        finished = all(f.done() for f in futures)
+        for model, state in ray.get(board.read.remote()).items():
+            bar = bars[model]
+            if state.get("resumed_from") and model not in said:
+                said.add(model)
+                bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")
+            bar.n = state.get("step", 0)
+            if "loss" in state:
+                bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+            bar.refresh()
+        if finished:
+            break
+        concurrent.futures.wait(futures, timeout=1.0)
+    for bar in bars.values():
+        bar.close()
 
 
 def example_collate(config: TrainConfig, seed: int):

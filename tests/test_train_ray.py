@@ -244,4 +244,4 @@ def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, t
     result = pipe("a man <|image|> at the beach", [astronaut],
                   num_inference_steps=3, seed=0)
     image = result.images[0]
-    assert image.size == (128, 128) and len(set(image.getdata())) > 10
+    assert image.size == (128, 128) and len(image.getcolors(maxcolors=128 * 128)) > 10
