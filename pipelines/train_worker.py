@@ -136,7 +136,7 @@ def start(config: TrainConfig, rank: int, device) -> WorkerRun:
 
     optim = OptimConfig(lr=config.lr, mixed_precision=config.mixed_precision)
     restored = ray.train.get_checkpoint()
-    with (restored.as_directory() if restored else contextlib.nullcontext()) as restored_dir:
+    with restored_checkpoint(restored) as restored_dir:
         if restored_dir:
             parts = ckpt.load_components(Path(restored_dir) / ckpt.MODEL_SUBDIR, config.model, log=lambda m: None)
         else:
@@ -154,6 +154,21 @@ def start(config: TrainConfig, rank: int, device) -> WorkerRun:
         group["lr"] = config.lr
     model.train()
     return run
+
+
+@contextlib.contextmanager
+def restored_checkpoint(checkpoint):
+    """The checkpoint's files in a local directory (None without a checkpoint). A local checkpoint is read where it
+    is. A remote one is downloaded into this rank's own temporary directory: with Ray's shared one
+    (`Checkpoint.as_directory`), a rank arriving after another's download downloads again over the files that rank
+    is reading (seen as a half-written scheduler_config.json on a two-worker S3 resume)."""
+    import pyarrow.fs
+
+    if checkpoint is None or isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path if checkpoint else None
+        return
+    with tempfile.TemporaryDirectory(prefix="facediffuser-restore-") as scratch:
+        yield checkpoint.to_directory(scratch)
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
