@@ -14,8 +14,8 @@ Layout (all weights in safetensors; nothing is pickled):
                                   sdm/, tdm/            Ray Train run folders (checkpoint_*/model/ = one model dir)
                                   `resolve` turns a run directory into its final/.
 
-Any of these may be an s3:// prefix: `facediffuser.model_mirror.mirror` copies it into FACEDIFFUSER_CACHE (default ~/.cache/facediffuser)
-under mirrors/<sha256(uri)[:16]>/, content-addressed:
+Any of these may be an s3:// prefix: `facediffuser.model_mirror.mirror` copies it into FACEDIFFUSER_CACHE
+(default ~/.cache/facediffuser) under mirrors/<sha256(uri)[:16]>/, content-addressed:
 
   .lock                 flock: one process at a time checks or mirrors this URI (the others wait, then reuse it)
   index.json            remote listing (keys, sizes, mtimes) → version: an unchanged remote is not downloaded again
@@ -105,7 +105,7 @@ def kind(root: Path) -> str | None:
 
 def local_model_dir(model: str) -> Path:
     """A model directory (or a training run's directory, see `resolve`) as a local path; an s3:// prefix is
-    mirrored first (see `mirror`)."""
+    mirrored first (`facediffuser.model_mirror.mirror`)."""
     from facediffuser.model_mirror import mirror
 
     model = resolve(model)

@@ -3,7 +3,7 @@
 read + decode → detect faces → person masks → caption → link nouns → OUTPUT/shards/*.parquet,
 OUTPUT/rejects/rejects.parquet and OUTPUT/manifest.json. Each stage is a library function on one image
 (facediffuser/data/stages.py). The stages that share a device are fused into ONE map_batches actor class that loads
-its models once: on CPUs the whole chain is one pool of one-CPU actors (ActorPoolStrategy(size=N)); with
+its models once: on CPUs the whole chain is one pool of actors, one per CPU (ActorPoolStrategy(size=N)); with
 `--num-gpus-per-stage` the stages that can use a GPU (MTCNN, a captioner model) become pools of their own.
 
 A row that fails (a stage or its model raising on one image included) is a reject with its stage and reason; the
