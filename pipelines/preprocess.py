@@ -4,7 +4,9 @@ read + decode → detect faces → person masks → caption → link nouns → O
 OUTPUT/rejects/rejects.parquet and OUTPUT/manifest.json. Each stage is a library function on one image
 (facediffuser/data/stages.py). The stages that share a device are fused into ONE map_batches actor class that loads
 its models once: on CPUs the whole chain is one pool of actors, one per CPU (ActorPoolStrategy(size=N)); with
-`--num-gpus-per-stage` the stages that can use a GPU (MTCNN, a captioner model) become pools of their own.
+`--num-gpus-per-stage` the stages that can use a GPU (MTCNN, a captioner model) become pools of their own. The
+last pool's actors also write the shards: each call is one block of rows, written as one shard file, and returns
+the status of every row, which the driver counts (and shows as a progress bar) as the blocks finish.
 
 A row that fails (a stage or its model raising on one image included) is a reject with its stage and reason; the
 job fails only on systemic errors (a model that cannot load, a stage raising on image after image, an output that
@@ -38,8 +40,8 @@ from facediffuser.manifest import package_versions
 from pipelines.ray_runtime import AWS_VARIABLES
 
 GPU_ACTOR_CPUS = 0.25  # a GPU-stage actor mostly waits on its GPU; the rest of the CPUs go to the CPU stages
-WRITE_TASK_CPUS = 0.25  # the light steps after the stages (status columns, shard rows, parquet write)
-TASKS_IN_FLIGHT = 2  # per actor: one running batch and one queued (hides the call's round trip, keeps the tail short)
+TASKS_IN_FLIGHT = 2  # per actor: one running batch and one queued (hides the call's round trip)
+BLOCKS_PER_ACTOR = 4  # at least, when there are enough rows: an actor that starts late still gets a fair share
 
 
 # ------------------------------------------------------------------------------------------- the layout
@@ -65,10 +67,11 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
     """The stage layout: consecutive stages on the same device share one actor pool (fused, models loaded once
     per actor). Template captions and noun linking are cheap and ride with the stage before them.
 
-    CPU pools get one CPU per actor (less their part of the write task's reservation) and, by default, as many
-    actors as the cluster has CPUs (less what the GPU pools reserve), split among the CPU pools; GPU pools get
-    `--num-gpus-per-stage` per actor and at most as many actors as the cluster's GPUs hold. `--actors-per-stage N`
-    sets every pool's size (a CPU actor's share then drops below one CPU if the pools would not fit otherwise)."""
+    CPU pools get one CPU per actor and, by default, as many actors as the cluster has CPUs (less what the GPU
+    pools reserve), split among the CPU pools; GPU pools get `--num-gpus-per-stage` per actor and at most as many
+    actors as the cluster's GPUs hold. `--actors-per-stage N` sets every pool's size (a CPU actor's share then
+    drops below one CPU if the pools would not fit otherwise). The shards are written by the last pool's actors,
+    so no CPU is kept back for separate write tasks."""
     if config.source == "fastcomposer":
         groups: list[tuple[list[str], bool]] = [(["convert"], False)]
     else:
@@ -87,9 +90,7 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
     cpu_pools = len(groups) - gpu_pools
     cpu_budget = max(cluster_cpus - gpu_pools * gpu_actors * GPU_ACTOR_CPUS, min(cluster_cpus, 1.0))
     cpu_actors = config.actors_per_stage or max(1, int(cpu_budget // cpu_pools))
-    # The pools hold their CPUs for the whole run: keep one write task's share free, or no shard is written
-    # before the last image is processed and every finished row waits in the object store until then.
-    cpu_share = min(1.0, (cpu_budget - WRITE_TASK_CPUS) / (cpu_pools * cpu_actors))
+    cpu_share = min(1.0, cpu_budget / (cpu_pools * cpu_actors))
     return [StagePlan(tuple(names), gpu_actors, GPU_ACTOR_CPUS, config.num_gpus_per_stage) if gpu
             else StagePlan(tuple(names), cpu_actors, cpu_share) for names, gpu in groups]
 
@@ -97,16 +98,44 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
 # ------------------------------------------------------------------------------------------- the stages
 
 
-def _map_items(batch: pa.Table, function, stage: str) -> pa.Table:
-    return stages.checked_work_table([function(item) for item in batch.to_pylist()], stage)
+class ShardWriter:
+    """What the last pool's actors do after their stages: the accepted rows of one call become one SHARD_SCHEMA
+    file (a row that does not fit the schema is a `write` reject), and the call returns the status of every row
+    (REJECT_SCHEMA columns), so the shards and the accounting come out of one pass. The file name holds the run's
+    prefix and a hash of the block's first id, so a retried call rewrites its file instead of adding one."""
+
+    def __init__(self, shards_uri: str, prefix: str):
+        self.uri, self.prefix = shards_uri, prefix
+
+    def __call__(self, work: pa.Table) -> pa.Table:
+        import hashlib
+
+        import pyarrow.parquet as pq
+
+        table, items = stages.shard_rows(work.to_pylist())
+        if table.num_rows:
+            fs, path = dataio.resolve(self.uri)
+            fs.create_dir(path, recursive=True)
+            block = hashlib.sha1(items[0]["id"].encode()).hexdigest()[:16]
+            pq.write_table(table, f"{path}/{self.prefix}_{block}.parquet", filesystem=fs)
+        return pa.Table.from_pylist([{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items],
+                                    schema=REJECT_SCHEMA)
+
+
+def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None) -> pa.Table:
+    """`function` on each item of the batch; → the rows for the next pool (WORK_SCHEMA) or, in the last pool
+    (`writer` given), their statuses once written."""
+    work = stages.checked_work_table([function(item) for item in batch.to_pylist()], stage)
+    return writer(work) if writer else work
 
 
 class RunStages:
     """A map_batches actor that runs a fused run of stages on each item of a batch (through
     `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
 
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str):
-        self.config, self.names, self.guard = config, names, stages.StageGuard()
+    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str,
+                 writer: ShardWriter | None = None):
+        self.config, self.names, self.guard, self.writer = config, names, stages.StageGuard(), writer
         self.detector = make_detector(config.detector, config.min_face_score, device=device) \
             if "detect" in names else None
         self.segmenter = PersonSegmenter() if "segment" in names else None
@@ -117,62 +146,19 @@ class RunStages:
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _map_items(batch, lambda item: stages.apply_stages(
             item, self.config, self.names, detector=self.detector, segmenter=self.segmenter,
-            captioner=self.captioner, guard=self.guard), self.names[-1])
+            captioner=self.captioner, guard=self.guard), self.names[-1], self.writer)
 
 
 class ConvertFastComposer:
     """--source fastcomposer: jpg + json + npy → a work row, no models."""
 
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str):
-        self.config, self.guard = config, stages.StageGuard()
+    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str,
+                 writer: ShardWriter | None = None):
+        self.config, self.guard, self.writer = config, stages.StageGuard(), writer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _map_items(batch, lambda item: item if item["stage"] else self.guard.run(
-            "convert", lambda i: convert_stage(i, self.config), item), "convert")
-
-
-def shard_sink(shards_uri: str, rows_per_shard: int):
-    """The pipeline's last step, a ray.data Datasink: each write task turns its work rows into SHARD_SCHEMA files
-    of at most `rows_per_shard` rows and returns the status of every row it saw (`sink.statuses` once the write
-    is done), so the shards and the accounting (rejects included) come out of one pass over the data. (Defined
-    in a function so that importing this module does not import Ray Data.)"""
-    import uuid
-
-    import pyarrow.parquet as pq
-    from ray.data.datasource import Datasink
-
-    class _ShardSink(Datasink):
-        def __init__(self):
-            self.uri, self.rows_per_shard, self.prefix = shards_uri, rows_per_shard, uuid.uuid4().hex[:12]
-            self.statuses: list[dict] = []
-
-        @property
-        def min_rows_per_write(self) -> int:
-            return self.rows_per_shard  # a write task gets about one shard's worth of rows
-
-        def write(self, blocks, ctx) -> pa.Table:
-            items = [row for block in blocks for row in _as_table(block).to_pylist()]
-            table, items = stages.shard_rows(items)  # a row that does not fit the schema: a `write` reject
-            if table.num_rows:
-                fs, path = dataio.resolve(self.uri)
-                fs.create_dir(path, recursive=True)
-                for part, start in enumerate(range(0, table.num_rows, self.rows_per_shard)):
-                    # a retried task rewrites the same names instead of adding files
-                    name = f"{self.prefix}_{ctx.task_idx:06d}_{part:03d}.parquet"
-                    pq.write_table(table.slice(start, self.rows_per_shard), f"{path}/{name}", filesystem=fs)
-            return pa.Table.from_pylist([{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items],
-                                        schema=REJECT_SCHEMA)
-
-        def on_write_complete(self, write_result) -> None:
-            self.statuses = [row for table in write_result.write_returns for row in table.to_pylist()]
-
-    return _ShardSink()
-
-
-def _as_table(block) -> pa.Table:
-    from ray.data.block import BlockAccessor
-
-    return BlockAccessor.for_block(block).to_arrow()
+            "convert", lambda i: convert_stage(i, self.config), item), "convert", self.writer)
 
 
 # ---------------------------------------------------------------------------------------- the pipeline
@@ -183,31 +169,40 @@ def _runtime_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def input_blocks(items: list[dict], plans: list[StagePlan], batch_size: int) -> list[pa.Table]:
-    """The work rows cut into blocks of at most `batch_size` rows, and at least two blocks per actor of the
-    widest pool when there are enough rows (so every actor gets work and the last batch is short)."""
+def block_rows(count: int, plans: list[StagePlan], rows_per_shard: int) -> int:
+    """Rows per block, and so per shard file: at most `rows_per_shard`, and small enough that every actor of the
+    widest pool gets BLOCKS_PER_ACTOR blocks when there are enough rows (shards are then written from the first
+    minutes on, and the last block is a small part of the run)."""
     actors = max(plan.actors for plan in plans)
-    size = max(1, min(batch_size, math.ceil(len(items) / (2 * actors))))
-    table = work_table(items)
-    return [table.slice(start, size) for start in range(0, len(items), size)]
+    return max(1, min(rows_per_shard, math.ceil(count / (BLOCKS_PER_ACTOR * actors))))
 
 
-def build_dataset(items: list[dict], config: PreprocessConfig, cluster_cpus: float, cluster_gpus: float = 0.0):
-    """The lazy Ray Dataset of work rows (all stages applied; rejected rows carry stage + reason)."""
+def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, cluster_cpus: float,
+                  cluster_gpus: float = 0.0):
+    """The lazy Ray Dataset over `items`: all stages applied, the last pool writing the accepted rows to
+    `shards_uri`; it holds every row's status (REJECT_SCHEMA columns)."""
+    import uuid
+
     import ray
     from ray.data import ActorPoolStrategy
 
     plans = plan_stages(config, cluster_cpus, cluster_gpus)
-    blocks = input_blocks(items, plans, config.batch_size)
-    ds = ray.data.from_arrow(blocks)
+    rows = block_rows(len(items), plans, config.rows_per_shard)
+    table = work_table(items)
+    ds = ray.data.from_arrow([table.slice(start, rows) for start in range(0, len(items), rows)])
     stage_class = ConvertFastComposer if config.source == "fastcomposer" else RunStages
+    writer = ShardWriter(shards_uri, uuid.uuid4().hex[:12])
     for plan in plans:
         device = "cuda" if plan.num_gpus > 0 else "cpu"
-        ds = ds.map_batches(stage_class, fn_constructor_args=(config, plan.names, plan.num_cpus, device),
+        last = plan is plans[-1]
+        # a GPU pool takes `--batch-size` rows per call; the last pool a whole block (one shard file per call)
+        ds = ds.map_batches(stage_class, fn_constructor_args=(config, plan.names, plan.num_cpus, device,
+                                                              writer if last else None),
                             compute=ActorPoolStrategy(size=plan.actors,
                                                       max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
                             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, batch_format="pyarrow",
-                            batch_size=blocks[0].num_rows, zero_copy_batch=True, **_runtime_env())
+                            batch_size=rows if last else min(rows, config.batch_size), zero_copy_batch=True,
+                            **_runtime_env())
     return ds
 
 
@@ -267,12 +262,16 @@ def _remaining_work(config: PreprocessConfig, items: list[dict]) -> tuple[list[d
 
 def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: float, cluster_gpus: float) -> list[dict]:
     """The stages and the shard writes over `todo`; → every row's status (id, source, stage, reason)."""
+    from tqdm.auto import tqdm
+
     statuses: list[dict] = []
     if todo:
-        sink = shard_sink(dataio.join(config.output, layout.SHARDS_DIR), config.rows_per_shard)
-        build_dataset(todo, config, cluster_cpus, cluster_gpus).write_datasink(
-            sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **_runtime_env()})
-        statuses = sink.statuses
+        dataset = build_dataset(todo, config, dataio.join(config.output, layout.SHARDS_DIR), cluster_cpus,
+                                cluster_gpus)
+        with tqdm(total=len(todo), desc="preprocess", unit="img", file=sys.stderr) as bar:
+            for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                statuses += block.to_pylist()
+                bar.update(block.num_rows)
     if len(statuses) != len(todo) or {s["id"] for s in statuses} != {i["id"] for i in todo}:
         # the accounting identity: every input is written or rejected, once
         raise RuntimeError(f"pipeline lost rows: {len(todo)} in, {len(statuses)} out")

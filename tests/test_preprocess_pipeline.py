@@ -221,16 +221,43 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
     (1, 0, {}), (2, 0, {}), (16, 0, {}), (2, 0, {"actors_per_stage": 3}),
     (8, 2, {"detector": "mtcnn", "num_gpus_per_stage": 1}),
 ])
-def test_the_stage_pools_leave_the_shard_writes_a_share_of_the_cpus(cluster_cpus, gpus, config):
-    """The pools hold their CPUs for the whole run; if they took all of them, the write tasks (and so every shard)
-    would wait for the last image, with every processed row held in the object store until then."""
-    from pipelines.preprocess import WRITE_TASK_CPUS, plan_stages
+def test_the_stage_pools_fit_the_cluster(cluster_cpus, gpus, config):
+    """The pools hold their CPUs for the whole run and the last one writes the shards itself: together they fit
+    the cluster (more would leave an actor unscheduled) and, by default, a CPU-only run has one actor per CPU
+    with a whole CPU each (nothing kept back for write tasks that no longer exist)."""
+    from pipelines.preprocess import block_rows, plan_stages
     from facediffuser.data.stages import PreprocessConfig
 
     plans = plan_stages(PreprocessConfig(input="in", output="out", **config), cluster_cpus, gpus)
-    held = sum(plan.actors * plan.num_cpus for plan in plans)
-    assert held <= cluster_cpus - WRITE_TASK_CPUS + 1e-9
+    assert sum(plan.actors * plan.num_cpus for plan in plans) <= cluster_cpus + 1e-9
+    assert sum(plan.actors * plan.num_gpus for plan in plans) <= gpus + 1e-9
     cpu_pools = [plan for plan in plans if plan.num_gpus == 0]
     assert cpu_pools and all(plan.num_cpus > 0 for plan in cpu_pools)
-    if not config:  # by default, one actor per CPU
-        assert cpu_pools[0].actors == cluster_cpus
+    if not config:
+        assert [(plan.actors, plan.num_cpus) for plan in plans] == [(cluster_cpus, 1.0)]
+    # one block = one shard file: never over --rows-per-shard, and enough blocks to share among the actors
+    widest = max(plan.actors for plan in plans)
+    assert block_rows(10_000_000, plans, 1000) == 1000
+    assert block_rows(40 * widest, plans, 1000) == 10 and block_rows(3, plans, 1000) == 1
+
+
+def test_split_pools_hand_rows_on_and_the_last_one_writes(photo_dir, tmp_path):
+    """The layout with several pools (what `--num-gpus-per-stage` gives), its actor classes called in order
+    without Ray: a first pool's work rows feed the last pool, which writes one shard file per call and returns
+    every row's status; a rerun of the same block rewrites its file instead of adding one."""
+    from pipelines.preprocess import RunStages, ShardWriter
+    from facediffuser.data.stages import PreprocessConfig, list_image_items, work_table
+
+    config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path), max_pixels=2_000_000)
+    items = [i for i in list_image_items(str(photo_dir)) if i["id"] in ("one.jpg", "two.jpg", "zero.jpg")]
+    first = RunStages(config, ("read", "detect"), 0.25, "cpu")
+    last = RunStages(config, ("segment", "caption", "link"), 1.0, "cpu", ShardWriter(str(tmp_path / "shards"), "run"))
+    handed_on = first(work_table(items))
+    assert handed_on.num_rows == 3 and not (tmp_path / "shards").exists()  # only the last pool writes
+    statuses = {row["id"]: row["stage"] for row in last(handed_on).to_pylist()}
+    assert statuses == {"one.jpg": None, "two.jpg": None, "zero.jpg": "decode"}
+    (shard,) = (tmp_path / "shards").iterdir()
+    records, _ = _shard_records(str(tmp_path))
+    assert {r.id: len(r.subjects) for r in records} == {"one.jpg": 1, "two.jpg": 2}
+    last(handed_on)  # a retried call
+    assert list((tmp_path / "shards").iterdir()) == [shard]

@@ -69,7 +69,8 @@ class PreprocessConfig:
     max_subjects: int = arg(4, "images with more faces are rejected")
     resolution: int = arg(512, "short side of stored images (downscale only)")
     num_gpus_per_stage: float = arg(0.0, "GPUs per actor of the stages that use one (MTCNN, a captioner model)")
-    batch_size: int = arg(8, "images per map_batches call")
+    batch_size: int = arg(8, "images per map_batches call of a pool before the last (the last pool takes one "
+                                "block, written as one shard file, per call)")
     actors_per_stage: int | None = arg(None, "actors in each model stage's pool (default: the cluster's CPU count)")
     rows_per_shard: int = arg(1000, "rows per Parquet shard file")
     max_pixels: int = arg(DEFAULT_MAX_PIXELS, "larger images are rejected before decoding")
