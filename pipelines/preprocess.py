@@ -269,7 +269,8 @@ def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: floa
         dataset = build_dataset(todo, config, dataio.join(config.output, layout.SHARDS_DIR), cluster_cpus,
                                 cluster_gpus)
         with tqdm(total=len(todo), desc="preprocess", unit="img", file=sys.stderr) as bar:
-            for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # no prefetching: a block's statuses are counted as soon as it is written, not when the next one is
+            for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 statuses += block.to_pylist()
                 bar.update(block.num_rows)
     if len(statuses) != len(todo) or {s["id"] for s in statuses} != {i["id"] for i in todo}:
