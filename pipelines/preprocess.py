@@ -2,11 +2,12 @@
 
 read + decode → detect faces → person masks → caption → link nouns → OUTPUT/shards/*.parquet,
 OUTPUT/rejects/rejects.parquet and OUTPUT/manifest.json. Each stage is a library function on one image
-(facediffuser/data/stages.py). The stages that share a device are fused into ONE map_batches actor class that loads
-its models once: on CPUs the whole chain is one pool of actors, one per CPU (ActorPoolStrategy(size=N)); with
-`--num-gpus-per-stage` the stages that can use a GPU (MTCNN, a captioner model) become pools of their own. The
-last pool's actors also write the shards: each call is one block of rows, written as one shard file, and returns
-the status of every row, which the driver counts (and shows as a progress bar) as the blocks finish.
+(facediffuser/data/stages.py). The stages that share a device are fused into ONE map_batches class that loads its
+models once: on CPUs the whole chain is one pool of tasks, one per CPU, whose worker processes keep that object
+for their later tasks (`run_in_worker`); with `--num-gpus-per-stage` the stages that can use a GPU (MTCNN, a
+captioner model) become actor pools of their own (ActorPoolStrategy), which hold the model on their GPU. The last
+pool also writes the shards: each call is one block of rows, written as one shard file, and returns the status of
+every row, which the driver counts (and shows as a progress bar) as the blocks finish.
 
 A row that fails (a stage or its model raising on one image included) is a reject with its stage and reason; the
 job fails only on systemic errors (a model that cannot load, a stage raising on image after image, an output that
@@ -40,8 +41,8 @@ from facediffuser.manifest import package_versions
 from pipelines.ray_runtime import AWS_VARIABLES
 
 GPU_ACTOR_CPUS = 0.25  # a GPU-stage actor mostly waits on its GPU; the rest of the CPUs go to the CPU stages
-TASKS_IN_FLIGHT = 2  # per actor: one running batch and one queued (hides the call's round trip)
-BLOCKS_PER_ACTOR = 4  # at least, when there are enough rows: an actor that starts late still gets a fair share
+TASKS_IN_FLIGHT = 2  # per GPU actor: one running batch and one queued (hides the call's round trip)
+BLOCKS_PER_WORKER = 4  # at least, when there are enough rows: a worker that starts late still gets a fair share
 
 
 # ------------------------------------------------------------------------------------------- the layout
@@ -49,12 +50,17 @@ BLOCKS_PER_ACTOR = 4  # at least, when there are enough rows: an actor that star
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One map_batches actor pool: the stages it runs (in order), its size and resources per actor."""
+    """One map_batches pool: the stages it runs (in order), its size (concurrent tasks on CPUs, actors on GPUs)
+    and resources per worker."""
 
     names: tuple[str, ...]
-    actors: int
+    workers: int
     num_cpus: float
     num_gpus: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return "actors" if self.num_gpus > 0 else "tasks"
 
 
 def _on_gpu(name: str, config: PreprocessConfig) -> bool:
@@ -64,14 +70,14 @@ def _on_gpu(name: str, config: PreprocessConfig) -> bool:
 
 
 def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: float = 0.0) -> list[StagePlan]:
-    """The stage layout: consecutive stages on the same device share one actor pool (fused, models loaded once
-    per actor). Template captions and noun linking are cheap and ride with the stage before them.
+    """The stage layout: consecutive stages on the same device share one pool (fused, models loaded once per
+    worker). Template captions and noun linking are cheap and ride with the stage before them.
 
-    CPU pools get one CPU per actor and, by default, as many actors as the cluster has CPUs (less what the GPU
-    pools reserve), split among the CPU pools; GPU pools get `--num-gpus-per-stage` per actor and at most as many
-    actors as the cluster's GPUs hold. `--actors-per-stage N` sets every pool's size (a CPU actor's share then
-    drops below one CPU if the pools would not fit otherwise). The shards are written by the last pool's actors,
-    so no CPU is kept back for separate write tasks."""
+    CPU pools get one CPU per task and, by default, as many concurrent tasks as the cluster has CPUs (less what
+    the GPU pools reserve), split among the CPU pools; GPU pools get `--num-gpus-per-stage` per actor and at most
+    as many actors as the cluster's GPUs hold. `--workers-per-stage N` sets every pool's size (a CPU task's share
+    then drops below one CPU if the pools would not fit otherwise). The shards are written by the last pool, so
+    no CPU is kept back for separate write tasks."""
     if config.source == "fastcomposer":
         groups: list[tuple[list[str], bool]] = [(["convert"], False)]
     else:
@@ -84,22 +90,22 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
             else:
                 groups.append(([name], gpu))
     gpu_actors = max(1, int(cluster_gpus // config.num_gpus_per_stage)) if config.num_gpus_per_stage else 0
-    if config.actors_per_stage:
-        gpu_actors = min(gpu_actors, config.actors_per_stage)
+    if config.workers_per_stage:
+        gpu_actors = min(gpu_actors, config.workers_per_stage)
     gpu_pools = sum(gpu for _, gpu in groups)
     cpu_pools = len(groups) - gpu_pools
     cpu_budget = max(cluster_cpus - gpu_pools * gpu_actors * GPU_ACTOR_CPUS, min(cluster_cpus, 1.0))
-    cpu_actors = config.actors_per_stage or max(1, int(cpu_budget // cpu_pools))
-    cpu_share = min(1.0, cpu_budget / (cpu_pools * cpu_actors))
+    cpu_tasks = config.workers_per_stage or max(1, int(cpu_budget // cpu_pools))
+    cpu_share = min(1.0, cpu_budget / (cpu_pools * cpu_tasks))
     return [StagePlan(tuple(names), gpu_actors, GPU_ACTOR_CPUS, config.num_gpus_per_stage) if gpu
-            else StagePlan(tuple(names), cpu_actors, cpu_share) for names, gpu in groups]
+            else StagePlan(tuple(names), cpu_tasks, cpu_share) for names, gpu in groups]
 
 
 # ------------------------------------------------------------------------------------------- the stages
 
 
 class ShardWriter:
-    """What the last pool's actors do after their stages: the accepted rows of one call become one SHARD_SCHEMA
+    """What the last pool does after its stages: the accepted rows of one call become one SHARD_SCHEMA
     file (a row that does not fit the schema is a `write` reject), and the call returns the status of every row
     (REJECT_SCHEMA columns), so the shards and the accounting come out of one pass. The file name holds the run's
     prefix and a hash of the block's first id, so a retried call rewrites its file instead of adding one."""
@@ -130,7 +136,7 @@ def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None
 
 
 class RunStages:
-    """A map_batches actor that runs a fused run of stages on each item of a batch (through
+    """A map_batches class that runs a fused run of stages on each item of a batch (through
     `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
 
     def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str,
@@ -140,7 +146,7 @@ class RunStages:
             if "detect" in names else None
         self.segmenter = PersonSegmenter() if "segment" in names else None
         self.captioner = make_captioner(config.captioner, device=device) if "caption" in names else None
-        if "torch" in sys.modules:  # MTCNN, a captioner: as many torch threads as the actor has CPUs
+        if "torch" in sys.modules:  # MTCNN, a captioner: as many torch threads as the worker has CPUs
             sys.modules["torch"].set_num_threads(max(1, int(num_cpus)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -161,6 +167,22 @@ class ConvertFastComposer:
             "convert", lambda i: convert_stage(i, self.config), item), "convert", self.writer)
 
 
+_in_this_worker: dict = {"run": None, "pools": {}}  # in a Ray worker process: the stage objects of the latest run
+
+
+def run_in_worker(batch: pa.Table, run: str, pool: tuple[str, ...], make) -> pa.Table:
+    """A CPU pool's task: `make()` (a RunStages or ConvertFastComposer) is built by the first task of this run and
+    pool that a worker process runs, and kept for its later ones (Ray reuses its worker processes), so the models
+    load once per worker as in an actor, without an actor's start-up cost: its own worker process and Ray Data's
+    actor-location tracker, several seconds of every run on a one-CPU machine. A new run frees the old objects."""
+    if _in_this_worker["run"] != run:
+        _in_this_worker.update(run=run, pools={})
+    pools = _in_this_worker["pools"]
+    if pool not in pools:
+        pools[pool] = make()
+    return pools[pool](batch)
+
+
 # ---------------------------------------------------------------------------------------- the pipeline
 
 
@@ -170,39 +192,44 @@ def _runtime_env() -> dict:
 
 
 def block_rows(count: int, plans: list[StagePlan], rows_per_shard: int) -> int:
-    """Rows per block, and so per shard file: at most `rows_per_shard`, and small enough that every actor of the
-    widest pool gets BLOCKS_PER_ACTOR blocks when there are enough rows (shards are then written from the first
+    """Rows per block, and so per shard file: at most `rows_per_shard`, and small enough that every worker of the
+    widest pool gets BLOCKS_PER_WORKER blocks when there are enough rows (shards are then written from the first
     minutes on, and the last block is a small part of the run)."""
-    actors = max(plan.actors for plan in plans)
-    return max(1, min(rows_per_shard, math.ceil(count / (BLOCKS_PER_ACTOR * actors))))
+    workers = max(plan.workers for plan in plans)
+    return max(1, min(rows_per_shard, math.ceil(count / (BLOCKS_PER_WORKER * workers))))
 
 
 def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, cluster_cpus: float,
                   cluster_gpus: float = 0.0):
     """The lazy Ray Dataset over `items`: all stages applied, the last pool writing the accepted rows to
     `shards_uri`; it holds every row's status (REJECT_SCHEMA columns)."""
+    import functools
     import uuid
 
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     plans = plan_stages(config, cluster_cpus, cluster_gpus)
     rows = block_rows(len(items), plans, config.rows_per_shard)
     table = work_table(items)
     ds = ray.data.from_arrow([table.slice(start, rows) for start in range(0, len(items), rows)])
     stage_class = ConvertFastComposer if config.source == "fastcomposer" else RunStages
-    writer = ShardWriter(shards_uri, uuid.uuid4().hex[:12])
+    run = uuid.uuid4().hex[:12]
     for plan in plans:
-        device = "cuda" if plan.num_gpus > 0 else "cpu"
         last = plan is plans[-1]
-        # a GPU pool takes `--batch-size` rows per call; the last pool a whole block (one shard file per call)
-        ds = ds.map_batches(stage_class, fn_constructor_args=(config, plan.names, plan.num_cpus, device,
-                                                              writer if last else None),
-                            compute=ActorPoolStrategy(size=plan.actors,
-                                                      max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
-                            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, batch_format="pyarrow",
-                            batch_size=rows if last else min(rows, config.batch_size), zero_copy_batch=True,
-                            **_runtime_env())
+        arguments = (config, plan.names, plan.num_cpus, "cuda" if plan.kind == "actors" else "cpu",
+                     ShardWriter(shards_uri, run) if last else None)
+        if plan.kind == "actors":
+            function, compute = stage_class, ActorPoolStrategy(size=plan.workers,
+                                                               max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT)
+            options = {"fn_constructor_args": arguments}
+        else:
+            function, compute = run_in_worker, TaskPoolStrategy(size=plan.workers)
+            options = {"fn_args": (run, plan.names, functools.partial(stage_class, *arguments))}
+        # a pool before the last takes `--batch-size` rows per call; the last a whole block (one shard file)
+        ds = ds.map_batches(function, compute=compute, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                            batch_format="pyarrow", batch_size=rows if last else min(rows, config.batch_size),
+                            zero_copy_batch=True, **options, **_runtime_env())
     return ds
 
 
@@ -238,7 +265,7 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
         "config": config.to_dict(),
         "cluster_cpus": cluster[0],
         "cluster_gpus": cluster[1],
-        "stages": [{"stages": list(p.names), "actors": p.actors, "num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
+        "stages": [{"stages": list(p.names), p.kind: p.workers, "num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
                    for p in plan_stages(config, *cluster)],
         "package_versions": package_versions(("facediffuser", "ray", "pyarrow", "numpy", "mediapipe",
                                               "facenet-pytorch", "torch", "transformers", "pillow")),

@@ -99,10 +99,10 @@ def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch)
     from pipelines.train import resolve_data
     from facediffuser.data.stages import PreprocessConfig
 
-    monkeypatch.setenv(FAULT_ENV, "segment:faulty.jpg")  # reaches the Ray actors through the runtime env
+    monkeypatch.setenv(FAULT_ENV, "segment:faulty.jpg")  # reaches the Ray workers through the runtime env
     output = tmp_path / "out"
     config = PreprocessConfig(input=str(photo_dir), output=str(output), max_pixels=2_000_000, batch_size=4,
-                              actors_per_stage=1, rows_per_shard=5)
+                              workers_per_stage=1, rows_per_shard=5)
     manifest = preprocess(config)
 
     records, schemas = _shard_records(str(output))
@@ -218,7 +218,7 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
 
 
 @pytest.mark.parametrize("cluster_cpus, gpus, config", [
-    (1, 0, {}), (2, 0, {}), (16, 0, {}), (2, 0, {"actors_per_stage": 3}),
+    (1, 0, {}), (2, 0, {}), (16, 0, {}), (2, 0, {"workers_per_stage": 3}),
     (8, 2, {"detector": "mtcnn", "num_gpus_per_stage": 1}),
 ])
 def test_the_stage_pools_fit_the_cluster(cluster_cpus, gpus, config):
@@ -229,14 +229,14 @@ def test_the_stage_pools_fit_the_cluster(cluster_cpus, gpus, config):
     from facediffuser.data.stages import PreprocessConfig
 
     plans = plan_stages(PreprocessConfig(input="in", output="out", **config), cluster_cpus, gpus)
-    assert sum(plan.actors * plan.num_cpus for plan in plans) <= cluster_cpus + 1e-9
-    assert sum(plan.actors * plan.num_gpus for plan in plans) <= gpus + 1e-9
+    assert sum(plan.workers * plan.num_cpus for plan in plans) <= cluster_cpus + 1e-9
+    assert sum(plan.workers * plan.num_gpus for plan in plans) <= gpus + 1e-9
     cpu_pools = [plan for plan in plans if plan.num_gpus == 0]
     assert cpu_pools and all(plan.num_cpus > 0 for plan in cpu_pools)
     if not config:
-        assert [(plan.actors, plan.num_cpus) for plan in plans] == [(cluster_cpus, 1.0)]
-    # one block = one shard file: never over --rows-per-shard, and enough blocks to share among the actors
-    widest = max(plan.actors for plan in plans)
+        assert [(plan.workers, plan.num_cpus) for plan in plans] == [(cluster_cpus, 1.0)]
+    # one block = one shard file: never over --rows-per-shard, and enough blocks to share among the workers
+    widest = max(plan.workers for plan in plans)
     assert block_rows(10_000_000, plans, 1000) == 1000
     assert block_rows(40 * widest, plans, 1000) == 10 and block_rows(3, plans, 1000) == 1
 
@@ -261,3 +261,26 @@ def test_split_pools_hand_rows_on_and_the_last_one_writes(photo_dir, tmp_path):
     assert {r.id: len(r.subjects) for r in records} == {"one.jpg": 1, "two.jpg": 2}
     last(handed_on)  # a retried call
     assert list((tmp_path / "shards").iterdir()) == [shard]
+
+
+def test_a_worker_process_keeps_its_stage_objects_for_the_run(photo_dir, tmp_path):
+    """The CPU pools' tasks build their RunStages (and so load the models) once per worker process and run:
+    the same object serves the run's later tasks, each pool has its own, and a new run frees the old ones."""
+    import functools
+
+    from pipelines import preprocess as pipeline
+    from facediffuser.data.stages import PreprocessConfig, list_image_items, work_table
+
+    config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path))
+    block = work_table([i for i in list_image_items(str(photo_dir)) if i["id"] == "one.jpg"])
+    make = functools.partial(pipeline.RunStages, config, ("read",), 1.0, "cpu", None)
+    assert pipeline.run_in_worker(block, "run-a", ("read",), make).column("stage").to_pylist() == [None]
+    kept = pipeline._in_this_worker["pools"][("read",)]
+    pipeline.run_in_worker(block, "run-a", ("read",), make)
+    assert pipeline._in_this_worker["pools"][("read",)] is kept
+    other = functools.partial(pipeline.RunStages, config, ("read", "detect"), 1.0, "cpu", None)
+    pipeline.run_in_worker(block, "run-a", ("read", "detect"), other)
+    assert set(pipeline._in_this_worker["pools"]) == {("read",), ("read", "detect")}
+    pipeline.run_in_worker(block, "run-b", ("read",), make)
+    assert list(pipeline._in_this_worker["pools"]) == [("read",)]
+    assert pipeline._in_this_worker["pools"][("read",)] is not kept

@@ -71,7 +71,8 @@ class PreprocessConfig:
     num_gpus_per_stage: float = arg(0.0, "GPUs per actor of the stages that use one (MTCNN, a captioner model)")
     batch_size: int = arg(8, "images per map_batches call of a pool before the last (the last pool takes one "
                                 "block, written as one shard file, per call)")
-    actors_per_stage: int | None = arg(None, "actors in each model stage's pool (default: the cluster's CPU count)")
+    workers_per_stage: int | None = arg(None, "concurrent workers of each stage pool: tasks on CPUs, actors on GPUs "
+                                              "(default: what the cluster's CPUs and GPUs hold)")
     rows_per_shard: int = arg(1000, "rows per Parquet shard file")
     max_pixels: int = arg(DEFAULT_MAX_PIXELS, "larger images are rejected before decoding")
     min_face_score: float = arg(DEFAULT_MIN_SCORE, cli=False)  # detector confidence; library callers set it
@@ -88,8 +89,8 @@ class PreprocessConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.num_gpus_per_stage < 0:
             raise ValueError(f"--num-gpus-per-stage must be >= 0, got {self.num_gpus_per_stage}")
-        if self.actors_per_stage is not None and self.actors_per_stage < 1:
-            raise ValueError(f"--actors-per-stage must be at least 1, got {self.actors_per_stage}")
+        if self.workers_per_stage is not None and self.workers_per_stage < 1:
+            raise ValueError(f"--workers-per-stage must be at least 1, got {self.workers_per_stage}")
         dataio.check_input_dir(self.input)
         dataio.check_output_dir(self.output)
         if self.source == "images":
