@@ -10,10 +10,10 @@ functions and write the same shards + rejects:
   ray@2   the same with num_cpus=2
 "1 CPU" means one core: the plain loop and the whole local Ray of ray@1 (every process it starts inherits the
 affinity) are pinned to core 0, since mediapipe's TFLite runtime would otherwise spread over every core it sees;
-ray@2 gets cores 0 and 1. Times include model loading (plain) and actor start-up (Ray), not `ray.init`. The plain
+ray@2 gets cores 0 and 1. Times include model loading (plain) and the stage workers' start-up (Ray), not `ray.init`. The plain
 loop runs before and after the Ray runs and the faster of the two is the baseline (run-to-run spread here is up to
-25%). Beside each Ray run: the CPU seconds its other processes (Ray Data's helper actors, the write task's worker,
-raylet, GCS, this driver) spent meanwhile, which on one core come straight out of the stage actor's time.
+25%). Beside each Ray run: the CPU seconds of its stage workers, and of its other processes (Ray Data's helper
+actors, raylet, GCS, this driver) meanwhile, which on one core come straight out of the stage workers' time.
 Targets: ray@1 ≥ 0.85× plain, ray@2 ≥ 1.7× ray@1. The load average is printed beside the figures.
 """
 
@@ -103,15 +103,20 @@ def run_ray(input_dir: str, output_dir: str, num_cpus: int) -> tuple[float, dict
         manifest = preprocess(PreprocessConfig(input=input_dir, output=output_dir))
         elapsed = time.perf_counter() - start
         after = process_cpu()
-        spent: dict[str, float] = {}  # by title: processes of one kind (write workers, say) add up
+        spent: dict[str, float] = {}  # by title: processes of one kind add up
         for pid, (title, cpu) in after.items():
-            if not title.startswith("ray::MapWorker"):
-                spent[title] = spent.get(title, 0.0) + cpu - before.get(pid, (title, 0.0))[1]
+            # the stage workers: a task worker is titled by its task while it runs one and ray::IDLE between
+            kind = "stage workers" if title.startswith(STAGE_WORKER_TITLES) else title
+            spent[kind] = spent.get(kind, 0.0) + cpu - before.get(pid, (title, 0.0))[1]
+        manifest["stage_worker_cpu_s"] = round(spent.pop("stage workers", 0.0), 2)
         manifest["other_process_cpu_s"] = {title: round(cpu, 2) for title, cpu in
                                            sorted(spent.items(), key=lambda item: -item[1]) if cpu >= 0.1}
         return elapsed, manifest
     finally:
         ray.shutdown()
+
+
+STAGE_WORKER_TITLES = ("ray::IDLE", "ray::MapBatches", "ray::MapWorker")
 
 
 def process_cpu() -> dict[int, tuple[str, float]]:
@@ -165,6 +170,7 @@ def main() -> None:
         "plain_images_per_s": round(n / plain_s, 2),
         "ray_1cpu_images_per_s": round(n / ray1_s, 2),
         "ray_2cpu_images_per_s": round(n / ray2_s, 2),
+        "ray_1cpu_stage_worker_cpu_s": manifest1["stage_worker_cpu_s"],
         "ray_1cpu_other_process_cpu_s": manifest1["other_process_cpu_s"],
         "ray_2cpu_other_process_cpu_s": manifest2["other_process_cpu_s"],
         "ray_1cpu_vs_plain": round(plain_s / ray1_s, 3),
