@@ -10,9 +10,9 @@ functions and write the same shards + rejects:
   ray@2   the same with num_cpus=2
 "1 CPU" means one core: the plain loop and the whole local Ray of ray@1 (every process it starts inherits the
 affinity) are pinned to core 0, since mediapipe's TFLite runtime would otherwise spread over every core it sees;
-ray@2 gets cores 0 and 1. Times include model loading (plain) and the stage workers' start-up (Ray), not `ray.init`. The plain
-loop runs before and after the Ray runs and the faster of the two is the baseline (run-to-run spread here is up to
-25%). Beside each Ray run: the CPU seconds of its stage workers, and of its other processes (Ray Data's helper
+ray@2 gets cores 0 and 1. Times include model loading (plain) and the stage workers' start-up (Ray), not
+`ray.init`. The plain loop runs before and after the Ray runs and the faster of the two is the baseline (run-to-run
+spread here is up to 25%). Beside each Ray run: the CPU seconds of its stage workers, and of its other processes (Ray Data's helper
 actors, raylet, GCS, this driver) meanwhile, which on one core come straight out of the stage workers' time.
 Targets: ray@1 ≥ 0.85× plain, ray@2 ≥ 1.7× ray@1. The load average is printed beside the figures.
 """
