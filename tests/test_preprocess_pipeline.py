@@ -256,6 +256,10 @@ def test_split_pools_hand_rows_on_and_the_last_one_writes(photo_dir, tmp_path):
     assert handed_on.num_rows == 3 and not (tmp_path / "shards").exists()  # only the last pool writes
     statuses = {row["id"]: row["stage"] for row in last(handed_on).to_pylist()}
     assert statuses == {"one.jpg": None, "two.jpg": None, "zero.jpg": "decode"}
+    odd = {**handed_on.to_pylist()[0], "id": "odd.jpg", "width": "wide"}  # a row the shard schema cannot hold
+    (status,) = ShardWriter(str(tmp_path / "odd"), "run")([odd]).to_pylist()
+    assert status["stage"] == "write" and "does not fit the schema" in status["reason"]
+    assert not (tmp_path / "odd").exists()
     (shard,) = (tmp_path / "shards").iterdir()
     records, _ = _shard_records(str(tmp_path))
     assert {r.id: len(r.subjects) for r in records} == {"one.jpg": 1, "two.jpg": 2}
