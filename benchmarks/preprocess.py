@@ -12,8 +12,9 @@ functions and write the same shards + rejects:
 affinity) are pinned to core 0, since mediapipe's TFLite runtime would otherwise spread over every core it sees;
 ray@2 gets cores 0 and 1. Times include model loading (plain) and the stage workers' start-up (Ray), not
 `ray.init`. The plain loop runs before and after the Ray runs and the faster of the two is the baseline (run-to-run
-spread here is up to 25%). Beside each Ray run: the CPU seconds of its stage workers, and of its other processes (Ray Data's helper
-actors, raylet, GCS, this driver) meanwhile, which on one core come straight out of the stage workers' time.
+spread here is up to 25%). Beside each Ray run: the CPU seconds of its stage workers, and of its other processes
+(Ray Data's helper actors, raylet, GCS, this driver) meanwhile, which on one core come straight out of the stage
+workers' time.
 ray@1 also runs a second time on the same cluster, as a later job on a running cluster would (Ray Data's helper
 actors and the worker process are then up already). Targets: ray@1 ≥ 0.85× plain, ray@2 ≥ 1.7× ray@1. The load
 average is printed beside the figures.
@@ -107,6 +108,11 @@ def run_ray(input_dir: str, output_dirs: list[str], num_cpus: int) -> list[tuple
         ray.shutdown()
 
 
+# the stage workers: a task worker is titled by its task while it runs one and ray::IDLE between; a GPU actor
+# is a MapWorker
+STAGE_WORKER_TITLES = ("ray::IDLE", "ray::MapBatches", "ray::MapWorker")
+
+
 def _timed_run(preprocess, config) -> tuple[float, dict]:
     before = process_cpu()
     start = time.perf_counter()
@@ -115,16 +121,12 @@ def _timed_run(preprocess, config) -> tuple[float, dict]:
     after = process_cpu()
     spent: dict[str, float] = {}  # by title: processes of one kind add up
     for pid, (title, cpu) in after.items():
-        # the stage workers: a task worker is titled by its task while it runs one and ray::IDLE between
         kind = "stage workers" if title.startswith(STAGE_WORKER_TITLES) else title
         spent[kind] = spent.get(kind, 0.0) + cpu - before.get(pid, (title, 0.0))[1]
     manifest["stage_worker_cpu_s"] = round(spent.pop("stage workers", 0.0), 2)
     manifest["other_process_cpu_s"] = {title: round(cpu, 2) for title, cpu in
                                        sorted(spent.items(), key=lambda item: -item[1]) if cpu >= 0.1}
     return elapsed, manifest
-
-
-STAGE_WORKER_TITLES = ("ray::IDLE", "ray::MapBatches", "ray::MapWorker")
 
 
 def process_cpu() -> dict[int, tuple[str, float]]:

@@ -34,7 +34,7 @@ from facediffuser.data.captions import TEMPLATE, make_captioner
 from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
 from facediffuser.data.faces import make_detector
 from facediffuser.data.masks import PersonSegmenter
-from facediffuser.data.schema import REJECT_SCHEMA, SCHEMA_VERSION
+from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.resume import previous_work
 from facediffuser.data.stages import PreprocessConfig, work_table
 from facediffuser.manifest import package_versions
@@ -124,8 +124,7 @@ class ShardWriter:
             fs.create_dir(path, recursive=True)
             block = hashlib.sha1(items[0]["id"].encode()).hexdigest()[:16]
             pq.write_table(table, f"{path}/{self.prefix}_{block}.parquet", filesystem=fs)
-        return pa.Table.from_pylist([{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items],
-                                    schema=REJECT_SCHEMA)
+        return stages.status_table(items)
 
 
 def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None) -> pa.Table:
@@ -312,8 +311,7 @@ def _write_rejects(output: str, rejected: list[dict]) -> None:
 
     fs, path = dataio.resolve(dataio.join(output, layout.REJECTS_DIR, "rejects.parquet"))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(pa.Table.from_pylist(sorted(rejected, key=lambda r: r["id"]), schema=REJECT_SCHEMA), path,
-                   filesystem=fs)
+    pq.write_table(stages.status_table(sorted(rejected, key=lambda r: r["id"])), path, filesystem=fs)
 
 
 # --------------------------------------------------------------------------------------------- the CLI

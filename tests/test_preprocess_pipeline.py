@@ -223,7 +223,7 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
 ])
 def test_the_stage_pools_fit_the_cluster(cluster_cpus, gpus, config):
     """The pools hold their CPUs for the whole run and the last one writes the shards itself: together they fit
-    the cluster (more would leave an actor unscheduled) and, by default, a CPU-only run has one actor per CPU
+    the cluster (more would leave a worker unscheduled) and, by default, a CPU-only run has one task per CPU
     with a whole CPU each (nothing kept back for write tasks that no longer exist)."""
     from pipelines.preprocess import block_rows, plan_stages
     from facediffuser.data.stages import PreprocessConfig

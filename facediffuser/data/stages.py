@@ -222,9 +222,14 @@ def shard_table(items: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([to_record(i).to_row() for i in items if not i["stage"]], schema=SHARD_SCHEMA)
 
 
-def reject_table(items: list[dict]) -> pa.Table:
-    rows = [{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items if i["stage"]]
+def status_table(items: list[dict]) -> pa.Table:
+    """Every item's id, source, stage and reason (REJECT_SCHEMA; stage None: accepted)."""
+    rows = [{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items]
     return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
+
+
+def reject_table(items: list[dict]) -> pa.Table:
+    return status_table([i for i in items if i["stage"]])
 
 
 STAGE_ORDER = {"images": ("read", "decode", "detect", "segment", "caption", "link", "write"),
