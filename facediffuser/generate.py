@@ -18,6 +18,7 @@ from facediffuser.manifest import package_versions
 from facediffuser.model_dir import identity, load_pipeline
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA
+from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode
 from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_pictures
 
@@ -68,6 +69,10 @@ class GenerateConfig:
                                       "marker in order (optional; all or none)", action="append", metavar="X0,Y0,X1,Y1")
     subject_scales: list[float] | None = arg(None, "per marker, how strongly the person's photos count (1 = full, "
                                                    "0 = the noun alone)", nargs="+", metavar="S")
+    reference_mode: str = arg(DEFAULT_REFERENCE_MODE, "what the subject encoder sees of each photo: whole (the "
+                                                      "official transform: the photo padded square), face (the "
+                                                      "largest face with a margin) or person (the segmented person)",
+                              choices=REFERENCE_MODES)
     no_identity_scores: bool = arg(False, "skip the per-image dlib face similarity to each reference")
 
     @property
@@ -99,6 +104,7 @@ class GenerateConfig:
                 raise ValueError(f"--reference {value!r}: no photo path")
             for path in photos:
                 load_image(path)  # fails early, naming the bad file
+        check_mode(self.reference_mode)
         check_boxes(self.boxes, markers)
         check_scales(self.subject_scales, markers)
         out_dir = Path(self.out)
@@ -130,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, alpha=cfg.alpha, beta=cfg.beta,
             start_merge_step=cfg.start_merge_step, final_step=cfg.final_step, height=cfg.height, width=cfg.width,
             boxes=cfg.boxes, subject_scales=cfg.subject_scales, return_masks=True, callback=progress,
-            identity_scores=not cfg.no_identity_scores,
+            identity_scores=not cfg.no_identity_scores, reference_mode=cfg.reference_mode,
         )
     out_dir = Path(cfg.out)
     files = write_results(out_dir, result, boxes=cfg.boxes)
@@ -138,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         "prompt": cfg.prompt,
         "negative_prompt": cfg.negative_prompt,
         "references": [[str(Path(p).resolve()) for p in photos] for photos in cfg.photos],  # per person, the photos
+        "reference_mode": cfg.reference_mode,
+        "embedding_sha256": result.embedding_sha256,  # per person: the embedding their photos gave
         "boxes": cfg.boxes,
         "subject_scales": cfg.subject_scales,
         "seeds": result.seeds,

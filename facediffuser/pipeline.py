@@ -14,15 +14,15 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from facediffuser.images import load_image, pad_to_square, pil_to_tensor, tensor_to_pil
+from facediffuser.images import tensor_to_pil
 from facediffuser.layout import SubjectRegions, check_boxes, check_scales, scale_subjects
 from facediffuser.models.subject_encoder import SubjectEncoder
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers, ensure_image_token, tokenize_with_markers
+from facediffuser.reference import (DEFAULT_DETECTOR, DEFAULT_REFERENCE_MODE, OBJECT_RESOLUTION, check_mode,
+                                    embed_photo, embedding_sha256, reference_tensor as _reference_tensor)
 from facediffuser.sampling import OFFICIAL_FUSION, FusionOptions, boundaries_from_fractions, check_boundaries, snf_denoise
-from facediffuser.schedulers import load_scheduler
 
 DEFAULT_ALPHA, DEFAULT_BETA = 0.3, 0.6  # s = 15, f = 30 at 50 steps: the official inference script
-OBJECT_RESOLUTION = 224  # references are padded square and resized to this before the CLIP encoder
 
 
 @dataclass
@@ -36,6 +36,8 @@ class FaceDiffuserOutput:
     fusion_steps: list[int] = field(default_factory=list)
     # with identity_scores: per image, per subject, dlib similarity of its face to the reference (None: no face)
     identity_scores: list[list[float | None]] | None = None
+    # per subject: sha256 of the embedding its photos gave (facediffuser.reference.embedding_sha256)
+    embedding_sha256: list[str] = field(default_factory=list)
 
 
 class FaceDiffuserPipeline(DiffusionPipeline):
@@ -74,15 +76,14 @@ class FaceDiffuserPipeline(DiffusionPipeline):
 
         VAE, text encoder, tokenizer and scheduler come from the SDM directory; the TDM contributes its UNet.
         """
+        from facediffuser.model_dir import load_shared_parts
+
         sdm_dir, tdm_dir = str(sdm_dir), str(tdm_dir)
         return cls(
-            vae=AutoencoderKL.from_pretrained(sdm_dir, subfolder="vae", torch_dtype=torch_dtype),
-            text_encoder=CLIPTextModel.from_pretrained(sdm_dir, subfolder="text_encoder", torch_dtype=torch_dtype),
-            tokenizer=CLIPTokenizer.from_pretrained(sdm_dir, subfolder="tokenizer"),
+            **load_shared_parts(sdm_dir, torch_dtype=torch_dtype),
             subject_encoder=SubjectEncoder.from_pretrained(sdm_dir, subfolder="subject_encoder", torch_dtype=torch_dtype),
             sdm_unet=UNet2DConditionModel.from_pretrained(sdm_dir, subfolder="unet", torch_dtype=torch_dtype),
             tdm_unet=UNet2DConditionModel.from_pretrained(tdm_dir, subfolder="unet", torch_dtype=torch_dtype),
-            scheduler=load_scheduler(sdm_dir),
             **kwargs,
         )
 
@@ -90,21 +91,26 @@ class FaceDiffuserPipeline(DiffusionPipeline):
     def from_official_checkpoints(
         cls,
         base_sd_dir: str | Path,
-        sdm_bin: str | Path,
-        tdm_bin: str | Path,
+        sdm_checkpoint: str | Path,
+        tdm_checkpoint: str | Path,
         *,
         vision_config: dict | None = None,
         torch_dtype=torch.float32,
+        variant: str | None = None,
     ):
-        """Import the released Face-diffuser `pytorch_model.bin` files onto an SD1.5 base directory.
+        """Import the released Face-diffuser checkpoints onto a Stable Diffusion 1.5 directory (the hub layout;
+        `variant="fp16"` reads its `*.fp16.*` weight files).
 
-        Only `unet.*` (both), `image_encoder.*` and `postfuse_module.*` (SDM) are taken from the checkpoints;
-        VAE, text encoder and tokenizer come from the base (METHOD.md §5 quirk 13). Files are read with
-        `torch.load(weights_only=True)`: no arbitrary unpickling. `vision_config` defaults to CLIP ViT-L/14.
+        The checkpoints load as the official environment wrote them (`.bin` read with weights_only, or
+        `.safetensors`; fp32, fp16 or bf16; the legacy CLIP position ids accepted): facediffuser.official says
+        exactly what is accepted. Only `unet.*` (both), `image_encoder.*` and `postfuse_module.*` (SDM) are taken;
+        VAE, text encoder and tokenizer come from the base (METHOD.md §5 quirk 13). `vision_config` defaults to
+        CLIP ViT-L/14.
         """
         from facediffuser.official import official_components
 
-        return cls(**official_components(base_sd_dir, sdm_bin, tdm_bin, vision_config, torch_dtype))
+        return cls(**official_components(base_sd_dir, sdm_checkpoint, tdm_checkpoint, vision_config, torch_dtype,
+                                         variant))
 
     def save_model_dir(self, out_dir: str | Path, which: str) -> None:
         """Write the SDM or TDM alone as one model directory (`facediffuser.model_dir.save`, the layout's one
@@ -123,25 +129,31 @@ class FaceDiffuserPipeline(DiffusionPipeline):
     def _text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
 
+    def check_markers(self, prompt: str, num_references: int) -> int:
+        """The prompt's marker count, checked against the references given; → that count."""
+        num_markers = count_markers(prompt)
+        if num_markers == 0:
+            raise ValueError(f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
+        if num_markers > self.max_subjects:
+            raise ValueError(f"the prompt has {num_markers} subjects; at most {self.max_subjects} are supported")
+        if num_markers != num_references:
+            raise ValueError(
+                f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {num_references} reference image(s) were given"
+            )
+        return num_markers
+
     def encode_prompt(
         self, prompt: str, references: Sequence, negative_prompt: str | None = None, *, subject_embeds=None,
-        subject_scales: Sequence[float] | None = None,
+        subject_scales: Sequence[float] | None = None, reference_mode: str = DEFAULT_REFERENCE_MODE,
     ):
         """→ (null_embeds, text_embeds, augmented_embeds), each [1, 77, D].
 
         `subject_embeds` [K, D], when given, replaces encoding `references` (a caller that caches them, e.g.
         the Serve subject encoder); `references` is then only counted against the markers. `subject_scales`
         (one per marker) blends each subject's fused token with its plain noun (facediffuser.layout).
+        `reference_mode` (facediffuser.reference) says what the encoder sees of each photo.
         """
-        num_markers = count_markers(prompt)
-        if num_markers == 0:
-            raise ValueError(f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
-        if num_markers > self.max_subjects:
-            raise ValueError(f"the prompt has {num_markers} subjects; at most {self.max_subjects} are supported")
-        if num_markers != len(references):
-            raise ValueError(
-                f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {len(references)} reference image(s) were given"
-            )
+        num_markers = self.check_markers(prompt, len(references))
         subject_scales = check_scales(subject_scales, num_markers)
         tokens = tokenize_with_markers(self.tokenizer, prompt, self.max_subjects)
         null_ids = self.tokenizer(
@@ -151,7 +163,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         text_embeds = self._text_embeds(tokens.input_ids[None])
         null_embeds = self._text_embeds(null_ids)
         if subject_embeds is None:
-            subject_embeds = self.encode_references(references)
+            subject_embeds = self.encode_references(references, reference_mode)
         subject_embeds = subject_embeds[None]  # [1, K, D]
         augmented = self.subject_encoder.fuse(
             text_embeds,
@@ -171,29 +183,36 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         positions = tokens.image_token_mask.nonzero().flatten().tolist()
         return SubjectRegions(tokens=[positions] * count, boxes=[boxes] * count, latent_size=tuple(latent_size))
 
-    def encode_references(self, references: Sequence) -> torch.Tensor:
-        """One entry per subject: an image, or a list of photos of that person (their embeddings are averaged)."""
+    def encode_references(self, references: Sequence, reference_mode: str = DEFAULT_REFERENCE_MODE, *,
+                          detector=DEFAULT_DETECTOR) -> torch.Tensor:
+        """One entry per subject: an image, or a list of photos of that person (their embeddings are averaged)
+        → [K, D] on the subject encoder's device and dtype.
+
+        Each photo is encoded alone and averaged in float32 (facediffuser.reference.embed_photo), as the Serve
+        encoder does, so a photo gives the same embedding here, in `facediffuser generate` and over HTTP.
+        `reference_mode`: whole (default), face or person; `detector` serves the last two."""
+        check_mode(reference_mode)
         per_subject = []
         for index, reference in enumerate(references):
             photos = list(reference) if isinstance(reference, (list, tuple)) else [reference]
             if not photos:
                 raise ValueError(f"reference {index + 1} has no photos")
-            tensors = []
-            for photo in photos:
+            embeddings = []
+            for number, photo in enumerate(photos, start=1):
+                name = None if isinstance(photo, (str, Path)) or len(photos) == 1 else f"photo {number}"
                 try:
-                    tensors.append(self.reference_tensor(photo))
+                    embeddings.append(embed_photo(self.subject_encoder, photo, reference_mode, detector=detector,
+                                                  name=name))
                 except ValueError as exc:
                     raise ValueError(f"reference {index + 1}: {exc}") from None
-            per_subject.append(self.subject_encoder.embed_images(torch.stack(tensors)).mean(dim=0))
-        return torch.stack(per_subject)
+            per_subject.append(torch.stack(embeddings).mean(dim=0))
+        return torch.stack(per_subject).to(self.subject_encoder.device, self.subject_encoder.dtype)
 
     @staticmethod
-    def reference_tensor(photo) -> torch.Tensor:
-        """Reference photo → [3, 224, 224] in [0, 1]: padded square with black, bilinear resize (METHOD.md §1)."""
-        square = pad_to_square(pil_to_tensor(load_image(photo)))
-        return torch.nn.functional.interpolate(
-            square[None], size=(OBJECT_RESOLUTION, OBJECT_RESOLUTION), mode="bilinear", align_corners=False, antialias=True
-        )[0]
+    def reference_tensor(photo, reference_mode: str = DEFAULT_REFERENCE_MODE) -> torch.Tensor:
+        """Reference photo → [3, 224, 224] in [0, 1] (facediffuser.reference.reference_tensor; the default mode,
+        whole, pads the photo square with black and resizes it bilinearly: METHOD.md §1)."""
+        return _reference_tensor(photo, reference_mode, size=OBJECT_RESOLUTION)
 
     # ------------------------------------------------------------------ sampling
     def resolve_boundaries(self, num_inference_steps, alpha=None, beta=None, start_merge_step=None, final_step=None):
@@ -246,19 +265,25 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
         identity_scores: bool | Any = False,
+        reference_mode: str = DEFAULT_REFERENCE_MODE,
     ) -> FaceDiffuserOutput:
         """`boxes` ([x0, y0, x1, y1] fractions, one per marker) place each subject; `subject_scales` (one per
         marker, 1 = full strength, 0 = the noun alone) set how strongly each subject's photo counts. Both default
         to off, which is the official sampler. `identity_scores=True` (or a
         `facediffuser.metrics.identity.IdentityScorer`) also returns, per image, each subject's face similarity to
-        its reference (dlib by default), for filtering or regenerating."""
+        its reference (dlib by default), for filtering or regenerating. `reference_mode` says what the subject
+        encoder sees of each photo: whole (default; the official transform), face or person
+        (facediffuser.reference); the output's `embedding_sha256` fingerprints each subject's embedding."""
         height, width = self._checked_call(height, width, num_images_per_prompt, num_inference_steps, output_type,
                                            identity_scores)
         num_iterations, s, f = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
         check_boxes(boxes, count_markers(prompt))  # before any model runs
+        check_mode(reference_mode)
+        self.check_markers(prompt, len(reference_images))
 
+        subject_embeds = self.encode_references(reference_images, reference_mode)
         null, text, augmented = self.encode_prompt(prompt, reference_images, negative_prompt,
-                                                   subject_scales=subject_scales)
+                                                   subject_embeds=subject_embeds, subject_scales=subject_scales)
         count = num_images_per_prompt
         dtype = self.sdm_unet.dtype
         device = self.sdm_unet.device
@@ -293,6 +318,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             images=images if output_type in ("pt", "latent") else pil_images,
             seeds=seeds, start_merge_step=s, final_step=f, num_iterations=num_iterations,
             masks=masks, fusion_steps=result.fusion_steps, identity_scores=scores,
+            embedding_sha256=[embedding_sha256(e) for e in subject_embeds],
         )
 
     def _checked_call(self, height, width, num_images, num_inference_steps, output_type, identity_scores):

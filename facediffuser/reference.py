@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from facediffuser.images import load_image, pad_to_square, pil_to_tensor
 
@@ -75,9 +76,14 @@ def reference_tensor(photo, mode: str = DEFAULT_REFERENCE_MODE, *, detector=DEFA
 def embed_photo(subject_encoder, photo, mode: str = DEFAULT_REFERENCE_MODE, *, detector=DEFAULT_DETECTOR,
                 name: str | None = None) -> torch.Tensor:
     """One photo → its subject embedding [D], float32 on the CPU. Always encoded alone (batch 1): the same photo
-    gives the same bits whoever asks and whatever it is encoded with."""
+    gives the same bits whoever asks and whatever it is encoded with.
+
+    Attention runs on the plain math kernel: the CPU flash-attention kernel splits its work by torch's thread
+    count, so its last bits would differ between a CLI (all cores) and a Serve replica (its own thread count).
+    For one 257-token image the math kernel costs nothing noticeable."""
     pixels = reference_tensor(photo, mode, detector=detector, name=name)[None]
-    return subject_encoder.embed_images(pixels)[0].float().cpu()
+    with sdpa_kernel(SDPBackend.MATH):
+        return subject_encoder.embed_images(pixels)[0].float().cpu()
 
 
 def embedding_sha256(embedding: torch.Tensor) -> str:

@@ -25,6 +25,7 @@ import torchvision.transforms.v2 as T
 from facediffuser.data.schema import Record, decode_mask
 from facediffuser.images import decode_image, pad_to_square, pil_to_tensor
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, insert_markers, tokenize_with_markers
+from facediffuser.reference import person_cutout
 
 
 @dataclass(frozen=True)
@@ -184,14 +185,9 @@ class ExampleBuilder:
                 subjects, masks = subjects[:-1], masks[:-1]
 
     def object_crop(self, image: torch.Tensor, mask: torch.Tensor, box) -> torch.Tensor:
-        """[3, H, W] image + [H, W] person mask → augmented [3, S, S] crop with a noise background."""
-        mask = mask.float()[None]
-        noisy = image * mask + torch.rand_like(image) * (1 - mask)
-        _, height, width = image.shape
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        x1, y1 = min(max(x1, 0), width - 1), min(max(y1, 0), height - 1)
-        x2, y2 = max(min(x2, width), x1 + 1), max(min(y2, height), y1 + 1)
-        crop = noisy[:, y1:y2, x1:x2]
+        """[3, H, W] image + [H, W] person mask → augmented [3, S, S] crop with a noise background (the reference
+        mode `person` is this crop without the random parts: facediffuser.reference)."""
+        crop = person_cutout(image, mask, box)
         if self.rng.random() < 0.5:  # zoom in 1–2×: a random window 1/z of the crop's size
             zoom = self.rng.uniform(1.0, 2.0)
             h, w = crop.shape[1:]
