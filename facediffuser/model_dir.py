@@ -95,9 +95,15 @@ def resolve(model: str) -> str:
 
 
 def kind(root: Path) -> str | None:
-    """"pipeline" (model_index.json), "sdm+tdm" (sdm/unet and tdm/unet) or None for a local directory."""
-    if (root / "model_index.json").is_file():
-        return "pipeline"
+    """"pipeline" (a FaceDiffuserPipeline's model_index.json), "stable-diffusion" (another pipeline's, e.g. an
+    SD1.5 directory from the hub), "sdm+tdm" (sdm/unet and tdm/unet) or None for a local directory."""
+    index = root / "model_index.json"
+    if index.is_file():
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            class_name = None
+        return "pipeline" if class_name == "FaceDiffuserPipeline" else "stable-diffusion"
     if all((root / which / "unet").is_dir() for which in MODELS):
         return "sdm+tdm"
     return None
@@ -147,7 +153,84 @@ def _from_root(root: Path, model: str, torch_dtype) -> "FaceDiffuserPipeline":
         return FaceDiffuserPipeline.from_pretrained(str(root), torch_dtype=torch_dtype)
     if found == "sdm+tdm":
         return FaceDiffuserPipeline.from_sdm_and_tdm(root / "sdm", root / "tdm", torch_dtype=torch_dtype)
+    if found == "stable-diffusion":
+        raise ValueError(f"{model} is a Stable Diffusion directory, not a Face-diffuser model: import the released "
+                         f"checkpoints onto it (facediffuser import-official --base {model} --sdm ... --tdm ... --out "
+                         "DIR), or train from it (facediffuser train --base ...)")
     raise ValueError(f"{model} is neither a FaceDiffuserPipeline directory (model_index.json) nor holds sdm/ and tdm/")
+
+
+# ------------------------------------------------------------------------------------------------ base directories
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED_PARTS = ("unet", "vae", "text_encoder")  # the parts whose weights may come as variants (hub SD layout)
+WEIGHT_SUFFIXES = ("safetensors", "bin")
+
+
+def load_shared_parts(root: str | Path, *, torch_dtype=None, variant: str | None = None) -> dict:
+    """vae, text_encoder, tokenizer and scheduler of a model directory or of a Stable Diffusion directory as users
+    have it from the hub (model_index.json, safety_checker/ and feature_extractor/ beside, which are not read;
+    `.bin` or `.safetensors`; `variant="fp16"` reads `*.fp16.*` files). Weights are cast to `torch_dtype`
+    (default float32), whatever dtype the files hold. `.bin` files are read with weights_only (diffusers and
+    transformers both do)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from facediffuser.schedulers import load_scheduler
+
+    torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
+    vae_safetensors = has_safetensors(Path(root) / "vae", variant)  # else diffusers logs a failed try before .bin
+    root = str(root)
+    return dict(
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype, variant=variant,
+                                          use_safetensors=vae_safetensors),
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=torch_dtype,
+                                                   variant=variant),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        scheduler=load_scheduler(root),
+    )
+
+
+def check_base(base: str | Path, variant: str | None = None) -> None:
+    """Cheap validation of a Stable Diffusion directory before any weights are read: its parts exist and hold
+    weights of the asked variant."""
+    base = Path(base)
+    if not base.is_dir():
+        raise FileNotFoundError(f"base model directory not found: {base}")
+    for part in SD_PARTS:
+        if not (base / part).is_dir():
+            raise FileNotFoundError(f"base model {base}: missing {part}/")
+    for part in WEIGHTED_PARTS:
+        check_weights(base / part, variant)
+
+
+def weight_variants(folder: Path) -> set[str | None]:
+    """The variants whose weight files `folder` holds: None for plain files (model.safetensors,
+    diffusion_pytorch_model.bin, ...), "fp16" for *.fp16.safetensors, and so on."""
+    found: set[str | None] = set()
+    for path in folder.iterdir() if folder.is_dir() else ():
+        pieces = path.name.split(".")
+        if pieces[-1] in WEIGHT_SUFFIXES and len(pieces) in (2, 3):
+            found.add(pieces[1] if len(pieces) == 3 else None)
+    return found
+
+
+def has_safetensors(folder: Path, variant: str | None) -> bool:
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    return any(path.name.endswith(suffix) and path.name.count(".") == suffix.count(".")
+               for path in folder.glob("*.safetensors"))
+
+
+def check_weights(folder: Path, variant: str | None) -> None:
+    found = weight_variants(folder)
+    if variant in found:
+        return
+    if not found:
+        raise FileNotFoundError(f"{folder}: no weights (*.safetensors or *.bin)")
+    held = ", ".join(sorted(f"{name} weights" if name else "plain weights" for name in found))
+    named = sorted(name for name in found if name)
+    hint = f"; pass --variant {named[0]}" if variant is None and named else ""
+    raise FileNotFoundError(f"{folder}: no {variant + ' ' if variant else 'plain '}weights (it holds {held}){hint}")
 
 
 # ------------------------------------------------------------------------------------------------ identity

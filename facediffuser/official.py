@@ -1,61 +1,95 @@
-"""Importing the released Face-diffuser checkpoints (two `pytorch_model.bin` files) onto an SD1.5 base directory.
+"""Importing the released Face-diffuser checkpoints (one state dict per model) onto an SD1.5 base directory.
 
-Only `unet.*` (both), `image_encoder.*` and `postfuse_module.*` (SDM) are taken from the checkpoints; VAE, text
-encoder and tokenizer come from the base (METHOD.md §5 quirk 13). Files are read with `torch.load(weights_only=True)`:
-no arbitrary unpickling.
+What the official environment (transformers 4.25–4.29, diffusers 0.16.1, torch 1.13, accelerate 0.19, bf16 mixed
+precision) wrote, read off its model code and the libraries' histories:
+  - one state dict per model holding every submodule of the training wrapper: `unet.*`, `vae.*`, `text_encoder.*`,
+    and for the SDM `image_encoder.*` (CLIP vision tower `vision_model.*` + `visual_projection.*`) and
+    `postfuse_module.*`, with no wrapper prefix (the official inference loads it strictly);
+  - CLIP's `embeddings.position_ids` as a persistent int64 buffer: transformers made it non-persistent in 4.31, so
+    today's modules do not expect it;
+  - the VAE's mid-block attention under diffusers' old names (query/key/value/proj_attn; METHOD.md §5 quirk 13);
+  - trained parts in fp32 and frozen ones in bf16 (accelerate's mixed-precision `weight_dtype`).
+
+Only `unet.*` (both), `image_encoder.*` and `postfuse_module.*` (SDM) are taken; VAE, text encoder and tokenizer
+come from the base, so the old VAE names never reach a loader. Of the rest, exactly the legacy position ids are
+accepted (and checked to be what they must be); any other key, missing key or shape is refused. `.bin` files are
+read with `torch.load(weights_only=True)` (no arbitrary unpickling), `.safetensors` with safetensors; fp32, fp16 and
+bf16 tensors are all accepted and cast to the requested dtype.
+
+`facediffuser import-official` writes the imported pair as a Face-diffuser model directory (sdm/ + tdm/, safetensors)
+that every other command loads with --model.
 """
 
 from __future__ import annotations
 
+import argparse
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
-from facediffuser.schedulers import load_scheduler
+
+CHECKPOINT_NAMES = ("model.safetensors", "pytorch_model.bin")  # looked for when a checkpoint is a directory
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def official_components(base_sd_dir: str | Path, sdm_bin: str | Path, tdm_bin: str | Path,
-                        vision_config: dict | None = None, torch_dtype=torch.float32) -> dict:
-    """→ the FaceDiffuserPipeline components; `vision_config` defaults to CLIP ViT-L/14."""
+def official_components(base_sd_dir: str | Path, sdm_checkpoint: str | Path, tdm_checkpoint: str | Path,
+                        vision_config: dict | None = None, torch_dtype=torch.float32, variant: str | None = None) -> dict:
+    """→ the FaceDiffuserPipeline components; `vision_config` defaults to CLIP ViT-L/14, `variant` picks the base's
+    weight files (e.g. "fp16" for `*.fp16.safetensors`)."""
+    from diffusers import UNet2DConditionModel
+
+    from facediffuser.model_dir import load_shared_parts
+
     base = str(base_sd_dir)
-    sdm_state = _load_bin(sdm_bin)
-    tdm_state = _load_bin(tdm_bin)
+    shared = load_shared_parts(base, torch_dtype=torch_dtype, variant=variant)
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
 
     def unet_from(state: dict, name: str) -> UNet2DConditionModel:
         unet = UNet2DConditionModel.from_config(unet_config)
-        _load_exact(unet, _with_prefix(state, "unet.", name), f"{name} unet")
+        load_exact(unet, with_prefix(state, "unet.", name), f"{name} unet")
         return unet.to(torch_dtype)
 
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch_dtype)
+    sdm_state = read_state_dict(sdm_checkpoint)
     subject_encoder = SubjectEncoder(
-        vision_config=vision_config or CLIP_VIT_L14, text_embed_dim=text_encoder.config.hidden_size
+        vision_config=vision_config or CLIP_VIT_L14, text_embed_dim=shared["text_encoder"].config.hidden_size
     )
     subject_state = {
-        **{f"image_encoder.{k}": v for k, v in _with_prefix(sdm_state, "image_encoder.", "sdm").items()},
-        **{f"postfuse_module.{k}": v for k, v in _with_prefix(sdm_state, "postfuse_module.", "sdm").items()},
+        f"{prefix}{key}": value
+        for prefix in ("image_encoder.", "postfuse_module.")
+        for key, value in with_prefix(sdm_state, prefix, "sdm").items()
     }
-    _load_exact(subject_encoder, subject_state, "sdm subject encoder")
+    load_exact(subject_encoder, subject_state, "sdm subject encoder")
+    sdm_unet = unet_from(sdm_state, "sdm")
+    del sdm_state, subject_state  # one checkpoint in memory at a time (each is several GB at real size)
     return dict(
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch_dtype),
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        **shared,
         subject_encoder=subject_encoder.to(torch_dtype),
-        sdm_unet=unet_from(sdm_state, "sdm"),
-        tdm_unet=unet_from(tdm_state, "tdm"),
-        scheduler=load_scheduler(base),
+        sdm_unet=sdm_unet,
+        tdm_unet=unet_from(read_state_dict(tdm_checkpoint), "tdm"),
     )
 
 
-def _load_bin(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file (`.safetensors`, or a torch `.bin`/`.pt` read with weights_only) or a directory holding
+    model.safetensors / pytorch_model.bin → its state dict."""
     path = Path(path)
+    if path.is_dir():
+        found = next((path / name for name in CHECKPOINT_NAMES if (path / name).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"checkpoint not found: {path} holds neither {' nor '.join(CHECKPOINT_NAMES)}")
+        path = found
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    # mmap keeps a multi-GB file out of memory until its tensors are copied into the model (zip format only:
+    # torch.save's default since 1.6, so also torch 1.13's)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -63,15 +97,18 @@ def _load_bin(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _with_prefix(state: dict, prefix: str, name: str) -> dict[str, torch.Tensor]:
-    picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+def with_prefix(state: dict, prefix: str, name: str) -> dict[str, torch.Tensor]:
+    picked = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     if not picked:
         raise ValueError(f"the {name} checkpoint has no '{prefix}*' weights")
     return picked
 
 
-def _load_exact(module: torch.nn.Module, state: dict[str, Any], name: str) -> None:
+def load_exact(module: torch.nn.Module, state: dict[str, Any], name: str) -> None:
+    """Load `state` into `module`, refusing any key, shape or dtype the architecture does not have, except the
+    legacy persistent buffers an older library wrote (`legacy_buffers`), which are checked and dropped."""
     own = module.state_dict()
+    state = {key: value for key, value in state.items() if key not in legacy_buffers(module, state, name)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -82,4 +119,49 @@ def _load_exact(module: torch.nn.Module, state: dict[str, Any], name: str) -> No
     for key, value in state.items():
         if own[key].shape != value.shape:
             raise ValueError(f"{name}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        if own[key].is_floating_point() and value.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: {key} is {value.dtype}, expected float32, float16 or bfloat16")
+    module.load_state_dict(state, strict=True)  # copies cast each tensor to the parameter's dtype
+
+
+def legacy_buffers(module: torch.nn.Module, state: dict[str, Any], name: str) -> set[str]:
+    """Keys of `state` that are buffers `module` holds but no longer saves (CLIP's position ids, persistent before
+    transformers 4.31). Each must equal the module's own value: anything else is a different model."""
+    transient = {key: value for key, value in module.named_buffers() if key not in module.state_dict()}
+    legacy = set(state) & set(transient)
+    for key in legacy:
+        value = state[key]
+        if value.shape != transient[key].shape or not torch.equal(value.to(transient[key].dtype), transient[key]):
+            raise ValueError(f"{name}: checkpoint does not match the architecture ({key} has shape "
+                             f"{tuple(value.shape)} or values other than the model's {tuple(transient[key].shape)})")
+    return legacy
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="Stable Diffusion 1.5 directory (the hub layout)")
+    parser.add_argument("--sdm", required=True, help="the released SDM checkpoint (pytorch_model.bin, "
+                                                     ".safetensors, or a directory holding one)")
+    parser.add_argument("--tdm", required=True, help="the released TDM checkpoint")
+    parser.add_argument("--out", required=True, help="model directory to write (sdm/ and tdm/, safetensors)")
+    parser.add_argument("--variant", default=None, help="the base's weight variant, e.g. fp16 (*.fp16.safetensors)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from facediffuser import model_dir
+    from facediffuser.pipeline import FaceDiffuserPipeline
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty; give a new directory")
+    for flag in ("sdm", "tdm"):
+        path = Path(getattr(args, flag))
+        if not path.exists():
+            raise FileNotFoundError(f"--{flag}: checkpoint not found: {path}")
+    model_dir.check_base(args.base, args.variant)
+    print(f"import-official: reading {args.sdm} and {args.tdm} onto {args.base}", flush=True)
+    pipe = FaceDiffuserPipeline.from_official_checkpoints(args.base, args.sdm, args.tdm, variant=args.variant)
+    for which in model_dir.MODELS:
+        pipe.save_model_dir(out / which, which)
+    print(f"import-official: wrote {out} (sdm/, tdm/); use it with --model {out}", flush=True)
+    return 0

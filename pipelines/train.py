@@ -52,6 +52,8 @@ class TrainConfig:
     base: str | None = arg(None, "base model: SD layout directory (+subject_encoder/ for the SDM) or hub id",
                            group="source")
     tiny: bool = arg(False, "start from the small random test models", group="source")
+    variant: str | None = arg(None, "weight variant of --base, e.g. fp16 for a hub directory's *.fp16.safetensors "
+                                    "files (read into fp32 master weights)")
     image_encoder: str | None = arg(None, "CLIP vision directory for a new subject encoder when --base has no "
                                           "subject_encoder/")
     workers: int | None = arg(None, "Ray Train workers per model" + AUTO)
@@ -79,7 +81,7 @@ class TrainConfig:
         self._check_values()
         check_storage(self.storage)
         if not self.tiny and not is_hub_id(self.base):
-            check_base(self.base, self.model)
+            check_base(self.base, self.model, self.variant)
         rows = check_data(self.data)
         if rows < self.batch_size * (self.workers or 1):
             raise ValueError(f"--data has {rows} rows, fewer than one batch for every worker "
@@ -91,6 +93,10 @@ class TrainConfig:
                              f"model), got {self.model!r}")
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):
             raise ValueError(f"--name {self.name!r}: use letters, digits, '.', '_' or '-'")
+        if self.variant and self.tiny:
+            raise ValueError("--variant names the weight files of --base; --tiny has none")
+        if self.variant is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", self.variant):
+            raise ValueError(f"--variant {self.variant!r}: a weight-file variant is a word like fp16")
         if self.tiny == bool(self.base):
             raise ValueError("--base and --tiny exclude each other" if self.tiny else
                              "give --base MODEL_DIR (or --tiny for the small random test models)")

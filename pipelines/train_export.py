@@ -93,7 +93,8 @@ def pair_with_base(config: TrainConfig) -> str | None:
     other_uri = dataio.join(final_dir(config.run_root), other)
     if dataio.exists(dataio.join(other_uri, "unet")):
         return None
-    parts = ckpt.load_components(config.base, other, tiny=config.tiny, image_encoder=config.image_encoder)
+    parts = ckpt.load_components(config.base, other, tiny=config.tiny, image_encoder=config.image_encoder,
+                                 variant=config.variant)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save_model_dir(tmp, other, **{k: parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler",
                                                                   "subject_encoder")})

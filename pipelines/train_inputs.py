@@ -147,12 +147,12 @@ def is_hub_id(base: str | None) -> bool:
     return bool(base) and not Path(base).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
 
 
-def check_base(base: str, model: str) -> None:
+def check_base(base: str, model: str, variant: str | None = None) -> None:
     """The local base directory holds what loading `model` from it needs (no weights are read)."""
     from facediffuser.training.checkpoint import check_base_dir
 
     try:
-        check_base_dir(base, model)
+        check_base_dir(base, model, variant)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"--base: {exc}") from None
 
@@ -166,10 +166,13 @@ def fetch_base(configs: list[TrainConfig]) -> list[TrainConfig]:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(base, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        variant = configs[0].variant  # the one variant's weights (the hub SD1.5 repo holds several GB of each)
+        weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
+        local = snapshot_download(base, allow_patterns=["*.json", "*.txt", weights],
+                                  ignore_patterns=["safety_checker/*"])
     except Exception as exc:
         raise FileNotFoundError(f"--base {base}: not a local directory and not fetchable from the hub "
                                 f"({type(exc).__name__})") from None
     for config in configs:
-        check_base(local, config.model)
+        check_base(local, config.model, config.variant)
     return [replace(config, base=local) for config in configs]

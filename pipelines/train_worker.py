@@ -141,7 +141,7 @@ def start(config: TrainConfig, rank: int, device) -> WorkerRun:
             parts = ckpt.load_components(Path(restored_dir) / ckpt.MODEL_SUBDIR, config.model, log=lambda m: None)
         else:
             parts = ckpt.load_components(config.base, config.model, tiny=config.tiny, image_encoder=config.image_encoder,
-                                         log=print if rank == 0 else (lambda m: None))
+                                         variant=config.variant, log=print if rank == 0 else (lambda m: None))
         model = TrainingModel(config.model, parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
                               parts["subject_encoder"], optim, seed=config.seed + rank)
         model.to(device)

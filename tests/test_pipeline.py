@@ -1,4 +1,5 @@
-"""FaceDiffuserPipeline end to end with tiny models: prompts, references, save/load, official import, errors."""
+"""FaceDiffuserPipeline end to end with tiny models: prompts, references, save/load, errors (the official import:
+test_official_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import pytest
 import torch
 
 from facediffuser import FaceDiffuserPipeline
-from facediffuser.models.tiny import tiny_pipeline
 from facediffuser.prompts import tokenize_with_markers
 
 PROMPT2 = "a man <|image|> and a woman <|image|> on a beach"
@@ -81,64 +81,6 @@ def test_save_and_load_round_trip(tiny_pipe, astronaut, tmp_path):
     composed.set_progress_bar_config(disable=True)
     c = composed("a woman <|image|>", [astronaut], seed=5, **FAST)
     assert np.array_equal(arrays(a)[0], arrays(c)[0])
-
-
-def _official_state(pipe, which):
-    """A state dict laid out like the released pytorch_model.bin files."""
-    unet = pipe.sdm_unet if which == "sdm" else pipe.tdm_unet
-    state = {f"unet.{k}": v.to(torch.bfloat16) for k, v in unet.state_dict().items()}
-    state.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
-    if which == "sdm":
-        for k, v in pipe.subject_encoder.state_dict().items():
-            state[k] = v  # keys are already image_encoder.* / postfuse_module.*
-        # the old-diffusers VAE keys that break loading (METHOD.md §5 quirk 13) must be ignored
-        state["vae.encoder.mid_block.attentions.0.query.weight"] = torch.zeros(1)
-    return state
-
-
-def test_official_checkpoint_import(tmp_path, astronaut):
-    source = tiny_pipeline(seed=7)
-    base = tiny_pipeline(seed=8)  # plays SD1.5: its VAE and text encoder must be the ones used
-    base.save_model_dir(tmp_path / "sd15", "tdm")
-    torch.save(_official_state(source, "sdm"), tmp_path / "sdm.bin")
-    torch.save(_official_state(source, "tdm"), tmp_path / "tdm.bin")
-    vision = dict(source.subject_encoder.config.vision_config)
-    imported = FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "sdm.bin", tmp_path / "tdm.bin",
-                                                              vision_config=vision)
-    for name in ("sdm_unet", "tdm_unet"):
-        for key, value in getattr(source, name).state_dict().items():
-            assert torch.equal(getattr(imported, name).state_dict()[key], value.to(torch.bfloat16).float()), key
-    for key, value in source.subject_encoder.state_dict().items():
-        assert torch.equal(imported.subject_encoder.state_dict()[key], value)
-    for key, value in base.text_encoder.state_dict().items():
-        assert torch.equal(imported.text_encoder.state_dict()[key], value)
-    imported.set_progress_bar_config(disable=True)
-    assert imported("a man <|image|>", [astronaut], seed=1, **FAST).images[0].size == (64, 64)
-
-
-class NotATensor:
-    """An arbitrary class in a checkpoint: weights_only loading must refuse to unpickle it."""
-
-
-def test_official_import_refuses_pickled_objects_and_wrong_layouts(tmp_path):
-    base = tiny_pipeline(seed=8)
-    base.save_model_dir(tmp_path / "sd15", "tdm")
-
-    torch.save({"unet.x": NotATensor()}, tmp_path / "evil.bin")
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
-        FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "evil.bin", tmp_path / "evil.bin")
-    vision = dict(base.subject_encoder.config.vision_config)
-    torch.save({"unet.conv_in.weight": torch.zeros(1)}, tmp_path / "partial.bin")
-    with pytest.raises(ValueError, match="has no 'image_encoder.\\*' weights"):
-        FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "partial.bin", tmp_path / "partial.bin",
-                                                       vision_config=vision)
-    wrong = {"unet.conv_in.weight": torch.zeros(1), "image_encoder.x": torch.zeros(1), "postfuse_module.y": torch.zeros(1)}
-    torch.save(wrong, tmp_path / "wrong.bin")
-    with pytest.raises(ValueError, match="does not match the architecture"):
-        FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "wrong.bin", tmp_path / "wrong.bin",
-                                                       vision_config=vision)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        FaceDiffuserPipeline.from_official_checkpoints(tmp_path / "sd15", tmp_path / "nope.bin", tmp_path / "nope.bin")
 
 
 @pytest.mark.parametrize(

@@ -35,31 +35,37 @@ def _model_root(base: Path, which: str) -> tuple[Path, str]:
     raise FileNotFoundError(f"base model {base}: no unet/ (nor {which}_unet/ or {which}/unet/) directory")
 
 
-def check_base_dir(base: str | Path, which: str) -> None:
-    """Cheap validation before any heavy work: the directories the loader needs exist."""
+def check_base_dir(base: str | Path, which: str, variant: str | None = None) -> None:
+    """Cheap validation before any heavy work: the directories the loader needs exist and hold weights of the
+    asked variant (`variant="fp16"`: the hub's `*.fp16.*` files)."""
     base = Path(base)
     if not base.is_dir():
         raise FileNotFoundError(f"base model directory not found: {base}")
-    root, _ = _model_root(base, which)
+    root, unet_folder = _model_root(base, which)
     shared = root if (root / "vae").is_dir() else base
     for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
         if not (shared / part).is_dir():
             raise FileNotFoundError(f"base model {base}: missing {part}/")
+    model_dir.check_weights(root / unet_folder, variant)
+    for part in ("vae", "text_encoder"):
+        model_dir.check_weights(shared / part, variant)
 
 
 def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
-                    image_encoder: str | Path | None = None, log=print) -> dict:
-    """→ dict(unet, vae, text_encoder, tokenizer, scheduler, subject_encoder) for training `which`.
+                    image_encoder: str | Path | None = None, variant: str | None = None, log=print) -> dict:
+    """→ dict(unet, vae, text_encoder, tokenizer, scheduler, subject_encoder) for training `which`, in float32
+    whatever the files hold (training keeps fp32 master weights).
 
-    `tiny`: the random CPU test stack. Otherwise `base` is a local directory (see `_model_root`). When an SDM
-    is trained from a base without `subject_encoder/`, a SubjectEncoder with the CLIP ViT-L/14 layout is
-    created; its vision tower comes from `image_encoder` (a CLIPVisionModelWithProjection directory, e.g.
-    openai/clip-vit-large-patch14) when given, else it starts random (and this is logged).
+    `tiny`: the random CPU test stack. Otherwise `base` is a local directory (see `_model_root`): one of ours, or
+    a Stable Diffusion directory as users have it from the hub (`.bin` or `.safetensors`; `variant="fp16"` reads
+    its `*.fp16.*` files). When an SDM is trained from a base without `subject_encoder/`, a SubjectEncoder with
+    the CLIP ViT-L/14 layout is created; its vision tower comes from `image_encoder` (a
+    CLIPVisionModelWithProjection directory, e.g. openai/clip-vit-large-patch14) when given, else it starts random
+    (and this is logged).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import torch
+    from diffusers import UNet2DConditionModel
 
-    from facediffuser.schedulers import load_scheduler
     from facediffuser.prompts import ensure_image_token
 
     if tiny:
@@ -69,21 +75,19 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
         unet = parts.pop("sdm_unet" if which == "sdm" else "tdm_unet")
         parts.pop("tdm_unet" if which == "sdm" else "sdm_unet")
         return {**parts, "unet": unet}
-    check_base_dir(base, which)
+    check_base_dir(base, which, variant)
     base = Path(base)
     root, unet_folder = _model_root(base, which)
     shared = root if (root / "vae").is_dir() else base
-    text_encoder = CLIPTextModel.from_pretrained(str(shared), subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(str(shared), subfolder="tokenizer")
-    ensure_image_token(tokenizer)
-    parts = dict(
-        unet=UNet2DConditionModel.from_pretrained(str(root), subfolder=unet_folder),
-        vae=AutoencoderKL.from_pretrained(str(shared), subfolder="vae"),
-        text_encoder=text_encoder, tokenizer=tokenizer, scheduler=load_scheduler(str(shared)),
-        subject_encoder=None,
-    )
+    parts = model_dir.load_shared_parts(shared, torch_dtype=torch.float32, variant=variant)
+    ensure_image_token(parts["tokenizer"])
+    parts["unet"] = UNet2DConditionModel.from_pretrained(
+        str(root), subfolder=unet_folder, torch_dtype=torch.float32, variant=variant,
+        use_safetensors=model_dir.has_safetensors(root / unet_folder, variant))
+    parts["subject_encoder"] = None
     if which == "sdm":
-        parts["subject_encoder"] = _subject_encoder(base, root, text_encoder.config.hidden_size, image_encoder, log)
+        parts["subject_encoder"] = _subject_encoder(base, root, parts["text_encoder"].config.hidden_size,
+                                                    image_encoder, log)
     return parts
 
 
