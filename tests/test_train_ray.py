@@ -245,3 +245,30 @@ def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, t
                   num_inference_steps=3, seed=0)
     image = result.images[0]
     assert image.size == (128, 128) and len(image.getcolors(maxcolors=128 * 128)) > 10
+
+
+@pytest.mark.slow
+def test_train_from_a_hub_sd15_directory_with_fp16_variant_files(ray_session, shards, tmp_path, capsys):
+    """--base as users have SD1.5 from the hub (model_index.json, safety_checker/, only *.fp16.* weights, 2022
+    configs and key names) with --variant fp16; a new subject encoder from a CLIP vision directory (--image-encoder).
+    The SDM trains, the TDM is paired from the same base, and the result loads as a pipeline."""
+    from official_env import write_hub_sd15
+
+    from facediffuser.model_dir import load_pipeline
+    from facediffuser.models.tiny import tiny_pipeline
+
+    base_pipe = tiny_pipeline(seed=8)
+    hub = write_hub_sd15(tmp_path / "sd15", base_pipe, weights="safetensors", plain=False, fp16_variant=True)
+    base_pipe.subject_encoder.image_encoder.save_pretrained(tmp_path / "clip-vision")
+    common = ["--data", str(shards.parent), "--storage", str(tmp_path / "runs"), "--name", "hub", "--base", str(hub),
+              "--resolution", "64", "--batch-size", "2", "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
+    done = _cli("--model", "sdm", *common)  # the variant is not guessed: the error says which to pass
+    assert done.returncode == 2 and "no plain weights" in done.stderr and "pass --variant fp16" in done.stderr
+    assert cli_main(["train", "--model", "sdm", *common, "--variant", "fp16", "--image-encoder",
+                     str(tmp_path / "clip-vision"), "--max-steps", "1", "--checkpoint-every", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "sdm: 1 steps" in out and "tdm: untrained base, paired" in out
+    pipe = load_pipeline(str(tmp_path / "runs" / "hub" / "final"))
+    for key, value in base_pipe.tdm_unet.state_dict().items():  # the paired TDM: the base's fp16 files, in fp32
+        assert pipe.tdm_unet.state_dict()[key].dtype == value.dtype
+        assert (pipe.tdm_unet.state_dict()[key] == value.half().float()).all(), key

@@ -93,6 +93,7 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
 
 def _subject_encoder(base: Path, root: Path, text_embed_dim: int, image_encoder: str | Path | None, log):
     """The base's subject_encoder/, or a new one (CLIP ViT-L/14 layout) from `image_encoder` or random."""
+    import torch
     from transformers import CLIPVisionModelWithProjection
 
     from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
@@ -100,15 +101,16 @@ def _subject_encoder(base: Path, root: Path, text_embed_dim: int, image_encoder:
     subject_dir = next((d for d in (root / "subject_encoder", base / "subject_encoder") if d.is_dir()), None)
     if subject_dir is not None:
         return SubjectEncoder.from_pretrained(str(subject_dir))
-    encoder = SubjectEncoder(vision_config=CLIP_VIT_L14, text_embed_dim=text_embed_dim)
     if image_encoder:
-        vision = CLIPVisionModelWithProjection.from_pretrained(str(image_encoder))
+        vision = CLIPVisionModelWithProjection.from_pretrained(str(image_encoder), torch_dtype=torch.float32)
+        layout = {key: getattr(vision.config, key) for key in CLIP_VIT_L14}  # the tower's own sizes
+        encoder = SubjectEncoder(vision_config=layout, text_embed_dim=text_embed_dim)
         encoder.image_encoder.load_state_dict(vision.state_dict())
         log(f"base {base} has no subject_encoder/: new SubjectEncoder, CLIP vision tower from {image_encoder}")
-    else:
-        log(f"base {base} has no subject_encoder/: new SubjectEncoder (CLIP ViT-L/14 layout, random init; "
-            "give --image-encoder DIR to start from pretrained CLIP)")
-    return encoder
+        return encoder
+    log(f"base {base} has no subject_encoder/: new SubjectEncoder (CLIP ViT-L/14 layout, random init; "
+        "give --image-encoder DIR to start from pretrained CLIP)")
+    return SubjectEncoder(vision_config=CLIP_VIT_L14, text_embed_dim=text_embed_dim)
 
 
 def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
