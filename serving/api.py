@@ -19,9 +19,11 @@ from pydantic import BaseModel, Field
 
 from facediffuser.layout import check_boxes, check_scales
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers
+from facediffuser.reference import REFERENCE_MODES
 from facediffuser.schedulers import SCHEDULERS
 
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+ReferenceMode = Literal[tuple(REFERENCE_MODES)]  # type: ignore[valid-type]
 
 # Hard bounds of the schema; a deployment may only tighten them (Limits).
 HARD_MAX_STEPS = 200
@@ -128,6 +130,9 @@ class GenerateRequest(BaseModel):
     subject_scales: list[float] | None = Field(
         None, description="per marker: how strongly the subject's photo counts (1 = full, 0 = the noun alone)")
     identity_scores: bool = Field(True, description="score each image's faces against the references (dlib)")
+    reference_mode: ReferenceMode | None = Field(
+        None, description="what the subject encoder sees of each photo: whole (the photo padded square), face (the "
+        "largest face with a margin) or person (the segmented person); default: the server's (GET /v1/info)")
 
 
 class StageTimings(BaseModel):
@@ -269,5 +274,6 @@ def validation_message(errors: list[dict]) -> tuple[int, str, str]:
         location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{location}: {error.get('msg', 'invalid')}")
     first = errors[0] if errors else {}
-    code = "unknown_scheduler" if first.get("loc", ())[-1:] == ("scheduler",) else "invalid_request"
+    field = first.get("loc", ())[-1:]
+    code = {("scheduler",): "unknown_scheduler", ("reference_mode",): "unknown_reference_mode"}.get(field, "invalid_request")
     return 422, code, "; ".join(parts)

@@ -15,7 +15,8 @@ from serving.settings import ServeConfig
 
 @serve.deployment(name="SubjectEncoder")
 class SubjectEncoderDeployment:
-    """Reference photos → face crop → CLIP image tokens (LRU-cached by content hash) → prompt embeddings."""
+    """Reference photos → the reference transform in the request's mode → CLIP image tokens (LRU-cached by mode and
+    content hash) → prompt embeddings."""
 
     def __init__(self, config: dict):
         from facediffuser.metrics.identity import DlibEmbedder, IdentityScorer
@@ -23,13 +24,9 @@ class SubjectEncoderDeployment:
 
         cfg = ServeConfig.from_dict(config)
         pipe, self.model_info = load_models(cfg, drop=("sdm_unet", "tdm_unet", "vae"))
-        detector = None
-        if cfg.face_detector:
-            from facediffuser.data.faces import make_detector
-
-            detector = make_detector(cfg.face_detector)
         max_reference_pixels = Limits(**cfg.limits).max_reference_pixels
-        self.encoding = SubjectEncoding(pipe, detector, cfg.cache_size, max_reference_pixels)
+        # the face detector (face and person modes) is built by the library on the first request that needs it
+        self.encoding = SubjectEncoding(pipe, cfg.face_detector, cfg.cache_size, max_reference_pixels)
         # dlib: CPU, bundled CC0 weights; references shrunk to a bounded copy, descriptors in a bounded LRU cache
         self.identity_scoring = IdentityScoring(IdentityScorer(DlibEmbedder()), cfg.cache_size, max_reference_pixels)
         self._test_fault: Exception | None = None
@@ -41,10 +38,11 @@ class SubjectEncoderDeployment:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
     async def encode(self, prompts: list[str], negative_prompts: list[str | None],
-                     references: list[list[list[bytes]]], subject_scales: list[list[float] | None]) -> list[dict]:
-        """Per request: {"null", "text", "augmented", "reference_sha256", "subject_tokens", "model_version"} or
-        {"error": (status, code, message)}."""
-        return await self.coalescer(list(zip(prompts, negative_prompts, references, subject_scales)))
+                     references: list[list[list[bytes]]], subject_scales: list[list[float] | None],
+                     reference_modes: list[str]) -> list[dict]:
+        """Per request: {"null", "text", "augmented", "reference_sha256", "embedding_sha256", "subject_tokens",
+        "model_version"} or {"error": (status, code, message)}."""
+        return await self.coalescer(list(zip(prompts, negative_prompts, references, subject_scales, reference_modes)))
 
     async def _encode_many(self, requests: list[tuple]) -> list[dict]:
         results = await asyncio.to_thread(self.encoding.encode_many, requests)

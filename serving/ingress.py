@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError
 from facediffuser.manifest import package_versions
 from facediffuser.model_dir import version_mismatch
 from facediffuser.prompts import strip_markers
+from facediffuser.reference import REFERENCE_MODES
 from facediffuser.schedulers import SCHEDULERS
 from serving.api import (
     ErrorResponse,
@@ -85,7 +86,8 @@ def _response(body: GenerateRequest, embeds: dict, output: dict, identity_scores
     timings = {"encode_s": encode_s, **output["timings"], "total_s": total_s}
     manifest = {
         "prompt": body.prompt, "plain_prompt": strip_markers(body.prompt), "negative_prompt": body.negative_prompt,
-        "references": embeds["reference_sha256"], "seeds": output["seeds"], **output["manifest"],
+        "references": embeds["reference_sha256"], "reference_mode": body.reference_mode,
+        "embedding_sha256": embeds["embedding_sha256"], "seeds": output["seeds"], **output["manifest"],
         "identity_scores": identity_scores, "identity_metric": "dlib cosine" if identity_scores is not None else None,
         "seconds": round(total_s, 3),
     }
@@ -162,6 +164,7 @@ class FaceDiffuserAPI:
             "model_version": sampler["model_version"],  # the same in both deployments (checked above)
             "model_versions": {"encoder": encoder_model["model_version"], "sampler": sampler["model_version"]},
             "limits": self.limits.as_dict(), "schedulers": sorted(SCHEDULERS),
+            "reference_modes": {"default": self.config.reference_mode, "choices": list(REFERENCE_MODES)},
             "face_detector": self.config.face_detector,
             "batching": {"max_batch_size": self.config.max_batch_size, "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
             "ingress": dict(zip(("max_ongoing_requests", "max_queued_requests"), ingress_capacity(self.config)),
@@ -188,9 +191,10 @@ class FaceDiffuserAPI:
         checked = check_request(body, self.limits, self.default_size)
         if body.seed is None:
             body.seed = int.from_bytes(os.urandom(4), "little") >> 1
+        body.reference_mode = body.reference_mode or self.config.reference_mode  # the manifest says which was used
         encode_started = time.perf_counter()
         embeds = await self._call(self.encoder.encode, body.prompt, body.negative_prompt, checked.references,
-                                  body.subject_scales)
+                                  body.subject_scales, body.reference_mode)
         encode_s = time.perf_counter() - encode_started
         if "error" in embeds:
             raise RequestError(*embeds["error"])

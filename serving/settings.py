@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 
 from facediffuser.config import arg, from_dict
+from facediffuser.data.faces import DETECTORS
+from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode
 from serving.api import Limits
 
 TOKEN_ENV = "FACEDIFFUSER_API_TOKEN"
@@ -40,8 +42,11 @@ class ServeConfig:
     allow_anonymous: bool = arg(False, f"serve without ${TOKEN_ENV} on a non-loopback --host (anyone who reaches "
                                        "it can use the GPUs)")
     dtype: str = arg("float32", "model weights' dtype", choices=DTYPES)
-    face_detector: str | None = arg("mediapipe", "finds the face in reference photos (none: the whole photo, "
-                                                 "padded square)", choices=("mediapipe", "mtcnn", "none"))
+    reference_mode: str = arg(DEFAULT_REFERENCE_MODE, "what the subject encoder sees of a reference photo when a "
+                                                      "request does not say: whole (the photo padded square), face "
+                                                      "or person", choices=REFERENCE_MODES)
+    face_detector: str = arg("mediapipe", "finds the face in reference photos (reference modes face and person)",
+                             choices=DETECTORS)
     cache_size: int = arg(256, cli=False)  # reference photos' embeddings and identity descriptors kept
     # resources and scaling (sampler = both UNets + VAE; encoder = text + CLIP vision)
     num_gpus: float = arg(0.0, "GPUs per sampler replica")
@@ -66,8 +71,6 @@ class ServeConfig:
     def __post_init__(self):
         if self.api_token is None:
             self.api_token = os.environ.get(TOKEN_ENV) or None
-        if self.face_detector == "none":  # the CLI's spelling of "no detector"
-            self.face_detector = None
         self.validate()  # every way of building one (CLI, serve.yaml, deployments, tests) is checked
 
     def validate(self) -> None:
@@ -75,6 +78,10 @@ class ServeConfig:
         refuse_anonymous(self.host, self.api_token, self.allow_anonymous)
         if not self.tiny and not self.model:
             raise ValueError("give a model directory (--model DIR) or --tiny")
+        check_mode(self.reference_mode)
+        if self.face_detector not in DETECTORS:  # "none" was the whole photo: reference_mode whole now
+            raise ValueError(f"face_detector must be one of {', '.join(DETECTORS)}, got {self.face_detector!r} "
+                             "(for the whole photo, set reference_mode: whole)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_batch_size < 1:

@@ -1,8 +1,7 @@
-"""Subject encoding for the Serve app, without Ray: reference bytes → face crop → CLIP embedding (cached) →
-the three prompt embeddings that `snf_denoise` takes.
+"""Subject encoding for the Serve app, without Ray: reference bytes → the library's reference transform in the
+request's mode (`facediffuser.reference`: whole, face or person; the same function the pipeline and the CLI use)
+→ CLIP embedding (cached per photo and mode) → the three prompt embeddings that `snf_denoise` takes.
 
-The face detector is the preprocessing one (`facediffuser.data.faces`), so the crop a request gets and the
-faces training saw come from the same model. With `detector=None` the whole photo is used (padded square).
 Identity scoring of the generated images (`IdentityScoring`) lives here too, for the same reason: no Ray.
 """
 
@@ -19,10 +18,10 @@ from PIL import Image, UnidentifiedImageError
 
 from facediffuser.images import ImageDecodeError, decode_image
 from facediffuser.prompts import tokenize_with_markers
+from facediffuser.reference import DEFAULT_DETECTOR, DEFAULT_REFERENCE_MODE, SubjectNotFound, embed_photo, embedding_sha256
 
 from serving.api import RequestError, internal_error
 
-FACE_MARGIN = 0.6  # crop = face box grown by this fraction of its size on every side (keeps hair and chin)
 # Pillow decoders a reference may use (Image.open(formats=...)): the common photo formats, nothing more exotic
 # (TIFF, PSD, EPS, ICO, ... are refused before any of their decoders runs).
 REFERENCE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -47,57 +46,47 @@ def decode_reference(data: bytes, where: str, max_pixels: int) -> Image.Image:
         raise RequestError(status, "invalid_image", str(exc)) from None
 
 
-def subject_crop(image: Image.Image, detector, where: str) -> Image.Image:
-    """The region of `image` the subject encoder sees: the largest face with a margin, or the whole photo.
-
-    Raises RequestError (422) when a detector is set and finds no face.
-    """
-    if detector is None:
-        return image
-    faces = detector(np.asarray(image))
-    if not faces:
-        raise RequestError(422, "no_face_found", f"{where}: no face found in the photo")
-    x1, y1, x2, y2 = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).box
-    side = max(x2 - x1, y2 - y1) * (1 + 2 * FACE_MARGIN)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    box = [max(0, cx - side / 2), max(0, cy - side / 2), min(image.width, cx + side / 2), min(image.height, cy + side / 2)]
-    return image.crop(tuple(round(v) for v in box))
-
-
 class SubjectEncoding:
     """Owns the text encoder, tokenizer and subject encoder of a pipeline, plus an LRU cache of photo embeddings
-    keyed by the sha256 of the photo's bytes (repeat customers pay for detection and CLIP once)."""
+    keyed by the reference mode and the sha256 of the photo's bytes (repeat customers pay for detection and CLIP
+    once). `detector` names the face detector of the face and person modes (built on first use)."""
 
-    def __init__(self, pipe, detector=None, cache_size: int = 256, max_reference_pixels: int = 4096 * 4096):
+    def __init__(self, pipe, detector: str = DEFAULT_DETECTOR, cache_size: int = 256,
+                 max_reference_pixels: int = 4096 * 4096):
         self.pipe = pipe
         self.detector = detector
         self.cache_size = cache_size
         self.max_reference_pixels = max_reference_pixels
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
-        self.lock = threading.Lock()  # detectors and the cache are not thread-safe
+        self.lock = threading.Lock()  # the cache is not thread-safe
 
-    def photo_embedding(self, data: bytes, where: str) -> tuple[str, torch.Tensor]:
+    def photo_embedding(self, data: bytes, where: str, mode: str = DEFAULT_REFERENCE_MODE) -> tuple[str, torch.Tensor]:
+        """→ (the photo's sha256, its embedding [D] float32 on the CPU); RequestError 422 for a photo without a
+        face (or person) in a mode that crops around one."""
         digest = hashlib.sha256(data).hexdigest()
-        if digest in self.cache:
-            self.cache.move_to_end(digest)
+        key = (mode, digest)  # one photo gives one embedding per mode
+        if key in self.cache:
+            self.cache.move_to_end(key)
             self.hits += 1
-            return digest, self.cache[digest]
+            return digest, self.cache[key]
         self.misses += 1
         image = decode_reference(data, where, self.max_reference_pixels)
-        crop = subject_crop(image, self.detector, where)
-        pixels = self.pipe.reference_tensor(crop)[None]
-        embedding = self.pipe.subject_encoder.embed_images(pixels)[0].float().cpu()
-        self.cache[digest] = embedding
+        try:
+            embedding = embed_photo(self.pipe.subject_encoder, image, mode, detector=self.detector, name=where)
+        except SubjectNotFound as exc:
+            raise RequestError(422, exc.code, str(exc)) from None
+        self.cache[key] = embedding
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
         return digest, embedding
 
     @torch.no_grad()
     def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]],
-               subject_scales: list[float] | None = None) -> dict:
+               subject_scales: list[float] | None = None, reference_mode: str = DEFAULT_REFERENCE_MODE) -> dict:
         """→ {"null", "text", "augmented": [1, 77, D] cpu tensors, "reference_sha256": [[hex, ...], ...],
-        "subject_tokens": the subject nouns' token positions (for layout boxes)}.
+        "embedding_sha256": [hex per subject], "subject_tokens": the subject nouns' token positions (for layout
+        boxes)}. Each subject's embedding is its photos' embeddings averaged in float32, as the pipeline does.
 
         Raises RequestError for the client's mistakes (prompt, photos); anything else is a server fault.
         """
@@ -109,7 +98,8 @@ class SubjectEncoding:
             hashes, subjects = [], []
             for index, photos in enumerate(references, start=1):
                 named = len(photos) > 1
-                pairs = [self.photo_embedding(data, f"reference {index} photo {k}" if named else f"reference {index}")
+                pairs = [self.photo_embedding(data, f"reference {index} photo {k}" if named else f"reference {index}",
+                                              reference_mode)
                          for k, data in enumerate(photos, start=1)]
                 hashes.append([digest for digest, _ in pairs])
                 subjects.append(torch.stack([embedding for _, embedding in pairs]).mean(dim=0))
@@ -119,21 +109,23 @@ class SubjectEncoding:
                                                             subject_embeds=subject_embeds, subject_scales=subject_scales)
         return {
             "null": null.cpu(), "text": text.cpu(), "augmented": augmented.cpu(), "reference_sha256": hashes,
+            "embedding_sha256": [embedding_sha256(e) for e in subject_embeds],
             "subject_tokens": tokens.image_token_mask.nonzero().flatten().tolist(),
         }
 
-    def encode_many(self, requests: list[tuple[str, str | None, list[list[bytes]], list[float] | None]]) -> list[dict]:
-        """`encode` for several (prompt, negative_prompt, references, subject_scales) at once → per request, encode's dict or
-        {"error": (status, code, message, error_id)}. Identical requests (same prompts, same photo bytes) are
-        encoded once; a server fault in one request (logged with its error id) fails only that one."""
+    def encode_many(self, requests: list[tuple[str, str | None, list[list[bytes]], list[float] | None, str]]) -> list[dict]:
+        """`encode` for several (prompt, negative_prompt, references, subject_scales, reference_mode) at once → per
+        request, encode's dict or {"error": (status, code, message, error_id)}. Identical requests (same prompts,
+        same photo bytes, same mode) are encoded once; a server fault in one request (logged with its error id)
+        fails only that one."""
         done: dict[tuple, dict] = {}
         out = []
-        for prompt, negative_prompt, references, scales in requests:
+        for prompt, negative_prompt, references, scales, mode in requests:
             key = (prompt, negative_prompt, tuple(tuple(hashlib.sha256(d).digest() for d in photos) for photos in references),
-                   tuple(scales or ()))
+                   tuple(scales or ()), mode)
             if key not in done:
                 try:
-                    done[key] = self.encode(prompt, negative_prompt, references, scales)
+                    done[key] = self.encode(prompt, negative_prompt, references, scales, mode)
                 except RequestError as exc:
                     done[key] = {"error": exc.as_tuple()}  # plain data crosses processes
                 except Exception as exc:

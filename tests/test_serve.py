@@ -7,9 +7,11 @@ and every test checks several things against it. Tests run in file order; the re
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from serve_fixtures import MAIN_APP, STEPS, decode_png, generate, png_b64, service  # noqa: F401
 
 pytestmark = pytest.mark.slow
+ASTRONAUT_JPG = Path(__file__).resolve().parents[1] / "facediffuser" / "assets" / "astronaut.jpg"
 
 
 def test_generate_end_to_end(service, astronaut):
@@ -105,6 +108,39 @@ def test_layout_boxes_and_subject_scales_over_http(service, astronaut):
     assert full.json()["images"] == plain.json()["images"]
 
 
+def test_one_photo_gives_one_embedding_through_the_library_the_cli_and_http(service, tiny_pipe, tmp_path):
+    """The bundled astronaut photo in each reference mode: the embedding the library computes, the one
+    `facediffuser generate` records in its manifest and the one the HTTP service records are the same bits
+    (sha256 of the float32 embedding, batch 1). The modes give different embeddings; the service's default is
+    whole, like the library's, and its cache keeps one embedding per photo and mode."""
+    from facediffuser.cli import main
+    from facediffuser.reference import REFERENCE_MODES, embedding_sha256
+
+    client = service["client"]
+    photo = base64.b64encode(ASTRONAUT_JPG.read_bytes()).decode()
+    info = client.get("/v1/info").json()
+    assert info["reference_modes"] == {"default": "whole", "choices": ["whole", "face", "person"]}
+    small = dict(steps=2, width=64, height=64, identity_scores=False)
+    by_mode = {}
+    for mode in REFERENCE_MODES:
+        library = embedding_sha256(tiny_pipe.encode_references([str(ASTRONAUT_JPG)], mode)[0])
+        out = tmp_path / mode
+        code = main(["generate", "--tiny", "--prompt", "a woman <|image|> on the moon", "--reference", str(ASTRONAUT_JPG),
+                     "--reference-mode", mode, "--steps", "2", "--width", "64", "--height", "64",
+                     "--no-identity-scores", "--out", str(out)])
+        assert code == 0
+        cli = json.loads((out / "manifest.json").read_text())
+        response = generate(client, photo, reference_mode=mode, **small)
+        assert response.status_code == 200, response.text
+        http = response.json()["manifest"]
+        assert cli["reference_mode"] == http["reference_mode"] == mode
+        assert cli["embedding_sha256"] == http["embedding_sha256"] == [library], mode
+        by_mode[mode] = library
+    assert len(set(by_mode.values())) == len(REFERENCE_MODES)
+    default = generate(client, photo, **small).json()["manifest"]
+    assert default["reference_mode"] == "whole" and default["embedding_sha256"] == [by_mode["whole"]]
+
+
 def _noise_png(size: int = 160) -> str:
     return png_b64((np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8))
 
@@ -129,7 +165,9 @@ BAD_REQUESTS = {
     "zero subjects": ({"prompt": "a beach at sunset"}, 422, "no_subjects"),
     "zero references": ({"references": []}, 422, "invalid_request"),
     "too many subjects": ({"prompt": " and ".join(["a man <|image|>"] * 5)}, 422, "too_many_subjects"),
-    "no face in reference": ({"references": ["NOISE"]}, 422, "no_face_found"),
+    "no face in reference (face mode)": ({"references": ["NOISE"], "reference_mode": "face"}, 422, "no_face_found"),
+    "no face in reference (person mode)": ({"references": ["NOISE"], "reference_mode": "person"}, 422, "no_face_found"),
+    "unknown reference mode": ({"reference_mode": "head"}, 422, "unknown_reference_mode"),
     "dimensions over limit": ({"width": 256}, 422, "dimensions_over_limit"),
     "dimensions not a multiple of 8": ({"height": 100}, 422, "invalid_request"),
     "reference pixels over limit": ({"references": ["HUGE"]}, 413, "invalid_image"),

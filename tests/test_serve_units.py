@@ -1,4 +1,4 @@
-"""Serve pieces that need no running cluster: the deploy YAML, CLI validation, request checks, face crops."""
+"""Serve pieces that need no running cluster: the deploy YAML, CLI validation, request checks, reference encoding."""
 
 from __future__ import annotations
 
@@ -272,21 +272,41 @@ def test_check_request_limits_and_base64():
         assert caught.value.code == code and caught.value.status in (400, 422)
 
 
-def test_subject_crop_finds_the_astronauts_face_and_refuses_noise(astronaut):
-    from facediffuser.data.faces import make_detector
+def test_subject_encoding_caches_per_mode_and_answers_422_without_a_face(tiny_pipe):
+    """The service's reference photos go through the library's one transform (facediffuser.reference): the cache
+    keeps one embedding per photo and mode; no face in a mode that crops around one is a 422 naming the reference."""
+    import io
+
+    import torch
 
     from serving.api import RequestError
-    from serving.subjects import subject_crop
+    from serving.subjects import SubjectEncoding
 
-    detector = make_detector("mediapipe")
-    image = Image.fromarray(astronaut)
-    crop = subject_crop(image, detector, "reference 1")
-    assert 60 < crop.width < 400 and 60 < crop.height < 400  # a head-and-shoulders box, not the whole photo
-    assert subject_crop(image, None, "reference 1") is image  # no detector: the whole photo
-    noise = Image.fromarray((np.random.default_rng(0).random((200, 200, 3)) * 255).astype(np.uint8))
-    with pytest.raises(RequestError, match="no face found") as caught:
-        subject_crop(noise, detector, "reference 2")
-    assert caught.value.status == 422
+    encoding = SubjectEncoding(tiny_pipe)
+    photo = (ROOT / "facediffuser/assets/astronaut.jpg").read_bytes()
+    digest, whole = encoding.photo_embedding(photo, "reference 1")  # the default mode: whole
+    _, face = encoding.photo_embedding(photo, "reference 1", "face")
+    _, face_again = encoding.photo_embedding(photo, "reference 1", "face")
+    assert len(digest) == 64 and not torch.equal(whole, face) and face_again is face
+    assert (encoding.hits, encoding.misses) == (1, 2)
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((200, 200, 3)) * 255).astype(np.uint8)).save(buffer, "PNG")
+    for mode in ("face", "person"):
+        with pytest.raises(RequestError, match="reference 2: no face found") as caught:
+            encoding.photo_embedding(buffer.getvalue(), "reference 2", mode)
+        assert caught.value.status == 422 and caught.value.code == "no_face_found"
+    assert encoding.photo_embedding(buffer.getvalue(), "reference 2")[1].shape == whole.shape  # whole needs no face
+
+
+def test_reference_mode_and_face_detector_settings_are_checked():
+    from serving.settings import ServeConfig
+
+    assert ServeConfig(tiny=True).reference_mode == "whole"  # like the library
+    assert ServeConfig(tiny=True, reference_mode="face").reference_mode == "face"
+    with pytest.raises(ValueError, match="unknown reference mode 'head'"):
+        ServeConfig(tiny=True, reference_mode="head")
+    with pytest.raises(ValueError, match="face_detector must be one of mediapipe, mtcnn.*reference_mode: whole"):
+        ServeConfig(tiny=True, face_detector="none")
 
 
 def test_coalescer_runs_what_waits_as_one_call_per_key_up_to_the_limit():

@@ -1,6 +1,6 @@
 """The web page at GET / of the Serve app, end to end in headless Chromium (Debian's chromium + chromedriver):
-pick the astronaut photo, submit, a generated image, the fusion mask and identity scores appear; a file that is
-not an image shows the API's error message in plain words. Uses the session's Serve app (tests/serve_fixtures.py).
+pick the astronaut photo, submit, a generated image, the fusion mask and identity scores appear (also with a
+reference mode picked); a file that is not an image shows the API's error message in plain words. Uses the session's Serve app (tests/serve_fixtures.py).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _fill_and_submit(driver, url: str, photo_path: str, prompt: str = "a man <|i
 def test_page_generates_from_an_uploaded_photo_and_shows_api_errors(service, browser, astronaut, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url = service["url"]
     page = service["client"].get("/")
@@ -91,6 +91,7 @@ def test_page_generates_from_an_uploaded_photo_and_shows_api_errors(service, bro
     browser.find_element(By.CSS_SELECTOR, "input.reference").send_keys(f"{photo}\n{flipped}")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#pickers .previews img")) == 2
     browser.find_element(By.CSS_SELECTOR, "input.box").send_keys("0, 0, 0.5, 1")
+    Select(browser.find_element(By.ID, "reference_mode")).select_by_value("face")
     steps = browser.find_element(By.ID, "steps")
     steps.clear()
     steps.send_keys("3")
@@ -99,6 +100,7 @@ def test_page_generates_from_an_uploaded_photo_and_shows_api_errors(service, bro
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
     assert "person 1: 2 photo(s)" in browser.find_element(By.ID, "manifest").text
     assert "boxes [[0,0,0.5,1]]" in browser.find_element(By.ID, "manifest").text
+    assert "(photo use: face)" in browser.find_element(By.ID, "manifest").text
 
     # A file that is not an image: the API's message, in words, on the page.
     text_file = tmp_path / "notes.txt"
