@@ -24,6 +24,7 @@ from facediffuser.config import add_arguments as add_config_arguments, arg, from
 from facediffuser.metrics.protocol import METHODS, PROTOCOLS, check_methods
 from facediffuser.metrics.subjects import (DEFAULT_NOUN, EvalSubject, check_references, load_eval_subjects,
                                            make_tasks, task_key)
+from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode
 from pipelines.evaluate_report import save_row, showcase_keys, write_report
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -65,6 +66,8 @@ class EvaluateConfig:
     alpha: float | None = arg(None, "SNF window start as a fraction of the schedule")
     beta: float | None = arg(None, "SNF window end as a fraction of the schedule")
     seed: int = arg(42, "seed of each prompt's first image")
+    reference_mode: str = arg(DEFAULT_REFERENCE_MODE, "what the subject encoder sees of each photo: whole (the "
+                                                      "official transform), face or person", choices=REFERENCE_MODES)
     resolution: int | None = arg(None, "square image size (default: the model's)")
     num_gpus: float = arg(0.0, "GPUs per generation actor")
     score_gpus: float = arg(0.0, "GPUs per scoring actor")
@@ -91,6 +94,7 @@ class EvaluateConfig:
         if self.protocol not in (*PROTOCOLS, "both"):
             raise ValueError(f"--protocol must be single, multi or both, got {self.protocol!r}")
         check_methods(self.methods)
+        check_mode(self.reference_mode)
         for name, value, low, high in [("--images-per-prompt", self.images_per_prompt, 1, 64),
                                        ("--steps", self.steps, 1, 1000),
                                        ("--prompts-per-kind", self.prompts_per_kind or 1, 1, 10),

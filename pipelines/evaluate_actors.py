@@ -56,6 +56,7 @@ class GenerateImages:
                 num_images_per_prompt=config.images_per_prompt, seed=task["seed"],
                 num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                 height=config.resolution, width=config.resolution, return_masks=with_masks,
+                reference_mode=config.reference_mode,
                 **method_arguments(task["method"], self.num_iterations, config.alpha, config.beta),
             )
             for index, image in enumerate(result.images):
@@ -64,7 +65,7 @@ class GenerateImages:
                     mean = result.masks[:, index].mean(dim=0).clamp(0, 1).numpy()
                     mask = _png(Image.fromarray((mean * 255).round().astype("uint8")))
                 rows.append({**task, "image_index": index, "image_seed": result.seeds[index],
-                             "image": _png(image), "mask": mask})
+                             "embedding_sha256": json.dumps(result.embedding_sha256), "image": _png(image), "mask": mask})
         return pa.Table.from_pylist(rows)
 
 

@@ -228,14 +228,25 @@ def test_killed_run_continues_to_the_report_of_an_uninterrupted_one(ray_session,
 
 
 @pytest.mark.slow
-def test_quick_preset_runs_a_small_benchmark(ray_session, tmp_path, astronaut):
+def test_quick_preset_runs_a_small_benchmark(ray_session, tmp_path, astronaut, tiny_pipe):
+    """Also in another reference mode: the report records it, and each row's embeddings are the library's."""
+    from facediffuser.reference import embedding_sha256
+
     subjects = forgiving_subjects(tmp_path / "subjects", astronaut)
     out = tmp_path / "quick"
-    assert main(["evaluate", "--tiny", "--quick", "--subjects", str(subjects), "--out", str(out)]) == 0
+    assert main(["evaluate", "--tiny", "--quick", "--subjects", str(subjects), "--out", str(out),
+                 "--reference-mode", "face"]) == 0
     report = json.loads((out / "report.json").read_text())
     config = report["config"]
     assert (config["quick"], config["steps"], config["images_per_prompt"], config["prompts_per_kind"],
-            config["max_pairs"]) == (True, 10, 1, 2, 1)
+            config["max_pairs"], config["reference_mode"]) == (True, 10, 1, 2, 1, "face")
+    assert "reference mode face" in (out / "report.md").read_text()
+    references = {s.id: s.reference for s in load_eval_subjects(str(subjects))}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for name in ("astro", "mirror"):  # astro: two photos averaged
+        (row, *_) = [r for r in rows if r["subjects"] == name]
+        library = embedding_sha256(tiny_pipe.encode_references([references[name]], "face")[0])
+        assert json.loads(row["embedding_sha256"]) == [library]
     # (2 subjects + 1 pair) × 2 prompts × 4 kinds × 4 methods, one image each
     assert report["counts"] == {"tasks": 96, "images": 96}
     for protocol in ("single", "multi"):

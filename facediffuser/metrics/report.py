@@ -55,7 +55,8 @@ def write_reports(out_dir: Path, table: dict, meta: dict, pictures: dict) -> Non
     lines = ["# Face-diffuser evaluation", "",
              f"Model: `{meta['model']}` · {meta['counts']['images']} images "
              f"({meta['config']['images_per_prompt']} per prompt, {meta['config']['steps']} steps, "
-             f"scheduler {meta['config']['scheduler']}, w {meta['config']['guidance_scale']}) · "
+             f"scheduler {meta['config']['scheduler']}, w {meta['config']['guidance_scale']}, "
+             f"reference mode {meta['config'].get('reference_mode', 'whole')}) · "
              f"{meta['wall_time_s']:.0f} s", "",
              "Identity: cosine to the reference face, 0 when no face is found, clamped at 0; two subjects: greedy "
              "face↔reference matching, minimum over the pair. `facenet` = FastComposer's metric (MTCNN + "
