@@ -90,10 +90,8 @@ def tiny_tokenizer() -> "CLIPTokenizer":
     return tokenizer
 
 
-def tiny_unet(width: int = 32, cross_attention_dim: int = 32, sample_size: int = TINY_IMAGE_SIZE // 8) -> "UNet2DConditionModel":
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
+def tiny_unet_config(width: int = 32, cross_attention_dim: int = 32, sample_size: int = TINY_IMAGE_SIZE // 8) -> dict:
+    return dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -107,10 +105,8 @@ def tiny_unet(width: int = 32, cross_attention_dim: int = 32, sample_size: int =
     )
 
 
-def tiny_vae(sample_size: int = TINY_IMAGE_SIZE) -> "AutoencoderKL":
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
+def tiny_vae_config(sample_size: int = TINY_IMAGE_SIZE) -> dict:
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -124,42 +120,80 @@ def tiny_vae(sample_size: int = TINY_IMAGE_SIZE) -> "AutoencoderKL":
     )
 
 
+def tiny_text_config(hidden: int = 32) -> dict:
+    return dict(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+
+
+def tiny_vision_config(text_hidden: int = 32) -> dict:
+    return dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=TINY_OBJECT_SIZE, patch_size=8, projection_dim=text_hidden,
+    )
+
+
+def tiny_unet(width: int = 32, cross_attention_dim: int = 32, sample_size: int = TINY_IMAGE_SIZE // 8) -> "UNet2DConditionModel":
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**tiny_unet_config(width, cross_attention_dim, sample_size))
+
+
+def tiny_vae(sample_size: int = TINY_IMAGE_SIZE) -> "AutoencoderKL":
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**tiny_vae_config(sample_size))
+
+
 def tiny_text_encoder(hidden: int = 32) -> "CLIPTextModel":
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        )
-    )
+    return CLIPTextModel(CLIPTextConfig(**tiny_text_config(hidden)))
 
 
 def tiny_subject_encoder(text_hidden: int = 32) -> "SubjectEncoder":
     from facediffuser.models.subject_encoder import SubjectEncoder
 
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=TINY_OBJECT_SIZE, patch_size=8, projection_dim=text_hidden,
+    return SubjectEncoder(vision_config=tiny_vision_config(text_hidden), text_embed_dim=text_hidden)
+
+
+def random_components(seed: int, *, unet: dict, vae: dict, text: dict, vision: dict, torch_dtype=None,
+                      share_unet: bool = False) -> dict:
+    """All FaceDiffuserPipeline components from architecture configs at random init, deterministic for a seed.
+
+    The one builder of both random stacks: the tiny one below and the real-size one (`facediffuser.models.sd15`).
+    `unet`/`vae` are UNet2DConditionModel/AutoencoderKL configs, `text` a CLIPTextConfig, `vision` the subject
+    encoder's CLIPVisionConfig (its projection_dim = the text width). Each module is built in fp32 and, with
+    `torch_dtype`, cast before the next is built (peak memory: the stack in that dtype plus one fp32 module).
+    `share_unet=True` gives the TDM role the SDM's UNet module (one UNet's memory less; every call still runs).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from facediffuser.models.subject_encoder import SubjectEncoder
+
+    def cast(module):
+        return module if torch_dtype is None else module.to(torch_dtype)
+
+    torch.manual_seed(seed)
+    parts = dict(  # built in this order (the seed's draws depend on it)
+        vae=cast(AutoencoderKL(**vae)),
+        text_encoder=cast(CLIPTextModel(CLIPTextConfig(**text))),
+        tokenizer=tiny_tokenizer(),
+        subject_encoder=cast(SubjectEncoder(vision_config=vision, text_embed_dim=text["hidden_size"])),
+        sdm_unet=cast(UNet2DConditionModel(**unet)),
     )
-    return SubjectEncoder(vision_config=vision, text_embed_dim=text_hidden)
+    parts["tdm_unet"] = parts["sdm_unet"] if share_unet else cast(UNet2DConditionModel(**unet))
+    parts["scheduler"] = DDIMScheduler(**SD15_SCHEDULE)
+    return parts
 
 
 def tiny_components(seed: int = 0, unet_width: int = 32) -> dict:
     """All pipeline components, deterministic for a seed. Default images are 128×128 (16×16 latents)."""
-    from diffusers import DDIMScheduler
-
-    torch.manual_seed(seed)
-    return dict(
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(),
-        tokenizer=tiny_tokenizer(),
-        subject_encoder=tiny_subject_encoder(),
-        sdm_unet=tiny_unet(unet_width),
-        tdm_unet=tiny_unet(unet_width),
-        scheduler=DDIMScheduler(**SD15_SCHEDULE),
-    )
+    return random_components(seed, unet=tiny_unet_config(unet_width), vae=tiny_vae_config(), text=tiny_text_config(),
+                             vision=tiny_vision_config())
 
 
 def tiny_pipeline(seed: int = 0, unet_width: int = 32):
