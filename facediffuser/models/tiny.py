@@ -175,7 +175,7 @@ def random_components(seed: int, *, unet: dict, vae: dict, text: dict, vision: d
     from facediffuser.models.subject_encoder import SubjectEncoder
 
     def cast(module):
-        return module if torch_dtype is None else module.to(torch_dtype)
+        return module if torch_dtype in (None, torch.float32) else module.to(torch_dtype)  # built in fp32
 
     torch.manual_seed(seed)
     parts = dict(  # built in this order (the seed's draws depend on it)
