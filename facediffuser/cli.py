@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"facediffuser {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a GPU its torch cannot see, raised in a Ray worker: its one line, not Ray's traceback
+        from facediffuser.devices import device_error_line
+
+        line = device_error_line(exc)
+        if line is None:
+            raise
+        print(f"facediffuser {args.command}: error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
