@@ -7,11 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import free_port
+from pipelines.local_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,37 +36,12 @@ def keys(client, bucket, prefix):
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A separate Ray cluster started the way a user starts one. `--block` keeps it in one process group that
-    we end ourselves: a plain `ray stop` would also stop the test session's own cluster."""
-    port, dashboard = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("rayhead") / "ray-start.log", "w")
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=3",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp}", "--object-store-memory=300000000"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=TOKEN_ENV,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline, probe_output = time.time() + 240, ""
-    while time.time() < deadline:
-        try:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
-                                   timeout=120, env=TOKEN_ENV)
-            if probe.returncode == 0:
-                break
-            probe_output = probe.stderr.decode(errors="replace")[-1500:]
-        except subprocess.TimeoutExpired:
-            pass
-        time.sleep(3)
-    else:
-        os.killpg(head.pid, signal.SIGTERM)
-        raise RuntimeError(f"ray start --head did not come up; `ray job list` said: {probe_output}")
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=120)
-    shutil.rmtree(temp, ignore_errors=True)
+def ray_head():
+    """A separate Ray cluster started the way a user starts one (one head node, pipelines/local_cluster.py): its own
+    process group that we end ourselves (a plain `ray stop` would also stop the test session's own cluster)."""
+    with LocalCluster(head_cpus=3, object_store_bytes=300_000_000) as cluster:
+        yield cluster.dashboard_url
+    assert not cluster.processes()
 
 
 def submit(address: str, *command: str) -> subprocess.CompletedProcess:

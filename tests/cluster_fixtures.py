@@ -1,0 +1,70 @@
+"""Multi-node Ray clusters on this machine (pipelines/local_cluster.py), started the way users start one.
+
+`gpu_cluster`: a head with 2 CPUs and no GPU, and two worker nodes with 1 CPU and 1 logical GPU each (custom
+resources `gpu_node_a` / `gpu_node_b`), every node started with FACEDIFFUSER_CPU_UNDER_GPU=1 so CPU kernels run
+under the logical GPUs. The test session's own `ray_session` is a separate local Ray: clients of this cluster
+connect explicitly (`ray job submit --address cluster.dashboard_url`, subprocesses with `env=cluster.env`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.local_cluster import LocalCluster, NodeSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GPU_WORKERS = (NodeSpec("gpu_node_a", num_cpus=1, num_gpus=1, resources={"gpu_node_a": 1}),
+               NodeSpec("gpu_node_b", num_cpus=1, num_gpus=1, resources={"gpu_node_b": 1}))
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    cluster = LocalCluster(head_cpus=2, workers=list(GPU_WORKERS), env={"FACEDIFFUSER_CPU_UNDER_GPU": "1"})
+    with cluster:
+        yield cluster
+    assert not cluster.processes(), "processes of the cluster left after stop"
+
+
+def code_snapshot() -> Path:
+    """A copy of the code a job needs (facediffuser/, pipelines/, serving/), made once: the job's working directory.
+    Shipping the live checkout races with edits made meanwhile (its package hash changes between Ray's hashing and
+    its upload, and the job then finds no package in the GCS)."""
+    if "snapshot" not in _state:
+        scratch = tempfile.mkdtemp(prefix="fd-code-")
+        atexit.register(shutil.rmtree, scratch, True)
+        target = Path(scratch) / "code"
+        target.mkdir()
+        for name in ("facediffuser", "pipelines", "serving"):
+            shutil.copytree(ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _state["snapshot"] = target
+    return _state["snapshot"]
+
+
+_state: dict = {}
+
+
+def submit(cluster: LocalCluster, *command: str, env_vars: dict | None = None, timeout: float = 1200,
+           retry_for: float = 360) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir CODE` of `command` to the cluster, waiting for it; the head's job agent can
+    come up minutes after the dashboard on a busy 2-core machine, so "No available agent" is retried."""
+    runtime_env = json.dumps({"env_vars": env_vars or {}})
+    deadline = time.time() + retry_for
+    while True:
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(code_snapshot()),
+             "--runtime-env-json", runtime_env, "--", *command],
+            capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=cluster.env,
+        )
+        if "No available agent" not in done.stderr or time.time() > deadline:
+            return done
+        time.sleep(5)
