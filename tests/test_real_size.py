@@ -5,7 +5,7 @@ tokens, an 859.5M-parameter UNet, the attention maps of a 32×32 latent).
 Memory: the TDM and SDM roles share one UNet module here (sd15_components(share_unet=True): 5.3 GB of fp32
 weights instead of 8.9; every UNet call of the sampler still runs). The training step uses SGD, which keeps no
 state: AdamW's two moments (6.9 GB more) only copy the parameters' shapes, and benchmarks/real_size.py measures
-the step with AdamW. Measured on 2 cores: about 2.5 min and 9 GB peak RSS for the module.
+the step with AdamW. Measured on 2 cores (other jobs running): 83–115 s and 9.6 GiB peak RSS for the module.
 """
 
 from __future__ import annotations
