@@ -184,6 +184,7 @@ def _ray_for_demo(num_cpus: int, verbose: bool, app_name: str):
     from ray import serve
 
     from pipelines.ray_runtime import init_ray
+    from pipelines.stopping import shutdown_ray
 
     own_ray = not ray.is_initialized()
     session = types.SimpleNamespace(own_serve=False)
@@ -202,7 +203,7 @@ def _ray_for_demo(num_cpus: int, verbose: bool, app_name: str):
                         pass
         finally:
             if own_ray:
-                ray.shutdown()
+                shutdown_ray()  # and wait for its processes (kill stragglers of its session)
 
 
 def _models(config: DemoConfig, out: Path, clock: PhaseClock) -> tuple[str, list[Path]]:
@@ -285,8 +286,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 
+STOPPED_LINE = "stopped; rerun the same command to run the demo again from the start"
+
+
 def run(args: argparse.Namespace) -> int:
-    result = demo(from_args(DemoConfig, args), verbose=args.verbose)
+    from pipelines.stopping import stoppable
+
+    with stoppable(STOPPED_LINE):  # SIGTERM/SIGINT: Serve and the demo's Ray go down; a rerun starts over
+        result = demo(from_args(DemoConfig, args), verbose=args.verbose)
     print(f"\ndemo finished in {result['seconds']:.0f} s ({result['summary']}). Open {result['index']}\n"
           f"  photos:       {Path(result['photos'][0]).parent}\n"
           f"  shards:       {result['shards']} (manifest: {result['manifest']})\n"

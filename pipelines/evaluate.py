@@ -235,6 +235,7 @@ def _generate(config: EvaluateConfig, todo: list[dict], out: Path, writer, showc
 
     from pipelines.evaluate_actors import GenerateImages, ScoreImages
     from pipelines.ray_runtime import init_ray
+    from pipelines.stopping import deferred
 
     init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
     ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 200))
@@ -249,9 +250,10 @@ def _generate(config: EvaluateConfig, todo: list[dict], out: Path, writer, showc
     stream = ds.iter_rows()
     with tqdm(initial=progress[0], total=progress[1], desc="evaluate", unit="image") as bar:
         for row in stream:
-            rows.append(save_row(out, row, showcase))
-            writer.write(json.dumps(rows[-1]) + "\n")
-            writer.flush()
+            with deferred():  # a stop (SIGTERM/SIGINT) waits until the image and its line are both written
+                rows.append(save_row(out, row, showcase))
+                writer.write(json.dumps(rows[-1]) + "\n")
+                writer.flush()
             bar.update(1)
             if stop_after and len(rows) >= stop_after:
                 getattr(stream, "close", lambda: None)()  # stop the streaming executor (its actors) now
@@ -268,7 +270,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate(from_args(EvaluateConfig, args), verbose=args.verbose)
+    from pipelines.stopping import stoppable
+
+    with stoppable():  # SIGTERM/SIGINT: the rows in results.jsonl (and their images) stay, a rerun does the rest
+        report = evaluate(from_args(EvaluateConfig, args), verbose=args.verbose)
     for protocol, methods in report["results"].items():
         for method, summary in methods.items():
             numbers = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
