@@ -37,6 +37,7 @@ from facediffuser.data.masks import PersonSegmenter
 from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.resume import previous_work
 from facediffuser.data.stages import PreprocessConfig, work_table
+from facediffuser.devices import CPU_UNDER_GPU_ENV, torch_device
 from facediffuser.manifest import package_versions
 from pipelines.ray_runtime import AWS_VARIABLES
 
@@ -127,21 +128,34 @@ class ShardWriter:
         return stages.status_table(items)
 
 
+RAN_ON = "ran_on"  # per row: the Ray node id of each pool that ran it so far (→ the manifest's stages[].nodes)
+
+
 def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None) -> pa.Table:
     """`function` on each item of the batch; → the rows for the next pool (WORK_SCHEMA: a row that does not fit
     is a reject of `stage`) or, in the last pool (`writer` given), their statuses once written (straight from
-    the items: a work table there would cost 3 ms an image for nothing)."""
+    the items: a work table there would cost 3 ms an image for nothing). Either way each row carries RAN_ON,
+    the nodes its pools ran on, with this one's added."""
+    from pipelines.ray_runtime import node_id
+
+    trail = batch.column(RAN_ON).to_pylist() if RAN_ON in batch.column_names else [[]] * batch.num_rows
     items = [function(item) for item in batch.to_pylist()]
-    return writer(items) if writer else stages.checked_work_table(items, stage)
+    table = writer(items) if writer else stages.checked_work_table(items, stage)
+    here = node_id()
+    return table.append_column(RAN_ON, pa.array([list(t) + [here] for t in trail], pa.list_(pa.string())))
 
 
 class RunStages:
     """A map_batches class that runs a fused run of stages on each item of a batch (through
     `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
 
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str,
+    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, num_gpus: float,
                  writer: ShardWriter | None = None):
+        from pipelines.ray_runtime import where
+
         self.config, self.names, self.guard, self.writer = config, names, stages.StageGuard(), writer
+        # given a GPU that torch cannot see: one line naming the node, unless FACEDIFFUSER_CPU_UNDER_GPU=1
+        device = torch_device(num_gpus, f"preprocess stages {'+'.join(names)} on {where()}")
         self.detector = make_detector(config.detector, config.min_face_score, device=device) \
             if "detect" in names else None
         self.segmenter = PersonSegmenter() if "segment" in names else None
@@ -158,7 +172,7 @@ class RunStages:
 class ConvertFastComposer:
     """--source fastcomposer: jpg + json + npy → a work row, no models."""
 
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, device: str,
+    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, num_gpus: float,
                  writer: ShardWriter | None = None):
         self.config, self.guard, self.writer = config, stages.StageGuard(), writer
 
@@ -187,7 +201,8 @@ def run_in_worker(batch: pa.Table, run: str, pool: tuple[str, ...], make) -> pa.
 
 
 def _runtime_env() -> dict:
-    env = {name: os.environ[name] for name in (*AWS_VARIABLES, stages.FAULT_ENV) if name in os.environ}
+    env = {name: os.environ[name] for name in (*AWS_VARIABLES, stages.FAULT_ENV, CPU_UNDER_GPU_ENV)
+           if name in os.environ}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
@@ -217,7 +232,7 @@ def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, 
     run = uuid.uuid4().hex[:12]
     for plan in plans:
         last = plan is plans[-1]
-        arguments = (config, plan.names, plan.num_cpus, "cuda" if plan.kind == "actors" else "cpu",
+        arguments = (config, plan.names, plan.num_cpus, plan.num_gpus,
                      ShardWriter(shards_uri, run) if last else None)
         if plan.kind == "actors":
             function, compute = stage_class, ActorPoolStrategy(size=plan.workers,
@@ -265,14 +280,32 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
         "config": config.to_dict(),
         "cluster_cpus": cluster[0],
         "cluster_gpus": cluster[1],
-        "stages": [{"stages": list(p.names), p.kind: p.workers, "num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
-                   for p in plan_stages(config, *cluster)],
+        "stages": stage_info(plan_stages(config, *cluster), statuses),
         "package_versions": package_versions(("facediffuser", "ray", "pyarrow", "numpy", "mediapipe",
                                               "facenet-pytorch", "torch", "transformers", "pillow")),
         "wall_time_s": round(time.time() - started, 3),
         "images_per_s": round(len(todo) / max(time.time() - started, 1e-9), 3),
     }
     return layout.write_manifest(config.output, manifest)  # last: lists the shard files, checks their rows
+
+
+def stage_info(plans: list[StagePlan], statuses: list[dict]) -> list[dict]:
+    """The layout that ran, for the manifest: per pool its stages, size and resources, and the nodes that ran it
+    (node id, Ray's node name, rows), so a cluster run shows where its GPU stages went."""
+    import ray
+
+    names = {n["NodeID"]: n.get("NodeName") or n.get("NodeManagerAddress") for n in ray.nodes()}
+    info = []
+    for index, plan in enumerate(plans):
+        rows: dict[str, int] = {}
+        for status in statuses:
+            ran_on = status.get(RAN_ON) or []
+            if index < len(ran_on):
+                rows[ran_on[index]] = rows.get(ran_on[index], 0) + 1
+        info.append({"stages": list(plan.names), plan.kind: plan.workers, "num_cpus": plan.num_cpus,
+                     "num_gpus": plan.num_gpus, "nodes": [{"node_id": node, "node_name": names.get(node), "rows": n}
+                                                          for node, n in sorted(rows.items())]})
+    return info
 
 
 def _remaining_work(config: PreprocessConfig, items: list[dict]) -> tuple[list[dict], list[dict]]:

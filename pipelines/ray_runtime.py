@@ -105,3 +105,32 @@ def _divert_raylet_notices(log: Path) -> None:
 
     print_or_divert._facediffuser = True
     ray_worker.print_to_stdstream = print_or_divert
+
+
+def node_id() -> str:
+    """The Ray node id (hex) of this process; "" outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:
+        return ""
+
+
+def where() -> str:
+    """This process's place for error lines: `node <Ray node id> (host <hostname>)`."""
+    import socket
+
+    return f"node {node_id() or '(not in Ray)'} (host {socket.gethostname()})"
+
+
+def assigned_gpus() -> float:
+    """GPUs Ray assigned to this task/actor/replica (0 outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return 0.0
+        return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    except Exception:
+        return 0.0

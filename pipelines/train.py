@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 
 from facediffuser.config import add_arguments as add_config_arguments, arg, from_args
 from facediffuser.data import io as dataio
+from facediffuser.devices import CPU_UNDER_GPU_ENV, cpu_under_gpu, ddp_backend
 from facediffuser.model_dir import MODELS, final_dir
 from pipelines.ray_runtime import AWS_VARIABLES  # the one list of AWS variables shipped to Ray workers
 from pipelines.train_export import export_final, pair_with_base, write_export_note
@@ -175,6 +176,10 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
         # process per run, polling throughout) has nothing to report. Ray Train passes this on to its controllers.
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     print(line, flush=True)
+    if any(c.use_gpu for c in configs) and cpu_under_gpu():
+        print(f"{CPU_UNDER_GPU_ENV}=1: GPU workers run CPU kernels where torch sees no GPU, DDP backend gloo "
+              "(a rehearsal setting, never for production)", flush=True)
+    names = {n["NodeID"]: n.get("NodeName") or n["NodeManagerAddress"] for n in ray.nodes()}
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(configs), thread_name_prefix="fit")
     try:
@@ -185,7 +190,9 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
     summaries, errors = [], []
     for config, future in zip(configs, futures):
         try:
-            summaries.append(future.result())
+            summary = future.result()
+            summary["worker_node_names"] = [names.get(n, n) for n in summary["worker_nodes"].split(",") if n]
+            summaries.append(summary)
         except Exception as exc:
             errors.append(f"{config.model}: {root_cause(exc)}")
     if errors:
@@ -198,13 +205,14 @@ def worker_env() -> dict[str, str]:
     """The driver's variables the workers need: S3 access, and the test-only fault injection (train_worker.Fault)."""
     from pipelines.train_worker import FAULT_ENV
 
-    return {name: os.environ[name] for name in (*AWS_VARIABLES, *FAULT_ENV) if name in os.environ}
+    names = (*AWS_VARIABLES, *FAULT_ENV, CPU_UNDER_GPU_ENV)  # and the GPU rehearsal setting (facediffuser/devices.py)
+    return {name: os.environ[name] for name in names if name in os.environ}
 
 
 def fit_one(config: TrainConfig, progress=None) -> dict:
     """Run (or resume) one TorchTrainer; export its final model dir and metrics. → summary dict."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train_inputs import build_dataset, ray_filesystem
     from pipelines.train_worker import train_loop_per_worker
@@ -214,6 +222,8 @@ def fit_one(config: TrainConfig, progress=None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**asdict(config), "progress": progress},
+        # NCCL on GPUs; gloo on CPUs and under FACEDIFFUSER_CPU_UNDER_GPU=1 (NCCL cannot start without CUDA)
+        torch_config=TorchConfig(backend=ddp_backend(config.use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         datasets={"train": build_dataset(config, check_data(config.data))},
@@ -232,7 +242,11 @@ def fit_one(config: TrainConfig, progress=None) -> dict:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{config.model}: training finished without a checkpoint")
-    return export_final(config, result.checkpoint)
+    summary = export_final(config, result.checkpoint)
+    # where the workers ran and the DDP backend they used (rank 0 reports what every rank told it)
+    summary.update(worker_nodes=(result.metrics or {}).get("worker_nodes", ""),
+                   ddp_backend=(result.metrics or {}).get("ddp_backend", ""))
+    return summary
 
 
 def root_cause(exc: BaseException) -> str:
@@ -275,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
     for s in summaries:
         print(f"{s['model']}: {s['steps']} steps, loss_den {s['loss_den']:.4f}, loss_loc {s['loss_loc']:.4f}, "
               f"restarts {s['restarts']}; model {s['model_dir']}; metrics {s['metrics']}")
+        print(f"{s['model']}: {len(s['worker_node_names'])} worker(s) on node(s) {', '.join(s['worker_node_names'])}; "
+              f"DDP backend {s['ddp_backend']}")
     if paired:
         print(f"{paired}: untrained base, paired so that final/ is a complete Face-diffuser model")
     print(f"final model: {final_dir(first.run_root)}")

@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facediffuser.devices import torch_device
 from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
+from pipelines.ray_runtime import where
 from pipelines.train import TrainConfig
 
 FAIL_AT_STEP_ENV = "FACEDIFFUSER_FAIL_AT_STEP"  # test-only: the last rank raises once when about to run this step
@@ -125,6 +127,7 @@ class WorkerRun:
     attempt: int = 0  # restarts so far: 0 on a fresh run, +1 for every resume
     history: list[dict] = field(default_factory=list)  # metric rows up to `step`
     resumed: bool = False
+    placement: dict = field(default_factory=dict)  # {"worker_nodes": "id,id,...", "ddp_backend": ...} (all ranks)
 
 
 def start(config: TrainConfig, rank: int, device) -> WorkerRun:
@@ -187,20 +190,28 @@ def train_loop_per_worker(config_dict: dict) -> None:
     fault = Fault.from_env(config.name)
     collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
-    device = ray.train.torch.get_device()
+    # a GPU worker whose torch sees no GPU fails here with one line naming its node (FACEDIFFUSER_CPU_UNDER_GPU=1:
+    # CPU kernels instead, for rehearsals on logical GPUs)
+    kind = torch_device(1 if config.use_gpu else 0, f"{config.model} train worker rank {rank} on {where()}")
+    device = ray.train.torch.get_device() if kind == "cuda" else torch.device("cpu")
+    placement = worker_placement()
     if device.type == "cpu":  # as many torch threads as CPUs this worker was given (at least one)
         torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     run = start(config, rank, device)
-    step_fn = TrainStep(ray.train.torch.prepare_model(run.model, move_to_device=False), run.optimizer, run.optim, device)
+    # the device given (the model is on it already): Ray's own choice would be cuda:0 for a GPU worker, also
+    # under FACEDIFFUSER_CPU_UNDER_GPU=1, and DDP would then ask for a CUDA device that is not there
+    step_fn = TrainStep(ray.train.torch.prepare_model(run.model, move_to_device=device), run.optimizer, run.optim, device)
     shard = ray.train.get_dataset_shard("train")
     # On a GPU the next batch is built on Ray Data's prefetch thread while the step runs on the device. On CPU
     # workers that thread would only compete with the step for the GIL and the cores: build it inline instead.
     prefetch = 1 if device.type == "cuda" else 0
+    # batches go to this worker's device (Ray's "auto" would send them to cuda:0 on a GPU worker without CUDA)
     report_progress(step=run.step, total=config.max_steps, resumed_from=run.step if run.resumed else None)
+    run.placement = placement
     last = time.perf_counter()
     while run.step < config.max_steps:  # one pass holds many epochs (build_dataset); a long run takes several passes
         for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, collate_fn=collate,
-                                              prefetch_batches=prefetch):
+                                              prefetch_batches=prefetch, device=device):
             fault.maybe_fail(run.step + 1, rank, world)
             metrics = step_fn(batch)
             run.step += 1
@@ -226,7 +237,7 @@ def report(config: TrainConfig, run: WorkerRun, rank: int) -> None:
     spread = rank_spread(param_checksum(run.model))
     latest = run.history[-1]
     metrics = {"step": run.step, "attempt": run.attempt, "loss": latest["loss"], "loss_den": latest["loss_den"],
-               "loss_loc": latest["loss_loc"], "param_rank_spread": spread}
+               "loss_loc": latest["loss_loc"], "param_rank_spread": spread, **run.placement}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -240,6 +251,21 @@ def report(config: TrainConfig, run: WorkerRun, rank: int) -> None:
         write_metrics(run.history, Path(tmp) / "metrics.csv")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{run.step:08d}")
+
+
+def worker_placement() -> dict:
+    """{"worker_nodes": the Ray node id of every rank, in rank order, comma-separated; "ddp_backend": the
+    torch.distributed backend} — gathered from all ranks, so rank 0's report says where the run went."""
+    import torch.distributed as dist
+
+    from pipelines.ray_runtime import node_id
+
+    here = node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return {"worker_nodes": here, "ddp_backend": "none"}
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, here)
+    return {"worker_nodes": ",".join(nodes), "ddp_backend": str(dist.get_backend())}
 
 
 def param_checksum(model) -> float:
