@@ -13,7 +13,9 @@ This module builds and starts the app; its parts live in:
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import sys
 import threading
 from dataclasses import asdict
 
@@ -33,6 +35,7 @@ from serving.settings import (
     ingress_capacity,
     refuse_anonymous,
     running_http_host,
+    running_http_options,
 )
 
 
@@ -53,12 +56,9 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
         encoder = serve.get_deployment_handle("SubjectEncoder", app_name=upstream_app)
         sampler = serve.get_deployment_handle("Sampler", app_name=upstream_app)
         return ingress.bind(encoder, sampler, values)
-    scaling = {
-        "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
-        "target_ongoing_requests": config.target_ongoing_requests,
-    }
     queues = {"max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": config.max_queued_requests,
-              "health_check_period_s": config.health_check_period_s, "autoscaling_config": scaling}
+              "health_check_period_s": config.health_check_period_s,
+              "autoscaling_config": config.autoscaling_config()}
     encoder = SubjectEncoderDeployment.options(
         ray_actor_options={"num_cpus": config.encoder_num_cpus, "num_gpus": config.encoder_num_gpus}, **queues,
     ).bind(values)
@@ -80,17 +80,90 @@ def app_builder(args: dict):
     return build_app(config)
 
 
-def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = False) -> str:
-    """Deploy on the current (or a new local) Ray and wait until ready; → base URL of the app."""
-    from pipelines.ray_runtime import init_ray  # the one way every command starts Ray (quiet console)
+def attach_address() -> str | None:
+    """The running cluster a plain `ray.init()` joins (RAY_ADDRESS, else the latest `ray start` on this machine),
+    or None when it would start a Ray of its own."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        return None if address == "local" else address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
 
-    config.validate()  # a config changed after it was built is checked again before anything starts
-    init_ray(verbose, num_gpus=None if config.num_gpus or config.encoder_num_gpus else 0)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    # A Serve that was already running keeps its own address: check that one too.
-    refuse_anonymous(running_http_host() or config.host, config.api_token, config.allow_anonymous)
-    serve.run(build_app(config, upstream_app), name=config.app_name, route_prefix=config.route_prefix)
-    return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
+        return canonicalize_bootstrap_address(None)
+    except Exception:  # a Ray that moved the helper, or an address it cannot parse: ray.init will say
+        return address or None
+
+
+class ServeSession:
+    """One start of the app and, at `stop()`, the undoing of exactly what that start did: our application is
+    deleted (`serve.delete`) only if this session deployed it; Serve is shut down only if this session started
+    it and no other application runs on it; Ray is shut down (a started local Ray) or left (a joined cluster
+    is only disconnected from) only if this session initialised it. Other applications on the cluster keep
+    running whatever happens here."""
+
+    def __init__(self, config: ServeConfig, upstream_app: str | None = None, verbose: bool = False,
+                 replace_existing: bool = True):
+        self.config, self.upstream_app, self.verbose = config, upstream_app, verbose
+        self.replace_existing = replace_existing  # False: refuse when an application of our name runs already
+        self.url: str | None = None
+        self.cluster: str | None = None  # the address joined; None: a local Ray (ours, or the caller's)
+        self.own_ray = self.own_serve = self.deployed = False
+
+    def start(self, after_ray_init=None) -> str:
+        """Deploy on the current Ray, a running cluster (RAY_ADDRESS), or a new local Ray, and wait until ready;
+        → the app's base URL. `after_ray_init` runs once Ray is up (ray.init replaces the SIGTERM handler)."""
+        import ray
+
+        from pipelines.ray_runtime import init_ray  # the one way every command starts Ray (quiet console)
+
+        config = self.config
+        config.validate()  # a config changed after it was built is checked again before anything starts
+        if not ray.is_initialized():
+            self.cluster = attach_address()
+            if self.cluster:  # its nodes declare CPUs and GPUs; ray.init refuses resource arguments there
+                init_ray(self.verbose)
+            else:
+                init_ray(self.verbose, num_gpus=None if config.num_gpus or config.encoder_num_gpus else 0)
+            self.own_ray = True
+        if after_ray_init:
+            after_ray_init()
+        self.own_serve = running_http_options() is None
+        serve.start(http_options={"host": config.host, "port": config.port})
+        # A Serve that was already running keeps its own address and port: check that one, and answer with it.
+        host, port = running_http_options() or (config.host, config.port)
+        refuse_anonymous(host, config.api_token, config.allow_anonymous)
+        existing = serve.status().applications
+        if config.app_name in existing and not self.replace_existing:
+            raise ValueError(f"an application named {config.app_name!r} already runs on this Ray "
+                             f"(status {existing[config.app_name].status}); stop it first, or give this one "
+                             "another --app-name (and --route-prefix)")
+        self.deployed = config.app_name not in existing  # ours to delete at stop (also when deploying fails)
+        serve.run(build_app(config, self.upstream_app), name=config.app_name, route_prefix=config.route_prefix)
+        self.url = f"http://{host}:{port}{config.route_prefix.rstrip('/')}"
+        return self.url
+
+    def stop(self) -> None:
+        """Undo what `start` did (see the class); safe to call after a failed or partial start."""
+        import ray
+
+        try:
+            if ray.is_initialized():
+                if self.deployed:
+                    try:
+                        serve.delete(self.config.app_name)  # waits until its replicas are gone
+                    except Exception as exc:
+                        print(f"could not delete application {self.config.app_name}: {exc}", file=sys.stderr)
+                if self.own_serve and running_http_options() is not None and not serve.status().applications:
+                    serve.shutdown()
+        finally:
+            if self.own_ray:
+                ray.shutdown()  # a local Ray ends; a joined cluster is only disconnected from
+
+
+def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = False) -> str:
+    """Deploy on the current (or a new local) Ray and wait until ready; → base URL of the app. An application of
+    the same name is updated in place (ServeSession(replace_existing=False) refuses instead)."""
+    return ServeSession(config, upstream_app, verbose).start()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,22 +182,38 @@ def config_from_cli(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
+    """`facediffuser serve`: start (or join a running cluster: RAY_ADDRESS), serve until SIGINT or SIGTERM, then
+    stop: our application deleted, Serve and Ray shut down only if this command started them. Exit status 0."""
     config = config_from_cli(args)  # validates before Ray starts
+    session = ServeSession(config, verbose=args.verbose, replace_existing=False)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    state = {"serving": False}
+
+    def on_signal(signum, frame):  # one stop path for both signals
+        stop.set()
+        if not state["serving"]:  # still starting: abandon the start; `finally` undoes what it did
+            raise KeyboardInterrupt
+
+    def install_handlers():
+        # Set explicitly: a background job (`cmd &`) starts with SIGINT ignored, and ray.init replaces SIGTERM's.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    install_handlers()
     try:
-        url = start(config, verbose=args.verbose)
-        print(f"serving on {url}: POST /v1/generate, GET /healthz, /v1/info, /docs. Ctrl-C stops.", flush=True)
+        url = session.start(after_ray_init=install_handlers)
+        install_handlers()
+        state["serving"] = True
+        where = f"cluster {session.cluster}" if session.cluster else "a local Ray"
+        print(f"serving on {url} (application {config.app_name} on {where}): POST /v1/generate, GET /healthz, "
+              "/v1/info, /docs. Ctrl-C stops.", flush=True)
         print(auth_mode(config, running_http_host()), flush=True)
-        while not stop.wait(1.0):
-            pass
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        state["serving"] = True  # a second signal while stopping must not interrupt the clean-up
+        session.stop()
     print("stopped", flush=True)
     return 0
 

@@ -33,6 +33,7 @@ from serving.api import (
     validation_message,
 )
 from serving.gate import UNAUTHORIZED, Gate, error_response, token_matches
+from serving.scaling import replica_view
 from serving.settings import TOKEN_ENV, ServeConfig, auth_mode, ingress_capacity, is_loopback
 
 STATIC_PAGE = Path(__file__).parent / "static" / "index.html"
@@ -113,6 +114,9 @@ class FaceDiffuserAPI:
         self.token = cfg.api_token
         self.config = cfg
         self.default_size: int | None = None  # the model's image side, asked from the sampler on first use
+        self.in_flight = 0  # /v1/generate requests this ingress holds (encoding, queued or sampling)
+        # the application whose encoder and sampler we call (another one's, behind a second ingress)
+        self.models_app = getattr(sampler, "app_name", None) or cfg.app_name
         api.state.limits, api.state.token = self.limits, self.token  # read by Gate
         exposed = not self.token and not is_loopback(cfg.host)
         (log.warning if exposed else log.info)("%s (app %s)", auth_mode(cfg), cfg.app_name)
@@ -140,7 +144,11 @@ class FaceDiffuserAPI:
 
     @api.get("/healthz", responses={503: {"model": ErrorResponse}})
     async def healthz(self):
-        """Ready only when the encoder's and the sampler's models are loaded and answering."""
+        """Ready only when the encoder's and the sampler's models are loaded and answering. With min_replicas 0
+        the answer comes from the Serve controller instead (a call to a replica would wake a deployment scaled to
+        zero and keep it from scaling down): `ready`, or `scaled_to_zero` while no replica runs."""
+        if self.config.min_replicas == 0:
+            return await self._health_from_controller()
         try:
             encoder, sampler, encoder_model = await asyncio.wait_for(asyncio.gather(
                 self.encoder.ready.remote(), self.sampler.ready.remote(), self.encoder.model.remote()), timeout=5)
@@ -150,6 +158,27 @@ class FaceDiffuserAPI:
         if mismatch:
             return error_response(503, "model_mismatch", mismatch)
         return {"status": "ready", "encoder_cache": encoder, "batches_served": sampler["batches_served"]}
+
+    async def _health_from_controller(self):
+        try:
+            view = await asyncio.wait_for(replica_view(self.models_app), timeout=5)
+        except Exception as exc:
+            return error_response(503, "not_ready", f"the Serve controller did not answer ({type(exc).__name__})")
+        deployments = view["deployments"]
+        broken = {name: d["status"] for name, d in deployments.items() if d["status"] in ("UNHEALTHY", "MISSING")}
+        if broken:
+            return error_response(503, "not_ready", f"deployments not healthy: {broken}")
+        running = {name: d["running"] for name, d in deployments.items()}
+        return {"status": "ready" if all(running.values()) else "scaled_to_zero", "replicas": running}
+
+    @api.get("/v1/replicas", responses=ERRORS)
+    async def replicas(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        """Replicas of the encoder and the sampler as the Serve controller sees them (the autoscaler's target, those
+        running and starting, running ones per node, the autoscaling settings), and the generate requests this
+        ingress holds now. Never calls a replica, so it neither wakes a deployment scaled to zero nor counts as load."""
+        self._authorize(credentials)
+        view = await replica_view(self.models_app)
+        return {**view, "ongoing_requests": self.in_flight}
 
     @api.get("/v1/info", responses=ERRORS)
     async def info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
@@ -186,6 +215,13 @@ class FaceDiffuserAPI:
         """Generate `num_images` images of the referenced people; image k uses seed + k."""
         started = time.perf_counter()
         self._authorize(credentials)
+        self.in_flight += 1
+        try:
+            return await self._generate(body, started)
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, body: GenerateRequest, started: float) -> GenerateResponse:
         if self.default_size is None:
             self.default_size = (await self._call(self.sampler.ready))["default_size"]
         checked = check_request(body, self.limits, self.default_size)

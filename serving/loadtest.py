@@ -3,7 +3,8 @@ concurrency, then a report (throughput, p50/p99 latency, status counts, batch si
 
     python -m serving.loadtest --url http://127.0.0.1:8000 --reference face.jpg --concurrency 8 --requests 32
 
-Used by the tests and by benchmarks/serve.py.
+`run_profile` varies the concurrency over time (idle, ramp, hold, idle: benchmarks/autoscale.py and the
+autoscaling tests). Used by the tests and by benchmarks/serve.py and benchmarks/autoscale.py.
 """
 
 from __future__ import annotations
@@ -112,6 +113,89 @@ def run_load(
         return LoadReport(concurrency, requests, seconds, dict(statuses), latencies, batch_sizes, stage_timings)
 
     return asyncio.run(main())
+
+
+@dataclass
+class Answer:
+    """One request of a profile: when it was sent and answered (seconds since the profile began), its status
+    (-1: no HTTP answer) and, for a 200, its latency."""
+
+    sent: float
+    done: float
+    status: int
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.sent
+
+
+def run_profile(
+    url: str,
+    payload: Callable[[int], dict],
+    stages: list[tuple[float, int]],
+    *,
+    headers: dict | None = None,
+    timeout_s: float = 300.0,
+    stop: Callable[[], bool] | None = None,
+    sink: list | None = None,
+    origin: float | None = None,
+) -> list[Answer]:
+    """A load that changes over time: `stages` = [(seconds, concurrency), ...] in order (concurrency 0 = idle);
+    each of max(concurrency) workers sends back-to-back requests while its index is below the current stage's
+    concurrency. Ends when the stages are over (or `stop()` says so) and every request sent has its answer; a
+    request is never cut off by a stage's end. → every answer, in the order they came (also appended to `sink`
+    as they come, for a live view). Times count from `origin` (a time.perf_counter() value; default: now)."""
+    if not stages or any(seconds < 0 or concurrency < 0 for seconds, concurrency in stages):
+        raise ValueError("stages must be (seconds >= 0, concurrency >= 0) pairs")
+    ends, total = [], 0.0
+    for seconds, _ in stages:
+        total += seconds
+        ends.append(total)
+    width = max(concurrency for _, concurrency in stages)
+
+    async def main() -> list[Answer]:
+        answers: list[Answer] = [] if sink is None else sink
+        counter = iter(range(10**12))
+        began = time.perf_counter() if origin is None else origin
+
+        def now() -> float:
+            return time.perf_counter() - began
+
+        def concurrency_at(t: float) -> int | None:  # None: the profile is over
+            if stop is not None and stop():
+                return None
+            return next((c for (_, c), end in zip(stages, ends) if t < end), None)
+
+        limits = httpx.Limits(max_connections=max(width, 1), max_keepalive_connections=max(width, 1))
+        async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
+
+            async def worker(index: int) -> None:
+                while (active := concurrency_at(now())) is not None:
+                    if index >= active:
+                        await asyncio.sleep(0.05)
+                        continue
+                    sent = now()
+                    try:
+                        status = (await client.post(url, json=payload(next(counter)))).status_code
+                    except httpx.HTTPError:
+                        status = -1
+                    answers.append(Answer(sent, now(), status))
+
+            await asyncio.gather(*(worker(i) for i in range(width)))
+        return answers
+
+    return asyncio.run(main())
+
+
+def window_summary(answers: list[Answer], start: float, end: float) -> dict:
+    """Answers that came in [start, end): their status counts and p50/p99 latency of the 200s."""
+    inside = [a for a in answers if start <= a.done < end]
+    latencies = [a.latency for a in inside if a.status == 200]
+    return {
+        "statuses": dict(sorted(Counter(a.status for a in inside).items())),
+        "p50_s": float(np.percentile(latencies, 50)) if latencies else None,
+        "p99_s": float(np.percentile(latencies, 99)) if latencies else None,
+    }
 
 
 def generate_payload(reference_b64: str, *, steps: int = 4, prompt: str = "a man <|image|> on a beach",

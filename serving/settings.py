@@ -36,8 +36,9 @@ class ServeConfig:
     # http_options.host (app_builder also checks the running proxies' address).
     host: str = arg("127.0.0.1", f"address to listen on; any but loopback needs ${TOKEN_ENV} (or --allow-anonymous)")
     port: int = arg(8000, "HTTP port")
-    app_name: str = arg("facediffuser", cli=False)
-    route_prefix: str = arg("/", cli=False)
+    app_name: str = arg("facediffuser", "Serve application name: on a shared cluster each application needs its "
+                                        "own (an existing one of this name is not replaced)")
+    route_prefix: str = arg("/", "URL path the application answers under (one application per prefix)")
     api_token: str | None = arg(None, cli=False)  # default: $FACEDIFFUSER_API_TOKEN (never a flag: ps shows those)
     allow_anonymous: bool = arg(False, f"serve without ${TOKEN_ENV} on a non-loopback --host (anyone who reaches "
                                        "it can use the GPUs)")
@@ -55,9 +56,18 @@ class ServeConfig:
     encoder_num_cpus: float = arg(0.5, cli=False)
     ingress_num_cpus: float = arg(0.1, cli=False)
     torch_threads: int = arg(0, cli=False)  # 0: torch's default
-    min_replicas: int = arg(1, "replicas of the encoder and of the sampler, at least")
+    # Autoscaling (Ray Serve's autoscaling_config), the same for the encoder and the sampler: with min_replicas 0
+    # both go to zero when idle, so an idle app holds no GPU (the encoder has a GPU share in serve.yaml too).
+    min_replicas: int = arg(1, "replicas of the encoder and of the sampler, at least (0: scale to zero when idle; "
+                               "the first request after that waits for a cold start)")
     max_replicas: int = arg(2, "replicas of the encoder and of the sampler, at most")
-    target_ongoing_requests: float = arg(4.0, cli=False)
+    target_ongoing_requests: float = arg(4.0, "requests in flight per replica that the autoscaler aims at: more "
+                                              "than this on average adds replicas, fewer removes them")
+    upscale_delay_s: float = arg(10.0, "seconds the load must stay above target before a replica is added")
+    downscale_delay_s: float = arg(60.0, "seconds the load must stay below target before a replica is removed")
+    downscale_to_zero_delay_s: float | None = arg(None, "seconds idle before the last replica goes (min-replicas "
+                                                        "0); default: --downscale-delay-s")
+    look_back_period_s: float = arg(15.0, cli=False)  # window the autoscaler averages the load over (> 10 s, Ray's metrics interval)
     max_ongoing_requests: int = arg(8, "requests a replica works on at once")
     max_queued_requests: int = arg(32, "requests waiting per deployment before 503")
     max_batch_size: int = arg(4, "requests per snf_denoise call; 1 turns batching off")
@@ -84,14 +94,36 @@ class ServeConfig:
                              "(for the whole photo, set reference_mode: whole)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if not self.route_prefix.startswith("/") or not self.app_name.strip():
+            raise ValueError(f"route_prefix must start with / and app_name must not be empty, got "
+                             f"{self.route_prefix!r}, {self.app_name!r}")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
-        if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {self.min_replicas}, "
+                             f"{self.max_replicas}")
+        if self.target_ongoing_requests <= 0 or self.look_back_period_s <= 0:
+            raise ValueError("target_ongoing_requests and look_back_period_s must be > 0")
+        delays = {"upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                  "downscale_to_zero_delay_s": self.downscale_to_zero_delay_s}
+        negative = [name for name, value in delays.items() if value is not None and value < 0]
+        if negative:
+            raise ValueError(f"{', '.join(negative)} must be >= 0")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size (a batch needs that many in flight)")
         Limits(**self.limits)  # unknown keys and bad values fail here
         ingress_capacity(self)  # the ingress memory must hold at least one request and one queued
+
+    def autoscaling_config(self) -> dict:
+        """Ray Serve's autoscaling_config of the encoder and the sampler."""
+        scaling = {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s, "look_back_period_s": self.look_back_period_s,
+        }
+        if self.downscale_to_zero_delay_s is not None:
+            scaling["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        return scaling
 
     @classmethod
     def from_dict(cls, values: dict) -> "ServeConfig":
@@ -145,9 +177,9 @@ def ingress_capacity(config: ServeConfig) -> tuple[int, int]:
     return ongoing, max(1, min(wanted, left))
 
 
-def running_http_host() -> str | None:
-    """The address the running Serve's HTTP proxies listen on, when this process is in a Ray session that has a
-    Serve controller (best effort: None otherwise). Never starts Ray."""
+def running_http_options() -> tuple[str, int] | None:
+    """(host, port) the running Serve's HTTP proxies listen on, when this process is in a Ray session that has a
+    Serve controller (best effort: None otherwise). Never starts Ray or Serve."""
     try:
         import ray
 
@@ -156,6 +188,12 @@ def running_http_host() -> str | None:
         from ray.serve.context import _get_global_client
 
         client = _get_global_client(raise_if_no_controller_running=False)
-        return client.http_config.host if client is not None else None
+        return (client.http_config.host, int(client.http_config.port)) if client is not None else None
     except Exception:
         return None
+
+
+def running_http_host() -> str | None:
+    """The address the running Serve's HTTP proxies listen on (running_http_options), or None."""
+    options = running_http_options()
+    return options[0] if options else None

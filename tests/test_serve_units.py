@@ -251,6 +251,47 @@ def test_cli_rejects_bad_config_before_starting_ray(capsys):
     assert exited.value.code == 2
 
 
+def test_autoscaling_settings_reach_both_model_deployments_and_scale_to_zero_validates():
+    from ray.serve.config import AutoscalingConfig
+
+    from serving.app import build_app
+    from serving.settings import ServeConfig
+
+    config = ServeConfig(tiny=True, min_replicas=0, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=4,
+                         downscale_delay_s=30, downscale_to_zero_delay_s=120)
+    scaling = config.autoscaling_config()
+    assert scaling == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 4,
+                       "downscale_delay_s": 30, "look_back_period_s": 15.0, "downscale_to_zero_delay_s": 120}
+    AutoscalingConfig(**scaling)  # Ray accepts it as it is
+    app = build_app(config)
+    encoder, sampler = (bound._bound_deployment for bound in app._bound_deployment.init_args[:2])
+    assert (encoder.name, sampler.name) == ("SubjectEncoder", "Sampler")
+    for deployment in (encoder, sampler):
+        bound = deployment._deployment_config.autoscaling_config
+        assert bound.min_replicas == 0 and bound.max_replicas == 3 and bound.downscale_to_zero_delay_s == 120
+    assert "downscale_to_zero_delay_s" not in ServeConfig(tiny=True).autoscaling_config()
+    for bad, message in (({"min_replicas": -1}, "0 <= min_replicas"), ({"min_replicas": 0, "max_replicas": 0},
+                         "max_replicas >= 1"), ({"downscale_delay_s": -1}, "downscale_delay_s must be >= 0"),
+                         ({"target_ongoing_requests": 0}, "target_ongoing_requests")):
+        with pytest.raises(ValueError, match=message):
+            ServeConfig(tiny=True, **bad)
+
+
+def test_replica_view_counts_running_replicas_per_node():
+    import serving.scaling as scaling
+
+    scaling._node_names.update({"n1": "gpu_node_a", "n2": "gpu_node_b"})
+    details = {"applications": {"fd": {"deployments": {
+        "Sampler": {"status": "UPSCALING", "target_num_replicas": 2,
+                    "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "policy": {}}},
+                    "replicas": [{"state": "RUNNING", "node_id": "n1"}, {"state": "STARTING", "node_id": None}]},
+    }}}}
+    view = scaling.summarize(details, "fd", ("SubjectEncoder", "Sampler"))
+    assert view["Sampler"] == {"status": "UPSCALING", "target": 2, "running": 1, "starting": 1,
+                               "nodes": {"gpu_node_a": 1}, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}
+    assert view["SubjectEncoder"]["status"] == "MISSING" and view["SubjectEncoder"]["running"] == 0
+
+
 def test_check_request_limits_and_base64():
     from serving.api import GenerateRequest, Limits, RequestError, check_request
 
