@@ -270,7 +270,12 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
     resources = ray.cluster_resources()
     cluster = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    statuses = _run_pipeline(config, todo, *cluster)
+    statuses: list[dict] = []
+    try:
+        _run_pipeline(config, todo, *cluster, statuses)
+    except KeyboardInterrupt:  # stopped (pipelines/stopping.py): the finished blocks' shards stay; keep their rejects
+        _write_rejects(config.output, old_rejects + [s for s in statuses if s["stage"]])
+        raise
     rejected = old_rejects + [s for s in statuses if s["stage"]]
     _write_rejects(config.output, rejected)
     manifest = {
@@ -320,11 +325,12 @@ def _remaining_work(config: PreprocessConfig, items: list[dict]) -> tuple[list[d
     return todo, old_rejects
 
 
-def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: float, cluster_gpus: float) -> list[dict]:
-    """The stages and the shard writes over `todo`; → every row's status (id, source, stage, reason)."""
+def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: float, cluster_gpus: float,
+                  statuses: list[dict]) -> list[dict]:
+    """The stages and the shard writes over `todo`; every row's status (id, source, stage, reason) is appended to
+    `statuses` as its block finishes (so a stopped run still knows what it finished); → `statuses`."""
     from tqdm.auto import tqdm
 
-    statuses: list[dict] = []
     if todo:
         dataset = build_dataset(todo, config, dataio.join(config.output, layout.SHARDS_DIR), cluster_cpus,
                                 cluster_gpus)
@@ -356,7 +362,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = preprocess(from_args(PreprocessConfig, args), verbose=args.verbose)
+    from pipelines.stopping import stoppable
+
+    with stoppable():  # SIGTERM/SIGINT: written shards and rejects stay, a rerun does the rest
+        manifest = preprocess(from_args(PreprocessConfig, args), verbose=args.verbose)
     counts = manifest["counts"]
     print(f"preprocess: {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected "
           f"in {manifest['wall_time_s']:.1f} s → {args.output}")

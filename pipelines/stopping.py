@@ -63,6 +63,8 @@ def install(line: str = RESUME_LINE) -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False
     _state.update(line=line, signum=0)
+    if hasattr(signal, "pthread_sigmask"):  # blocked, not ignored, is how Ray's job supervisor passes SIGINT on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     for sig in SIGNALS:
         previous = signal.signal(sig, _on_signal)  # explicitly: SIGINT may have been ignored since the start
         if not _state["installed"]:

@@ -283,7 +283,10 @@ def run(args: argparse.Namespace) -> int:
     first = configs[0]
     print(f"training {' and '.join(c.model for c in configs)} on {check_data(first.data)} rows from "
           f"{', '.join(data_uris(first.data))} → {first.run_root}")
-    summaries = train(configs, verbose=args.verbose)
+    from pipelines.stopping import stoppable
+
+    with stoppable():  # SIGTERM/SIGINT: the checkpoints written so far stay, a rerun resumes from the last one
+        summaries = train(configs, verbose=args.verbose)
     paired = pair_with_base(first) if len(configs) == 1 else None
     write_export_note(configs, paired)
     for s in summaries:

@@ -81,22 +81,24 @@ def show_progress(board, configs: list[TrainConfig], futures: list) -> None:
     bars = {c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
             for i, c in enumerate(configs)}
     said = set()
-    while True:
-        finished = all(f.done() for f in futures)
-        for model, state in ray.get(board.read.remote()).items():
-            bar = bars[model]
-            if state.get("resumed_from") and model not in said:
-                said.add(model)
-                bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")
-            bar.n = state.get("step", 0)
-            if "loss" in state:
-                bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
-            bar.refresh()
-        if finished:
-            break
-        concurrent.futures.wait(futures, timeout=1.0)
-    for bar in bars.values():
-        bar.close()
+    try:
+        while True:
+            finished = all(f.done() for f in futures)
+            for model, state in ray.get(board.read.remote()).items():
+                bar = bars[model]
+                if state.get("resumed_from") and model not in said:
+                    said.add(model)
+                    bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")
+                bar.n = state.get("step", 0)
+                if "loss" in state:
+                    bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+                bar.refresh()
+            if finished:
+                break
+            concurrent.futures.wait(futures, timeout=1.0)
+    finally:  # also when stopped (SIGTERM/SIGINT): the bars end before the command's last line
+        for bar in bars.values():
+            bar.close()
 
 
 def example_collate(config: TrainConfig, seed: int):
