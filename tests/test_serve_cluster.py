@@ -58,12 +58,14 @@ SCALING = ["--tiny", "--num-gpus", "1", "--num-cpus", "0.25", "--target-ongoing-
 class ServeCommand:
     """`facediffuser serve ...` as a subprocess joined to the cluster, in its own process group (ended by us)."""
 
-    def __init__(self, cluster, log: Path, *flags: str):
+    def __init__(self, cluster, log: Path, *flags: str, background: bool = False):
         self.log = log
+        # background: started as `cmd &` starts it, with SIGINT ignored (the command must set its own handler)
+        ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
         with open(log, "w") as handle:
             self.process = subprocess.Popen([str(BIN / "facediffuser"), "serve", *flags], stdout=handle,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                                            env=cluster.env, start_new_session=True)
+                                            env=cluster.env, start_new_session=True, preexec_fn=ignore_sigint)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -184,8 +186,9 @@ def generate_ok(client: httpx.Client) -> bool:
 
 
 def test_scale_to_zero_cold_start_and_back_stopped_by_sigint(gpu_cluster, tmp_path):
+    """Started like a background job (SIGINT ignored), stopped by SIGINT all the same."""
     with ServeCommand(gpu_cluster, tmp_path / "serve.log", *SCALING, "--port", str(free_port()),
-                      "--min-replicas", "0", "--max-replicas", "1") as server:
+                      "--min-replicas", "0", "--max-replicas", "1", background=True) as server:
         url = server.wait_serving()
         client = httpx.Client(base_url=url, timeout=120)
         view, _ = wait_for(client, lambda d: all(x["running"] == 0 for x in d.values()), "zero replicas", 120)
