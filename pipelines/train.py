@@ -68,6 +68,8 @@ class TrainConfig:
     keep_checkpoints: int = arg(2, "checkpoints kept in the run directory")
     max_failures: int = arg(3, "worker failures survived, each resuming from the last checkpoint")
     mixed_precision: str = arg("bf16", "GPU only", choices=PRECISIONS)
+    gradient_checkpointing: bool = arg(False, "recompute the UNet's blocks in the backward pass: slower steps, far "
+                                              "less activation memory (docs/sizing.md)")
     resolution: int | None = arg(None, "training image side (default: the model's, 512 for SD1.5 and 128 for --tiny)")
     seed: int = arg(0, "seed of the model's noise, the data order and the augmentation")
 

@@ -147,6 +147,8 @@ def start(config: TrainConfig, rank: int, device) -> WorkerRun:
         else:
             parts = ckpt.load_components(config.base, config.model, tiny=config.tiny, image_encoder=config.image_encoder,
                                          variant=config.variant, log=print if rank == 0 else (lambda m: None))
+        if config.gradient_checkpointing:  # recompute each UNet block in backward: far less activation memory
+            parts["unet"].enable_gradient_checkpointing()
         model = TrainingModel(config.model, parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
                               parts["subject_encoder"], optim, seed=config.seed + rank)
         model.to(device)

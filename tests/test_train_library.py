@@ -172,3 +172,31 @@ def test_plain_torch_training_lowers_the_loss(astronaut, tmp_path):
     for index, values in old["state"].items():
         for key, value in values.items():
             torch.testing.assert_close(new["state"][index][key], value)
+
+
+def test_gradient_checkpointing_gives_the_same_step(astronaut):
+    """train --gradient-checkpointing recomputes the UNet's blocks in backward: same loss, same gradients (it only
+    trades time for activation memory), and the localization loss still sees its maps."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        parts = load_components(None, "sdm", tiny=True)
+        if checkpointing:
+            parts["unet"].enable_gradient_checkpointing()
+        config = OptimConfig(lr=1e-3, masked_loss_prob=0.0)
+        model = TrainingModel("sdm", parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
+                              parts["subject_encoder"], config)
+        builder = ExampleBuilder(DataConfig("sdm", resolution=64, object_resolution=32, uncondition_prob=0.0,
+                                            subject_keep_prob=1.0), parts["tokenizer"], seed=0)
+        batch = {k: torch.from_numpy(v) for k, v in builder(to_table(sample_records(2, astronaut))).items()}
+        model.train()
+        torch.manual_seed(1)
+        out = model(batch)
+        out["loss"].backward()
+        grads = {name: p.grad.clone() for name, p in model.unet.named_parameters() if p.grad is not None}
+        results.append((out["loss_den"].item(), out["loss_loc"].item(), grads))
+    (den_a, loc_a, grads_a), (den_b, loc_b, grads_b) = results
+    assert loc_a != 0 and den_a == pytest.approx(den_b, rel=1e-6) and loc_a == pytest.approx(loc_b, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
