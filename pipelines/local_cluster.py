@@ -79,6 +79,7 @@ class LocalCluster:
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
         self.nodes: dict[str, _Node] = {}
+        self.killed: set[str] = set()  # nodes ended by kill_node (their `ray start --block` exits: expected)
         self._pgids: set[int] = set()
 
     # ------------------------------------------------------------------------------------------ start
@@ -153,7 +154,7 @@ class LocalCluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for node in list(self.nodes.values()):
-                if node.process.poll() is not None:
+                if node.spec.name not in self.killed and node.process.poll() is not None:
                     raise RuntimeError(f"local cluster: `ray start` of node {node.spec.name} exited with status "
                                        f"{node.process.returncode}: {self._tail(node)}")
             if ready():
@@ -215,7 +216,8 @@ class LocalCluster:
     # ------------------------------------------------------------------------------------------ stop
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL the node's raylet: what a node failure looks like to the rest of the cluster."""
+        """SIGKILL the node's raylet: what a node failure looks like to the rest of the cluster. Its `ray start
+        --block` then ends the node's other processes and exits; `add_node` can bring in another node (a new name)."""
         import psutil
 
         pgid = self.nodes[name].process.pid
@@ -228,6 +230,7 @@ class LocalCluster:
                 continue
         if not raylets:
             raise RuntimeError(f"node {name}: no raylet process found")
+        self.killed.add(name)
         for proc in raylets:
             proc.kill()
 

@@ -108,24 +108,56 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
 class ShardWriter:
     """What the last pool does after its stages: the accepted rows of one call become one SHARD_SCHEMA
     file (a row that does not fit the schema is a `write` reject), and the call returns the status of every row
-    (REJECT_SCHEMA columns), so the shards and the accounting come out of one pass. The file name holds the run's
-    prefix and a hash of the block's first id, so a retried call rewrites its file instead of adding one."""
+    (REJECT_SCHEMA columns, plus SHARD: the file it went to), so the shards and the accounting come out of one pass.
+
+    The file name holds the run's prefix and a hash of the block's first id, so a retried call (its node died, or
+    its output was lost with the node and Ray re-ran it) rewrites its own file instead of adding one. The file is
+    written under a hidden temporary name (readers skip names starting with '.') and moved into place when
+    complete, so a node that dies mid-write leaves no partial shard; `sweep_shards` removes what such a node left
+    (its temporary file, or a whole file of a block whose statuses never reached the driver)."""
 
     def __init__(self, shards_uri: str, prefix: str):
         self.uri, self.prefix = shards_uri, prefix
 
     def __call__(self, items: list[dict]) -> pa.Table:
         import hashlib
+        import uuid
 
         import pyarrow.parquet as pq
 
         table, items = stages.shard_rows(items)
+        name = None
         if table.num_rows:
             fs, path = dataio.resolve(self.uri)
             fs.create_dir(path, recursive=True)
             block = hashlib.sha1(items[0]["id"].encode()).hexdigest()[:16]
-            pq.write_table(table, f"{path}/{self.prefix}_{block}.parquet", filesystem=fs)
-        return stages.status_table(items)
+            name = f"{self.prefix}_{block}.parquet"
+            partial = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.partial"
+            pq.write_table(table, partial, filesystem=fs)
+            fs.move(partial, f"{path}/{name}")
+        statuses = stages.status_table(items)
+        return statuses.append_column(SHARD, pa.array([None if i["stage"] else name for i in items], pa.string()))
+
+
+SHARD = "shard"  # per row status: the shard file (name under shards/) an accepted row was written to
+
+
+def sweep_shards(shards_uri: str, run: str, kept: set[str]) -> list[str]:
+    """Remove the files of run `run` under `shards_uri` that the driver did not count: temporary files of a write
+    cut short (a node died mid-write) and shard files of a block whose statuses never came back (the block ran
+    again, possibly bundled differently, and its rows went to another file). → the names removed. With them gone
+    every counted row is in exactly one shard file."""
+    import pyarrow.fs as pafs
+
+    fs, path = dataio.resolve(shards_uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    removed = []
+    for info in infos:
+        name = info.base_name
+        if info.type == pafs.FileType.File and name.lstrip(".").startswith(f"{run}_") and name not in kept:
+            fs.delete_file(info.path)
+            removed.append(name)
+    return sorted(removed)
 
 
 RAN_ON = "ran_on"  # per row: the Ray node id of each pool that ran it so far (→ the manifest's stages[].nodes)
@@ -215,9 +247,10 @@ def block_rows(count: int, plans: list[StagePlan], rows_per_shard: int) -> int:
 
 
 def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, cluster_cpus: float,
-                  cluster_gpus: float = 0.0):
+                  cluster_gpus: float = 0.0, run: str | None = None):
     """The lazy Ray Dataset over `items`: all stages applied, the last pool writing the accepted rows to
-    `shards_uri`; it holds every row's status (REJECT_SCHEMA columns)."""
+    `shards_uri` (file names prefixed `run`, a new random one by default); it holds every row's status
+    (REJECT_SCHEMA columns, SHARD and RAN_ON)."""
     import functools
     import uuid
 
@@ -229,7 +262,7 @@ def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, 
     table = work_table(items)
     ds = ray.data.from_arrow([table.slice(start, rows) for start in range(0, len(items), rows)])
     stage_class = ConvertFastComposer if config.source == "fastcomposer" else RunStages
-    run = uuid.uuid4().hex[:12]
+    run = run or uuid.uuid4().hex[:12]
     for plan in plans:
         last = plan is plans[-1]
         arguments = (config, plan.names, plan.num_cpus, plan.num_gpus,
@@ -329,16 +362,24 @@ def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: floa
                   statuses: list[dict]) -> list[dict]:
     """The stages and the shard writes over `todo`; every row's status (id, source, stage, reason) is appended to
     `statuses` as its block finishes (so a stopped run still knows what it finished); → `statuses`."""
+    import uuid
+
     from tqdm.auto import tqdm
 
+    run, shards_uri = uuid.uuid4().hex[:12], dataio.join(config.output, layout.SHARDS_DIR)
     if todo:
-        dataset = build_dataset(todo, config, dataio.join(config.output, layout.SHARDS_DIR), cluster_cpus,
-                                cluster_gpus)
-        with tqdm(total=len(todo), desc="preprocess", unit="img", file=sys.stderr) as bar:
-            # no prefetching: a block's statuses are counted as soon as it is written, not when the next one is
-            for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                statuses += block.to_pylist()
-                bar.update(block.num_rows)
+        dataset = build_dataset(todo, config, shards_uri, cluster_cpus, cluster_gpus, run=run)
+        try:
+            with tqdm(total=len(todo), desc="preprocess", unit="img", file=sys.stderr) as bar:
+                # no prefetching: a block's statuses are counted as soon as it is written, not when the next one is
+                for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    statuses += block.to_pylist()
+                    bar.update(block.num_rows)
+        finally:  # also when stopped: only the files of counted blocks stay
+            removed = sweep_shards(shards_uri, run, {s[SHARD] for s in statuses if s.get(SHARD)})
+            if removed:
+                print(f"preprocess: removed {len(removed)} shard file(s) of blocks that ran again elsewhere "
+                      f"(a worker or node was lost mid-block): {', '.join(removed[:3])}", file=sys.stderr, flush=True)
     if len(statuses) != len(todo) or {s["id"] for s in statuses} != {i["id"] for i in todo}:
         # the accounting identity: every input is written or rejected, once
         raise RuntimeError(f"pipeline lost rows: {len(todo)} in, {len(statuses)} out")
