@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 from dataclasses import asdict
@@ -23,6 +22,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from facediffuser.config import add_arguments as add_config_arguments, from_args
+from serving import drain
 from serving.api import Limits
 from serving.encoder import SubjectEncoderDeployment
 from serving.gate import RETRY_AFTER_S
@@ -50,6 +50,7 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     ingress = FaceDiffuserAPI.options(
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=ongoing, max_queued_requests=queued,
+        graceful_shutdown_timeout_s=config.drain_timeout_s,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
     )
     if upstream_app:
@@ -58,6 +59,8 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
         return ingress.bind(encoder, sampler, values)
     queues = {"max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": config.max_queued_requests,
               "health_check_period_s": config.health_check_period_s,
+              # a replica Serve stops (rolling update, downscale, node drain) finishes its requests first
+              "graceful_shutdown_timeout_s": config.drain_timeout_s,
               "autoscaling_config": config.autoscaling_config()}
     encoder = SubjectEncoderDeployment.options(
         ray_actor_options={"num_cpus": config.encoder_num_cpus, "num_gpus": config.encoder_num_gpus}, **queues,
@@ -138,26 +141,41 @@ class ServeSession:
                              f"(status {existing[config.app_name].status}); stop it first, or give this one "
                              "another --app-name (and --route-prefix)")
         self.deployed = config.app_name not in existing  # ours to delete at stop (also when deploying fails)
+        drain.clear(config.app_name)  # a drain flag left by an earlier app of this name must not close this one
         serve.run(build_app(config, self.upstream_app), name=config.app_name, route_prefix=config.route_prefix)
         self.url = f"http://{host}:{port}{config.route_prefix.rstrip('/')}"
         return self.url
 
-    def stop(self) -> None:
-        """Undo what `start` did (see the class); safe to call after a failed or partial start."""
+    def drain(self, timeout_s: float) -> int:
+        """New requests to our application get 503 (Retry-After); wait up to `timeout_s` for those in flight
+        (serving/drain.py). Only an application this session deployed is drained. → requests still in flight."""
         import ray
 
+        if not (self.deployed and self.url and ray.is_initialized()):
+            return 0
+        return drain.wait_until_idle(self.config.app_name, timeout_s)
+
+    def stop(self, cut_off: bool = False) -> None:
+        """Undo what `start` did (see the class); safe to call after a failed or partial start. `cut_off`: the drain
+        ran out of time; a Ray of our own then goes down at once instead of giving the requests still running the
+        replicas' graceful shutdown (the drain period) a second time."""
+        import ray
+
+        from pipelines.stopping import shutdown_ray
+
         try:
-            if ray.is_initialized():
+            if ray.is_initialized() and not (cut_off and self.own_ray):
                 if self.deployed:
                     try:
                         serve.delete(self.config.app_name)  # waits until its replicas are gone
+                        drain.clear(self.config.app_name)
                     except Exception as exc:
                         print(f"could not delete application {self.config.app_name}: {exc}", file=sys.stderr)
                 if self.own_serve and running_http_options() is not None and not serve.status().applications:
                     serve.shutdown()
         finally:
-            if self.own_ray:
-                ray.shutdown()  # a local Ray ends; a joined cluster is only disconnected from
+            if self.own_ray:  # a local Ray ends, with every process of its session; a joined cluster is only
+                shutdown_ray()  # disconnected from
 
 
 def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = False) -> str:
@@ -183,37 +201,37 @@ def config_from_cli(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> int:
     """`facediffuser serve`: start (or join a running cluster: RAY_ADDRESS), serve until SIGINT or SIGTERM, then
-    stop: our application deleted, Serve and Ray shut down only if this command started them. Exit status 0."""
+    stop: new requests get 503 with Retry-After, those in flight finish (up to --drain-timeout-s), our application
+    is deleted, Serve and Ray shut down only if this command started them. Exit status 0.
+
+    Both signals take pipelines/stopping.py's one path (also a SIGINT ignored since the start, as in `serve ... &`
+    from a script); a signal during the start abandons it, and later signals do not interrupt the clean-up."""
+    from pipelines.stopping import Stopped, requested, stoppable
+
     config = config_from_cli(args)  # validates before Ray starts
     session = ServeSession(config, verbose=args.verbose, replace_existing=False)
-    stop = threading.Event()
-    state = {"serving": False}
-
-    def on_signal(signum, frame):  # one stop path for both signals
-        stop.set()
-        if not state["serving"]:  # still starting: abandon the start; `finally` undoes what it did
-            raise KeyboardInterrupt
-
-    def install_handlers():
-        # Set explicitly: a background job (`cmd &`) starts with SIGINT ignored, and ray.init replaces SIGTERM's.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
-
-    install_handlers()
+    left = 0  # requests still in flight when the drain ran out of time
     try:
-        url = session.start(after_ray_init=install_handlers)
-        install_handlers()
-        state["serving"] = True
-        where = f"cluster {session.cluster}" if session.cluster else "a local Ray"
-        print(f"serving on {url} (application {config.app_name} on {where}): POST /v1/generate, GET /healthz, "
-              "/v1/info, /docs. Ctrl-C stops.", flush=True)
-        print(auth_mode(config, running_http_host()), flush=True)
-        stop.wait()
-    except KeyboardInterrupt:
+        with stoppable("stopped"):
+            try:
+                url = session.start()
+                where = f"cluster {session.cluster}" if session.cluster else "a local Ray"
+                print(f"serving on {url} (application {config.app_name} on {where}): POST /v1/generate, GET /healthz, "
+                      "/v1/info, /docs. Ctrl-C stops.", flush=True)
+                print(auth_mode(config, running_http_host()), flush=True)
+                threading.Event().wait()  # until SIGTERM or SIGINT raises Stopped here
+            except BaseException:
+                if requested() and session.url:
+                    print(f"stopping: new requests get 503; waiting up to {config.drain_timeout_s:g} s for those in "
+                          "flight", flush=True)
+                    left = session.drain(config.drain_timeout_s)
+                    if left:
+                        print(f"drain timeout: {left} request(s) still in flight are cut off", flush=True)
+                raise
+            finally:
+                session.stop(cut_off=bool(left))
+    except Stopped:
         pass
-    finally:
-        state["serving"] = True  # a second signal while stopping must not interrupt the clean-up
-        session.stop()
     print("stopped", flush=True)
     return 0
 

@@ -8,11 +8,13 @@ import hmac
 from fastapi.responses import JSONResponse
 
 from serving.api import Limits
+from serving.drain import GATE
 
 RETRY_AFTER_S = 2  # the Retry-After of every 503 (busy, restarting, not ready)
 # Paths served without a token (probes, the page, the API docs); every other path needs it when one is set.
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
+DRAINING = "the service is stopping: requests in flight finish, new ones are refused; retry shortly"
 
 
 def error_response(status: int, code: str, message: str, error_id: str | None = None) -> JSONResponse:
@@ -30,6 +32,8 @@ def token_matches(given: bytes, token: str) -> bool:
 class Gate:
     """Pure ASGI middleware in front of every route: authorise, then read the body within max_payload_bytes.
 
+    0. While the app drains (serving/drain.py), every request is 503 `draining` with Retry-After; the others are
+       counted while inside (GATE.in_flight), so the stop knows when they are done.
     1. With a token set, every path but PUBLIC_PATHS needs it: 401 before a byte of the body is read or parsed.
     2. A declared Content-Length over the limit: 413 at once. Otherwise the body is read chunk by chunk with a
        running count, and 413 as soon as it passes the limit (a chunked upload is never buffered beyond it).
@@ -43,6 +47,15 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if GATE.draining:  # `facediffuser serve` is stopping (serving/drain.py): new requests go elsewhere or wait
+            return await error_response(503, "draining", DRAINING)(scope, receive, send)
+        GATE.in_flight += 1
+        try:
+            return await self._checked(scope, receive, send)
+        finally:
+            GATE.in_flight -= 1
+
+    async def _checked(self, scope, receive, send):
         state = scope["app"].state
         token: str | None = getattr(state, "token", None)
         limits: Limits | None = getattr(state, "limits", None)

@@ -32,6 +32,7 @@ from serving.api import (
     log,
     validation_message,
 )
+from serving.drain import DrainWatch
 from serving.gate import UNAUTHORIZED, Gate, error_response, token_matches
 from serving.scaling import replica_view
 from serving.settings import TOKEN_ENV, ServeConfig, auth_mode, ingress_capacity, is_loopback
@@ -118,6 +119,8 @@ class FaceDiffuserAPI:
         # the application whose encoder and sampler we call (another one's, behind a second ingress)
         self.models_app = getattr(sampler, "app_name", None) or cfg.app_name
         api.state.limits, api.state.token = self.limits, self.token  # read by Gate
+        context = serve.get_replica_context()  # follow this app's drain flag (serving/drain.py) into the gate
+        DrainWatch(context.app_name, context.replica_id.unique_id).start()
         exposed = not self.token and not is_loopback(cfg.host)
         (log.warning if exposed else log.info)("%s (app %s)", auth_mode(cfg), cfg.app_name)
 

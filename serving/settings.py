@@ -73,6 +73,10 @@ class ServeConfig:
     max_batch_size: int = arg(4, "requests per snf_denoise call; 1 turns batching off")
     batch_wait_timeout_s: float = arg(0.05, "how long a batch waits for more requests")
     health_check_period_s: float = arg(10.0, cli=False)
+    # Stopping: `facediffuser serve` on SIGTERM/SIGINT refuses new requests (503 + Retry-After) and waits this long
+    # for those in flight; every replica Serve stops (update, downscale, node drain) gets as long for its requests.
+    drain_timeout_s: float = arg(30.0, "on SIGTERM/SIGINT: seconds the requests in flight get to finish (new ones get "
+                                       "503 with Retry-After) before Serve and Ray stop")
     # Memory request bodies may take on the ingress's node; bounds the ingress's ongoing and queued requests
     # (ingress_capacity; arithmetic in docs/serving.md).
     ingress_memory_mb: int = arg(4096, cli=False)
@@ -109,6 +113,8 @@ class ServeConfig:
         negative = [name for name, value in delays.items() if value is not None and value < 0]
         if negative:
             raise ValueError(f"{', '.join(negative)} must be >= 0")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size (a batch needs that many in flight)")
         Limits(**self.limits)  # unknown keys and bad values fail here

@@ -101,7 +101,9 @@ class Command:
         return [p for p in found.values() if _alive(p)]
 
     def stop(self, sig: int, timeout: float = 120) -> int:
-        os.kill(self.pid, sig)
+        """Send `sig` (0: none, just wait) and wait for the end; → the exit status."""
+        if sig:
+            os.kill(self.pid, sig)
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -135,20 +137,30 @@ def _names(procs: list[psutil.Process]) -> set[str]:
     return names
 
 
-def stop_and_check(command: Command, sig: int, line: str = RESUME_LINE) -> str:
+def stop_and_check(command: Command, sig: int, line: str = RESUME_LINE, during=None) -> str:
     """Send `sig` to a working command; check the stop: one line, 128 + sig, no dump, no process of its Ray
-    session left (compared with the process list while it worked). → its output."""
+    session left (compared with the process list while it worked). `during()` runs while it stops; `serve` ends
+    with status 0 and `stopped` instead. → its output."""
     session = command.session()
     running = command.processes(session)
     names = " | ".join(_names(running))
     assert "raylet" in names and "gcs_server" in names, names  # the check below has something to find
     assert "DashboardAgent" in names or "RuntimeEnvAgent" in names, names
-    status = command.stop(sig)
+    if during is None:
+        status = command.stop(sig)
+    else:
+        os.kill(command.pid, sig)
+        during()
+        status = command.stop(0) if command.process.poll() is None else command.process.returncode
     output = command.text()
-    assert status == 128 + sig, (status, output[-3000:])
     name = command.args[0]
-    assert output.count(f"facediffuser {name}: {line}") == 1, output[-3000:]
-    assert output.rstrip().splitlines()[-1].split("\r")[-1] == f"facediffuser {name}: {line}", output[-3000:]
+    if name == "serve":
+        assert status == 0, (status, output[-3000:])
+        assert command.out.read_text().rstrip().splitlines()[-1] == "stopped", output[-3000:]
+    else:
+        assert status == 128 + sig, (status, output[-3000:])
+        assert output.count(f"facediffuser {name}: {line}") == 1, output[-3000:]
+        assert output.rstrip().splitlines()[-1].split("\r")[-1] == f"facediffuser {name}: {line}", output[-3000:]
     for dump in DUMPS:
         assert dump not in output, output[-3000:]
     time.sleep(1)  # the command has returned: Ray's processes were waited for; give zombies a moment to go
@@ -289,3 +301,65 @@ def test_demo_stops_and_says_it_starts_over(tmp_path, cleanup):
     command.wait_for(lambda: "[demo 2/5]" in command.text() and "(Ray's own messages" in command.text(),
                      "preprocessing")
     stop_and_check(command, signal.SIGTERM, STOPPED_LINE)
+
+
+# ------------------------------------------------------------------------------------------------ serve
+
+
+GENERATE = {"prompt": "a woman <|image|> on the moon", "steps": 100, "width": 128, "height": 128,
+            "identity_scores": False}
+
+
+@pytest.mark.parametrize("sig, background", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT-background"])
+def test_serve_drains_then_stops(tmp_path, cleanup, sig, background):
+    """On the signal: /healthz and new requests get 503 `draining` with Retry-After at once, the request in flight
+    still gets its 200, then Serve and Ray go down, exit 0, nothing of the session left."""
+    import base64
+    import concurrent.futures
+
+    import httpx
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = Command(["serve", "--tiny", "--port", str(port), "--drain-timeout-s", "300"], tmp_path / "run",
+                      background=background).start()
+    cleanup(command)
+    command.wait_for(lambda: "serving on" in command.text(), "serving", timeout=400)
+    url = f"http://127.0.0.1:{port}"
+    photo = base64.b64encode((ROOT / "facediffuser/assets/astronaut.jpg").read_bytes()).decode()
+    body = {**GENERATE, "references": [photo]}
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    in_flight = pool.submit(httpx.post, f"{url}/v1/generate", json=body, timeout=600)
+    deadline = time.time() + 120
+    while httpx.get(f"{url}/v1/replicas", timeout=30).json().get("ongoing_requests", 0) < 1:
+        assert not in_flight.done() and time.time() < deadline, "the request never got in flight"
+        time.sleep(0.1)
+    seen = {}
+
+    def during():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            health = httpx.get(f"{url}/healthz", timeout=30)
+            if health.status_code == 503 and health.json()["error"] == "draining":
+                seen["healthz"] = health
+                break
+            time.sleep(0.1)
+        seen["new"] = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+        assert not in_flight.done(), "the in-flight request ended before the drain was seen"
+        seen["in_flight"] = in_flight.result(timeout=600)
+
+    try:
+        stop_and_check(command, sig, during=during)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert "healthz" in seen, "/healthz never said draining"
+    assert seen["healthz"].headers["retry-after"]
+    new = seen["new"]
+    assert new.status_code == 503 and new.json()["error"] == "draining" and new.headers["retry-after"], new.text
+    assert seen["in_flight"].status_code == 200, seen["in_flight"].text[:500]
+    assert len(seen["in_flight"].json()["images"]) == 1
+    assert "stopping: new requests get 503" in command.out.read_text()
