@@ -4,6 +4,7 @@ entrypoint modules exist and answer --help."""
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 import subprocess
 import sys
@@ -125,3 +126,126 @@ def test_dockerfile_installs_from_the_lock_file():
     text = (ROOT / "infra/docker/Dockerfile").read_text()
     assert "uv sync --frozen" in text and "FROM nvidia/cuda" in text
     assert (ROOT / "uv.lock").is_file()
+
+
+# ------------------------------------------------------------------------------ stopping on Kubernetes
+
+
+def pod_groups(manifest: dict) -> list[tuple[str, dict]]:
+    """(group name, pod spec) of the head and every worker group."""
+    cluster = cluster_specs(manifest)
+    return [("head", cluster["headGroupSpec"]["template"]["spec"])] + [
+        (g["groupName"], g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def serve_settings() -> tuple[dict, dict]:
+    config = yaml.safe_load((ROOT / "serving/config/serve.yaml").read_text())
+    return config, config["applications"][0]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_kubernetes_kills_a_pod_only_after_its_drain(path):
+    """Every pod: Kubernetes' SIGKILL (terminationGracePeriodSeconds) comes after the preStop sleep and the node
+    drain that `ray start` runs on SIGTERM (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S); on the RayService that drain
+    covers the app's drain period (serve.yaml drain_timeout_s: how long a replica Serve stops finishes its
+    requests), and an old cluster outlives the switch of a rolling update by as much."""
+    manifest = yaml.safe_load(path.read_text())
+    _, app = serve_settings()
+    drain = app["args"]["drain_timeout_s"]
+    for group, pod in pod_groups(manifest):
+        container = pod["containers"][0]
+        node_drain = float(env_of(container)["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        assert pod["terminationGracePeriodSeconds"] > sleep + node_drain, (path.name, group)
+        if manifest["kind"] == "RayService":
+            assert node_drain >= drain, (group, node_drain, drain)
+    if manifest["kind"] == "RayService":
+        assert manifest["spec"]["rayClusterDeletionDelaySeconds"] >= drain
+    else:  # `ray job stop` / deleting the RayJob: SIGTERM to the driver, SIGKILL only after this (Ray's default: 3 s)
+        head = pod_groups(manifest)[0][1]
+        stop_wait = float(env_of(head["containers"][0])["RAY_JOB_STOP_WAIT_TIME_S"])
+        assert 30 <= stop_wait < head["terminationGracePeriodSeconds"]
+
+
+def test_serve_deployments_get_the_drain_period():
+    """serve.yaml's drain_timeout_s is every deployment's graceful_shutdown_timeout_s."""
+    from serving.app import build_app
+    from serving.settings import ServeConfig
+
+    _, app = serve_settings()
+    config = ServeConfig.from_dict({**app["args"], "allow_anonymous": True})
+    built = build_app(config)
+    deployments = [built._bound_deployment, *[a._bound_deployment for a in built._bound_deployment.init_args[:2]]]
+    for deployment in deployments:
+        assert deployment._deployment_config.graceful_shutdown_timeout_s == app["args"]["drain_timeout_s"]
+
+
+def test_rayservice_probes_and_pre_stop_match_the_app():
+    """Worker pods (the only ones the Serve Service sends traffic to) are ready only while the raylet, the node's
+    Serve proxy (it fails while its node drains) and the app's own public /healthz answer, leave the endpoints
+    before draining (preStop), and are restarted only when the raylet stops answering."""
+    from serving.gate import PUBLIC_PATHS
+    from serving.ingress import api
+
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayservice.yaml").read_text())
+    config, app = serve_settings()
+    healthz = f"http://localhost:{config['http_options']['port']}{app['route_prefix'].rstrip('/')}/healthz"
+    assert "/healthz" in api.openapi()["paths"] and "/healthz" in PUBLIC_PATHS  # the route, and no token for probes
+    assert manifest["spec"]["excludeHeadPodFromServeSvc"] is True
+    for group, pod in pod_groups(manifest)[1:]:
+        container = pod["containers"][0]
+        ready = " ".join(container["readinessProbe"]["exec"]["command"])
+        alive = " ".join(container["livenessProbe"]["exec"]["command"])
+        assert healthz in ready and "/-/healthz" in ready and "local_raylet_healthz" in ready, group
+        assert "/healthz" not in alive.replace("raylet_healthz", ""), group  # loading models is not dead
+        assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+        assert {"containerPort": config["http_options"]["port"], "name": "serve"} in container["ports"]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_ray_container_has_probes_the_image_can_run(path):
+    """Explicit probes everywhere: KubeRay's defaults call wget, which the image does not install (curl it does)."""
+    dockerfile = (ROOT / "infra/docker/Dockerfile").read_text()
+    assert re.search(r"apt-get install[^\n]*\bcurl\b", dockerfile) and "wget" not in dockerfile
+    for group, pod in pod_groups(yaml.safe_load(path.read_text())):
+        container = pod["containers"][0]
+        for probe in ("livenessProbe", "readinessProbe"):
+            command = " ".join(container[probe]["exec"]["command"])
+            assert "curl" in command and "wget" not in command, (path.name, group, probe)
+
+
+def test_rayservice_keeps_its_state_in_redis_when_the_head_goes():
+    """GCS fault tolerance the way KubeRay >= 1.3 takes it: gcsFaultToleranceOptions with an external Redis (its
+    password from a Secret), and none of the older settings KubeRay refuses beside it (the ray.io/ft-enabled
+    annotation, RAY_REDIS_ADDRESS / REDIS_PASSWORD in the head's env, redis-password in rayStartParams)."""
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayservice.yaml").read_text())
+    cluster = cluster_specs(manifest)
+    options = cluster["gcsFaultToleranceOptions"]
+    assert options["redisAddress"].startswith("redis://")
+    assert options["redisPassword"]["valueFrom"]["secretKeyRef"]["key"]
+    assert "ray.io/ft-enabled" not in (manifest["metadata"].get("annotations") or {})
+    head = cluster["headGroupSpec"]
+    assert not {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"} & set(env_of(head["template"]["spec"]["containers"][0]))
+    assert "redis-password" not in head["rayStartParams"]
+
+
+def test_a_typo_in_the_fault_tolerance_options_is_caught():
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayservice.yaml").read_text())
+    manifest["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAdress"] = "redis://x:6379"
+    with pytest.raises(jsonschema.ValidationError, match="redisAdress"):
+        jsonschema.validate(manifest, crd_schema("RayService"))
+
+
+def test_rayservice_yaml_is_generated_from_the_serve_config():
+    sys.path.insert(0, str(ROOT / "infra" / "kuberay"))
+    try:
+        import make_rayservice
+    finally:
+        sys.path.pop(0)
+    assert (ROOT / "infra/kuberay/rayservice.yaml").read_text() == make_rayservice.render(), \
+        "run python infra/kuberay/make_rayservice.py"
