@@ -166,6 +166,7 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
     """Run the trainings (side by side when there are several). Each TorchTrainer is driven from a thread of this
     process (a launcher task per run would be one more process importing Ray Train). → one summary per model."""
     import ray
+    import ray.util.scheduling_strategies
 
     from pipelines.ray_runtime import init_ray
     from pipelines.train_worker import ProgressBoard, show_progress
@@ -182,7 +183,10 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
         print(f"{CPU_UNDER_GPU_ENV}=1: GPU workers run CPU kernels where torch sees no GPU, DDP backend gloo "
               "(a rehearsal setting, never for production)", flush=True)
     names = {n["NodeID"]: n.get("NodeName") or n["NodeManagerAddress"] for n in ray.nodes()}
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    # on the driver's node: a worker node that dies (and the run restarts without it) must not take the board along
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                          soft=False)
+    board = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressBoard).remote()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(configs), thread_name_prefix="fit")
     try:
         futures = [pool.submit(fit_one, c, board) for c in configs]
