@@ -81,6 +81,27 @@ def after_ray_init() -> None:
             signal.signal(sig, _on_signal)
 
 
+@contextlib.contextmanager
+def during_ray_init():
+    """Around `ray.init`: it sets a SIGTERM handler of its own for its start (sys.exit(15): no line, no 143); while
+    ours are installed, Ray's helper for that is made a no-op, so a stop during Ray's start takes our path too."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None or not _state["installed"]:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+    after_ray_init()
+
+
 def restore() -> None:
     """The handlers from before `install()` (tests run commands in-process)."""
     if not _state["installed"] or threading.current_thread() is not threading.main_thread():
@@ -131,7 +152,7 @@ def stoppable(line: str = RESUME_LINE, shutdown_wait_s: float = SHUTDOWN_WAIT_S)
     finally:
         _state["deferred"] += 1  # nothing below is interrupted by a late signal
         try:
-            if own_ray and _ray_initialized():
+            if own_ray and "ray" in sys.modules:  # also a Ray whose start was cut short (ray.init interrupted)
                 shutdown_ray(shutdown_wait_s)
         finally:
             _state["deferred"] = 0
@@ -190,6 +211,27 @@ def _has_open_file_under(pid: int, folder: str) -> bool:
     return False
 
 
+def _session_of_children() -> str | None:
+    """The session directory in the command line of one of this process's children (the GCS or raylet of a Ray it
+    started, also one whose `ray.init` was interrupted before the driver knew its session)."""
+    import re
+
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=False)
+    except psutil.Error:
+        return None
+    for child in children:
+        try:
+            found = re.search(r"(/\S*?/session_\d{4}-\d{2}-\d{2}_[\d_-]+)", " ".join(child.cmdline()))
+        except psutil.Error:
+            continue
+        if found:
+            return found.group(1)
+    return None
+
+
 def started_here(session: str) -> bool:
     """Whether this process started the session's Ray (its GCS or raylet is our child), rather than joined one."""
     import psutil
@@ -208,17 +250,26 @@ def started_here(session: str) -> bool:
 
 
 def shutdown_ray(wait_s: float = SHUTDOWN_WAIT_S) -> list[int]:
-    """ray.shutdown(); when this process had started that Ray, wait up to `wait_s` for every process of its session
-    to end and SIGKILL (by PID) those still running. → the PIDs that had to be killed."""
+    """ray.shutdown(); when this process had started that Ray (also one whose start was interrupted), wait up to
+    `wait_s` for every process of its session to end and SIGKILL (by PID) those still running. Without this, a
+    raylet that goes down leaves its `ray::DashboardAgent` and `ray::RuntimeEnvAgent` behind. → the PIDs that had
+    to be killed."""
     import psutil
-    import ray
 
-    if not ray.is_initialized():
-        return []
-    session = session_dir()
+    ray = sys.modules.get("ray")
+    initialized = ray is not None and ray.is_initialized()
+    session = (session_dir() if initialized else None) or _session_of_children()
     ours = bool(session) and started_here(session)
     before = session_processes(session) if ours else []
-    ray.shutdown()
+    if initialized:
+        ray.shutdown()
+    elif ours:  # a start cut short: nobody else ends these before the interpreter exits (and the autoscaler's
+        for proc in before:  # monitor, still connecting to a GCS that is gone, may not end on SIGTERM at all)
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        wait_s = min(wait_s, 5.0)
     if not ours:
         return []
     deadline = time.monotonic() + wait_s

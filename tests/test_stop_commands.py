@@ -363,3 +363,34 @@ def test_serve_drains_then_stops(tmp_path, cleanup, sig, background):
     assert seen["in_flight"].status_code == 200, seen["in_flight"].text[:500]
     assert len(seen["in_flight"].json()["images"]) == 1
     assert "stopping: new requests get 503" in command.out.read_text()
+
+
+def test_a_stop_while_ray_starts_takes_the_same_path(photos, tmp_path, cleanup):
+    """SIGTERM while `ray.init` is still starting Ray: Ray's own start-up handler would exit 15 without a word, and
+    its raylet's agents (ray::DashboardAgent, ray::RuntimeEnvAgent) would stay behind."""
+    command = Command(["preprocess", "--input", str(photos), "--output", str(tmp_path / "data")], tmp_path / "run")
+    command.start()
+    cleanup(command)
+    session = None
+
+    def starting() -> bool:
+        nonlocal session
+        for proc in command.processes("/nonexistent/session_0"):
+            try:
+                found = re.search(r"(/\S*?/session_\d{4}-\d{2}-\d{2}_[\d_-]+)", " ".join(proc.cmdline()))
+                names = proc.name()
+            except psutil.Error:
+                continue
+            if found and names == "raylet":
+                session = found.group(1)
+        return session is not None and "Ray's own messages" not in command.text()
+
+    command.wait_for(starting, "a raylet starting", timeout=120)
+    status = command.stop(signal.SIGTERM)
+    output = command.text()
+    assert status == 143 and output.rstrip().splitlines()[-1] == f"facediffuser preprocess: {RESUME_LINE}", output
+    for dump in DUMPS:
+        assert dump not in output, output
+    time.sleep(1)
+    left = command.processes(session)
+    assert not left, _names(left)
