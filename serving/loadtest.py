@@ -118,11 +118,13 @@ def run_load(
 @dataclass
 class Answer:
     """One request of a profile: when it was sent and answered (seconds since the profile began), its status
-    (-1: no HTTP answer) and, for a 200, its latency."""
+    (-1: no HTTP answer) and, for a 200, its latency; a 503's Retry-After header and error code."""
 
     sent: float
     done: float
     status: int
+    retry_after: str | None = None
+    error: str | None = None  # the error code of a JSON error answer ({"error": code, ...})
 
     @property
     def latency(self) -> float:
@@ -175,11 +177,18 @@ def run_profile(
                         await asyncio.sleep(0.05)
                         continue
                     sent = now()
+                    retry_after = error = None
                     try:
-                        status = (await client.post(url, json=payload(next(counter)))).status_code
+                        response = await client.post(url, json=payload(next(counter)))
+                        status, retry_after = response.status_code, response.headers.get("retry-after")
+                        if status != 200:
+                            try:
+                                error = response.json().get("error")
+                            except ValueError:
+                                error = None
                     except httpx.HTTPError:
                         status = -1
-                    answers.append(Answer(sent, now(), status))
+                    answers.append(Answer(sent, now(), status, retry_after, error))
 
             await asyncio.gather(*(worker(i) for i in range(width)))
         return answers
