@@ -250,8 +250,8 @@ def test_split_pools_hand_rows_on_and_the_last_one_writes(photo_dir, tmp_path):
 
     config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path), max_pixels=2_000_000)
     items = [i for i in list_image_items(str(photo_dir)) if i["id"] in ("one.jpg", "two.jpg", "zero.jpg")]
-    first = RunStages(config, ("read", "detect"), 0.25, "cpu")
-    last = RunStages(config, ("segment", "caption", "link"), 1.0, "cpu", ShardWriter(str(tmp_path / "shards"), "run"))
+    first = RunStages(config, ("read", "detect"), 0.25, 0)
+    last = RunStages(config, ("segment", "caption", "link"), 1.0, 0, ShardWriter(str(tmp_path / "shards"), "run"))
     handed_on = first(work_table(items))
     assert handed_on.num_rows == 3 and not (tmp_path / "shards").exists()  # only the last pool writes
     statuses = {row["id"]: row["stage"] for row in last(handed_on).to_pylist()}
@@ -277,12 +277,12 @@ def test_a_worker_process_keeps_its_stage_objects_for_the_run(photo_dir, tmp_pat
 
     config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path))
     block = work_table([i for i in list_image_items(str(photo_dir)) if i["id"] == "one.jpg"])
-    make = functools.partial(pipeline.RunStages, config, ("read",), 1.0, "cpu", None)
+    make = functools.partial(pipeline.RunStages, config, ("read",), 1.0, 0, None)
     assert pipeline.run_in_worker(block, "run-a", ("read",), make).column("stage").to_pylist() == [None]
     kept = pipeline._in_this_worker["pools"][("read",)]
     pipeline.run_in_worker(block, "run-a", ("read",), make)
     assert pipeline._in_this_worker["pools"][("read",)] is kept
-    other = functools.partial(pipeline.RunStages, config, ("read", "detect"), 1.0, "cpu", None)
+    other = functools.partial(pipeline.RunStages, config, ("read", "detect"), 1.0, 0, None)
     pipeline.run_in_worker(block, "run-a", ("read", "detect"), other)
     assert set(pipeline._in_this_worker["pools"]) == {("read",), ("read", "detect")}
     pipeline.run_in_worker(block, "run-b", ("read",), make)
