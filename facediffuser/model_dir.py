@@ -204,21 +204,24 @@ def check_base(base: str | Path, variant: str | None = None) -> None:
         check_weights(base / part, variant)
 
 
-def weight_variants(folder: Path) -> set[str | None]:
-    """The variants whose weight files `folder` holds: None for plain files (model.safetensors,
-    diffusion_pytorch_model.bin, ...), "fp16" for *.fp16.safetensors, and so on."""
-    found: set[str | None] = set()
+def weight_files(folder: Path) -> set[tuple[str | None, str]]:
+    """(variant, suffix) of each weight file in `folder`: (None, "safetensors") for model.safetensors,
+    ("fp16", "bin") for pytorch_model.fp16.bin, and so on (the one reader of weight file names)."""
+    found: set[tuple[str | None, str]] = set()
     for path in folder.iterdir() if folder.is_dir() else ():
         pieces = path.name.split(".")
         if pieces[-1] in WEIGHT_SUFFIXES and len(pieces) in (2, 3):
-            found.add(pieces[1] if len(pieces) == 3 else None)
+            found.add((pieces[1] if len(pieces) == 3 else None, pieces[-1]))
     return found
 
 
+def weight_variants(folder: Path) -> set[str | None]:
+    """The variants whose weight files `folder` holds: None for plain files, "fp16" for *.fp16.*, and so on."""
+    return {variant for variant, _ in weight_files(folder)}
+
+
 def has_safetensors(folder: Path, variant: str | None) -> bool:
-    suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    return any(path.name.endswith(suffix) and path.name.count(".") == suffix.count(".")
-               for path in folder.glob("*.safetensors"))
+    return (variant, "safetensors") in weight_files(folder)
 
 
 def check_weights(folder: Path, variant: str | None) -> None:
