@@ -211,22 +211,30 @@ def _has_open_file_under(pid: int, folder: str) -> bool:
     return False
 
 
-def _session_of_children() -> str | None:
-    """The session directory in the command line of one of this process's children (the GCS or raylet of a Ray it
-    started, also one whose `ray.init` was interrupted before the driver knew its session)."""
-    import re
-
+def _children_cmdlines() -> list[str]:
+    """The command lines of this process's direct children (the GCS and raylet of a Ray it started)."""
     import psutil
 
     try:
         children = psutil.Process().children(recursive=False)
     except psutil.Error:
-        return None
+        return []
+    lines = []
     for child in children:
         try:
-            found = re.search(r"(/\S*?/session_\d{4}-\d{2}-\d{2}_[\d_-]+)", " ".join(child.cmdline()))
+            lines.append(" ".join(child.cmdline()))
         except psutil.Error:
             continue
+    return lines
+
+
+def _session_of_children() -> str | None:
+    """The session directory in the command line of one of this process's children (the GCS or raylet of a Ray it
+    started, also one whose `ray.init` was interrupted before the driver knew its session)."""
+    import re
+
+    for line in _children_cmdlines():
+        found = re.search(r"(/\S*?/session_\d{4}-\d{2}-\d{2}_[\d_-]+)", line)
         if found:
             return found.group(1)
     return None
@@ -234,19 +242,7 @@ def _session_of_children() -> str | None:
 
 def started_here(session: str) -> bool:
     """Whether this process started the session's Ray (its GCS or raylet is our child), rather than joined one."""
-    import psutil
-
-    try:
-        children = psutil.Process().children(recursive=False)
-    except psutil.Error:
-        return False
-    for child in children:
-        try:
-            if session in " ".join(child.cmdline()):
-                return True
-        except psutil.Error:
-            continue
-    return False
+    return any(session in line for line in _children_cmdlines())
 
 
 def shutdown_ray(wait_s: float = SHUTDOWN_WAIT_S) -> list[int]:
