@@ -47,9 +47,12 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     """
     values = asdict(config)
     ongoing, queued = ingress_capacity(config)
+    # The gate admits `ongoing` and answers the rest with our JSON 503 `busy` without reading their bodies, so
+    # Serve hands the replica `queued` more than that; Serve's queue (plain-text 503 when full) only absorbs
+    # bursts of new connections while they are handed over, so it is sized well above any burst the gate refuses.
     ingress = FaceDiffuserAPI.options(
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
-        max_ongoing_requests=ongoing, max_queued_requests=queued,
+        max_ongoing_requests=ongoing + queued, max_queued_requests=4 * (ongoing + queued),
         graceful_shutdown_timeout_s=config.drain_timeout_s,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
     )

@@ -15,6 +15,7 @@ RETRY_AFTER_S = 2  # the Retry-After of every 503 (busy, restarting, not ready)
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
 DRAINING = "the service is stopping: requests in flight finish, new ones are refused; retry shortly"
+BUSY = "the service is at capacity ({admit} requests in progress on this ingress); retry shortly"
 
 
 def error_response(status: int, code: str, message: str, error_id: str | None = None) -> JSONResponse:
@@ -34,11 +35,14 @@ class Gate:
 
     0. While the app drains (serving/drain.py), every request is 503 `draining` with Retry-After; the others are
        counted while inside (GATE.in_flight), so the stop knows when they are done.
+       With `admit` (the ingress's max_ongoing_requests) requests inside, an API request is 503 `busy` before its
+       body is read. Serve's own refusal (its queue full) is plain text, so the gate refuses first: Serve hands
+       this replica more requests than it admits (serving/app.py), and those extra slots only carry refusals.
     1. With a token set, every path but PUBLIC_PATHS needs it: 401 before a byte of the body is read or parsed.
     2. A declared Content-Length over the limit: 413 at once. Otherwise the body is read chunk by chunk with a
        running count, and 413 as soon as it passes the limit (a chunked upload is never buffered beyond it).
     3. The body read so far is handed to the route as one message.
-    Settings come from the app's state (`token`, `limits`), set by the ingress replica.
+    Settings come from the app's state (`token`, `limits`, `admit`), set by the ingress replica.
     """
 
     def __init__(self, app):
@@ -49,6 +53,9 @@ class Gate:
             return await self.app(scope, receive, send)
         if GATE.draining:  # `facediffuser serve` is stopping (serving/drain.py): new requests go elsewhere or wait
             return await error_response(503, "draining", DRAINING)(scope, receive, send)
+        admit = getattr(scope["app"].state, "admit", None)
+        if admit is not None and GATE.in_flight >= admit and _route_path(scope) not in PUBLIC_PATHS:
+            return await error_response(503, "busy", BUSY.format(admit=admit))(scope, receive, send)
         GATE.in_flight += 1
         try:
             return await self._checked(scope, receive, send)

@@ -119,6 +119,7 @@ class FaceDiffuserAPI:
         # the application whose encoder and sampler we call (another one's, behind a second ingress)
         self.models_app = getattr(sampler, "app_name", None) or cfg.app_name
         api.state.limits, api.state.token = self.limits, self.token  # read by Gate
+        api.state.admit = ingress_capacity(cfg)[0]
         context = serve.get_replica_context()  # follow this app's drain flag (serving/drain.py) into the gate
         DrainWatch(context.app_name, context.replica_id.unique_id).start()
         exposed = not self.token and not is_loopback(cfg.host)

@@ -202,8 +202,8 @@ def test_gate_authorises_before_reading_and_stops_a_chunked_body_at_the_limit():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    def call(path, body_size, headers=(), token=None, limit=3_000_000):
-        app = SimpleNamespace(state=SimpleNamespace(token=token, limits=Limits(max_payload_bytes=limit)))
+    def call(path, body_size, headers=(), token=None, limit=3_000_000, admit=None):
+        app = SimpleNamespace(state=SimpleNamespace(token=token, limits=Limits(max_payload_bytes=limit), admit=admit))
         scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "app": app,
                  "headers": [(k.encode(), v.encode()) for k, v in headers]}
         pulled, sent = [0], []
@@ -237,6 +237,63 @@ def test_gate_authorises_before_reading_and_stops_a_chunked_body_at_the_limit():
     assert status == 200
     status, _, _ = call("/healthz", 0, token="s3cret")  # probes need no token
     assert status == 200
+
+
+def test_gate_refuses_over_capacity_with_json_before_reading_the_body():
+    """With `admit` requests inside, an API request is our JSON 503 busy (Serve's own refusal is plain text);
+    probes still pass, and the count goes back down when requests finish."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from serving.api import Limits
+    from serving.drain import GATE
+    from serving.gate import Gate
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def route(scope, receive, send):
+            await receive()
+            if scope["path"] == "/v1/generate":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        app = SimpleNamespace(state=SimpleNamespace(token=None, limits=Limits(max_payload_bytes=1000), admit=2))
+
+        async def call(path):
+            sent, pulled = [], [0]
+
+            async def receive():
+                pulled[0] += 1
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "app": app, "headers": []}
+            await Gate(route)(scope, receive, send)
+            return sent, pulled[0]
+
+        slow = [asyncio.create_task(call("/v1/generate")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert GATE.in_flight == 2
+        sent, pulled = await call("/v1/generate")
+        headers = dict(sent[0]["headers"])
+        assert sent[0]["status"] == 503 and pulled == 0 and headers[b"retry-after"] == b"2"
+        assert json.loads(sent[1]["body"])["error"] == "busy"
+        sent, _ = await call("/healthz")  # probes are not refused for load
+        assert sent[0]["status"] == 200
+        release.set()
+        for task in slow:
+            sent, _ = await task
+            assert sent[0]["status"] == 200
+        assert GATE.in_flight == 0
+        sent, _ = await call("/v1/generate")
+        assert sent[0]["status"] == 200
+
+    asyncio.run(scenario())
 
 
 def test_cli_rejects_bad_config_before_starting_ray(capsys):
