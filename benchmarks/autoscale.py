@@ -4,7 +4,7 @@ cold-start times.
     .venv/bin/python benchmarks/autoscale.py                        # tiny models, logical GPUs (~6 min on 2 cores)
     .venv/bin/python benchmarks/autoscale.py --idle-s 10 --ramp-s 10 --hold-s 40 --end-idle-s 60   # shorter
 
-What it runs: a local cluster (pipelines/local_cluster.py: a head without GPUs and two worker nodes with one logical
+What it runs: a local cluster (cluster/local.py: a head without GPUs and two worker nodes with one logical
 GPU each, CPU kernels under them: FACEDIFFUSER_CPU_UNDER_GPU=1), and on it `facediffuser serve --tiny --num-gpus 1
 --min-replicas 1 --max-replicas 2` joined with RAY_ADDRESS, as a user runs it. Load from serving/loadtest.py
 (`run_profile`): idle, a ramp to concurrency --concurrency in four steps, hold, idle. Every --interval seconds a table
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from pipelines.local_cluster import LocalCluster, NodeSpec
+    from cluster.local import LocalCluster, NodeSpec
     from serving.loadtest import generate_payload, run_profile, window_summary
 
     load_before = os.getloadavg()[0]

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/gpu_check.py --dry-run    # any CPU machine: the plumbing only, no GPU figures
 
 Real-size SD1.5 models at random init (facediffuser/models/sd15.py; no download), saved once as a model directory
-that every phase uses. On a one-node Ray cluster started like a user starts one (pipelines/local_cluster.py,
+that every phase uses. On a one-node Ray cluster started like a user starts one (cluster/local.py,
 `--num-gpus 1`):
 
 1. sampler: our FaceDiffuserPipeline against diffusers' StableDiffusionPipeline built on the same TDM UNet, VAE,
@@ -160,7 +160,7 @@ def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int,
     from skimage.data import astronaut
     from PIL import Image
 
-    from pipelines.local_cluster import free_port
+    from cluster.local import free_port
     from serving.loadtest import generate_payload, run_load
 
     started = time.perf_counter()
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check = Check(args.dry_run)
 
-    from pipelines.local_cluster import LocalCluster, NodeSpec
+    from cluster.local import LocalCluster, NodeSpec
 
     if not args.dry_run:
         import torch

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/node_failure.py            # tiny models, logical GPUs (~3 min on 2 cores)
 
-What it runs: a local cluster (pipelines/local_cluster.py: a head without GPUs and three worker nodes with one
+What it runs: a local cluster (cluster/local.py: a head without GPUs and three worker nodes with one
 logical GPU each, CPU kernels under them: FACEDIFFUSER_CPU_UNDER_GPU=1), and on it `facediffuser serve --tiny
 --num-gpus 1 --min-replicas 2 --max-replicas 2` joined with RAY_ADDRESS: two sampler replicas on two of the three
 GPU nodes, the third one spare. A steady load (--concurrency requests back to back) runs until --after-s seconds after
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.autoscale import Server  # noqa: E402
-from pipelines.local_cluster import LocalCluster, NodeSpec, free_port  # noqa: E402
+from cluster.local import LocalCluster, NodeSpec, free_port  # noqa: E402
 from serving.loadtest import generate_payload, run_profile, window_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -89,7 +89,7 @@ def run_ray(input_dir: str, output_dirs: list[str], num_cpus: int) -> list[tuple
     the next ones as later jobs on a running cluster would be); → (seconds, manifest) per run."""
     import ray
 
-    from pipelines.ray_runtime import init_ray
+    from cluster.runtime import init_ray
 
     from facediffuser.data.stages import PreprocessConfig
     from pipelines.preprocess import preprocess

@@ -108,7 +108,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.ray_runtime import init_ray
+    from cluster.runtime import init_ray
     from pipelines.train import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="facediffuser-train-bench-"))

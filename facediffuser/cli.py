@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"facediffuser {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C; or SIGTERM/SIGINT in a long-running command (pipelines/stopping.py)
+    except KeyboardInterrupt as exc:  # Ctrl-C; or SIGTERM/SIGINT in a long-running command (cluster/stopping.py)
         print(f"facediffuser {args.command}: {getattr(exc, 'line', 'interrupted')}", file=sys.stderr)
         return getattr(exc, "exit_status", 130)  # 128 + the signal: 130 SIGINT, 143 SIGTERM
     except Exception as exc:  # a GPU its torch cannot see, raised in a Ray worker: its one line, not Ray's traceback

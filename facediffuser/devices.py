@@ -5,7 +5,7 @@ can see a GPU (a driver missing, CUDA_VISIBLE_DEVICES wrong, a CPU-only torch). 
 be about 100× slower and look like success, so by default it fails at once with one line naming the node.
 
 FACEDIFFUSER_CPU_UNDER_GPU=1 is the one exception, for tests and rehearsals only: multi-node clusters on one
-machine whose nodes declare logical GPUs (pipelines/local_cluster.py) run CPU kernels under them, and the DDP backend
+machine whose nodes declare logical GPUs (cluster/local.py) run CPU kernels under them, and the DDP backend
 becomes gloo (NCCL cannot start without CUDA). Never set it in production: it hides exactly the failure above.
 Drivers forward it to their Ray workers with the AWS variables; nodes started with it in their environment pass
 it on as well.

@@ -183,8 +183,8 @@ def _ray_for_demo(num_cpus: int, verbose: bool, app_name: str):
     import ray
     from ray import serve
 
-    from pipelines.ray_runtime import init_ray
-    from pipelines.stopping import shutdown_ray
+    from cluster.runtime import init_ray
+    from cluster.stopping import shutdown_ray
 
     own_ray = not ray.is_initialized()
     session = types.SimpleNamespace(own_serve=False)
@@ -290,7 +290,7 @@ STOPPED_LINE = "stopped; rerun the same command to run the demo again from the s
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.stopping import stoppable
+    from cluster.stopping import stoppable
 
     with stoppable(STOPPED_LINE):  # SIGTERM/SIGINT: Serve and the demo's Ray go down; a rerun starts over
         result = demo(from_args(DemoConfig, args), verbose=args.verbose)

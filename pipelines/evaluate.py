@@ -234,8 +234,8 @@ def _generate(config: EvaluateConfig, todo: list[dict], out: Path, writer, showc
     from tqdm.auto import tqdm
 
     from pipelines.evaluate_actors import GenerateImages, ScoreImages
-    from pipelines.ray_runtime import init_ray
-    from pipelines.stopping import deferred
+    from cluster.runtime import init_ray
+    from cluster.stopping import deferred
 
     init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
     ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 200))
@@ -270,7 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.stopping import stoppable
+    from cluster.stopping import stoppable
 
     with stoppable():  # SIGTERM/SIGINT: the rows in results.jsonl (and their images) stay, a rerun does the rest
         report = evaluate(from_args(EvaluateConfig, args), verbose=args.verbose)

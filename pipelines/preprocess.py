@@ -39,7 +39,7 @@ from facediffuser.data.resume import previous_work
 from facediffuser.data.stages import PreprocessConfig, work_table
 from facediffuser.devices import CPU_UNDER_GPU_ENV, torch_device
 from facediffuser.manifest import package_versions
-from pipelines.ray_runtime import AWS_VARIABLES
+from cluster.runtime import AWS_VARIABLES
 
 GPU_ACTOR_CPUS = 0.25  # a GPU-stage actor mostly waits on its GPU; the rest of the CPUs go to the CPU stages
 TASKS_IN_FLIGHT = 2  # per GPU actor: one running batch and one queued (hides the call's round trip)
@@ -168,7 +168,7 @@ def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None
     is a reject of `stage`) or, in the last pool (`writer` given), their statuses once written (straight from
     the items: a work table there would cost 3 ms an image for nothing). Either way each row carries RAN_ON,
     the nodes its pools ran on, with this one's added."""
-    from pipelines.ray_runtime import node_id
+    from cluster.runtime import node_id
 
     trail = batch.column(RAN_ON).to_pylist() if RAN_ON in batch.column_names else [[]] * batch.num_rows
     items = [function(item) for item in batch.to_pylist()]
@@ -183,7 +183,7 @@ class RunStages:
 
     def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, num_gpus: float,
                  writer: ShardWriter | None = None):
-        from pipelines.ray_runtime import where
+        from cluster.runtime import where
 
         self.config, self.names, self.guard, self.writer = config, names, stages.StageGuard(), writer
         # given a GPU that torch cannot see: one line naming the node, unless FACEDIFFUSER_CPU_UNDER_GPU=1
@@ -294,7 +294,7 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     A rerun with the same output and settings processes only the inputs not yet written or rejected."""
     import ray
 
-    from pipelines.ray_runtime import init_ray
+    from cluster.runtime import init_ray
 
     config.validate()
     items = list_items(config)
@@ -306,7 +306,7 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     statuses: list[dict] = []
     try:
         _run_pipeline(config, todo, *cluster, statuses)
-    except KeyboardInterrupt:  # stopped (pipelines/stopping.py): the finished blocks' shards stay; keep their rejects
+    except KeyboardInterrupt:  # stopped (cluster/stopping.py): the finished blocks' shards stay; keep their rejects
         _write_rejects(config.output, old_rejects + [s for s in statuses if s["stage"]])
         raise
     rejected = old_rejects + [s for s in statuses if s["stage"]]
@@ -403,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.stopping import stoppable
+    from cluster.stopping import stoppable
 
     with stoppable():  # SIGTERM/SIGINT: written shards and rejects stay, a rerun does the rest
         manifest = preprocess(from_args(PreprocessConfig, args), verbose=args.verbose)

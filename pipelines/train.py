@@ -34,7 +34,7 @@ from facediffuser.config import add_arguments as add_config_arguments, arg, from
 from facediffuser.data import io as dataio
 from facediffuser.devices import CPU_UNDER_GPU_ENV, cpu_under_gpu, ddp_backend
 from facediffuser.model_dir import MODELS, final_dir
-from pipelines.ray_runtime import AWS_VARIABLES  # the one list of AWS variables shipped to Ray workers
+from cluster.runtime import AWS_VARIABLES  # the one list of AWS variables shipped to Ray workers
 from pipelines.train_export import export_final, pair_with_base, write_export_note
 from pipelines.train_inputs import check_base, check_data, data_uris, fetch_base, is_hub_id, resolve_data
 
@@ -168,7 +168,7 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
     import ray
     import ray.util.scheduling_strategies
 
-    from pipelines.ray_runtime import init_ray
+    from cluster.runtime import init_ray
     from pipelines.train_worker import ProgressBoard, show_progress
 
     init_ray(verbose=verbose)
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     first = configs[0]
     print(f"training {' and '.join(c.model for c in configs)} on {check_data(first.data)} rows from "
           f"{', '.join(data_uris(first.data))} → {first.run_root}")
-    from pipelines.stopping import stoppable
+    from cluster.stopping import stoppable
 
     with stoppable():  # SIGTERM/SIGINT: the checkpoints written so far stay, a rerun resumes from the last one
         summaries = train(configs, verbose=args.verbose)

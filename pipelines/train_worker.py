@@ -22,7 +22,7 @@ from pathlib import Path
 
 from facediffuser.devices import torch_device
 from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
-from pipelines.ray_runtime import where
+from cluster.runtime import where
 from pipelines.train import TrainConfig
 
 FAIL_AT_STEP_ENV = "FACEDIFFUSER_FAIL_AT_STEP"  # test-only: the last rank raises once when about to run this step
@@ -262,7 +262,7 @@ def worker_placement() -> dict:
     torch.distributed backend} — gathered from all ranks, so rank 0's report says where the run went."""
     import torch.distributed as dist
 
-    from pipelines.ray_runtime import node_id
+    from cluster.runtime import node_id
 
     here = node_id()
     if not (dist.is_available() and dist.is_initialized()):

@@ -120,7 +120,7 @@ class ServeSession:
         → the app's base URL. `after_ray_init` runs once Ray is up (ray.init replaces the SIGTERM handler)."""
         import ray
 
-        from pipelines.ray_runtime import init_ray  # the one way every command starts Ray (quiet console)
+        from cluster.runtime import init_ray  # the one way every command starts Ray (quiet console)
 
         config = self.config
         config.validate()  # a config changed after it was built is checked again before anything starts
@@ -164,7 +164,7 @@ class ServeSession:
         replicas' graceful shutdown (the drain period) a second time."""
         import ray
 
-        from pipelines.stopping import shutdown_ray
+        from cluster.stopping import shutdown_ray
 
         try:
             if ray.is_initialized() and not (cut_off and self.own_ray):
@@ -207,9 +207,9 @@ def run(args: argparse.Namespace) -> int:
     stop: new requests get 503 with Retry-After, those in flight finish (up to --drain-timeout-s), our application
     is deleted, Serve and Ray shut down only if this command started them. Exit status 0.
 
-    Both signals take pipelines/stopping.py's one path (also a SIGINT ignored since the start, as in `serve ... &`
+    Both signals take cluster/stopping.py's one path (also a SIGINT ignored since the start, as in `serve ... &`
     from a script); a signal during the start abandons it, and later signals do not interrupt the clean-up."""
-    from pipelines.stopping import Stopped, requested, stoppable
+    from cluster.stopping import Stopped, requested, stoppable
 
     config = config_from_cli(args)  # validates before Ray starts
     session = ServeSession(config, verbose=args.verbose, replace_existing=False)

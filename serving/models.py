@@ -11,7 +11,7 @@ from facediffuser.model_dir import identity as model_identity, load_pipeline
 def replica_device() -> str:
     """The GPU when Ray gave this replica one, else the CPU. Given a GPU that torch cannot see, the replica fails
     with one line naming its node (FACEDIFFUSER_CPU_UNDER_GPU=1: CPU kernels, rehearsals only; devices.py)."""
-    from pipelines.ray_runtime import assigned_gpus, where
+    from cluster.runtime import assigned_gpus, where
 
     return torch_device(assigned_gpus(), f"serve replica on {where()}")
 

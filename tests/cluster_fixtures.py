@@ -1,4 +1,4 @@
-"""Multi-node Ray clusters on this machine (pipelines/local_cluster.py), started the way users start one.
+"""Multi-node Ray clusters on this machine (cluster/local.py), started the way users start one.
 
 `gpu_cluster`: a head with 2 CPUs and no GPU, and two worker nodes with 1 CPU and 1 logical GPU each (custom
 resources `gpu_node_a` / `gpu_node_b`), every node started with FACEDIFFUSER_CPU_UNDER_GPU=1 so CPU kernels run
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local_cluster import LocalCluster, NodeSpec
+from cluster.local import LocalCluster, NodeSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,7 +36,7 @@ def gpu_cluster():
 
 
 def code_snapshot() -> Path:
-    """A copy of the code a job needs (facediffuser/, pipelines/, serving/), made once: the job's working directory.
+    """A copy of the code a job needs (facediffuser/, cluster/, pipelines/, serving/), made once: the job's working directory.
     Shipping the live checkout races with edits made meanwhile (its package hash changes between Ray's hashing and
     its upload, and the job then finds no package in the GCS)."""
     if "snapshot" not in _state:
@@ -44,7 +44,7 @@ def code_snapshot() -> Path:
         atexit.register(shutil.rmtree, scratch, True)
         target = Path(scratch) / "code"
         target.mkdir()
-        for name in ("facediffuser", "pipelines", "serving"):
+        for name in ("facediffuser", "cluster", "pipelines", "serving"):
             shutil.copytree(ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         _state["snapshot"] = target
     return _state["snapshot"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import free_port
-from pipelines.local_cluster import LocalCluster
+from cluster.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,7 +37,7 @@ def keys(client, bucket, prefix):
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A separate Ray cluster started the way a user starts one (one head node, pipelines/local_cluster.py): its own
+    """A separate Ray cluster started the way a user starts one (one head node, cluster/local.py): its own
     process group that we end ourselves (a plain `ray stop` would also stop the test session's own cluster)."""
     with LocalCluster(head_cpus=3, object_store_bytes=300_000_000) as cluster:
         yield cluster.dashboard_url

@@ -1,4 +1,4 @@
-"""Logical GPUs on a multi-node cluster on this machine (pipelines/local_cluster.py, tests/cluster_fixtures.py), and
+"""Logical GPUs on a multi-node cluster on this machine (cluster/local.py, tests/cluster_fixtures.py), and
 the rule for GPUs torch cannot see (facediffuser/devices.py): fail at once with one line naming the node, unless
 FACEDIFFUSER_CPU_UNDER_GPU=1 (rehearsals) runs CPU kernels there."""
 

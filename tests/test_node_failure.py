@@ -1,5 +1,5 @@
 """A node dies (issue 23, item 1): in preprocessing, training and serving, on ONE multi-node cluster on this machine
-(pipelines/local_cluster.py): a head (2 CPUs, no GPU) and three worker nodes with 1 CPU and 1 logical GPU each
+(cluster/local.py): a head (2 CPUs, no GPU) and three worker nodes with 1 CPU and 1 logical GPU each
 (FACEDIFFUSER_CPU_UNDER_GPU=1: CPU kernels under them). Each test kills one worker node (SIGKILL of its raylet:
 what a node failure looks like to Ray) in the middle of its work and checks what the user gets; then a fresh worker
 node joins (`add_node`), so the next test again has three. The tests run in order and share the cluster (one start
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster_fixtures import submit
-from pipelines.local_cluster import LocalCluster, NodeSpec
+from cluster.local import LocalCluster, NodeSpec
 
 BIN = Path(sys.executable).parent
 _spare = iter("defghijk")

@@ -1,6 +1,6 @@
 """Every long-running command stops cleanly on SIGTERM, and on SIGINT when started in the background by a shell
 (which starts it with SIGINT ignored): one line, exit 128 + the signal, no stack dump, what was complete is kept,
-a rerun resumes, and no process of the command's Ray session is left (pipelines/stopping.py).
+a rerun resumes, and no process of the command's Ray session is left (cluster/stopping.py).
 
 Each command runs as a user runs it: the `facediffuser` console script in its own process group, with its own
 local Ray (RAY_ADDRESS=local). Its Ray processes are found by that process group and by the session directory
@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipelines.stopping import RESUME_LINE, session_processes
+from cluster.stopping import RESUME_LINE, session_processes
 
 pytestmark = pytest.mark.slow
 

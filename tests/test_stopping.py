@@ -1,4 +1,4 @@
-"""pipelines/stopping.py without Ray: SIGTERM and SIGINT take one path (also when SIGINT was ignored at start),
+"""cluster/stopping.py without Ray: SIGTERM and SIGINT take one path (also when SIGINT was ignored at start),
 a second signal does not interrupt the clean-up, `deferred` blocks are not cut in two, and the CLI turns a stop
 into its one line and 128 + the signal."""
 
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pipelines import stopping
+from cluster import stopping
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +105,7 @@ def test_the_cli_prints_one_line_and_exits_128_plus_the_signal(tmp_path, sig):
     script.write_text(textwrap.dedent("""
         import sys, time
         from facediffuser import cli
-        from pipelines import stopping
+        from cluster import stopping
 
         def run(args):
             with stopping.stoppable():

@@ -39,7 +39,7 @@ def init_ray(verbose: bool = False, **init_kwargs) -> Path | None:
         init_kwargs.setdefault("log_to_driver", verbose)
         # quiet: only errors while Ray starts (the log file is set up once the session's folder exists)
         init_kwargs.setdefault("logging_level", logging.INFO if verbose else logging.ERROR)
-        from pipelines.stopping import after_ray_init, during_ray_init
+        from cluster.stopping import after_ray_init, during_ray_init
 
         with during_ray_init():  # a SIGTERM/SIGINT while Ray starts takes the command's stop path
             ray.init(**init_kwargs)

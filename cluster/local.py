@@ -6,7 +6,7 @@ without a physical GPU (run them with FACEDIFFUSER_CPU_UNDER_GPU=1, facediffuser
     with LocalCluster(head_cpus=2, workers=[NodeSpec("gpu_a", num_cpus=1, num_gpus=1)]) as cluster:
         subprocess.run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--", ...], env=cluster.env)
 
-`python -m pipelines.local_cluster` starts one for benchmarks (a head and two one-GPU workers by default),
+`python -m cluster.local` starts one for benchmarks (a head and two one-GPU workers by default),
 prints its addresses and the environment a client needs, and stops it cleanly on Ctrl-C or SIGTERM.
 
 Several nodes on one host need distinct ports: `ray start` has fixed defaults (dashboard agent 52365, client
@@ -289,7 +289,7 @@ def parse_node(text: str) -> NodeSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.local_cluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.splitlines()[0])
     parser.add_argument("--head-cpus", type=float, default=2)
     parser.add_argument("--worker", action="append", type=parse_node, metavar="NAME:CPUS:GPUS",
                         help="a worker node (repeat); default: gpu_node_a:1:1 and gpu_node_b:1:1")

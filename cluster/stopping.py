@@ -74,7 +74,7 @@ def install(line: str = RESUME_LINE) -> bool:
 
 
 def after_ray_init() -> None:
-    """Called right after `ray.init` (pipelines/ray_runtime.init_ray): Ray's core worker has just replaced the
+    """Called right after `ray.init` (cluster/runtime.init_ray): Ray's core worker has just replaced the
     SIGTERM handler with its C++ failure handler (a native stack dump, then death); put ours back."""
     if _state["installed"] and threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
