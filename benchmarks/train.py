@@ -109,7 +109,7 @@ def main() -> None:
     import ray
 
     from cluster.runtime import init_ray
-    from pipelines.train import TrainConfig
+    from pipelines.train_config import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="facediffuser-train-bench-"))
     data = args.data or make_shards(work / "shards", 16)

@@ -234,13 +234,14 @@ def _preprocess(out: Path) -> dict:
 def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
     """Tiny TDM and SDM side by side, resources derived from the cluster; → (final model dir, loss curves)."""
     from pipelines import train as train_pipeline
+    from pipelines.train_config import TrainConfig
 
-    base = train_pipeline.TrainConfig(
+    base = TrainConfig(
         model="tdm", data=str(out / "preprocessed" / "shards"), storage=str(out / "runs"), name=NAME, tiny=True,
         resolution=config.resolution, batch_size=2, max_steps=config.steps, checkpoint_every=config.steps,
         keep_checkpoints=1, lr=1e-4, max_failures=0)
     base.validate()
-    configs = [base, train_pipeline.TrainConfig(**{**base.__dict__, "model": "sdm"})]
+    configs = [base, TrainConfig(**{**base.__dict__, "model": "sdm"})]
     shutil.rmtree(out / "runs" / NAME, ignore_errors=True)  # a fresh run, not a resume of an old one
     summaries = train_pipeline.train(configs)
     train_pipeline.write_export_note(configs, None)

@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
 from facediffuser.model_dir import EXPORT_NOTE, final_dir
 from facediffuser.training.metrics import plot_losses, read_metrics
+from pipelines.train_config import TrainConfig
 from pipelines.train_inputs import ray_filesystem
-
-if TYPE_CHECKING:
-    from pipelines.train import TrainConfig
 
 INCOMING = ".incoming"  # suffix of the new copy, written beside the directory it replaces
 OUTGOING = ".outgoing"  # suffix of the old local copy while the new one is renamed in

@@ -2,31 +2,22 @@
 checked, the one Ray Data dataset holding every epoch of the run (the workers pull it with `get_dataset_shard`, see
 pipelines/train_worker.py), and `--base` checked or, for a hub id, fetched once before any work.
 
-The checks fail in one line naming the flag and its value, before any Ray work starts.
+The checks fail in one line naming the flag and its value, before any Ray work starts (those `validate` runs live
+with the settings, pipelines/train_config.py).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
-from facediffuser.data.schema import check_schema
-
-if TYPE_CHECKING:
-    from pipelines.train import TrainConfig
+from pipelines.train_config import TrainConfig, check_base, data_uris, is_hub_id
 
 EPOCHS_PER_PASS = 16  # one ingest execution, and so one actor pool and one set of imports, covers this many epochs
 IN_MEMORY_BYTES = 64 * 2**20  # shards up to this size are read once by the driver and shuffled per epoch in memory
-
-
-def data_uris(data: str | list[str]) -> list[str]:
-    return [data] if isinstance(data, str) else list(data)
 
 
 def resolve_data(values: list[str]) -> list[str]:
@@ -63,30 +54,6 @@ def resolve_data(values: list[str]) -> list[str]:
               f"{counts['rejected']} rejected, schema v{note.get('schema_version', '?')})")
         resolved.append(shards)
     return resolved
-
-
-def check_data(data: str | list[str]) -> int:
-    """Shards exist, are readable and have our schema; → row count over all of them. One-line errors."""
-    import pyarrow.dataset as pads
-
-    rows = 0
-    for uri in data_uris(data):
-        fs, path, info = dataio.file_info(uri, "--data")
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"--data {uri}: no such file, directory or S3 prefix")
-        try:
-            dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
-            files = list(dataset.files)
-        except Exception as exc:  # pyarrow raises several types for non-Parquet content
-            raise ValueError(f"--data {uri}: not readable as Parquet ({str(exc).splitlines()[0]})") from None
-        if not files:
-            raise ValueError(f"--data {uri}: no Parquet shards found")
-        check_schema(dataset.schema, what=f"--data {uri}")
-        count = dataset.count_rows()
-        if count == 0:
-            raise ValueError(f"--data {uri}: the shards hold no rows")
-        rows += count
-    return rows
 
 
 def ray_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -140,21 +107,6 @@ def build_dataset(config: TrainConfig, rows: int):
 
 
 # ------------------------------------------------------------------------------------ --base
-
-
-def is_hub_id(base: str | None) -> bool:
-    """`owner/name` naming no local path: a Hugging Face hub id, fetched by `fetch_base`."""
-    return bool(base) and not Path(base).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
-
-
-def check_base(base: str, model: str, variant: str | None = None) -> None:
-    """The local base directory holds what loading `model` from it needs (no weights are read)."""
-    from facediffuser.training.checkpoint import check_base_dir
-
-    try:
-        check_base_dir(base, model, variant)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--base: {exc}") from None
 
 
 def fetch_base(configs: list[TrainConfig]) -> list[TrainConfig]:

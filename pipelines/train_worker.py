@@ -23,7 +23,7 @@ from pathlib import Path
 from facediffuser.devices import torch_device
 from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
 from cluster.runtime import where
-from pipelines.train import TrainConfig
+from pipelines.train_config import TrainConfig
 
 FAIL_AT_STEP_ENV = "FACEDIFFUSER_FAIL_AT_STEP"  # test-only: the last rank raises once when about to run this step
 FAIL_MARKER_ENV = "FACEDIFFUSER_FAIL_MARKER"  # the file whose existence means "already failed once"

@@ -96,7 +96,7 @@ EXPECTED_REJECTS = {
 
 def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch):
     from pipelines.preprocess import preprocess
-    from pipelines.train import resolve_data
+    from pipelines.train_inputs import resolve_data
     from facediffuser.data.stages import PreprocessConfig
 
     monkeypatch.setenv(FAULT_ENV, "segment:faulty.jpg")  # reaches the Ray workers through the runtime env

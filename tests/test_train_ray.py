@@ -83,7 +83,8 @@ def test_bad_input_fails_in_one_line_before_work(tmp_path, shards):
 
 
 def test_data_resolves_a_preprocess_output_a_shards_dir_or_a_list(tmp_path, shards, capsys):
-    from pipelines.train import check_data, resolve_data
+    from pipelines.train_config import check_data
+    from pipelines.train_inputs import resolve_data
 
     output = tmp_path / "data"  # what `facediffuser preprocess --output data/` leaves
     shutil.copytree(shards, output / "shards")
@@ -100,7 +101,7 @@ def test_data_resolves_a_preprocess_output_a_shards_dir_or_a_list(tmp_path, shar
 def test_data_refuses_shards_without_a_complete_manifest(tmp_path, shards):
     """Only the output of a finished preprocess run is read: its manifest exists, adds up and lists exactly the
     shard files that are there. Each refusal is one line naming the manifest."""
-    from pipelines.train import resolve_data
+    from pipelines.train_inputs import resolve_data
 
     def refused(path: Path, *fragments: str) -> None:
         for value in (path, path / "shards"):  # the output directory or its shards/ directory: the same answer
@@ -150,7 +151,8 @@ def _metrics(text: str) -> list[dict]:
 def test_resources_are_derived_from_the_cluster_unless_given():
     from dataclasses import replace
 
-    from pipelines.train import TrainConfig, plan_resources
+    from pipelines.train import plan_resources
+    from pipelines.train_config import TrainConfig
 
     base = TrainConfig(model="tdm", data="d", storage="s", name="n", tiny=True)
     both = [base, replace(base, model="sdm")]

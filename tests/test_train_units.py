@@ -13,7 +13,8 @@ import pytest
 
 from facediffuser.config import from_args
 from pipelines import train_export
-from pipelines.train import TrainConfig, add_arguments, worker_env
+from pipelines.train import add_arguments, worker_env
+from pipelines.train_config import TrainConfig
 from pipelines.train_worker import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, Fault
 
 INFRA_FLAGS = ["--model", "both", "--data", "s3://b/shards", "--base", "runwayml/stable-diffusion-v1-5",
