@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from skimage.data import astronaut
 
-    from facediffuser.model_dir import load_pipeline
+    from facediffuser.model_loading import load_pipeline
     from serving.app import start
     from serving.settings import ServeConfig
     from serving.loadtest import generate_payload, run_load

@@ -15,7 +15,7 @@ from facediffuser.config import arg
 from facediffuser.images import load_image
 from facediffuser.layout import check_boxes, check_scales
 from facediffuser.manifest import package_versions
-from facediffuser.model_dir import identity, load_pipeline
+from facediffuser.model_loading import identity, load_pipeline
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode

@@ -1,6 +1,8 @@
-"""The model-directory contract: what a model directory holds, the one writer, the one reader, and how every
-command (train, generate, serve, evaluate, demo) turns what the user gave into local files. docs/model-directory.md
-says the same for users.
+"""The model-directory contract: the one module that knows what a model directory holds (its folder names, as the
+constants and functions below), the one writer (`save`), the one reader of its layouts (`resolve`, `kind`,
+`model_root`, `shared_root`, `subject_encoder_dir`, `load_shared_parts`) and the model version (`part_hashes`,
+`content_version`). Loading a pipeline from one is facediffuser/model_loading.py; mirroring an s3:// one,
+facediffuser/model_mirror.py. docs/model-directory.md says the same for users.
 
 Layout (all weights in safetensors; nothing is pickled):
 
@@ -27,9 +29,10 @@ Any of these may be an s3:// prefix: `facediffuser.model_mirror.mirror` copies i
 Every object key must be a plain relative path below the prefix: a key with `..`, `.`, an empty part or a leading
 `/` is refused before anything is written.
 
-The model version (`identity`'s "model_version") is a sha256 over the parts' content hashes (sdm, tdm or the
-whole pipeline directory; the same for a local copy and an s3:// copy of one model), or for --tiny over the
-weights. Manifests and the Serve app's /v1/info carry it, so two processes can check that they run one model.
+The model version (`identity`'s "model_version", facediffuser/model_loading.py) is a sha256 over the parts'
+content hashes (sdm, tdm or the whole pipeline directory; the same for a local copy and an s3:// copy of one model),
+or for --tiny over the weights. Manifests and the Serve app's /v1/info carry it, so two processes can check that
+they run one model.
 """
 
 from __future__ import annotations
@@ -37,20 +40,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
+from facediffuser.cache import cache_root, write_atomic
 from facediffuser.data import io as dataio
-from facediffuser.manifest import directory_hash, module_hash
+from facediffuser.manifest import directory_hash
 
-if TYPE_CHECKING:  # torch and diffusers load only when a model does (the CLIs validate before that)
-    from facediffuser.pipeline import FaceDiffuserPipeline
-
-MODELS = ("sdm", "tdm")
-SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+SDM, TDM = "sdm", "tdm"
+MODELS = (SDM, TDM)
+# the folders of one model directory (also `save`'s keyword arguments)
+UNET, VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER = "unet", "vae", "text_encoder", "tokenizer", "scheduler"
+SUBJECT_ENCODER = "subject_encoder"  # the SDM's only
+SHARED_PARTS = (VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER)  # the same in the SDM and the TDM
+SD_PARTS = (UNET, *SHARED_PARTS)
+MODEL_PARTS = (*SD_PARTS, SUBJECT_ENCODER)
+PIPELINE_INDEX = "model_index.json"  # a FaceDiffuserPipeline (or another diffusers pipeline) directory
 FINAL = "final"  # a training run's exported Face-diffuser model
 EXPORT_NOTE = "export.json"  # in final/: which models were trained
 
@@ -61,19 +65,20 @@ _SAID: set[str] = set()
 def save(out_dir: str | Path, which: str, *, unet, vae, text_encoder, tokenizer, scheduler,
          subject_encoder=None) -> None:
     """Write the SDM or the TDM as one model directory (the only writer of this layout: training checkpoints,
-    the export of an untrained base, and `FaceDiffuserPipeline.save_model_dir` all come here)."""
+    the export of an untrained base, `facediffuser import-official` and `FaceDiffuserPipeline.save_model_dir` all
+    come here)."""
     if which not in MODELS:
         raise ValueError(f"which must be 'sdm' or 'tdm', got {which!r}")
-    if which == "sdm" and subject_encoder is None:
+    if which == SDM and subject_encoder is None:
         raise ValueError("an SDM model directory needs its subject_encoder")
     out = Path(out_dir)
-    unet.save_pretrained(out / "unet")
-    vae.save_pretrained(out / "vae")
-    text_encoder.save_pretrained(out / "text_encoder")
-    tokenizer.save_pretrained(out / "tokenizer")
-    scheduler.save_pretrained(out / "scheduler")
-    if which == "sdm":
-        subject_encoder.save_pretrained(out / "subject_encoder")
+    unet.save_pretrained(out / UNET)
+    vae.save_pretrained(out / VAE)
+    text_encoder.save_pretrained(out / TEXT_ENCODER)
+    tokenizer.save_pretrained(out / TOKENIZER)
+    scheduler.save_pretrained(out / SCHEDULER)
+    if which == SDM:
+        subject_encoder.save_pretrained(out / SUBJECT_ENCODER)
 
 
 def final_dir(run_dir: str) -> str:
@@ -81,12 +86,27 @@ def final_dir(run_dir: str) -> str:
     return dataio.join(run_dir, FINAL)
 
 
+def final_model_dir(run_dir: str, which: str) -> str:
+    """STORAGE/NAME → STORAGE/NAME/final/<which>: the model directory of `which` that a training run exports."""
+    return dataio.join(final_dir(run_dir), which)
+
+
+def run_folder(run_dir: str, which: str) -> str:
+    """STORAGE/NAME → STORAGE/NAME/<which>: Ray Train's run folder of `which` (checkpoints, metrics.csv)."""
+    return dataio.join(run_dir, which)
+
+
+def has_unet(model_uri: str) -> bool:
+    """A model directory (local or s3://) holds its UNet: `save` has written it."""
+    return dataio.exists(dataio.join(model_uri, UNET))
+
+
 # ------------------------------------------------------------------------------------------------ reading
 def resolve(model: str) -> str:
     """A training run directory (`runs/NAME`, holding `final/` beside the Ray run folders) → its `final/`, said
     once per run; any other model directory (local or s3://) is returned as it is."""
     final = final_dir(model)
-    if dataio.exists(dataio.join(model, "sdm", "unet")) or not dataio.exists(dataio.join(final, EXPORT_NOTE)):
+    if has_unet(dataio.join(model, SDM)) or not dataio.exists(dataio.join(final, EXPORT_NOTE)):
         return model
     if model not in _SAID:
         _SAID.add(model)
@@ -97,72 +117,52 @@ def resolve(model: str) -> str:
 def kind(root: Path) -> str | None:
     """"pipeline" (a FaceDiffuserPipeline's model_index.json), "stable-diffusion" (another pipeline's, e.g. an
     SD1.5 directory from the hub), "sdm+tdm" (sdm/unet and tdm/unet) or None for a local directory."""
-    index = root / "model_index.json"
+    index = root / PIPELINE_INDEX
     if index.is_file():
         try:
             class_name = json.loads(index.read_text()).get("_class_name")
         except (OSError, ValueError, AttributeError):
             class_name = None
         return "pipeline" if class_name == "FaceDiffuserPipeline" else "stable-diffusion"
-    if all((root / which / "unet").is_dir() for which in MODELS):
+    if all((root / which / UNET).is_dir() for which in MODELS):
         return "sdm+tdm"
     return None
 
 
-def local_model_dir(model: str) -> Path:
-    """A model directory (or a training run's directory, see `resolve`) as a local path; an s3:// prefix is
-    mirrored first (`facediffuser.model_mirror.mirror`)."""
-    from facediffuser.model_mirror import mirror
-
-    model = resolve(model)
-    return mirror(model) if dataio.is_s3(model) else Path(model)
+def pipeline_unet(which: str) -> str:
+    """The folder of `which`'s UNet in a FaceDiffuserPipeline directory: sdm_unet or tdm_unet."""
+    return f"{which}_{UNET}"
 
 
-def load_pipeline(model: str | None = None, tiny: bool = False, torch_dtype=None) -> "FaceDiffuserPipeline":
-    """A model directory (local or s3://, or a training run's directory) → pipeline. Accepts a saved
-    FaceDiffuserPipeline (model_index.json) or a directory holding `sdm/` and `tdm/` (what training writes).
-    `tiny=True` builds the CPU test stack; `torch_dtype` defaults to float32. A mirrored model is read under its
-    version's shared lock, and the pipeline remembers that version for `identity`."""
-    if tiny:
-        from facediffuser.models.tiny import tiny_pipeline
-
-        return tiny_pipeline()
-    if not model:
-        raise ValueError("give --model DIR (or --tiny for the small random test models)")
-    from facediffuser.model_mirror import mirrored
-
-    resolved = resolve(model)
-    if not dataio.is_s3(resolved):
-        return _from_root(Path(resolved), model, torch_dtype)
-    with mirrored(resolved) as copy:
-        pipe = _from_root(copy.root, model, torch_dtype)
-    pipe._model_dir_identity = {"model": str(model), "hashes": copy.named_hashes(), "model_version": copy.version}
-    return pipe
+def model_root(base: Path, which: str) -> tuple[Path, str]:
+    """Where the UNet of `which` lives in `base` → (directory, UNet folder in it): a training export holding sdm/
+    and tdm/ (sdm/, unet), a FaceDiffuserPipeline directory (base, sdm_unet) or an SD/model directory (base, unet)."""
+    if (base / which / UNET).is_dir():
+        return base / which, UNET
+    if (base / pipeline_unet(which)).is_dir():
+        return base, pipeline_unet(which)
+    if (base / UNET).is_dir():
+        return base, UNET
+    raise FileNotFoundError(f"base model {base}: no {UNET}/ (nor {pipeline_unet(which)}/ or {which}/{UNET}/) "
+                            "directory")
 
 
-def _from_root(root: Path, model: str, torch_dtype) -> "FaceDiffuserPipeline":
-    import torch
+def shared_root(base: Path, which: str) -> Path:
+    """The directory holding the shared parts (vae/, text_encoder/, tokenizer/, scheduler/) that go with `which`'s
+    UNet in `base`: beside it (a model directory), else `base` itself."""
+    root, _ = model_root(base, which)
+    return root if (root / VAE).is_dir() else base
 
-    from facediffuser.pipeline import FaceDiffuserPipeline
 
-    torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
-    if not root.is_dir():
-        raise FileNotFoundError(f"model directory not found: {root}")
-    found = kind(root)
-    if found == "pipeline":
-        return FaceDiffuserPipeline.from_pretrained(str(root), torch_dtype=torch_dtype)
-    if found == "sdm+tdm":
-        return FaceDiffuserPipeline.from_sdm_and_tdm(root / "sdm", root / "tdm", torch_dtype=torch_dtype)
-    if found == "stable-diffusion":
-        raise ValueError(f"{model} is a Stable Diffusion directory, not a Face-diffuser model: import the released "
-                         f"checkpoints onto it (facediffuser import-official --base {model} --sdm ... --tdm ... --out "
-                         "DIR), or train from it (facediffuser train --base ...)")
-    raise ValueError(f"{model} is neither a FaceDiffuserPipeline directory (model_index.json) nor holds sdm/ and tdm/")
+def subject_encoder_dir(base: Path, which: str) -> Path | None:
+    """`which`'s subject_encoder/ in `base` (beside its UNet, else in `base`), or None when it has none."""
+    root, _ = model_root(base, which)
+    return next((d for d in (root / SUBJECT_ENCODER, base / SUBJECT_ENCODER) if d.is_dir()), None)
 
 
 # ------------------------------------------------------------------------------------------------ base directories
-SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHTED_PARTS = ("unet", "vae", "text_encoder")  # the parts whose weights may come as variants (hub SD layout)
+WEIGHTED_SHARED_PARTS = (VAE, TEXT_ENCODER)  # the shared parts whose weights may come as variants (hub SD layout)
+WEIGHTED_PARTS = (UNET, *WEIGHTED_SHARED_PARTS)
 WEIGHT_SUFFIXES = ("safetensors", "bin")
 
 
@@ -179,15 +179,15 @@ def load_shared_parts(root: str | Path, *, torch_dtype=None, variant: str | None
     from facediffuser.schedulers import load_scheduler
 
     torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
-    vae_safetensors = has_safetensors(Path(root) / "vae", variant)  # else diffusers logs a failed try before .bin
+    vae_safetensors = has_safetensors(Path(root) / VAE, variant)  # else diffusers logs a failed try before .bin
     root = str(root)
     return dict(
-        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype, variant=variant,
+        vae=AutoencoderKL.from_pretrained(root, subfolder=VAE, torch_dtype=torch_dtype, variant=variant,
                                           use_safetensors=vae_safetensors),
-        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=torch_dtype,
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder=TEXT_ENCODER, torch_dtype=torch_dtype,
                                                    variant=variant),
-        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-        scheduler=load_scheduler(root),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder=TOKENIZER),
+        scheduler=load_scheduler(str(Path(root) / SCHEDULER)),
     )
 
 
@@ -239,7 +239,7 @@ def check_weights(folder: Path, variant: str | None) -> None:
 # ------------------------------------------------------------------------------------------------ identity
 def parts(root: Path) -> list[str]:
     """The hashed parts of a Face-diffuser model, relative to its root: sdm and tdm, or "." (a pipeline dir)."""
-    return list(MODELS) if (root / "sdm").is_dir() else ["."]
+    return list(MODELS) if (root / SDM).is_dir() else ["."]
 
 
 def content_version(hashes: dict[str, str]) -> str:
@@ -254,26 +254,6 @@ def part_hashes(root: Path) -> dict[str, str]:
     """{part: directory_hash} for `parts(root)`; remembered in the cache by the files' names, sizes and mtimes,
     so a second process loading the same files (the Serve encoder beside the sampler) does not read them again."""
     return {part: _cached_directory_hash(root / part) for part in parts(root)}
-
-
-def identity(pipe: "FaceDiffuserPipeline", model: str | None) -> dict:
-    """{"model", "hashes", "model_version"} for manifests: what `pipe` was loaded from. Hash keys name the parts
-    under the model directory's own name (e.g. final/sdm), as the manifests always did."""
-    if not model:
-        value = module_hash(pipe.sdm_unet, pipe.tdm_unet, pipe.subject_encoder)
-        return {"model": "tiny", "hashes": {"tiny": value}, "model_version": value}
-    known = getattr(pipe, "_model_dir_identity", None)
-    if known and known["model"] == str(model):
-        return dict(known)
-    resolved = resolve(model)
-    if dataio.is_s3(resolved):
-        from facediffuser.model_mirror import mirrored
-
-        with mirrored(resolved) as copy:
-            return {"model": str(model), "hashes": copy.named_hashes(), "model_version": copy.version}
-    root = Path(resolved)
-    hashes = part_hashes(root)
-    return {"model": str(model), "hashes": named_hashes(root.name, hashes), "model_version": content_version(hashes)}
 
 
 def version_mismatch(seen: dict[str, dict]) -> str | None:
@@ -296,10 +276,6 @@ def named_hashes(name: str, hashes: dict[str, str]) -> dict[str, str]:
     return {key(part): value for part, value in hashes.items()}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FACEDIFFUSER_CACHE", Path.home() / ".cache" / "facediffuser"))
-
-
 def _cached_directory_hash(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     stats = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
@@ -311,16 +287,3 @@ def _cached_directory_hash(path: Path) -> str:
     with contextlib.suppress(OSError):
         write_atomic(memo, json.dumps({"path": str(path), "sha256": value}))
     return value
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise

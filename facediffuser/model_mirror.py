@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from facediffuser.cache import cache_root, write_atomic
 from facediffuser.data import io as dataio
 from facediffuser.manifest import directory_hash
-from facediffuser.model_dir import cache_root, content_version, named_hashes, parts, write_atomic
+from facediffuser.model_dir import content_version, named_hashes, parts
 
 DOWNLOAD_THREADS = 8
 

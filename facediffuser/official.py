@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
+from facediffuser import model_dir
 from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
+from facediffuser.prompts import ensure_image_token
 
 CHECKPOINT_NAMES = ("model.safetensors", "pytorch_model.bin")  # looked for when a checkpoint is a directory
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,11 +43,9 @@ def official_components(base_sd_dir: str | Path, sdm_checkpoint: str | Path, tdm
     weight files (e.g. "fp16" for `*.fp16.safetensors`)."""
     from diffusers import UNet2DConditionModel
 
-    from facediffuser.model_dir import load_shared_parts
-
     base = str(base_sd_dir)
-    shared = load_shared_parts(base, torch_dtype=torch_dtype, variant=variant)
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    shared = model_dir.load_shared_parts(base, torch_dtype=torch_dtype, variant=variant)
+    unet_config = UNet2DConditionModel.load_config(base, subfolder=model_dir.UNET)
 
     def unet_from(state: dict, name: str) -> UNet2DConditionModel:
         unet = UNet2DConditionModel.from_config(unet_config)
@@ -148,9 +148,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from facediffuser import model_dir
-    from facediffuser.pipeline import FaceDiffuserPipeline
-
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; give a new directory")
@@ -160,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--{flag}: checkpoint not found: {path}")
     model_dir.check_base(args.base, args.variant)
     print(f"import-official: reading {args.sdm} and {args.tdm} onto {args.base}", flush=True)
-    pipe = FaceDiffuserPipeline.from_official_checkpoints(args.base, args.sdm, args.tdm, variant=args.variant)
+    parts = official_components(args.base, args.sdm, args.tdm, variant=args.variant)
+    ensure_image_token(parts["tokenizer"])  # as a FaceDiffuserPipeline holding these parts would
     for which in model_dir.MODELS:
-        pipe.save_model_dir(out / which, which)
+        model_dir.save(out / which, which, unet=parts[f"{which}_unet"], subject_encoder=parts["subject_encoder"],
+                       **{part: parts[part] for part in model_dir.SHARED_PARTS})
     print(f"import-official: wrote {out} (sdm/, tdm/); use it with --model {out}", flush=True)
     return 0

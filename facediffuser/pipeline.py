@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from facediffuser import model_dir
 from facediffuser.images import tensor_to_pil
 from facediffuser.layout import SubjectRegions, check_boxes, check_scales, scale_subjects
 from facediffuser.models.subject_encoder import SubjectEncoder
@@ -76,14 +77,13 @@ class FaceDiffuserPipeline(DiffusionPipeline):
 
         VAE, text encoder, tokenizer and scheduler come from the SDM directory; the TDM contributes its UNet.
         """
-        from facediffuser.model_dir import load_shared_parts
-
         sdm_dir, tdm_dir = str(sdm_dir), str(tdm_dir)
         return cls(
-            **load_shared_parts(sdm_dir, torch_dtype=torch_dtype),
-            subject_encoder=SubjectEncoder.from_pretrained(sdm_dir, subfolder="subject_encoder", torch_dtype=torch_dtype),
-            sdm_unet=UNet2DConditionModel.from_pretrained(sdm_dir, subfolder="unet", torch_dtype=torch_dtype),
-            tdm_unet=UNet2DConditionModel.from_pretrained(tdm_dir, subfolder="unet", torch_dtype=torch_dtype),
+            **model_dir.load_shared_parts(sdm_dir, torch_dtype=torch_dtype),
+            subject_encoder=SubjectEncoder.from_pretrained(sdm_dir, subfolder=model_dir.SUBJECT_ENCODER,
+                                                           torch_dtype=torch_dtype),
+            sdm_unet=UNet2DConditionModel.from_pretrained(sdm_dir, subfolder=model_dir.UNET, torch_dtype=torch_dtype),
+            tdm_unet=UNet2DConditionModel.from_pretrained(tdm_dir, subfolder=model_dir.UNET, torch_dtype=torch_dtype),
             **kwargs,
         )
 
@@ -115,9 +115,7 @@ class FaceDiffuserPipeline(DiffusionPipeline):
     def save_model_dir(self, out_dir: str | Path, which: str) -> None:
         """Write the SDM or TDM alone as one model directory (`facediffuser.model_dir.save`, the layout's one
         writer; docs/model-directory.md). `from_sdm_and_tdm` reads two of them back."""
-        from facediffuser import model_dir
-
-        model_dir.save(out_dir, which, unet=self.sdm_unet if which == "sdm" else self.tdm_unet, vae=self.vae,
+        model_dir.save(out_dir, which, unet=self.sdm_unet if which == model_dir.SDM else self.tdm_unet, vae=self.vae,
                        text_encoder=self.text_encoder, tokenizer=self.tokenizer, scheduler=self.scheduler,
                        subject_encoder=self.subject_encoder)
 

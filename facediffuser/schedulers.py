@@ -38,10 +38,10 @@ def scheduler_name(scheduler) -> str:
     return type(scheduler).__name__
 
 
-def load_scheduler(model_dir: str):
-    """The scheduler class named in the directory's config (SD1.5 ships PNDM)."""
+def load_scheduler(folder: str):
+    """The scheduler class named in a scheduler folder's config (a model directory's scheduler/; SD1.5 ships PNDM)."""
     import diffusers
 
-    config = diffusers.PNDMScheduler.load_config(model_dir, subfolder="scheduler")
+    config = diffusers.PNDMScheduler.load_config(folder)
     cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"))
     return cls.from_config(config)

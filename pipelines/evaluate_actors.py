@@ -25,7 +25,7 @@ class GenerateImages:
     """One pipeline per actor; each task (one prompt, one method) → `images_per_prompt` image rows."""
 
     def __init__(self, config):
-        from facediffuser.model_dir import load_pipeline
+        from facediffuser.model_loading import load_pipeline
         from facediffuser.schedulers import make_scheduler
 
         self.config = config

@@ -47,7 +47,7 @@ def write_report(config, out: Path, subjects, tasks, rows, showcase, wall: float
     meta = {
         "model": "tiny" if config.tiny else config.model,
         "model_hashes": {} if config.tiny else {
-            str(p): directory_hash(p) for p in ([model / "sdm", model / "tdm"] if (model / "sdm").is_dir() else [model])},
+            str(model / part): directory_hash(model / part) for part in model_dir.parts(model)},  # "." is the model
         "config": asdict(config),
         "subjects": [asdict(s) for s in subjects],
         "counts": {"tasks": len(tasks), "images": len(rows)},

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
-from facediffuser.model_dir import EXPORT_NOTE, final_dir
+from facediffuser import model_dir
 from facediffuser.training.metrics import plot_losses, read_metrics
 from pipelines.train_config import TrainConfig
 from pipelines.train_inputs import ray_filesystem
@@ -29,9 +29,9 @@ def export_final(config: TrainConfig, checkpoint) -> dict:
     the Ray run directory. → the run's summary."""
     from facediffuser.training.checkpoint import MODEL_SUBDIR
 
-    final_uri = dataio.join(final_dir(config.run_root), config.model)
+    final_uri = model_dir.final_model_dir(config.run_root, config.model)
     replace_dir(checkpoint.filesystem, f"{checkpoint.path}/{MODEL_SUBDIR}", final_uri)
-    run_dir = dataio.join(config.run_root, config.model)
+    run_dir = model_dir.run_folder(config.run_root, config.model)
     with tempfile.TemporaryDirectory() as tmp:
         pafs.copy_files(f"{checkpoint.path}/metrics.csv", f"{tmp}/metrics.csv",
                         source_filesystem=checkpoint.filesystem, destination_filesystem=pafs.LocalFileSystem())
@@ -86,15 +86,14 @@ def pair_with_base(config: TrainConfig) -> str | None:
     """A single-model run: put the base's other model beside it (once) so final/ is a complete pipeline."""
     from facediffuser.training import checkpoint as ckpt
 
-    other = "tdm" if config.model == "sdm" else "sdm"
-    other_uri = dataio.join(final_dir(config.run_root), other)
-    if dataio.exists(dataio.join(other_uri, "unet")):
+    other = next(which for which in model_dir.MODELS if which != config.model)
+    other_uri = model_dir.final_model_dir(config.run_root, other)
+    if model_dir.has_unet(other_uri):
         return None
     parts = ckpt.load_components(config.base, other, tiny=config.tiny, image_encoder=config.image_encoder,
                                  variant=config.variant)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save_model_dir(tmp, other, **{k: parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler",
-                                                                  "subject_encoder")})
+        ckpt.save_model_dir(tmp, other, **{part: parts[part] for part in model_dir.MODEL_PARTS})
         replace_dir(pafs.LocalFileSystem(), tmp, other_uri)
     return other
 
@@ -103,10 +102,10 @@ def write_export_note(configs: list[TrainConfig], paired: str | None) -> None:
     """final/export.json: which models this run trained (kept from earlier runs of the same name), and which one
     is the untrained base paired beside them."""
     first = configs[0]
-    note_uri = dataio.join(final_dir(first.run_root), EXPORT_NOTE)
+    note_uri = dataio.join(model_dir.final_dir(first.run_root), model_dir.EXPORT_NOTE)
     previous = json.loads(dataio.read_bytes(note_uri)) if dataio.exists(note_uri) else {}
     for config in configs:
-        previous[config.model] = {"trained": True, "run": dataio.join(first.run_root, config.model)}
+        previous[config.model] = {"trained": True, "run": model_dir.run_folder(first.run_root, config.model)}
     if paired:
         previous.setdefault(paired, {"trained": False, "base": "tiny" if first.tiny else first.base})
     dataio.write_bytes(note_uri, json.dumps(previous, indent=2).encode())

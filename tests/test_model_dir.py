@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from facediffuser import model_dir, model_mirror
+from facediffuser import model_dir, model_loading, model_mirror
 import serve_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,19 +91,19 @@ def test_resolve_turns_a_run_directory_into_its_final(saved_model, capsys):
 def test_identity_names_the_parts_and_its_version_follows_the_content(saved_model, tiny_pipe, cache, tmp_path):
     import shutil
 
-    pipe = model_dir.load_pipeline(str(saved_model))
-    seen = model_dir.identity(pipe, str(saved_model))
+    pipe = model_loading.load_pipeline(str(saved_model))
+    seen = model_loading.identity(pipe, str(saved_model))
     assert set(seen["hashes"]) == {"final/sdm", "final/tdm"} and len(seen["model_version"]) == 64
     assert seen["model_version"] == model_dir.content_version({"sdm": seen["hashes"]["final/sdm"],
                                                                 "tdm": seen["hashes"]["final/tdm"]})
     copy = tmp_path / "elsewhere" / "final"
     shutil.copytree(saved_model, copy)
-    assert model_dir.identity(pipe, str(copy))["model_version"] == seen["model_version"]  # content, not place
+    assert model_loading.identity(pipe, str(copy))["model_version"] == seen["model_version"]  # content, not place
     config = copy / "tdm" / "scheduler" / "scheduler_config.json"
     config.write_text(config.read_text() + " ")
-    changed = model_dir.identity(pipe, str(copy))
+    changed = model_loading.identity(pipe, str(copy))
     assert changed["model_version"] != seen["model_version"] and changed["hashes"]["final/sdm"] == seen["hashes"]["final/sdm"]
-    tiny = model_dir.identity(tiny_pipe, None)
+    tiny = model_loading.identity(tiny_pipe, None)
     assert tiny["model"] == "tiny" and tiny["model_version"] == tiny["hashes"]["tiny"]
 
 
@@ -181,8 +181,8 @@ def test_a_new_version_never_replaces_one_being_read(s3_endpoint, saved_model, c
     assert model_mirror.mirror(uri) == second
     assert not first.root.exists() and not (first.root.parent / ".incoming-crashed").exists()
     # a mirrored load reports the version of what it read, the same as the local copy's
-    pipe = model_dir.load_pipeline(uri)
-    seen = model_dir.identity(pipe, uri)
+    pipe = model_loading.load_pipeline(uri)
+    seen = model_loading.identity(pipe, uri)
     assert seen["model_version"] == second.name and set(seen["hashes"]) == {"m/sdm", "m/tdm"}
 
 
@@ -190,8 +190,8 @@ def test_a_new_version_never_replaces_one_being_read(s3_endpoint, saved_model, c
 def test_mirrored_and_local_copies_of_one_model_have_one_version(s3_endpoint, saved_model, cache):
     client = s3_client()
     uri = upload(client, "models-same", "runs/b/final", saved_model)
-    remote = model_dir.identity(model_dir.load_pipeline(uri), uri)
-    local = model_dir.identity(model_dir.load_pipeline(str(saved_model)), str(saved_model))
+    remote = model_loading.identity(model_loading.load_pipeline(uri), uri)
+    local = model_loading.identity(model_loading.load_pipeline(str(saved_model)), str(saved_model))
     assert remote["hashes"] == local["hashes"] and remote["model_version"] == local["model_version"]
 
 
@@ -204,7 +204,7 @@ def test_a_key_that_leaves_the_prefix_is_refused_before_anything_is_written(s3_e
     upload(client, bucket, "m", saved_model)
     client.put_object(Bucket=bucket, Key=key, Body=b"not yours")
     with pytest.raises(ValueError, match="is not a plain relative path") as refused:
-        model_dir.load_pipeline(f"s3://{bucket}/m")
+        model_loading.load_pipeline(f"s3://{bucket}/m")
     assert repr(key[2:]) in str(refused.value)  # names the offending key, relative to the prefix
     assert not [p for p in tmp_path.rglob("*") if p.name == "escape.txt"]
     assert not list((cache / "mirrors").rglob("*.safetensors"))  # nothing downloaded at all

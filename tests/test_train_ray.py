@@ -235,7 +235,7 @@ def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, t
     note = json.loads((final / "export.json").read_text())
     assert note["sdm"]["trained"] and note["tdm"]["trained"]
 
-    from facediffuser.model_dir import load_pipeline
+    from facediffuser.model_loading import load_pipeline
     from facediffuser.models.tiny import tiny_components
 
     pipe = load_pipeline(str(final))
@@ -256,7 +256,7 @@ def test_train_from_a_hub_sd15_directory_with_fp16_variant_files(ray_session, sh
     The SDM trains, the TDM is paired from the same base, and the result loads as a pipeline."""
     from official_env import write_hub_sd15
 
-    from facediffuser.model_dir import load_pipeline
+    from facediffuser.model_loading import load_pipeline
     from facediffuser.models.tiny import tiny_pipeline
 
     base_pipe = tiny_pipeline(seed=8)

@@ -23,31 +23,19 @@ save_model_dir = model_dir.save  # the layout's one writer, under the name the t
 STATE_FILE = "training_state.safetensors"
 
 
-def _model_root(base: Path, which: str) -> tuple[Path, str]:
-    """Where the UNet of `which` lives in `base`: an SD/model dir (unet/), a FaceDiffuserPipeline dir
-    (sdm_unet/, tdm_unet/) or a training export holding sdm/ and tdm/."""
-    if (base / which / "unet").is_dir():
-        return base / which, "unet"
-    if (base / f"{which}_unet").is_dir():
-        return base, f"{which}_unet"
-    if (base / "unet").is_dir():
-        return base, "unet"
-    raise FileNotFoundError(f"base model {base}: no unet/ (nor {which}_unet/ or {which}/unet/) directory")
-
-
 def check_base_dir(base: str | Path, which: str, variant: str | None = None) -> None:
     """Cheap validation before any heavy work: the directories the loader needs exist and hold weights of the
     asked variant (`variant="fp16"`: the hub's `*.fp16.*` files)."""
     base = Path(base)
     if not base.is_dir():
         raise FileNotFoundError(f"base model directory not found: {base}")
-    root, unet_folder = _model_root(base, which)
-    shared = root if (root / "vae").is_dir() else base
-    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+    root, unet_folder = model_dir.model_root(base, which)
+    shared = model_dir.shared_root(base, which)
+    for part in model_dir.SHARED_PARTS:
         if not (shared / part).is_dir():
             raise FileNotFoundError(f"base model {base}: missing {part}/")
     model_dir.check_weights(root / unet_folder, variant)
-    for part in ("vae", "text_encoder"):
+    for part in model_dir.WEIGHTED_SHARED_PARTS:
         model_dir.check_weights(shared / part, variant)
 
 
@@ -56,7 +44,7 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
     """→ dict(unet, vae, text_encoder, tokenizer, scheduler, subject_encoder) for training `which`, in float32
     whatever the files hold (training keeps fp32 master weights).
 
-    `tiny`: the random CPU test stack. Otherwise `base` is a local directory (see `_model_root`): one of ours, or
+    `tiny`: the random CPU test stack. Otherwise `base` is a local directory (see `model_dir.model_root`): one of ours, or
     a Stable Diffusion directory as users have it from the hub (`.bin` or `.safetensors`; `variant="fp16"` reads
     its `*.fp16.*` files). When an SDM is trained from a base without `subject_encoder/`, a SubjectEncoder with
     the CLIP ViT-L/14 layout is created; its vision tower comes from `image_encoder` (a
@@ -77,28 +65,28 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
         return {**parts, "unet": unet}
     check_base_dir(base, which, variant)
     base = Path(base)
-    root, unet_folder = _model_root(base, which)
-    shared = root if (root / "vae").is_dir() else base
+    root, unet_folder = model_dir.model_root(base, which)
+    shared = model_dir.shared_root(base, which)
     parts = model_dir.load_shared_parts(shared, torch_dtype=torch.float32, variant=variant)
     ensure_image_token(parts["tokenizer"])
     parts["unet"] = UNet2DConditionModel.from_pretrained(
         str(root), subfolder=unet_folder, torch_dtype=torch.float32, variant=variant,
         use_safetensors=model_dir.has_safetensors(root / unet_folder, variant))
     parts["subject_encoder"] = None
-    if which == "sdm":
-        parts["subject_encoder"] = _subject_encoder(base, root, parts["text_encoder"].config.hidden_size,
+    if which == model_dir.SDM:
+        parts["subject_encoder"] = _subject_encoder(base, which, parts["text_encoder"].config.hidden_size,
                                                     image_encoder, log)
     return parts
 
 
-def _subject_encoder(base: Path, root: Path, text_embed_dim: int, image_encoder: str | Path | None, log):
+def _subject_encoder(base: Path, which: str, text_embed_dim: int, image_encoder: str | Path | None, log):
     """The base's subject_encoder/, or a new one (CLIP ViT-L/14 layout) from `image_encoder` or random."""
     import torch
     from transformers import CLIPVisionModelWithProjection
 
     from facediffuser.models.subject_encoder import CLIP_VIT_L14, SubjectEncoder
 
-    subject_dir = next((d for d in (root / "subject_encoder", base / "subject_encoder") if d.is_dir()), None)
+    subject_dir = model_dir.subject_encoder_dir(base, which)
     if subject_dir is not None:
         return SubjectEncoder.from_pretrained(str(subject_dir))
     if image_encoder:

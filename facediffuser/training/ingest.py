@@ -2,7 +2,7 @@
 the target and object-crop sizes, the tokenizer, and the `ExampleBuilder` made of them (no Ray here;
 `pipelines/train_worker.py` wraps the builder as Ray Data's collate function, the benchmark calls it inline).
 
-`base` is a local model directory (see `checkpoint._model_root` for the layouts it may have); `tiny=True` means the
+`base` is a local model directory (see `model_dir.model_root` for the layouts it may have); `tiny=True` means the
 small random test models and needs no base.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from facediffuser.training.checkpoint import _model_root
+from facediffuser import model_dir
 from facediffuser.training.data import DataConfig, ExampleBuilder
 
 
@@ -25,9 +25,9 @@ def model_sizes(model: str, base: str | None, tiny: bool = False, resolution: in
     else:
         from diffusers import UNet2DConditionModel
 
-        root, folder = _model_root(Path(base), model)
+        root, folder = model_dir.model_root(Path(base), model)
         native = UNet2DConditionModel.load_config(str(root), subfolder=folder)["sample_size"] * 8
-        subject = next((d for d in (root / "subject_encoder", Path(base) / "subject_encoder") if d.is_dir()), None)
+        subject = model_dir.subject_encoder_dir(Path(base), model)
         objects = json.loads((subject / "config.json").read_text())["vision_config"]["image_size"] if subject else 224
     return resolution or native, objects
 
@@ -42,8 +42,7 @@ def load_tokenizer(model: str, base: str | None, tiny: bool = False):
         from facediffuser.models.tiny import tiny_tokenizer
 
         return tiny_tokenizer()
-    root, _ = _model_root(Path(base), model)
-    folder = root / "tokenizer" if (root / "tokenizer").is_dir() else Path(base) / "tokenizer"
+    folder = model_dir.shared_root(Path(base), model) / model_dir.TOKENIZER
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))
     ensure_image_token(tokenizer)
     return tokenizer
