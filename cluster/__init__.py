@@ -1,1 +1,1 @@
-"""Ray plumbing shared by the batch jobs (`pipelines/`) and the service (`serving/`): starting or joining Ray, the one stop path, local multi-node clusters."""
+"""Ray plumbing under both Ray layers (pipelines/, serving/): start or join Ray, the one stop path, local clusters."""
