@@ -3,12 +3,12 @@ in its `.validate()` method, and three generic helpers: `add_arguments` (the com
 from the dataclass), `from_args` and `from_dict` (YAML/JSON config files: unknown keys are an error).
 
     @dataclass
-    class TrainConfig:
+    class ExampleConfig:
         storage: str = arg(help="where runs live")                 # no default: a required flag
         max_steps: int = arg(1000, "optimizer steps")
         base: str | None = arg(None, "base model", group="source")  # --base and --tiny exclude each other
         tiny: bool = arg(False, "small random models", group="source")
-        fail_at_step: int | None = arg(None, cli=False)             # not a user-facing option (tests set it)
+        min_score: float = arg(0.9, cli=False)                      # not a flag: library callers set it
 
         def validate(self) -> None: ...
 """

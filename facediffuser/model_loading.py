@@ -18,15 +18,6 @@ if TYPE_CHECKING:  # torch and diffusers load only when a model does (the CLIs v
     from facediffuser.pipeline import FaceDiffuserPipeline
 
 
-def local_model_dir(model: str) -> Path:
-    """A model directory (or a training run's directory, see `resolve`) as a local path; an s3:// prefix is
-    mirrored first (`facediffuser.model_mirror.mirror`)."""
-    from facediffuser.model_mirror import mirror
-
-    model = resolve(model)
-    return mirror(model) if dataio.is_s3(model) else Path(model)
-
-
 def load_pipeline(model: str | None = None, tiny: bool = False, torch_dtype=None) -> "FaceDiffuserPipeline":
     """A model directory (local or s3://, or a training run's directory) → pipeline. Accepts a saved
     FaceDiffuserPipeline (model_index.json) or a directory holding `sdm/` and `tdm/` (what training writes).

@@ -28,7 +28,6 @@ ReferenceMode = Literal[tuple(REFERENCE_MODES)]  # type: ignore[valid-type]
 # Hard bounds of the schema; a deployment may only tighten them (Limits).
 HARD_MAX_STEPS = 200
 HARD_MAX_SIDE = 2048
-HARD_MAX_PHOTOS = 8
 MAX_PROMPT_CHARS = 2000
 DEFAULT_STEPS = 50
 # Compute budget default: pixels x images x steps of the largest documented request, 4 images of SD1.5's

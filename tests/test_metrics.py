@@ -15,7 +15,8 @@ from facediffuser.metrics.identity import (
     DlibEmbedder, FacenetEmbedder, IdentityScorer, greedy_match, has_duplicate, identity_score,
     identity_similarities, load_state_dict, subject_similarities,
 )
-from facediffuser.metrics.protocol import KINDS, build_tasks, load_prompts, load_subjects, method_arguments
+from facediffuser.metrics.protocol import KINDS, build_tasks, load_prompts, method_arguments
+from facediffuser.metrics.subjects import load_eval_subjects
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
 
 
@@ -198,7 +199,7 @@ def _subject(root: Path, name: str, noun: str, image: np.ndarray) -> None:
 def test_subjects_tasks_seeds_and_methods(tmp_path, astronaut):
     _subject(tmp_path, "b", "man", astronaut)
     _subject(tmp_path, "a", "woman", astronaut)
-    subjects = load_subjects(tmp_path)
+    subjects = load_eval_subjects(tmp_path)
     assert [(s.id, s.noun) for s in subjects] == [("a", "woman"), ("b", "man")]
     tasks = build_tasks(subjects, ["single", "multi"], ["snf", "tdm-only"], images_per_prompt=4, seed=42)
     single = [t for t in tasks if t["protocol"] == "single"]
@@ -213,11 +214,11 @@ def test_subjects_tasks_seeds_and_methods(tmp_path, astronaut):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "noun.txt").write_text("man")
     with pytest.raises(ValueError, match="subject c: no image"):
-        load_subjects(tmp_path)
+        load_eval_subjects(tmp_path)
     Image.fromarray(astronaut).save(tmp_path / "c" / "photo.png")
     (tmp_path / "c" / "noun.txt").write_text("dog")
     with pytest.raises(ValueError, match="subject c: class noun 'dog'"):
-        load_subjects(tmp_path)
+        load_eval_subjects(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ in the product

@@ -1,7 +1,8 @@
 """The preprocessing stages as plain functions on one work item (a dict; one image). No Ray here.
 
-`pipelines/preprocess.py` runs them through `apply_stages` inside Ray Data `map_batches` actors;
-`process_locally` runs the same function in a plain loop (the benchmark's baseline). An item that fails a stage
+`pipelines/preprocess.py` runs them through `apply_stages` in Ray Data pools: on CPUs one pool of tasks whose
+worker processes keep the loaded stages, on GPUs actor pools for the stages that use one; `process_locally` runs
+the same function in a plain loop (the benchmark's baseline). An item that fails a stage
 gets `stage` and `reason` set and passes through the later stages untouched, so every input ends as a shard row
 or a reject row. That includes a stage (or its model) raising on one image: `StageGuard` turns the exception into
 a reject of that stage; only a stage that raises on `SYSTEMIC_AFTER` images in a row, or runs out of memory, stops
@@ -270,7 +271,7 @@ class StageGuard:
     """Runs one stage on one item: an exception becomes a reject of that stage ("raised ValueError: …"), so one
     bad image never stops the job. A stage raising on SYSTEMIC_AFTER items in a row, or out of memory, is
     re-raised (StageError): that is the model or the device, and rejecting every row would hide it (and a
-    resumed run keeps rejects). One guard per actor / loop."""
+    resumed run keeps rejects). One guard per pool worker (task process or actor) / loop."""
 
     def __init__(self, limit: int = SYSTEMIC_AFTER):
         self.limit = limit

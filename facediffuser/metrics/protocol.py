@@ -1,9 +1,7 @@
-"""The evaluation protocol (METHOD.md §6): subjects, prompt lists, seeds, and the methods compared.
+"""The evaluation protocol (METHOD.md §6): prompt lists, seeds, the tasks per subject, and the methods compared.
 
-Subjects directory layout (one folder per identity):
-
-    SUBJECTS/<id>/ref.jpg     the reference photo (any image suffix; or the folder's only image)
-    SUBJECTS/<id>/noun.txt    the class noun used in prompts: "man" or "woman"
+The subjects come from `facediffuser/metrics/subjects.py` (one folder of photos per person, an optional
+noun.txt); `build_tasks` takes anything with an `id`, a `reference` (what the pipeline takes) and a `noun`.
 
 Prompts ship in `facediffuser/data/prompts/`: `single.json` ({kind: {noun: [10 prompts]}}) and `multi.json`
 ({kind: [10 templates with {a} and {b} for the two nouns]}), four kinds each: accessory, style, action, context.
@@ -15,9 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 from facediffuser.sampling import FusionOptions
 
@@ -25,13 +21,6 @@ KINDS = ("accessory", "style", "action", "context")
 PROTOCOLS = ("single", "multi")
 METHODS = ("snf", "sdm-only", "tdm-only", "average")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-@dataclass(frozen=True)
-class Subject:
-    id: str
-    reference: str  # path of the reference photo
-    noun: str
 
 
 def load_prompts(protocol: str) -> dict:
@@ -45,40 +34,11 @@ def single_nouns() -> tuple[str, ...]:
     return tuple(load_prompts("single")[KINDS[0]])
 
 
-def load_subjects(directory: str | Path) -> list[Subject]:
-    """Every `<id>/` folder of `directory` as a Subject, sorted by id; errors name the folder at fault."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--subjects directory not found: {root}")
-    nouns = single_nouns()
-    subjects = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        named = [p for p in images if p.stem == "ref"]
-        if named:
-            reference = named[0]
-        elif len(images) == 1:
-            reference = images[0]
-        else:
-            found = "no image" if not images else f"{len(images)} images and none named ref.*"
-            raise ValueError(f"subject {folder.name}: {found} in {folder} (put the reference photo at ref.jpg)")
-        noun_file = folder / "noun.txt"
-        if not noun_file.is_file():
-            raise ValueError(f"subject {folder.name}: missing {noun_file} (one line: {' or '.join(nouns)})")
-        noun = noun_file.read_text().strip().lower()
-        if noun not in nouns:
-            raise ValueError(f"subject {folder.name}: class noun {noun!r} in {noun_file}; use {' or '.join(nouns)}")
-        subjects.append(Subject(folder.name, str(reference), noun))
-    if not subjects:
-        raise ValueError(f"--subjects {root}: no subject folders (expected <id>/ref.jpg and <id>/noun.txt)")
-    return subjects
-
-
 def _take(prompts: list[str], per_kind: int | None) -> list[str]:
     return prompts if per_kind is None else prompts[:per_kind]
 
 
-def build_tasks(subjects: list[Subject], protocols: list[str], methods: list[str], *, images_per_prompt: int,
+def build_tasks(subjects: list, protocols: list[str], methods: list[str], *, images_per_prompt: int,
                 seed: int, prompts_per_kind: int | None = None, max_pairs: int | None = None) -> list[dict]:
     """One task per (protocol, subjects, prompt, method): a pipeline call making `images_per_prompt` images.
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from facediffuser.metrics.protocol import IMAGE_SUFFIXES, Subject, build_tasks, single_nouns
+from facediffuser.metrics.protocol import IMAGE_SUFFIXES, build_tasks, single_nouns
 from facediffuser.prompts import IMAGE_TOKEN
 
 DEFAULT_NOUN = "person"  # subjects without noun.txt; their single-subject prompts read "a person <|image|> ..."
@@ -74,8 +74,8 @@ def make_tasks(subjects: list[EvalSubject], config) -> list[dict]:
     references = {s.photos[0]: s.reference for s in subjects}
     tasks: list[dict] = []
     for protocol in config.protocols:
-        stand_ins = [Subject(s.id, s.photos[0], s.noun if protocol != "single" or s.noun in listed else listed[0])
-                     for s in subjects]
+        stand_ins = [replace(s, photos=s.photos[:1], noun=s.noun if protocol != "single" or s.noun in listed
+                             else listed[0]) for s in subjects]
         for task in build_tasks(stand_ins, [protocol], config.methods, images_per_prompt=config.images_per_prompt,
                                 seed=config.seed, prompts_per_kind=config.prompts_per_kind,
                                 max_pairs=config.max_pairs):
