@@ -1,4 +1,7 @@
-"""Face-diffuser: subject-to-image synthesis with a text-driven and a subject-augmented diffusion model."""
+"""The Face-diffuser library, no Ray: the models, the SNF sampler and pipeline, data, training and metrics.
+
+Face-diffuser: subject-to-image synthesis with a text-driven and a subject-augmented diffusion model.
+"""
 
 import importlib
 

@@ -1,4 +1,6 @@
-"""Model classes. Imported on first use: `facediffuser.models.tiny`'s tokenizer (used by every training-data
+"""The model classes: the subject encoder (PostFuseModule), SD 1.5 at its real sizes, the tiny test stack.
+
+Imported on first use: `facediffuser.models.tiny`'s tokenizer (used by every training-data
 actor) must not pull diffusers in through this package."""
 
 import importlib
