@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from facediffuser import faults
 from facediffuser.config import add_arguments as add_config_arguments, arg, from_args
 from facediffuser.metrics.protocol import METHODS, PROTOCOLS, check_methods
 from facediffuser.metrics.subjects import (DEFAULT_NOUN, EvalSubject, check_references, load_eval_subjects,
@@ -29,7 +29,6 @@ from pipelines.evaluate_report import save_row, showcase_keys, write_report
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SETTINGS_FILE = "run.json"  # the settings that made OUT's results.jsonl; a rerun continues only with the same ones
-STOP_AFTER_ENV = "FACEDIFFUSER_EVAL_STOP_AFTER"  # test-only fault: stop once this many new images are recorded
 # --quick: a look at a model in minutes, not the protocol; options given explicitly still win
 PRESETS = {"full": {"images_per_prompt": 4, "prompts_per_kind": None, "steps": 50, "max_pairs": None},
            "quick": {"images_per_prompt": 1, "prompts_per_kind": 2, "steps": 10, "max_pairs": 1}}
@@ -128,10 +127,6 @@ class EvaluateConfig:
 
 
 # --------------------------------------------------------------------------------------------- the driver
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only fault flag (FACEDIFFUSER_EVAL_STOP_AFTER) after that many new images are recorded."""
 
 
 def run_settings(config: EvaluateConfig, subjects: list[EvalSubject]) -> dict:
@@ -245,7 +240,7 @@ def _generate(config: EvaluateConfig, todo: list[dict], out: Path, writer, showc
     ds = ds.map_batches(ScoreImages, fn_constructor_args=(config,), batch_size=config.images_per_prompt,
                         batch_format="pyarrow", compute=ActorPoolStrategy(size=config.score_actors),
                         num_cpus=config.actor_cpus, num_gpus=config.score_gpus)
-    stop_after = int(os.environ.get(STOP_AFTER_ENV) or 0)
+    stop_after = faults.armed_int("evaluate.stop_after")  # tests only (facediffuser/faults.py); None: off
     rows: list[dict] = []
     stream = ds.iter_rows()
     with tqdm(initial=progress[0], total=progress[1], desc="evaluate", unit="image") as bar:
@@ -257,7 +252,7 @@ def _generate(config: EvaluateConfig, todo: list[dict], out: Path, writer, showc
             bar.update(1)
             if stop_after and len(rows) >= stop_after:
                 getattr(stream, "close", lambda: None)()  # stop the streaming executor (its actors) now
-                raise InjectedFault(f"injected fault after {len(rows)} new images ({STOP_AFTER_ENV})")
+                faults.fire("evaluate.stop_after")
     return rows
 
 

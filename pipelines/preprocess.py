@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from facediffuser import faults
 from facediffuser.config import add_arguments as add_config_arguments, from_args
 from facediffuser.data import io as dataio
 from facediffuser.data import output as layout
@@ -233,8 +234,8 @@ def run_in_worker(batch: pa.Table, run: str, pool: tuple[str, ...], make) -> pa.
 
 
 def _runtime_env() -> dict:
-    env = {name: os.environ[name] for name in (*AWS_VARIABLES, stages.FAULT_ENV, CPU_UNDER_GPU_ENV)
-           if name in os.environ}
+    env = {name: os.environ[name] for name in (*AWS_VARIABLES, CPU_UNDER_GPU_ENV) if name in os.environ}
+    env.update(faults.forwarded_env())  # tests only: the stages' fault points (facediffuser/faults.py)
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 

@@ -30,6 +30,7 @@ import os
 import re
 from dataclasses import asdict, replace
 
+from facediffuser import faults
 from facediffuser.config import add_arguments as add_config_arguments, from_args
 from facediffuser.data import io as dataio
 from facediffuser.devices import CPU_UNDER_GPU_ENV, cpu_under_gpu, ddp_backend
@@ -117,11 +118,10 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
 
 
 def worker_env() -> dict[str, str]:
-    """The driver's variables the workers need: S3 access, and the test-only fault injection (train_worker.Fault)."""
-    from pipelines.train_worker import FAULT_ENV
-
-    names = (*AWS_VARIABLES, *FAULT_ENV, CPU_UNDER_GPU_ENV)  # and the GPU rehearsal setting (facediffuser/devices.py)
-    return {name: os.environ[name] for name in names if name in os.environ}
+    """The driver's variables the workers need: S3 access, the GPU rehearsal setting (facediffuser/devices.py), and
+    the test-only fault points (facediffuser/faults.py: train.step)."""
+    names = (*AWS_VARIABLES, CPU_UNDER_GPU_ENV)
+    return {**{name: os.environ[name] for name in names if name in os.environ}, **faults.forwarded_env()}
 
 
 def fit_one(config: TrainConfig, progress=None) -> dict:

@@ -6,8 +6,8 @@ prefetch thread, overlapping the step) → DDP step (facediffuser.training.step)
 all ranks report, rank 0 with a checkpoint: model directory + optimizer state (safetensors) + metrics.csv.
 
 At each checkpoint the ranks all-gather a checksum of their trainable parameters; its spread (0 when DDP kept them
-identical) goes into the metrics and the checkpoint. Test-only fault injection comes from the environment only
-(`FAIL_AT_STEP_ENV`, `FAIL_MARKER_ENV`; the driver forwards them to the workers), never from the config.
+identical) goes into the metrics and the checkpoint. Test-only fault injection: the `train.step` point of
+facediffuser/faults.py (`FACEDIFFUSER_FAULTS`, forwarded by the driver to the workers), never the config.
 Progress: rank 0 writes its step and loss to a `ProgressBoard` actor, and the driver draws them (`show_progress`).
 """
 
@@ -20,42 +20,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facediffuser import faults
 from facediffuser.devices import torch_device
 from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
 from cluster.runtime import where
 from pipelines.train_config import TrainConfig
 
-FAIL_AT_STEP_ENV = "FACEDIFFUSER_FAIL_AT_STEP"  # test-only: the last rank raises once when about to run this step
-FAIL_MARKER_ENV = "FACEDIFFUSER_FAIL_MARKER"  # the file whose existence means "already failed once"
-FAULT_ENV = (FAIL_AT_STEP_ENV, FAIL_MARKER_ENV)
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Test-only fault injection, read from the worker's environment: the last rank raises once at `step`."""
-
-    step: int | None = None
-    marker: Path | None = None
-
-    @classmethod
-    def from_env(cls, run_name: str) -> Fault:
-        step = os.environ.get(FAIL_AT_STEP_ENV)
-        if not step:
-            return cls()
-        marker = os.environ.get(FAIL_MARKER_ENV) or Path(tempfile.gettempdir()) / f"facediffuser-fail-{run_name}"
-        return cls(int(step), Path(marker))
-
-    def maybe_fail(self, step: int, rank: int, world: int) -> None:
-        if self.step != step or rank != world - 1 or self.marker is None or self.marker.exists():
-            return
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(f"failed at step {step}\n")
-        # Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a crash straight
-        # after a checkpoint report can beat the controller to it, and the restart would then start from the
-        # checkpoint before. Give it three polls so the test always sees the case it describes (resume from the
-        # latest one).
-        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
-        raise RuntimeError(f"injected fault at step {step} ({FAIL_AT_STEP_ENV})")
+def injected_fault(step: int, rank: int, world: int, run_name: str) -> None:
+    """Tests only, off unless FACEDIFFUSER_FAULTS names `train.step` (facediffuser/faults.py): the last rank
+    raises once, just before that step. The `train.marker` file (default: one per run name in the temp
+    directory) records that it did, so the group Ray Train restarts does not fail again."""
+    if faults.armed_int("train.step") != step or rank != world - 1:
+        return
+    marker = Path(faults.armed("train.marker") or Path(tempfile.gettempdir()) / f"facediffuser-fail-{run_name}")
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"failed at step {step}\n")
+    # Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a crash straight
+    # after a checkpoint report can beat the controller to it, and the restart would then start from the
+    # checkpoint before. Give it three polls so the test always sees the case it describes (resume from the
+    # latest one).
+    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    faults.fire("train.step")
 
 
 class ProgressBoard:
@@ -191,7 +178,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     report_progress = (lambda **fields: progress.update.remote(config.model, **fields)) if progress and rank == 0 \
         else (lambda **fields: None)
-    fault = Fault.from_env(config.name)
     collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
     # a GPU worker whose torch sees no GPU fails here with one line naming its node (FACEDIFFUSER_CPU_UNDER_GPU=1:
@@ -216,7 +202,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     while run.step < config.max_steps:  # one pass holds many epochs (build_dataset); a long run takes several passes
         for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, collate_fn=collate,
                                               prefetch_batches=prefetch, device=device):
-            fault.maybe_fail(run.step + 1, rank, world)
+            injected_fault(run.step + 1, rank, world, config.name)
             metrics = step_fn(batch)
             run.step += 1
             now = time.perf_counter()

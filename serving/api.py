@@ -69,11 +69,6 @@ def internal_error(where: str, exc: BaseException) -> RequestError:
                                          "are in the server log)", error_id)
 
 
-
-def injected_fault(error: str, message: str) -> Exception:
-    """TEST-ONLY: the exception a deployment's `inject_test_fault` makes its next call raise."""
-    return {"RuntimeError": RuntimeError, "ValueError": ValueError}[error](message)
-
 @dataclass(frozen=True)
 class Limits:
     """What one deployment accepts (tighter than the schema's hard bounds; see /v1/info)."""

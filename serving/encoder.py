@@ -7,7 +7,8 @@ import logging
 
 from ray import serve
 
-from serving.api import Limits, injected_fault, internal_error
+from facediffuser import faults
+from serving.api import Limits, internal_error
 from serving.coalescer import Coalescer, histogram, no_concurrent_batches_warning
 from serving.models import load_models
 from serving.settings import ServeConfig
@@ -29,7 +30,6 @@ class SubjectEncoderDeployment:
         self.encoding = SubjectEncoding(pipe, cfg.face_detector, cfg.cache_size, max_reference_pixels)
         # dlib: CPU, bundled CC0 weights; references shrunk to a bounded copy, descriptors in a bounded LRU cache
         self.identity_scoring = IdentityScoring(IdentityScorer(DlibEmbedder()), cfg.cache_size, max_reference_pixels)
-        self._test_fault: Exception | None = None
         logging.getLogger("ray.serve").addFilter(no_concurrent_batches_warning)
         # Requests that arrive while a call runs are encoded together in the next one (identical ones once), so
         # requests that came in together leave together and can meet in one sampler batch.
@@ -54,18 +54,17 @@ class SubjectEncoderDeployment:
         (None: no face)}, or {"error_id": ...} when scoring failed (logged here under that id).
 
         Reference descriptors are cached by the sha256 of the subject's photos, like the CLIP embeddings."""
-        fault, self._test_fault = self._test_fault, None
         try:
-            if fault is not None:
-                raise fault
+            faults.fire("serve.encoder", once=True)  # tests only: off unless armed (arm_fault)
             return {"scores": await asyncio.to_thread(self.identity_scoring.scores, images, references)}
         except Exception as exc:
             return {"error_id": internal_error("identity scoring", exc).error_id}
 
-    def inject_test_fault(self, error: str, message: str) -> None:
-        """TEST-ONLY (tests/test_serve.py): the next identity_scores call raises `error` ("RuntimeError" or
-        "ValueError") with `message`. Reachable only through a Ray deployment handle, not over HTTP or config."""
-        self._test_fault = injected_fault(error, message)
+    def arm_fault(self, point: str, value: str = "RuntimeError") -> None:
+        """TESTS ONLY (tests/test_serve.py): arm a fault point in this replica (facediffuser/faults.py; here
+        `serve.encoder`, whose next identity_scores call then raises once). Reachable only through a Ray deployment
+        handle, not over HTTP or config."""
+        faults.arm(point, value)
 
     def ready(self) -> dict:
         return {**self.encoding.stats(), "identity_cached": len(self.identity_scoring.cache),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
+from facediffuser import faults
 from facediffuser.images import png_bytes, tensor_to_pil
 from facediffuser.layout import SubjectRegions
 from facediffuser.manifest import package_versions
@@ -20,7 +21,7 @@ from facediffuser.pipeline import seeded_latents
 from facediffuser.sampling import boundaries_from_fractions, snf_denoise
 from facediffuser.schedulers import make_scheduler, scheduler_name
 from facediffuser.visualize import mask_pictures
-from serving.api import injected_fault, internal_error
+from serving.api import internal_error
 from serving.coalescer import Coalescer, histogram, no_concurrent_batches_warning
 from serving.models import load_models
 from serving.settings import ServeConfig
@@ -78,12 +79,12 @@ class SamplerDeployment:
         self.coalescer = Coalescer(self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key)
         self.configure_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self.batches_served = 0
-        self._test_fault: Exception | None = None
 
-    def inject_test_fault(self, error: str, message: str) -> None:
-        """TEST-ONLY (tests/test_serve.py): the next snf_denoise call raises `error` ("RuntimeError" or
-        "ValueError") with `message`. Reachable only through a Ray deployment handle, not over HTTP or config."""
-        self._test_fault = injected_fault(error, message)
+    def arm_fault(self, point: str, value: str = "RuntimeError") -> None:
+        """TESTS ONLY (tests/test_serve.py): arm a fault point in this replica (facediffuser/faults.py; here
+        `serve.sampler`, whose next snf_denoise call then raises once). Reachable only through a Ray deployment
+        handle, not over HTTP or config."""
+        faults.arm(point, value)
 
     def ready(self) -> dict:
         return {**self.model_info, "default_size": self.default_size, "batches_served": self.batches_served}
@@ -157,9 +158,7 @@ class SamplerDeployment:
     @torch.no_grad()
     def _denoise_group(self, group: list[_Job]) -> list[dict]:
         """One snf_denoise call and one VAE decode for the group → each job's output (see _job_output)."""
-        fault, self._test_fault = self._test_fault, None
-        if fault is not None:
-            raise fault
+        faults.fire("serve.sampler", once=True)  # tests only: off unless armed (arm_fault)
         pipe = self.pipe
         scheduler_kind, steps, (height, width), guidance, (start_merge_step, final_step), boxed = group[0].key
         scheduler = make_scheduler(scheduler_kind, pipe.scheduler.config)  # fresh: solvers keep per-call state

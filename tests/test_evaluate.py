@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facediffuser import faults
 from facediffuser.cli import main
 from facediffuser.metrics.subjects import load_eval_subjects, make_tasks
-from pipelines.evaluate import STOP_AFTER_ENV, EvaluateConfig, InjectedFault
+from pipelines.evaluate import EvaluateConfig
 from test_metrics import save_random_facenet, save_tiny_clip
 
 METHODS = ("snf", "sdm-only", "tdm-only", "average")
@@ -200,10 +201,10 @@ def test_killed_run_continues_to_the_report_of_an_uninterrupted_one(ray_session,
     astro = next(r for r in rows(whole).values() if r["subjects"] == "astro")
     assert len(json.loads(astro["references"])[0]) == 2 and astro["prompt"].startswith("a person")
 
-    monkeypatch.setenv(STOP_AFTER_ENV, "10")
-    with pytest.raises(InjectedFault):
+    monkeypatch.setenv(faults.ENV, "evaluate.stop_after=10")
+    with pytest.raises(faults.InjectedFault, match="evaluate.stop_after=10"):
         evaluate(killed)
-    monkeypatch.delenv(STOP_AFTER_ENV)
+    monkeypatch.delenv(faults.ENV)
     assert len((killed / "results.jsonl").read_text().splitlines()) == 10 and not (killed / "report.json").exists()
     with open(killed / "results.jsonl", "a") as results:  # a line torn by the kill
         results.write('{"protocol": "single", "method": "sn')

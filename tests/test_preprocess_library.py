@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facediffuser import faults
 from facediffuser.data import stages
 from facediffuser.data.captions import template_caption
 from facediffuser.data.faces import Face, make_detector, suppress_overlaps
@@ -219,10 +220,10 @@ def test_a_stage_raising_on_one_image_rejects_that_image(tmp_path, astronaut, me
             raise RuntimeError("captioner: input too small")
         return "a photo of a man"
 
-    monkeypatch.setenv(stages.FAULT_ENV, "detect:mirror.jpg")
+    monkeypatch.setenv(faults.ENV, "preprocess.detect=mirror.jpg")
     done = {i["id"]: i for i in stages.process_locally(items, config, detector, segment, caption, progress=False)}
     expected = {"line.png": ("detect", "no face found"),
-                "mirror.jpg": ("detect", f"raised RuntimeError: injected test fault ({stages.FAULT_ENV}=detect:mirror.jpg)"),
+                "mirror.jpg": ("detect", "raised InjectedFault: injected test fault at preprocess.detect=mirror.jpg"),
                 "two.jpg": ("segment", "raised ValueError: segmentation backend failed"),
                 "small.jpg": ("caption", "raised RuntimeError: captioner: input too small")}
     for name, (stage, reason) in expected.items():

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from facediffuser import faults
 from facediffuser.data import io as dataio
 from facediffuser.data.schema import REJECT_SCHEMA, Record, check_schema, decode_mask, to_table
-from facediffuser.data.stages import FAULT_ENV
 from test_preprocess_library import _fastcomposer_tree, _malformed_samples, center_inside, expected_faces, tile
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ EXPECTED_REJECTS = {
     "five.jpg": ("detect", "5 faces, more than --max-subjects 4"),
     "group.jpg": ("link", "group nouns people"),
     "line.png": ("detect", "no face found"),
-    "faulty.jpg": ("segment", f"raised RuntimeError: injected test fault ({FAULT_ENV}=segment:faulty.jpg)"),
+    "faulty.jpg": ("segment", "raised InjectedFault: injected test fault at preprocess.segment=faulty.jpg"),
 }
 
 
@@ -99,7 +99,7 @@ def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch)
     from pipelines.train_inputs import resolve_data
     from facediffuser.data.stages import PreprocessConfig
 
-    monkeypatch.setenv(FAULT_ENV, "segment:faulty.jpg")  # reaches the Ray workers through the runtime env
+    monkeypatch.setenv(faults.ENV, "preprocess.segment=faulty.jpg")  # reaches the Ray workers through the runtime env
     output = tmp_path / "out"
     config = PreprocessConfig(input=str(photo_dir), output=str(output), max_pixels=2_000_000, batch_size=4,
                               workers_per_stage=1, rows_per_shard=5)

@@ -235,32 +235,33 @@ def test_chunked_body_over_the_limit_is_413_without_reading_it_whole(service):
 def test_server_faults_answer_an_error_id_and_identity_failures_keep_the_images(service):
     """A fault inside the model stack (RuntimeError or ValueError) is a 500 naming only an error id, and the
     sampler counts it for its health check; a failed identity scoring still returns the images, with a warning.
-    Faults are injected through the deployments' test-only `inject_test_fault` (a Ray handle call, not HTTP)."""
+    Faults are armed through the deployments' test-only `arm_fault` (facediffuser/faults.py; a Ray handle call,
+    not HTTP)."""
     from ray import serve
 
     client, reference = service["client"], service["reference"]
     sampler = serve.get_deployment_handle("Sampler", app_name=MAIN_APP)
     encoder = serve.get_deployment_handle("SubjectEncoder", app_name=MAIN_APP)
-    secret = "/models/secret-path/unet.safetensors: shape [320, 4, 3, 3] mismatch"
-    for kind in ("RuntimeError", "ValueError"):
-        sampler.inject_test_fault.remote(kind, secret).result()
+    for kind in ("RuntimeError", "ValueError"):  # the fault's message names its point: it must not reach the client
+        sampler.arm_fault.remote("serve.sampler", kind).result()
         response = generate(client, reference, seed=21)
         assert response.status_code == 500, (kind, response.text)
         error = response.json()
         assert error["error"] == "internal" and len(error["error_id"]) == 16 and error["error_id"] in error["message"]
-        assert "secret" not in response.text and kind not in response.text and "shape" not in response.text
+        text = response.text.lower()
+        assert "serve.sampler" not in text and "injected" not in text and kind.lower() not in text
     stats = client.get("/v1/stats").json()["sampler"]
     assert stats["consecutive_failures"] == 2  # both counted, the ValueError too (health fails at 3)
     assert generate(client, reference, seed=21).status_code == 200
     assert client.get("/v1/stats").json()["sampler"]["consecutive_failures"] == 0
 
-    encoder.inject_test_fault.remote("RuntimeError", secret).result()
+    encoder.arm_fault.remote("serve.encoder", "RuntimeError").result()
     response = generate(client, reference, seed=22, num_images=2)
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["images"]) == 2 and body["identity_scores"] is None and body["manifest"]["identity_scores"] is None
     (warning,) = body["warnings"]
-    assert warning.startswith("identity scoring failed (error id ") and "secret" not in response.text
+    assert warning.startswith("identity scoring failed (error id ") and "serve.encoder" not in response.text
     again = generate(client, reference, seed=22, num_images=2).json()  # the fault was one-off: scores are back
     assert again["images"] == body["images"] and len(again["identity_scores"]) == 2 and again["warnings"] == []
 

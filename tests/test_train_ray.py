@@ -175,8 +175,7 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
         s3.upload_file(str(part), "train", f"shards/{part.name}")
     s3.upload_file(str(shards.parent / "manifest.json"), "train", "manifest.json")  # a finished preprocess run
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv("FACEDIFFUSER_FAIL_AT_STEP", "3")
-    monkeypatch.setenv("FACEDIFFUSER_FAIL_MARKER", str(marker))
+    monkeypatch.setenv("FACEDIFFUSER_FAULTS", f"train.step=3,train.marker={marker}")  # facediffuser/faults.py
     common = ["--model", "sdm", "--data", "s3://train/shards", "--storage", "s3://train/runs", "--name", "ft",
               "--workers", "2", "--checkpoint-every", "2", *SMALL]
 
@@ -197,7 +196,7 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
     assert note["sdm"]["trained"] and not note["tdm"]["trained"]
 
     # run 2: the same name resumes from step 4 and only runs steps 5–6
-    monkeypatch.delenv("FACEDIFFUSER_FAIL_AT_STEP")
+    monkeypatch.delenv("FACEDIFFUSER_FAULTS")
     assert cli_main(["train", *common, "--max-steps", "6"]) == 0
     rows = _metrics(s3.get_object(Bucket="train", Key="runs/ft/sdm/metrics.csv")["Body"].read().decode())
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and [r["attempt"] for r in rows][-2:] == [2, 2]

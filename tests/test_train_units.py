@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 
 import boto3
 import pyarrow.fs as pafs
 import pytest
 
+from facediffuser import faults
 from facediffuser.config import from_args
 from pipelines import train_export
 from pipelines.train import add_arguments, worker_env
 from pipelines.train_config import TrainConfig
-from pipelines.train_worker import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, Fault
+from pipelines.train_worker import injected_fault
 
 INFRA_FLAGS = ["--model", "both", "--data", "s3://b/shards", "--base", "runwayml/stable-diffusion-v1-5",
                "--image-encoder", "openai/clip-vit-large-patch14", "--storage", "s3://b/runs", "--name", "ffhq",
@@ -64,22 +66,23 @@ def test_validate_names_the_setting_before_reading_anything(tmp_path, change, me
 
 
 def test_fault_injection_is_read_from_the_worker_environment(monkeypatch, tmp_path):
-    monkeypatch.delenv(FAIL_AT_STEP_ENV, raising=False)
-    monkeypatch.delenv(FAIL_MARKER_ENV, raising=False)
-    assert Fault.from_env("run") == Fault()
-    Fault().maybe_fail(1, 0, 1)  # off: nothing happens
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
-    assert Fault.from_env("run").marker.name == "facediffuser-fail-run"
-    monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "marker"))
+    monkeypatch.delenv(faults.ENV, raising=False)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the default marker's folder
+    injected_fault(1, 0, 1, "run")  # off: nothing happens
+    assert "FACEDIFFUSER_FAULTS" not in worker_env()
+    monkeypatch.setenv(faults.ENV, "train.step=3")
+    with pytest.raises(faults.InjectedFault, match="train.step=3"):
+        injected_fault(3, 0, 1, "run")
+    assert (tmp_path / "facediffuser-fail-run").read_text() == "failed at step 3\n"  # the default marker
+    monkeypatch.setenv(faults.ENV, f"train.step=3,train.marker={tmp_path / 'marker'}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
-    assert {FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, "AWS_ACCESS_KEY_ID"} <= set(worker_env())  # what workers get
-    fault = Fault.from_env("run")
-    fault.maybe_fail(3, 0, 2)  # not the last rank
-    fault.maybe_fail(2, 1, 2)  # not the step
-    with pytest.raises(RuntimeError, match="injected fault at step 3"):
-        fault.maybe_fail(3, 1, 2)
-    fault.maybe_fail(3, 1, 2)  # once only: the marker says it already failed
+    assert {faults.ENV, "AWS_ACCESS_KEY_ID"} <= set(worker_env())  # what workers get
+    injected_fault(3, 0, 2, "run")  # not the last rank
+    injected_fault(2, 1, 2, "run")  # not the step
+    with pytest.raises(faults.InjectedFault, match="injected test fault at train.step=3"):
+        injected_fault(3, 1, 2, "run")
+    injected_fault(3, 1, 2, "run")  # once only: the marker says it already failed
 
 
 def _model_dir(root, files: dict[str, str]):

@@ -12,7 +12,6 @@ the job (a broken model or device, not bad rows).
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 from dataclasses import asdict, dataclass
 
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from facediffuser import faults
 from facediffuser.config import arg
 from facediffuser.data import io as dataio
 from facediffuser.data.captions import TEMPLATE, check_captioner, template_caption
@@ -32,8 +32,6 @@ from facediffuser.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_ima
 SOURCES = ("images", "fastcomposer")
 JPEG_QUALITY = 95
 SYSTEMIC_AFTER = 8  # a stage that raises on this many items in a row (none getting through in between) is broken
-# Test-only fault injection (not a user setting): "STAGE:ID" makes that stage raise on the item with that id.
-FAULT_ENV = "FACEDIFFUSER_PREPROCESS_FAULT"
 
 # The row type between stages: the shard columns, all nullable, plus where and why an item was rejected.
 WORK_SUBJECT_TYPE = pa.struct([
@@ -279,7 +277,7 @@ class StageGuard:
 
     def run(self, name: str, function, item: dict) -> dict:
         try:
-            _injected_fault(name, item)
+            faults.fire(f"preprocess.{name}", item["id"])  # tests only: off unless FACEDIFFUSER_FAULTS names it
             result = function(item)
         except Exception as exc:
             if _systemic(exc):
@@ -291,12 +289,6 @@ class StageGuard:
             return reject(item, name, f"raised {_one_line(exc)}")
         self.in_a_row[name] = 0
         return result
-
-
-def _injected_fault(name: str, item: dict) -> None:
-    fault = os.environ.get(FAULT_ENV)
-    if fault and fault == f"{name}:{item['id']}":
-        raise RuntimeError(f"injected test fault ({FAULT_ENV}={fault})")
 
 
 def _misfit(exc: Exception) -> str:
