@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "sample-photos": ("facediffuser.samples", "write photos of 1-3 people (the bundled astronaut) to try the pipeline"),
     "demo": ("pipelines.demo", "the whole system end to end on a sample dataset"),
 }
+# The subcommands that start or join Ray: each also takes --verbose (args.verbose), added here for all of them.
+RAY_COMMANDS = ("preprocess", "train", "serve", "evaluate", "demo")
 
 
 class CLIError(Exception):
@@ -46,8 +48,16 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         if name == selected:
             module = importlib.import_module(module_name)
             module.add_arguments(command)
+            if name in RAY_COMMANDS:
+                add_verbose(command)
             command.set_defaults(_run=module.run)
     return parser
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """--verbose: Ray's (and Serve's) own log lines and progress dumps on the terminal (cluster/runtime.py)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's (and Serve's) own log lines and progress dumps on the terminal")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -284,7 +284,6 @@ def _generate_over_http(config: DemoConfig, out: Path, app_name: str) -> tuple[l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, DemoConfig)
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 
 STOPPED_LINE = "stopped; rerun the same command to run the demo again from the start"

@@ -261,7 +261,6 @@ def _generate(config: EvaluateConfig, todo: list[dict], out: Path, writer, showc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EvaluateConfig)
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -400,7 +400,6 @@ def _write_rejects(output: str, rejected: list[dict]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PreprocessConfig)
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines and progress dumps")
 
 
 def run(args: argparse.Namespace) -> int:

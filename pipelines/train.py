@@ -178,7 +178,6 @@ def root_cause(exc: BaseException) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TrainConfig)
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines on the terminal")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:

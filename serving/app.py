@@ -194,7 +194,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(Limits, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
                             help=f"{help_text} (default: {default})" if "default" not in help_text else help_text)
-    parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own log lines")
 
 
 def config_from_cli(args: argparse.Namespace) -> ServeConfig:

@@ -86,6 +86,16 @@ def test_unknown_scheduler_is_rejected_by_the_parser(capsys):
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def test_every_ray_command_takes_verbose_from_one_place():
+    """--verbose is added once, in facediffuser/cli.py, to each command that starts Ray (and only to those);
+    `python -m pipelines.X` goes through the same parser (module_main)."""
+    from facediffuser.cli import RAY_COMMANDS, SUBCOMMANDS, build_parser
+
+    for name in SUBCOMMANDS:
+        command = next(a for a in build_parser(name)._subparsers._group_actions).choices[name]
+        assert ("--verbose" in command.format_help()) == (name in RAY_COMMANDS), name
+
+
 @pytest.mark.slow
 def test_generate_takes_a_training_run_directory(tmp_path, astronaut, capsys):
     from facediffuser.models.tiny import tiny_pipeline

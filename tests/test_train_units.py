@@ -26,8 +26,11 @@ INFRA_FLAGS = ["--model", "both", "--data", "s3://b/shards", "--base", "runwayml
 
 
 def parser() -> argparse.ArgumentParser:
+    from facediffuser.cli import add_verbose
+
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser)
+    add_verbose(parser)  # what facediffuser/cli.py adds to every Ray-backed command
     return parser
 
 
