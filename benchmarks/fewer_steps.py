@@ -22,7 +22,7 @@ import time
 import torch
 
 from facediffuser.models.tiny import tiny_pipeline
-from facediffuser.samples import ASTRONAUT
+from facediffuser.sample_photos import ASTRONAUT
 from facediffuser.schedulers import make_scheduler
 
 PROMPT = "a woman <|image|> walking on the moon"

@@ -163,7 +163,7 @@ def phase_train(a: dict) -> dict:
     from facediffuser.data.schema import to_table
     from facediffuser.models.sd15 import sd15_components
     from facediffuser.training.data import DataConfig, ExampleBuilder
-    from facediffuser.training.samples import sample_records
+    from facediffuser.training.sample_rows import sample_records
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
     from skimage.data import astronaut
 

@@ -31,7 +31,7 @@ def make_shards(folder: Path, rows: int) -> str:
     from skimage.data import astronaut
 
     from facediffuser.data.schema import to_table
-    from facediffuser.training.samples import sample_records
+    from facediffuser.training.sample_rows import sample_records
 
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(to_table(sample_records(rows, astronaut())), folder / "part-0.parquet")

@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "serve": ("serving.app", "Ray Serve: run the HTTP API"),
     "evaluate": ("pipelines.evaluate", "benchmark identity and prompt consistency"),
     "import-official": ("facediffuser.official", "released Face-diffuser checkpoints + an SD1.5 directory → a model directory"),
-    "sample-photos": ("facediffuser.samples", "write photos of 1-3 people (the bundled astronaut) to try the pipeline"),
+    "sample-photos": ("facediffuser.sample_photos", "write photos of 1-3 people (the bundled astronaut) to try the pipeline"),
     "demo": ("pipelines.demo", "the whole system end to end on a sample dataset"),
 }
 # The subcommands that start or join Ray: each also takes --verbose (args.verbose), added here for all of them.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from facediffuser.config import add_arguments as add_config_arguments, arg, from_args
 from facediffuser.model_dir import final_dir
-from facediffuser.samples import ASTRONAUT, sample_photos
+from facediffuser.sample_photos import ASTRONAUT, sample_photos
 
 PROMPT = "a person <|image|> walking on the moon"
 NAME = "demo"

@@ -11,7 +11,7 @@ every row, which the driver counts (and shows as a progress bar) as the blocks f
 
 A row that fails (a stage or its model raising on one image included) is a reject with its stage and reason; the
 job fails only on systemic errors (a model that cannot load, a stage raising on image after image, an output that
-cannot be written). manifest.json is removed when a run starts and written last (facediffuser/data/output.py), so
+cannot be written). manifest.json is removed when a run starts and written last (facediffuser/data/output_dir.py), so
 `train` never reads the shards of a run that did not finish.
 """
 
@@ -29,7 +29,7 @@ import pyarrow as pa
 from facediffuser import faults
 from facediffuser.config import add_arguments as add_config_arguments, from_args
 from facediffuser.data import io as dataio
-from facediffuser.data import output as layout
+from facediffuser.data import output_dir
 from facediffuser.data import stages
 from facediffuser.data.captions import TEMPLATE, make_captioner
 from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
@@ -325,7 +325,7 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
         "wall_time_s": round(time.time() - started, 3),
         "images_per_s": round(len(todo) / max(time.time() - started, 1e-9), 3),
     }
-    return layout.write_manifest(config.output, manifest)  # last: lists the shard files, checks their rows
+    return output_dir.write_manifest(config.output, manifest)  # last: lists the shard files, checks their rows
 
 
 def stage_info(plans: list[StagePlan], statuses: list[dict]) -> list[dict]:
@@ -367,7 +367,7 @@ def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: floa
 
     from tqdm.auto import tqdm
 
-    run, shards_uri = uuid.uuid4().hex[:12], dataio.join(config.output, layout.SHARDS_DIR)
+    run, shards_uri = uuid.uuid4().hex[:12], dataio.join(config.output, output_dir.SHARDS_DIR)
     if todo:
         dataset = build_dataset(todo, config, shards_uri, cluster_cpus, cluster_gpus, run=run)
         try:
@@ -390,7 +390,7 @@ def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: floa
 def _write_rejects(output: str, rejected: list[dict]) -> None:
     import pyarrow.parquet as pq
 
-    fs, path = dataio.resolve(dataio.join(output, layout.REJECTS_DIR, "rejects.parquet"))
+    fs, path = dataio.resolve(dataio.join(output, output_dir.REJECTS_DIR, "rejects.parquet"))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(stages.status_table(sorted(rejected, key=lambda r: r["id"])), path, filesystem=fs)
 

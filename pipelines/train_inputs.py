@@ -23,10 +23,10 @@ IN_MEMORY_BYTES = 64 * 2**20  # shards up to this size are read once by the driv
 def resolve_data(values: list[str]) -> list[str]:
     """Each --data value → the shards directory of a FINISHED preprocess run: a preprocess output (its shards/), or
     a shards/ directory itself (its manifest is ../manifest.json). The manifest must be complete
-    (facediffuser/data/output.py: written when the run ended, counts that add up, the shard files exactly the ones
+    (facediffuser/data/output_dir.py: written when the run ended, counts that add up, the shard files exactly the ones
     it lists); otherwise a one-line error names it, so a run in progress, cut short or changed since is never read.
     Says in one line what each value resolved to."""
-    from facediffuser.data import output as layout
+    from facediffuser.data import output_dir
 
     if len({dataio.is_s3(v) for v in values}) > 1:
         raise ValueError("--data: give either local directories or s3:// prefixes, not both")
@@ -36,20 +36,20 @@ def resolve_data(values: list[str]) -> list[str]:
         _, _, info = dataio.file_info(uri, "--data")  # an unreachable store fails here, in one line
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"--data {value}: no such file, directory or S3 prefix")
-        if any(dataio.exists(dataio.join(uri, name)) for name in (layout.MANIFEST_FILE, layout.RUN_FILE,
-                                                                    layout.SHARDS_DIR)):
+        if any(dataio.exists(dataio.join(uri, name)) for name in (output_dir.MANIFEST_FILE, output_dir.RUN_FILE,
+                                                                    output_dir.SHARDS_DIR)):
             output = uri  # a preprocess output (finished or not)
-        elif uri.rsplit("/", 1)[-1] == layout.SHARDS_DIR:
+        elif uri.rsplit("/", 1)[-1] == output_dir.SHARDS_DIR:
             output = uri.rsplit("/", 1)[0]  # its shards/ directory
         else:
-            raise ValueError(f"--data {value}: not a preprocess output (no {layout.MANIFEST_FILE}) nor its "
-                             f"{layout.SHARDS_DIR}/ directory; train reads what `facediffuser preprocess` wrote")
-        note = layout.check_complete(output, f"--data {value}")
+            raise ValueError(f"--data {value}: not a preprocess output (no {output_dir.MANIFEST_FILE}) nor its "
+                             f"{output_dir.SHARDS_DIR}/ directory; train reads what `facediffuser preprocess` wrote")
+        note = output_dir.check_complete(output, f"--data {value}")
         counts = note["counts"]
-        shards = dataio.join(output, layout.SHARDS_DIR)
+        shards = dataio.join(output, output_dir.SHARDS_DIR)
         if counts["written"] == 0:
             raise ValueError(f"--data {value}: preprocess wrote no rows ({counts['rejected']} rejected; reasons in "
-                             f"{dataio.join(output, layout.REJECTS_DIR, 'rejects.parquet')})")
+                             f"{dataio.join(output, output_dir.REJECTS_DIR, 'rejects.parquet')})")
         print(f"--data {value}: preprocess output; reading {shards} ({counts['written']} rows written, "
               f"{counts['rejected']} rejected, schema v{note.get('schema_version', '?')})")
         resolved.append(shards)

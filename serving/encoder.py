@@ -21,7 +21,7 @@ class SubjectEncoderDeployment:
 
     def __init__(self, config: dict):
         from facediffuser.metrics.identity import DlibEmbedder, IdentityScorer
-        from serving.subjects import IdentityScoring, SubjectEncoding
+        from serving.references import IdentityScoring, SubjectEncoding
 
         cfg = ServeConfig.from_dict(config)
         pipe, self.model_info = load_models(cfg, drop=("sdm_unet", "tdm_unet", "vae"))

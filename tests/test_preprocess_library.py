@@ -274,9 +274,9 @@ def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
     files, and a shard file holding rows of inputs that are gone is redone, not kept."""
     import pyarrow.parquet as pq
 
-    from facediffuser.data import output as layout
+    from facediffuser.data import output_dir
     from facediffuser.data.schema import to_table
-    from facediffuser.training.samples import sample_records
+    from facediffuser.training.sample_rows import sample_records
     from facediffuser.data.resume import OUTPUT_SETTINGS, previous_work
 
     (tmp_path / "in").mkdir()
@@ -288,17 +288,17 @@ def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
     pq.write_table(to_table(records[:2]), out / "shards" / "a.parquet")
     pq.write_table(to_table(records[2:]), out / "shards" / "b.parquet")
     with pytest.raises(RuntimeError, match="hold 4 rows, the run wrote 3"):
-        layout.write_manifest(str(out), {"counts": {"input": 3, "written": 3, "rejected": 0}})
-    manifest = layout.write_manifest(str(out), {"counts": {"input": 4, "written": 4, "rejected": 0}})
+        output_dir.write_manifest(str(out), {"counts": {"input": 3, "written": 3, "rejected": 0}})
+    manifest = output_dir.write_manifest(str(out), {"counts": {"input": 4, "written": 4, "rejected": 0}})
     assert [(e["file"], e["rows"]) for e in manifest["shards"]] == [("a.parquet", 2), ("b.parquet", 2)]
-    assert layout.check_complete(str(out), "x")["counts"]["written"] == 4
+    assert output_dir.check_complete(str(out), "x")["counts"]["written"] == 4
 
     config = stages.PreprocessConfig(input=str(tmp_path / "in"), output=str(out))
     (out / "run.json").write_text(json.dumps({"schema_version": 1, **{k: getattr(config, k) for k in OUTPUT_SETTINGS}}))
     done, _ = previous_work(config, {"0.jpg", "1.jpg", "2.jpg"})  # 3.jpg was removed from the input
     assert not (out / "manifest.json").exists()
-    with pytest.raises(layout.IncompleteOutput, match="in progress or was cut short"):
-        layout.check_complete(str(out), "x")
+    with pytest.raises(output_dir.IncompleteOutput, match="in progress or was cut short"):
+        output_dir.check_complete(str(out), "x")
     assert done == {"0.jpg", "1.jpg"} and not (out / "shards" / "b.parquet").exists()  # 2.jpg is done again
 
 

@@ -113,7 +113,7 @@ def test_real_size_sdm_training_step(real_pipe, astronaut, monkeypatch):
     from facediffuser.data.schema import to_table
     from facediffuser.training import step as step_module
     from facediffuser.training.data import DataConfig, ExampleBuilder
-    from facediffuser.training.samples import sample_records
+    from facediffuser.training.sample_rows import sample_records
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep
 
     pipe = real_pipe

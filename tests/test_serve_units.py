@@ -112,7 +112,7 @@ def _encoded(array: np.ndarray, fmt: str, **options) -> bytes:
 
 def test_reference_decoding_accepts_only_common_photo_formats(astronaut):
     from serving.api import RequestError
-    from serving.subjects import decode_reference
+    from serving.references import decode_reference
 
     small = np.ascontiguousarray(astronaut[::4, ::4])
     for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP"):
@@ -131,7 +131,7 @@ def test_identity_scoring_uses_bounded_copies_and_a_bounded_cache(astronaut):
     """References are shrunk before face detection and their descriptors kept in an LRU of cache_size."""
     from facediffuser.metrics.identity import IdentityScorer
 
-    from serving.subjects import IDENTITY_MAX_SIDE, IdentityScoring
+    from serving.references import IDENTITY_MAX_SIDE, IdentityScoring
 
     class RecordingEmbedder:  # stands in for dlib: records what it was given
         name = "recording"
@@ -378,7 +378,7 @@ def test_subject_encoding_caches_per_mode_and_answers_422_without_a_face(tiny_pi
     import torch
 
     from serving.api import RequestError
-    from serving.subjects import SubjectEncoding
+    from serving.references import SubjectEncoding
 
     encoding = SubjectEncoding(tiny_pipe)
     photo = (ROOT / "facediffuser/assets/astronaut.jpg").read_bytes()

@@ -181,7 +181,7 @@ def cleanup():
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """36 photos of one to three people (the sample photos three times)."""
-    from facediffuser.samples import sample_photos
+    from facediffuser.sample_photos import sample_photos
 
     folder = tmp_path_factory.mktemp("photos")
     for copy in range(3):

@@ -13,7 +13,7 @@ from facediffuser.training.data import DataConfig, ExampleBuilder, transform_tar
 from facediffuser.training.losses import (
     CrossAttentionCapture, denoising_loss, localization_loss, localization_loss_one_map, union_mask,
 )
-from facediffuser.training.samples import sample_records
+from facediffuser.training.sample_rows import sample_records
 from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
 
 

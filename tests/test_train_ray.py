@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from facediffuser.cli import main as cli_main
-from facediffuser.data.output import write_manifest
+from facediffuser.data.output_dir import write_manifest
 from facediffuser.data.schema import to_table
-from facediffuser.training.samples import sample_records
+from facediffuser.training.sample_rows import sample_records
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--tiny", "--resolution", "64", "--batch-size", "2"]

@@ -8,7 +8,7 @@ import json
 import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
-from facediffuser.data import output as layout
+from facediffuser.data import output_dir
 from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.stages import PreprocessConfig
 
@@ -25,10 +25,10 @@ def previous_work(config: PreprocessConfig, ids: set[str]) -> tuple[set[str], li
     is removed. Writes OUTPUT/run.json for this run."""
     import pyarrow.parquet as pq
 
-    layout.remove_manifest(config.output)
-    shards_uri = dataio.join(config.output, layout.SHARDS_DIR)
-    rejects_uri = dataio.join(config.output, layout.REJECTS_DIR)
-    run_uri = dataio.join(config.output, layout.RUN_FILE)
+    output_dir.remove_manifest(config.output)
+    shards_uri = dataio.join(config.output, output_dir.SHARDS_DIR)
+    rejects_uri = dataio.join(config.output, output_dir.REJECTS_DIR)
+    run_uri = dataio.join(config.output, output_dir.RUN_FILE)
     settings = {"schema_version": SCHEMA_VERSION, **{k: getattr(config, k) for k in OUTPUT_SETTINGS}}
     try:
         before = json.loads(dataio.read_bytes(run_uri)) if dataio.exists(run_uri) else None
