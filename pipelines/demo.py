@@ -233,6 +233,7 @@ def _preprocess(out: Path) -> dict:
 
 def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
     """Tiny TDM and SDM side by side, resources derived from the cluster; → (final model dir, loss curves)."""
+    from facediffuser.training.metrics import loss_line
     from pipelines import train as train_pipeline
     from pipelines.train_config import TrainConfig
 
@@ -246,7 +247,7 @@ def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
     summaries = train_pipeline.train(configs)
     train_pipeline.write_export_note(configs, None)
     for s in summaries:
-        print(f"  {s['model']}: {s['steps']} steps, loss_den {s['loss_den']:.4f}, loss_loc {s['loss_loc']:.4f}",
+        print(f"  {s['model']}: {s['steps']} steps, {loss_line(s)}",
               flush=True)
     return final_dir(str(out / "runs" / NAME)), [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
 

@@ -35,6 +35,7 @@ from facediffuser.config import add_arguments as add_config_arguments, from_args
 from facediffuser.data import io as dataio
 from facediffuser.devices import CPU_UNDER_GPU_ENV, cpu_under_gpu, ddp_backend
 from facediffuser.model_dir import final_dir
+from facediffuser.training.metrics import loss_line
 from cluster.runtime import AWS_VARIABLES  # the one list of AWS variables shipped to Ray workers
 from pipelines.train_config import TrainConfig, check_data, data_uris
 from pipelines.train_export import export_final, pair_with_base, write_export_note
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     paired = pair_with_base(first) if len(configs) == 1 else None
     write_export_note(configs, paired)
     for s in summaries:
-        print(f"{s['model']}: {s['steps']} steps, loss_den {s['loss_den']:.4f}, loss_loc {s['loss_loc']:.4f}, "
+        print(f"{s['model']}: {s['steps']} steps, {loss_line(s)}, "
               f"restarts {s['restarts']}; model {s['model_dir']}; metrics {s['metrics']}")
         print(f"{s['model']}: {len(s['worker_node_names'])} worker(s) on node(s) {', '.join(s['worker_node_names'])}; "
               f"DDP backend {s['ddp_backend']}")

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
 from facediffuser import model_dir
-from facediffuser.training.metrics import plot_losses, read_metrics
+from facediffuser.training.metrics import TRAINED_LOSSES, plot_losses, read_metrics
 from pipelines.train_config import TrainConfig
 from pipelines.train_inputs import ray_filesystem
 
@@ -36,7 +36,8 @@ def export_final(config: TrainConfig, checkpoint) -> dict:
         pafs.copy_files(f"{checkpoint.path}/metrics.csv", f"{tmp}/metrics.csv",
                         source_filesystem=checkpoint.filesystem, destination_filesystem=pafs.LocalFileSystem())
         rows = read_metrics(Path(tmp) / "metrics.csv")
-        plot_losses(rows, Path(tmp) / "loss_curve.png", title=f"{config.name} {config.model}")
+        plot_losses(rows, Path(tmp) / "loss_curve.png", title=f"{config.name} {config.model}",
+                    losses=TRAINED_LOSSES[config.model])
         for name in ("metrics.csv", "loss_curve.png"):
             dataio.write_bytes(dataio.join(run_dir, name), (Path(tmp) / name).read_bytes())
     last = rows[-1]

@@ -200,3 +200,19 @@ def test_gradient_checkpointing_gives_the_same_step(astronaut):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_loss_plots_and_lines_show_only_the_losses_a_model_trains_with(tmp_path):
+    """The TDM trains with L_den alone (its loss_loc column is 0 by design): one panel, no loss_loc in its line."""
+    from PIL import Image
+
+    from facediffuser.training.metrics import TRAINED_LOSSES, loss_line, plot_losses
+
+    rows = [{"step": s, "attempt": 0 if s < 3 else 1, "loss_den": 1 / s, "loss_loc": 0.1 / s} for s in range(1, 6)]
+    widths = {}
+    for model in ("tdm", "sdm"):
+        plot_losses(rows, tmp_path / f"{model}.png", title=model, losses=TRAINED_LOSSES[model])
+        widths[model] = Image.open(tmp_path / f"{model}.png").width
+    assert widths["sdm"] == 2 * widths["tdm"]
+    assert loss_line({"model": "tdm", "loss_den": 0.5, "loss_loc": 0.0}) == "loss_den 0.5000"
+    assert loss_line({"model": "sdm", "loss_den": 0.5, "loss_loc": 0.25}) == "loss_den 0.5000, loss_loc 0.2500"

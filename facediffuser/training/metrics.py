@@ -27,21 +27,34 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
-def plot_losses(rows: list[dict], out: str | Path, title: str = "") -> None:
-    """L_den and L_loc against the step, side by side; a dashed line where a restart resumed the run."""
+# The losses each model trains with (facediffuser/training/step.py): the TDM's loss_loc column is zero by design.
+TRAINED_LOSSES = {"tdm": ("loss_den",), "sdm": ("loss_den", "loss_loc")}
+_LOSS_LABELS = {"loss_den": ("denoising loss", "L_den"), "loss_loc": ("localization loss", "L_loc")}
+
+
+def loss_line(summary: dict) -> str:
+    """"loss_den 0.1234, loss_loc 0.0012": the last values of the losses `summary["model"]` trains with."""
+    return ", ".join(f"{name} {summary[name]:.4f}" for name in TRAINED_LOSSES[summary["model"]])
+
+
+def plot_losses(rows: list[dict], out: str | Path, title: str = "",
+                losses: tuple[str, ...] = TRAINED_LOSSES["sdm"]) -> None:
+    """Each of `losses` (a model's TRAINED_LOSSES) against the step, side by side; a dashed line where a restart
+    resumed the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    figure, (den_axis, loc_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
-    den_axis.plot(steps, [r["loss_den"] for r in rows], lw=1)
-    den_axis.set(xlabel="step", ylabel="denoising loss", title=f"{title} L_den".strip())
-    loc_axis.plot(steps, [r["loss_loc"] for r in rows], lw=1, color="tab:orange")
-    loc_axis.set(xlabel="step", ylabel="localization loss", title=f"{title} L_loc".strip())
+    figure, axes = plt.subplots(1, len(losses), figsize=(5 * len(losses), 3.5), squeeze=False)
+    axes = list(axes[0])
+    for axis, name, color in zip(axes, losses, ("tab:blue", "tab:orange")):
+        ylabel, symbol = _LOSS_LABELS[name]
+        axis.plot(steps, [r[name] for r in rows], lw=1, color=color)
+        axis.set(xlabel="step", ylabel=ylabel, title=f"{title} {symbol}".strip())
     for restart in sorted({r["step"] for r, p in zip(rows[1:], rows) if r["attempt"] != p["attempt"]}):
-        for axis in (den_axis, loc_axis):
+        for axis in axes:
             axis.axvline(restart - 0.5, color="grey", ls="--", lw=0.8)
     figure.tight_layout()
     figure.savefig(out, dpi=100)
