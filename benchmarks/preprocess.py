@@ -53,18 +53,18 @@ def make_inputs(folder: Path, count: int, seed: int = 0) -> None:
 def run_plain(input_dir: str, output_dir: str) -> float:
     import pyarrow.parquet as pq
 
-    from facediffuser.data import stages
+    from facediffuser.data import preprocess_config, stages, work_items
     from facediffuser.data.faces import make_detector
     from facediffuser.data.masks import PersonSegmenter
 
     start = time.perf_counter()
-    config = stages.PreprocessConfig(input=input_dir, output=output_dir)
+    config = preprocess_config.PreprocessConfig(input=input_dir, output=output_dir)
     items = stages.list_image_items(input_dir)
     done = stages.process_locally(items, config, make_detector(config.detector), PersonSegmenter())
     Path(output_dir, "shards").mkdir(parents=True, exist_ok=True)
     Path(output_dir, "rejects").mkdir(parents=True, exist_ok=True)
-    pq.write_table(stages.shard_table(done), Path(output_dir, "shards", "part-0.parquet"))
-    pq.write_table(stages.reject_table(done), Path(output_dir, "rejects", "rejects.parquet"))
+    pq.write_table(work_items.shard_table(done), Path(output_dir, "shards", "part-0.parquet"))
+    pq.write_table(work_items.reject_table(done), Path(output_dir, "rejects", "rejects.parquet"))
     return time.perf_counter() - start
 
 
@@ -91,7 +91,7 @@ def run_ray(input_dir: str, output_dirs: list[str], num_cpus: int) -> list[tuple
 
     from cluster.runtime import init_ray
 
-    from facediffuser.data.stages import PreprocessConfig
+    from facediffuser.data.preprocess_config import PreprocessConfig
     from pipelines.preprocess import preprocess
 
     for attempt in range(3):  # on a crowded machine the raylet can miss Ray's fixed 30 s start-up window

@@ -219,7 +219,7 @@ def _models(config: DemoConfig, out: Path, clock: PhaseClock) -> tuple[str, list
 
 
 def _preprocess(out: Path) -> dict:
-    from facediffuser.data.stages import PreprocessConfig
+    from facediffuser.data.preprocess_config import PreprocessConfig
     from pipelines import preprocess as preprocess_pipeline
 
     manifest = preprocess_pipeline.preprocess(PreprocessConfig(

@@ -30,14 +30,15 @@ from facediffuser import faults
 from facediffuser.config import add_arguments as add_config_arguments, from_args
 from facediffuser.data import io as dataio
 from facediffuser.data import output_dir
-from facediffuser.data import stages
+from facediffuser.data import stages, work_items
 from facediffuser.data.captions import TEMPLATE, make_captioner
 from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
 from facediffuser.data.faces import make_detector
 from facediffuser.data.masks import PersonSegmenter
 from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.resume import previous_work
-from facediffuser.data.stages import PreprocessConfig, work_table
+from facediffuser.data.preprocess_config import PreprocessConfig
+from facediffuser.data.work_items import work_table
 from facediffuser.devices import CPU_UNDER_GPU_ENV, torch_device
 from facediffuser.manifest import package_versions
 from cluster.runtime import AWS_VARIABLES
@@ -126,7 +127,7 @@ class ShardWriter:
 
         import pyarrow.parquet as pq
 
-        table, items = stages.shard_rows(items)
+        table, items = work_items.shard_rows(items)
         name = None
         if table.num_rows:
             fs, path = dataio.resolve(self.uri)
@@ -136,7 +137,7 @@ class ShardWriter:
             partial = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.partial"
             pq.write_table(table, partial, filesystem=fs)
             fs.move(partial, f"{path}/{name}")
-        statuses = stages.status_table(items)
+        statuses = work_items.status_table(items)
         return statuses.append_column(SHARD, pa.array([None if i["stage"] else name for i in items], pa.string()))
 
 
@@ -173,7 +174,7 @@ def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None
 
     trail = batch.column(RAN_ON).to_pylist() if RAN_ON in batch.column_names else [[]] * batch.num_rows
     items = [function(item) for item in batch.to_pylist()]
-    table = writer(items) if writer else stages.checked_work_table(items, stage)
+    table = writer(items) if writer else work_items.checked_work_table(items, stage)
     here = node_id()
     return table.append_column(RAN_ON, pa.array([list(t) + [here] for t in trail], pa.list_(pa.string())))
 
@@ -314,7 +315,7 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     _write_rejects(config.output, rejected)
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "counts": stages.stage_counts(config.source, len(items), [r["stage"] for r in rejected]),
+        "counts": work_items.stage_counts(config.source, len(items), [r["stage"] for r in rejected]),
         "resumed": len(items) - len(todo),
         "config": config.to_dict(),
         "cluster_cpus": cluster[0],
@@ -392,7 +393,7 @@ def _write_rejects(output: str, rejected: list[dict]) -> None:
 
     fs, path = dataio.resolve(dataio.join(output, output_dir.REJECTS_DIR, "rejects.parquet"))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(stages.status_table(sorted(rejected, key=lambda r: r["id"])), path, filesystem=fs)
+    pq.write_table(work_items.status_table(sorted(rejected, key=lambda r: r["id"])), path, filesystem=fs)
 
 
 # --------------------------------------------------------------------------------------------- the CLI

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from facediffuser import faults
-from facediffuser.data import stages
+from facediffuser.data import preprocess_config, stages, work_items
 from facediffuser.data.captions import template_caption
 from facediffuser.data.faces import Face, make_detector, suppress_overlaps
 from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
@@ -164,20 +164,20 @@ def _malformed_samples(root, photo: np.ndarray) -> dict[str, str]:
 
 def test_fastcomposer_conversion(tmp_path, astronaut):
     _fastcomposer_tree(tmp_path, astronaut)
-    config = stages.PreprocessConfig(input=str(tmp_path), output=str(tmp_path / "out"), source="fastcomposer",
+    config = preprocess_config.PreprocessConfig(input=str(tmp_path), output=str(tmp_path / "out"), source="fastcomposer",
                                      resolution=256)
     items = [convert_stage(item, config) for item in list_fastcomposer_items(str(tmp_path))]
     assert [i["id"] for i in items] == ["00001", "00002", "00003"]
     assert items[1]["stage"] == "read" and "00002.npy" in items[1]["reason"]
     assert items[2]["stage"] == "convert" and "end 99" in items[2]["reason"]
-    record = stages.to_record(items[0])
+    record = work_items.to_record(items[0])
     assert (record.width, record.height) == (500, 256)  # short side → 256, aspect kept
     assert [(s.noun, s.noun_end) for s in record.subjects] == [("man", 5), ("woman", 17)]
     left, right = (decode_mask(s.mask_png) for s in record.subjects)
     assert left.shape == (256, 500) and left[128, 100] and not left[128, 400] and right[128, 400]
     assert record.subjects[1].person_box == pytest.approx([260, 20, 495, 256])
     assert record.subjects[0].score == 0.0 and record.subjects[0].face_mask_png is None
-    assert stages.shard_table(items).num_rows == 1 and stages.reject_table(items).num_rows == 2
+    assert work_items.shard_table(items).num_rows == 1 and work_items.reject_table(items).num_rows == 2
 
 
 def test_malformed_fastcomposer_samples_are_rejected_with_reasons(tmp_path, astronaut):
@@ -185,13 +185,13 @@ def test_malformed_fastcomposer_samples_are_rejected_with_reasons(tmp_path, astr
     sample beside them is still converted."""
     _fastcomposer_tree(tmp_path, astronaut)
     reasons = _malformed_samples(tmp_path, astronaut)
-    config = stages.PreprocessConfig(input=str(tmp_path), output="-", source="fastcomposer", resolution=256)
+    config = preprocess_config.PreprocessConfig(input=str(tmp_path), output="-", source="fastcomposer", resolution=256)
     items = {i["id"]: convert_stage(i, config) for i in list_fastcomposer_items(str(tmp_path))}
     for sample, fragment in reasons.items():
         assert items[sample]["stage"] == "convert" and fragment in items[sample]["reason"], items[sample]["reason"]
         assert "\n" not in items[sample]["reason"]
     assert items["00001"]["stage"] is None
-    counts = stages.stage_counts("fastcomposer", len(items), [i["stage"] for i in items.values() if i["stage"]])
+    counts = work_items.stage_counts("fastcomposer", len(items), [i["stage"] for i in items.values() if i["stage"]])
     assert counts["input"] == len(items) == counts["written"] + counts["rejected"] and counts["written"] == 1
     assert counts["convert"]["rejected"] == len(reasons) + 1  # + 00003's bad end
 
@@ -207,7 +207,7 @@ def test_a_stage_raising_on_one_image_rejects_that_image(tmp_path, astronaut, me
     Image.new("RGB", (300, 1), (200, 150, 120)).save(tmp_path / "line.png")  # one pixel high
     Image.fromarray(astronaut[:, ::-1]).save(tmp_path / "mirror.jpg")
     Image.fromarray(astronaut[::2, ::2]).save(tmp_path / "small.jpg")
-    config = stages.PreprocessConfig(input=str(tmp_path), output="-")
+    config = preprocess_config.PreprocessConfig(input=str(tmp_path), output="-")
     items = stages.list_image_items(str(tmp_path))
 
     def segment(image, faces):  # the real segmenter, failing on the picture of two people
@@ -230,43 +230,43 @@ def test_a_stage_raising_on_one_image_rejects_that_image(tmp_path, astronaut, me
         assert done[name]["stage"] == stage and done[name]["reason"].startswith(reason), done[name]
         assert "\n" not in done[name]["reason"]
     assert done["one.jpg"]["stage"] is None and done["one.jpg"]["caption"] == "a photo of a man"
-    assert stages.shard_table(list(done.values())).num_rows == 1 and stages.reject_table(list(done.values())).num_rows == 4
+    assert work_items.shard_table(list(done.values())).num_rows == 1 and work_items.reject_table(list(done.values())).num_rows == 4
 
     def broken(image):
         raise OSError("CUDA error: device lost")
 
     guard = stages.StageGuard(limit=3)
-    item = stages.apply_stages(stages.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
+    item = stages.apply_stages(work_items.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
                                guard=guard)
     assert item["stage"] == "detect" and item["reason"] == "raised OSError: CUDA error: device lost"
     with pytest.raises(stages.StageError, match="stage detect raised on 3 items in a row"):
         for _ in range(2):
-            stages.apply_stages(stages.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
+            stages.apply_stages(work_items.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
                                 guard=guard)
 
     def out_of_memory(image):
         raise MemoryError("no memory left")
 
     with pytest.raises(MemoryError):  # at once, not as a reject
-        stages.apply_stages(stages.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=out_of_memory)
+        stages.apply_stages(work_items.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=out_of_memory)
 
 
 def test_rows_that_do_not_fit_the_schema_are_rejects_of_their_stage(astronaut):
-    good = {**stages.new_item("good", "good.jpg"), "image": b"x", "width": 1, "height": 1, "caption": "a man",
+    good = {**work_items.new_item("good", "good.jpg"), "image": b"x", "width": 1, "height": 1, "caption": "a man",
             "subjects": [{"face_box": [0, 0, 1, 1], "score": 1.0, "person_box": [0, 0, 1, 1], "mask_png": b"m",
                           "face_mask_png": None, "noun": "man", "noun_end": 5}]}
     odd = {**good, "id": "odd", "caption": ["not", "text"]}  # a model returned a list
     three = {**good, "id": "three", "subjects": [{**good["subjects"][0], "person_box": [0, 0, 1]}]}
-    table = stages.checked_work_table([good, odd, three], "caption")
+    table = work_items.checked_work_table([good, odd, three], "caption")
     rows = {r["id"]: r for r in table.to_pylist()}
     assert rows["good"]["stage"] is None and rows["three"]["stage"] is None
     assert rows["odd"]["stage"] == "caption" and rows["odd"]["reason"].startswith("the row does not fit the schema")
-    shards, items = stages.shard_rows(list(rows.values()))
+    shards, items = work_items.shard_rows(list(rows.values()))
     assert shards.column("id").to_pylist() == ["good"]  # the 3-number box cannot be a shard row
     assert {i["id"]: i["stage"] for i in items} == {"good": None, "odd": "caption", "three": "write"}
-    counts = stages.stage_counts("images", 3, ["caption", "write"])
+    counts = work_items.stage_counts("images", 3, ["caption", "write"])
     assert counts["write"] == {"rejected": 1, "passed": 1} and counts["written"] == 1
-    assert stages.stage_counts("images", 2, ["mystery"])["written"] == 1  # unknown stage names still add up
+    assert work_items.stage_counts("images", 2, ["mystery"])["written"] == 1  # unknown stage names still add up
 
 
 def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
@@ -293,7 +293,7 @@ def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
     assert [(e["file"], e["rows"]) for e in manifest["shards"]] == [("a.parquet", 2), ("b.parquet", 2)]
     assert output_dir.check_complete(str(out), "x")["counts"]["written"] == 4
 
-    config = stages.PreprocessConfig(input=str(tmp_path / "in"), output=str(out))
+    config = preprocess_config.PreprocessConfig(input=str(tmp_path / "in"), output=str(out))
     (out / "run.json").write_text(json.dumps({"schema_version": 1, **{k: getattr(config, k) for k in OUTPUT_SETTINGS}}))
     done, _ = previous_work(config, {"0.jpg", "1.jpg", "2.jpg"})  # 3.jpg was removed from the input
     assert not (out / "manifest.json").exists()
@@ -303,7 +303,7 @@ def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
 
 
 def test_unusual_images_decode_and_bad_ones_are_rejected_with_reasons(astronaut):
-    config = stages.PreprocessConfig(input="-", output="-", resolution=256, max_pixels=600 * 600)
+    config = preprocess_config.PreprocessConfig(input="-", output="-", resolution=256, max_pixels=600 * 600)
 
     def read(data: bytes, name="x.png"):
         import tempfile, os
@@ -312,7 +312,7 @@ def test_unusual_images_decode_and_bad_ones_are_rejected_with_reasons(astronaut)
             path = os.path.join(folder, name)
             with open(path, "wb") as handle:
                 handle.write(data)
-            return stages.read_stage(stages.new_item(name, path), config)
+            return stages.read_stage(work_items.new_item(name, path), config)
 
     def encoded(image: Image.Image, fmt="PNG", **kw) -> bytes:
         buffer = io.BytesIO()
@@ -328,7 +328,7 @@ def test_unusual_images_decode_and_bad_ones_are_rejected_with_reasons(astronaut)
     assert "truncated" in read(encoded(photo, "JPEG")[:3000], "t.jpg")["reason"]
     assert "not a decodable image" in read(b"<html>not an image</html>", "h.jpg")["reason"]
     assert "exceeds the limit" in read(encoded(Image.new("RGB", (700, 700))))["reason"]
-    missing = stages.read_stage(stages.new_item("gone.jpg", "/nonexistent/gone.jpg"), config)
+    missing = stages.read_stage(work_items.new_item("gone.jpg", "/nonexistent/gone.jpg"), config)
     assert missing["stage"] == "read" and "cannot read" in missing["reason"]
 
 
@@ -392,7 +392,7 @@ def test_model_captioner_loads_from_a_directory(tmp_path, astronaut):
     captioner = make_captioner(str(tmp_path / "blip"))
     with torch.no_grad():  # make the loaded random decoder say "man" every time, so the caption is known
         captioner.model.text_decoder.cls.predictions.decoder.bias[vocab.index("man")] = 1e4
-    item = {**stages.new_item("a.jpg", "a.jpg"), "image": stages.encode_jpeg(Image.fromarray(astronaut)),
+    item = {**work_items.new_item("a.jpg", "a.jpg"), "image": stages.encode_jpeg(Image.fromarray(astronaut)),
             "subjects": [{"face_box": [0, 0, 1, 1], "score": 1.0}]}
     captioned = stages.caption_stage(item, captioner)
     words = captioned["caption"].split()

@@ -97,7 +97,7 @@ EXPECTED_REJECTS = {
 def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch):
     from pipelines.preprocess import preprocess
     from pipelines.train_inputs import resolve_data
-    from facediffuser.data.stages import PreprocessConfig
+    from facediffuser.data.preprocess_config import PreprocessConfig
 
     monkeypatch.setenv(faults.ENV, "preprocess.segment=faulty.jpg")  # reaches the Ray workers through the runtime env
     output = tmp_path / "out"
@@ -226,7 +226,7 @@ def test_the_stage_pools_fit_the_cluster(cluster_cpus, gpus, config):
     the cluster (more would leave a worker unscheduled) and, by default, a CPU-only run has one task per CPU
     with a whole CPU each (nothing kept back for write tasks that no longer exist)."""
     from pipelines.preprocess import block_rows, plan_stages
-    from facediffuser.data.stages import PreprocessConfig
+    from facediffuser.data.preprocess_config import PreprocessConfig
 
     plans = plan_stages(PreprocessConfig(input="in", output="out", **config), cluster_cpus, gpus)
     assert sum(plan.workers * plan.num_cpus for plan in plans) <= cluster_cpus + 1e-9
@@ -246,7 +246,9 @@ def test_split_pools_hand_rows_on_and_the_last_one_writes(photo_dir, tmp_path):
     without Ray: a first pool's work rows feed the last pool, which writes one shard file per call and returns
     every row's status; a rerun of the same block rewrites its file instead of adding one."""
     from pipelines.preprocess import RunStages, ShardWriter
-    from facediffuser.data.stages import PreprocessConfig, list_image_items, work_table
+    from facediffuser.data.preprocess_config import PreprocessConfig
+    from facediffuser.data.stages import list_image_items
+    from facediffuser.data.work_items import work_table
 
     config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path), max_pixels=2_000_000)
     items = [i for i in list_image_items(str(photo_dir)) if i["id"] in ("one.jpg", "two.jpg", "zero.jpg")]
@@ -273,7 +275,9 @@ def test_a_worker_process_keeps_its_stage_objects_for_the_run(photo_dir, tmp_pat
     import functools
 
     from pipelines import preprocess as pipeline
-    from facediffuser.data.stages import PreprocessConfig, list_image_items, work_table
+    from facediffuser.data.preprocess_config import PreprocessConfig
+    from facediffuser.data.stages import list_image_items
+    from facediffuser.data.work_items import work_table
 
     config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path))
     block = work_table([i for i in list_image_items(str(photo_dir)) if i["id"] == "one.jpg"])

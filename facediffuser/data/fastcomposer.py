@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 from facediffuser.data import io as dataio
-from facediffuser.data.stages import (PreprocessConfig, encode_jpeg, new_item, reject, resize_short_side)
+from facediffuser.data.preprocess_config import PreprocessConfig
+from facediffuser.data.stages import encode_jpeg, resize_short_side
+from facediffuser.data.work_items import new_item, reject
 from facediffuser.data.schema import encode_mask
 from facediffuser.images import ImageDecodeError, decode_image
 

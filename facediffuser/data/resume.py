@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 from facediffuser.data import io as dataio
 from facediffuser.data import output_dir
 from facediffuser.data.schema import SCHEMA_VERSION
-from facediffuser.data.stages import PreprocessConfig
+from facediffuser.data.preprocess_config import PreprocessConfig
 
 # What decides the rows written: a rerun with the same values continues the previous output, other values replace it.
 OUTPUT_SETTINGS = ("input", "source", "detector", "captioner", "max_subjects", "resolution", "max_pixels",

@@ -6,106 +6,31 @@ the same function in a plain loop (the benchmark's baseline). An item that fails
 gets `stage` and `reason` set and passes through the later stages untouched, so every input ends as a shard row
 or a reject row. That includes a stage (or its model) raising on one image: `StageGuard` turns the exception into
 a reject of that stage; only a stage that raises on `SYSTEMIC_AFTER` images in a row, or runs out of memory, stops
-the job (a broken model or device, not bad rows).
+the job (a broken model or device, not bad rows). The work item and its tables: facediffuser/data/work_items.py;
+the settings: facediffuser/data/preprocess_config.py.
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
-from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from facediffuser import faults
-from facediffuser.config import arg
 from facediffuser.data import io as dataio
-from facediffuser.data.captions import TEMPLATE, check_captioner, template_caption
-from facediffuser.data.faces import DETECTORS, DEFAULT_MIN_SCORE, Face
+from facediffuser.data.captions import template_caption
+from facediffuser.data.faces import Face
 from facediffuser.data.linking import LinkError, link_subjects
 from facediffuser.data.masks import face_ellipse, mask_box
-from facediffuser.data.schema import REJECT_SCHEMA, SHARD_SCHEMA, Record, Subject, encode_mask
-from facediffuser.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from facediffuser.data.preprocess_config import PreprocessConfig
+from facediffuser.data.schema import encode_mask
+from facediffuser.data.work_items import new_item, one_line, reject
+from facediffuser.images import ImageDecodeError, decode_image
 
-SOURCES = ("images", "fastcomposer")
 JPEG_QUALITY = 95
 SYSTEMIC_AFTER = 8  # a stage that raises on this many items in a row (none getting through in between) is broken
-
-# The row type between stages: the shard columns, all nullable, plus where and why an item was rejected.
-WORK_SUBJECT_TYPE = pa.struct([
-    pa.field("face_box", pa.list_(pa.float32())),
-    pa.field("score", pa.float32()),
-    pa.field("person_box", pa.list_(pa.float32())),
-    pa.field("mask_png", pa.binary()),
-    pa.field("face_mask_png", pa.binary()),
-    pa.field("noun", pa.string()),
-    pa.field("noun_end", pa.int32()),
-])
-WORK_SCHEMA = pa.schema([
-    pa.field("id", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("caption_source", pa.string()),  # sidecar caption file (.txt), when the input has one
-    pa.field("image", pa.binary()),  # the stored image (resized, JPEG), once read
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("caption", pa.string()),
-    pa.field("subjects", pa.list_(WORK_SUBJECT_TYPE)),
-    pa.field("stage", pa.string()),  # set when rejected: the stage that rejected it
-    pa.field("reason", pa.string()),
-])
-
-
-@dataclass
-class PreprocessConfig:
-    input: str = arg(help="directory or s3:// prefix of photos (or a FastComposer tree)")
-    output: str = arg(help="directory or s3:// prefix for shards/, rejects/, manifest.json")
-    source: str = arg("images", "images: run the models; fastcomposer: convert jpg+json+npy without models",
-                      choices=SOURCES)
-    detector: str = arg("mediapipe", "face detector", choices=DETECTORS)
-    captioner: str = arg(TEMPLATE, "'template' or a transformers image-to-text model directory / hub id")
-    max_subjects: int = arg(4, "images with more faces are rejected")
-    resolution: int = arg(512, "short side of stored images (downscale only)")
-    num_gpus_per_stage: float = arg(0.0, "GPUs per actor of the stages that use one (MTCNN, a captioner model)")
-    batch_size: int = arg(8, "images per map_batches call of a pool before the last (the last pool takes one "
-                                "block, written as one shard file, per call)")
-    workers_per_stage: int | None = arg(None, "concurrent workers of each stage pool: tasks on CPUs, actors on GPUs "
-                                              "(default: what the cluster's CPUs and GPUs hold)")
-    rows_per_shard: int = arg(1000, "rows per Parquet shard file")
-    max_pixels: int = arg(DEFAULT_MAX_PIXELS, "larger images are rejected before decoding")
-    min_face_score: float = arg(DEFAULT_MIN_SCORE, cli=False)  # detector confidence; library callers set it
-
-    def validate(self) -> None:
-        """Everything that can be wrong with the settings (input and output reachable, captioner loadable),
-        checked before any work starts."""
-        if self.source not in SOURCES:
-            raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        if self.detector not in DETECTORS:
-            raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
-        for name in ("max_subjects", "resolution", "batch_size", "rows_per_shard", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.num_gpus_per_stage < 0:
-            raise ValueError(f"--num-gpus-per-stage must be >= 0, got {self.num_gpus_per_stage}")
-        if self.workers_per_stage is not None and self.workers_per_stage < 1:
-            raise ValueError(f"--workers-per-stage must be at least 1, got {self.workers_per_stage}")
-        dataio.check_input_dir(self.input)
-        dataio.check_output_dir(self.output)
-        if self.source == "images":
-            check_captioner(self.captioner)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def new_item(item_id: str, source: str, caption_source: str | None = None) -> dict:
-    return {"id": item_id, "source": source, "caption_source": caption_source, "image": None, "width": None,
-            "height": None, "caption": None, "subjects": [], "stage": None, "reason": None}
-
-
-def reject(item: dict, stage: str, reason: str) -> dict:
-    return {**item, "stage": stage, "reason": reason}
 
 
 def list_image_items(input_uri: str) -> list[dict]:
@@ -201,61 +126,6 @@ def link_stage(item: dict) -> dict:
     return {**item, "subjects": subjects}
 
 
-# ------------------------------------------------------------------------------------------ to tables
-
-
-def to_record(item: dict) -> Record:
-    subjects = [Subject(person_box=list(s["person_box"]), face_box=list(s["face_box"]), score=float(s["score"]),
-                        mask_png=s["mask_png"], noun=s["noun"], noun_end=int(s["noun_end"]),
-                        face_mask_png=s["face_mask_png"]) for s in item["subjects"]]
-    return Record(id=item["id"], source=item["source"], image=item["image"], width=int(item["width"]),
-                  height=int(item["height"]), caption=item["caption"], subjects=subjects)
-
-
-def work_table(items: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(items, schema=WORK_SCHEMA)
-
-
-def shard_table(items: list[dict]) -> pa.Table:
-    """The accepted items as a SHARD_SCHEMA table (rejected ones left out)."""
-    return pa.Table.from_pylist([to_record(i).to_row() for i in items if not i["stage"]], schema=SHARD_SCHEMA)
-
-
-def status_table(items: list[dict]) -> pa.Table:
-    """Every item's id, source, stage and reason (REJECT_SCHEMA; stage None: accepted)."""
-    rows = [{k: i[k] for k in ("id", "source", "stage", "reason")} for i in items]
-    return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
-
-
-def reject_table(items: list[dict]) -> pa.Table:
-    return status_table([i for i in items if i["stage"]])
-
-
-STAGE_ORDER = {"images": ("read", "decode", "detect", "segment", "caption", "link", "write"),
-               "fastcomposer": ("read", "decode", "convert", "write")}
-
-
-def stage_counts(source: str, total: int, rejected_stages: list[str]) -> dict:
-    """{"input": N, "<stage>": {"rejected": r, "passed": p}, ..., "written": W} in pipeline order (a stage name
-    outside STAGE_ORDER is counted after them, so input = written + rejected holds whatever the names)."""
-    counts: dict = {"input": total}
-    remaining = total
-    order = STAGE_ORDER[source]
-    for stage in (*order, *sorted(set(rejected_stages) - set(order))):
-        rejected = sum(1 for s in rejected_stages if s == stage)
-        remaining -= rejected
-        counts[stage] = {"rejected": rejected, "passed": remaining}
-    counts["written"] = remaining
-    counts["rejected"] = len(rejected_stages)
-    return counts
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _systemic(exc: BaseException) -> bool:
     """Errors of the machine, not of one image: running out of (GPU) memory."""
     return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
@@ -285,52 +155,10 @@ class StageGuard:
             self.in_a_row[name] = self.in_a_row.get(name, 0) + 1
             if self.in_a_row[name] >= self.limit:
                 raise StageError(f"stage {name} raised on {self.limit} items in a row (the last, {item['id']}: "
-                                 f"{_one_line(exc)}): stopping, this is not one bad row") from exc
-            return reject(item, name, f"raised {_one_line(exc)}")
+                                 f"{one_line(exc)}): stopping, this is not one bad row") from exc
+            return reject(item, name, f"raised {one_line(exc)}")
         self.in_a_row[name] = 0
         return result
-
-
-def _misfit(exc: Exception) -> str:
-    return f"the row does not fit the schema: {_one_line(exc)}"
-
-
-def checked_work_table(items: list[dict], stage: str) -> pa.Table:
-    """work_table(items), where an item whose row does not fit WORK_SCHEMA (a model returned something odd)
-    becomes a bare reject of `stage` (or of the stage that had rejected it) instead of failing the batch."""
-    try:
-        return work_table(items)
-    except Exception:  # find the rows that do not fit, one at a time
-        pass
-    fixed = []
-    for item in items:
-        try:
-            work_table([item])
-        except Exception as exc:  # keep a reject's own stage and reason; drop the fields that do not fit
-            bare = new_item(item["id"], item["source"], item.get("caption_source"))
-            item = reject(bare, item["stage"], item["reason"]) if item.get("stage") else reject(bare, stage, _misfit(exc))
-        fixed.append(item)
-    return work_table(fixed)
-
-
-def shard_rows(items: list[dict]) -> tuple[pa.Table, list[dict]]:
-    """(the accepted items as a SHARD_SCHEMA table, items) — an accepted item that does not make a valid shard row
-    is rejected at `write` (returned among the items) instead of failing the whole write."""
-    try:
-        return shard_table(items), items
-    except Exception:  # find the rows that do not fit, one at a time
-        pass
-    rows, checked = [], []
-    for item in items:
-        if not item["stage"]:
-            try:
-                row = to_record(item).to_row()
-                pa.Table.from_pylist([row], schema=SHARD_SCHEMA)
-                rows.append(row)
-            except Exception as exc:
-                item = reject(item, "write", _misfit(exc))
-        checked.append(item)
-    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), checked
 
 
 # ------------------------------------------------------------------------------------- the plain loop
