@@ -6,7 +6,7 @@ cold-start times.
 
 What it runs: a local cluster (cluster/local.py: a head without GPUs and two worker nodes with one logical
 GPU each, CPU kernels under them: FACEDIFFUSER_CPU_UNDER_GPU=1), and on it `facediffuser serve --tiny --num-gpus 1
---min-replicas 1 --max-replicas 2` joined with RAY_ADDRESS, as a user runs it. Load from serving/loadtest.py
+--min-replicas 1 --max-replicas 2` joined with RAY_ADDRESS, as a user runs it. Load from benchmarks/loadtest.py
 (`run_profile`): idle, a ramp to concurrency --concurrency in four steps, hold, idle. Every --interval seconds a table
 row: the sampler's running replicas and the autoscaler's target (GET /v1/replicas, read from the Serve controller),
 the requests the ingress holds (queued or running: the queue), p50/p99 latency and status counts of the answers in
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from cluster.local import LocalCluster, NodeSpec
-    from serving.loadtest import generate_payload, run_profile, window_summary
+    from benchmarks.loadtest import generate_payload, run_profile, window_summary
 
     load_before = os.getloadavg()[0]
     scaling = ["--target-ongoing-requests", str(args.target_ongoing_requests), "--upscale-delay-s",

@@ -11,7 +11,7 @@ that every phase uses. On a one-node Ray cluster started like a user starts one 
    text encoder and DDIM scheduler, fp16, 512², 50 steps, batch 1, in this process: images/s each and the ratio
    (ours runs both UNets in the fusion stage, so below 1 is expected; METHOD.md §5);
 2. serve: `facediffuser serve --model DIR --num-gpus 1 --dtype float16` under a short closed-loop HTTP load
-   (serving/loadtest.py): requests/s, p50, all answered 200;
+   (benchmarks/loadtest.py): requests/s, p50, all answered 200;
 3. preprocess: `facediffuser preprocess --num-gpus-per-stage 1 --detector mtcnn` on the sample photos: MTCNN on
    the GPU (an actor pool), counts balanced;
 4. train: `facediffuser train --use-gpu` for 5 steps of the TDM, then of the SDM (fp16 autocast, NCCL).
@@ -161,7 +161,7 @@ def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int,
     from PIL import Image
 
     from cluster.local import free_port
-    from serving.loadtest import generate_payload, run_load
+    from benchmarks.loadtest import generate_payload, run_load
 
     started = time.perf_counter()
     port = free_port()

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from facediffuser.model_loading import load_pipeline
     from serving.app import start
     from serving.settings import ServeConfig
-    from serving.loadtest import generate_payload, run_load
+    from benchmarks.loadtest import generate_payload, run_load
 
     torch.set_num_threads(args.torch_threads)
     if not args.port:

@@ -336,7 +336,7 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(service):
 
 
 def test_bounded_load_test_and_overload_answers_503(service):
-    from serving.loadtest import generate_payload, run_load
+    from benchmarks.loadtest import generate_payload, run_load
 
     url = service["url"] + "/v1/generate"
     report = run_load(url, generate_payload(service["reference"], steps=STEPS), concurrency=4, requests=12)

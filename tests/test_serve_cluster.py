@@ -25,7 +25,7 @@ import pytest
 
 from cluster_fixtures import gpu_cluster  # noqa: F401 (the fixture)
 from conftest import free_port
-from serving.loadtest import generate_payload, run_profile
+from benchmarks.loadtest import generate_payload, run_profile
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Bounded load generator for the Serve app over loopback HTTP: a fixed number of requests at a fixed
 concurrency, then a report (throughput, p50/p99 latency, status counts, batch sizes). It always ends.
 
-    python -m serving.loadtest --url http://127.0.0.1:8000 --reference face.jpg --concurrency 8 --requests 32
+    python -m benchmarks.loadtest --url http://127.0.0.1:8000 --reference face.jpg --concurrency 8 --requests 32
 
 `run_profile` varies the concurrency over time (idle, ramp, hold, idle: benchmarks/autoscale.py and the
 autoscaling tests). Used by the tests and by benchmarks/serve.py and benchmarks/autoscale.py.
@@ -76,43 +76,45 @@ def run_load(
     """
     if concurrency < 1 or requests < 1:
         raise ValueError("concurrency and requests must be >= 1")
+    return asyncio.run(_load(url, payload, concurrency, requests, headers, timeout_s))
 
-    async def main() -> LoadReport:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(requests):
-            queue.put_nowait(i)
-        statuses: Counter[int] = Counter()
-        latencies: list[float] = []
-        batch_sizes: list[int] = []
-        stage_timings: list[dict] = []
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
 
-            async def worker() -> None:
-                while True:
-                    try:
-                        i = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    sent = time.perf_counter()
-                    try:
-                        response = await client.post(url, json=payload(i))
-                    except httpx.HTTPError:
-                        statuses[-1] += 1  # connection-level failure
-                        continue
-                    statuses[response.status_code] += 1
-                    if response.status_code == 200:
-                        latencies.append(time.perf_counter() - sent)
-                        body = response.json()
-                        batch_sizes.append(int(body.get("batch_requests", 1)))
-                        stage_timings.append(body.get("timings", {}))
+async def _load(url: str, payload: Callable[[int], dict], concurrency: int, requests: int, headers: dict | None,
+                timeout_s: float) -> LoadReport:
+    """run_load's body: `concurrency` workers taking request numbers from one queue."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    stage_timings: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
 
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            seconds = time.perf_counter() - started
-        return LoadReport(concurrency, requests, seconds, dict(statuses), latencies, batch_sizes, stage_timings)
+        async def worker() -> None:
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(url, json=payload(i))
+                except httpx.HTTPError:
+                    statuses[-1] += 1  # connection-level failure
+                    continue
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - sent)
+                    body = response.json()
+                    batch_sizes.append(int(body.get("batch_requests", 1)))
+                    stage_timings.append(body.get("timings", {}))
 
-    return asyncio.run(main())
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return LoadReport(concurrency, requests, seconds, dict(statuses), latencies, batch_sizes, stage_timings)
 
 
 @dataclass
@@ -154,46 +156,49 @@ def run_profile(
         total += seconds
         ends.append(total)
     width = max(concurrency for _, concurrency in stages)
+    return asyncio.run(_profile(url, payload, stages, ends, width, headers, timeout_s, stop, sink, origin))
 
-    async def main() -> list[Answer]:
-        answers: list[Answer] = [] if sink is None else sink
-        counter = iter(range(10**12))
-        began = time.perf_counter() if origin is None else origin
 
-        def now() -> float:
-            return time.perf_counter() - began
+async def _profile(url: str, payload: Callable[[int], dict], stages: list[tuple[float, int]], ends: list[float],
+                   width: int, headers: dict | None, timeout_s: float, stop: Callable[[], bool] | None,
+                   sink: list | None, origin: float | None) -> list[Answer]:
+    """run_profile's body: `width` workers, each sending while its index is below the stage's concurrency."""
+    answers: list[Answer] = [] if sink is None else sink
+    counter = iter(range(10**12))
+    began = time.perf_counter() if origin is None else origin
 
-        def concurrency_at(t: float) -> int | None:  # None: the profile is over
-            if stop is not None and stop():
-                return None
-            return next((c for (_, c), end in zip(stages, ends) if t < end), None)
+    def now() -> float:
+        return time.perf_counter() - began
 
-        limits = httpx.Limits(max_connections=max(width, 1), max_keepalive_connections=max(width, 1))
-        async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
+    def concurrency_at(t: float) -> int | None:  # None: the profile is over
+        if stop is not None and stop():
+            return None
+        return next((c for (_, c), end in zip(stages, ends) if t < end), None)
 
-            async def worker(index: int) -> None:
-                while (active := concurrency_at(now())) is not None:
-                    if index >= active:
-                        await asyncio.sleep(0.05)
-                        continue
-                    sent = now()
-                    retry_after = error = None
-                    try:
-                        response = await client.post(url, json=payload(next(counter)))
-                        status, retry_after = response.status_code, response.headers.get("retry-after")
-                        if status != 200:
-                            try:
-                                error = response.json().get("error")
-                            except ValueError:
-                                error = None
-                    except httpx.HTTPError:
-                        status = -1
-                    answers.append(Answer(sent, now(), status, retry_after, error))
+    limits = httpx.Limits(max_connections=max(width, 1), max_keepalive_connections=max(width, 1))
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
 
-            await asyncio.gather(*(worker(i) for i in range(width)))
-        return answers
+        async def worker(index: int) -> None:
+            while (active := concurrency_at(now())) is not None:
+                if index >= active:
+                    await asyncio.sleep(0.05)
+                    continue
+                sent = now()
+                retry_after = error = None
+                try:
+                    response = await client.post(url, json=payload(next(counter)))
+                    status, retry_after = response.status_code, response.headers.get("retry-after")
+                    if status != 200:
+                        try:
+                            error = response.json().get("error")
+                        except ValueError:
+                            error = None
+                except httpx.HTTPError:
+                    status = -1
+                answers.append(Answer(sent, now(), status, retry_after, error))
 
-    return asyncio.run(main())
+        await asyncio.gather(*(worker(i) for i in range(width)))
+    return answers
 
 
 def window_summary(answers: list[Answer], start: float, end: float) -> dict:
