@@ -13,223 +13,33 @@ A row that fails (a stage or its model raising on one image included) is a rejec
 job fails only on systemic errors (a model that cannot load, a stage raising on image after image, an output that
 cannot be written). manifest.json is removed when a run starts and written last (facediffuser/data/output_dir.py), so
 `train` never reads the shards of a run that did not finish.
+
+The pools' layout is pipelines/preprocess_plan.py; what runs in their workers, pipelines/preprocess_workers.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-
-import pyarrow as pa
 
 from facediffuser import faults
 from facediffuser.config import add_arguments as add_config_arguments, from_args
 from facediffuser.data import io as dataio
 from facediffuser.data import output_dir
 from facediffuser.data import stages, work_items
-from facediffuser.data.captions import TEMPLATE, make_captioner
-from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
-from facediffuser.data.faces import make_detector
-from facediffuser.data.masks import PersonSegmenter
+from facediffuser.data.fastcomposer import list_fastcomposer_items
 from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.resume import previous_work
 from facediffuser.data.preprocess_config import PreprocessConfig
 from facediffuser.data.work_items import work_table
-from facediffuser.devices import CPU_UNDER_GPU_ENV, torch_device
+from facediffuser.devices import CPU_UNDER_GPU_ENV
 from facediffuser.manifest import package_versions
 from cluster.runtime import AWS_VARIABLES
-
-GPU_ACTOR_CPUS = 0.25  # a GPU-stage actor mostly waits on its GPU; the rest of the CPUs go to the CPU stages
-TASKS_IN_FLIGHT = 2  # per GPU actor: one running batch and one queued (hides the call's round trip)
-BLOCKS_PER_WORKER = 4  # at least, when there are enough rows: a worker that starts late still gets a fair share
-
-
-# ------------------------------------------------------------------------------------------- the layout
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """One map_batches pool: the stages it runs (in order), its size (concurrent tasks on CPUs, actors on GPUs)
-    and resources per worker."""
-
-    names: tuple[str, ...]
-    workers: int
-    num_cpus: float
-    num_gpus: float = 0.0
-
-    @property
-    def kind(self) -> str:
-        return "actors" if self.num_gpus > 0 else "tasks"
-
-
-def _on_gpu(name: str, config: PreprocessConfig) -> bool:
-    """Only MTCNN and a captioner model can use a GPU (mediapipe's Python solutions run on the CPU)."""
-    return config.num_gpus_per_stage > 0 and ((name == "detect" and config.detector == "mtcnn")
-                                              or (name == "caption" and config.captioner != TEMPLATE))
-
-
-def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: float = 0.0) -> list[StagePlan]:
-    """The stage layout: consecutive stages on the same device share one pool (fused, models loaded once per
-    worker). Template captions and noun linking are cheap and ride with the stage before them.
-
-    CPU pools get one CPU per task and, by default, as many concurrent tasks as the cluster has CPUs (less what
-    the GPU pools reserve), split among the CPU pools; GPU pools get `--num-gpus-per-stage` per actor and at most
-    as many actors as the cluster's GPUs hold. `--workers-per-stage N` sets every pool's size (a CPU task's share
-    then drops below one CPU if the pools would not fit otherwise). The shards are written by the last pool, so
-    no CPU is kept back for separate write tasks."""
-    if config.source == "fastcomposer":
-        groups: list[tuple[list[str], bool]] = [(["convert"], False)]
-    else:
-        groups = []
-        for name in stages.IMAGE_STAGES:
-            gpu = _on_gpu(name, config)
-            rides_along = name == "link" or (name == "caption" and not gpu)
-            if groups and (rides_along or groups[-1][1] == gpu):
-                groups[-1][0].append(name)
-            else:
-                groups.append(([name], gpu))
-    gpu_actors = max(1, int(cluster_gpus // config.num_gpus_per_stage)) if config.num_gpus_per_stage else 0
-    if config.workers_per_stage:
-        gpu_actors = min(gpu_actors, config.workers_per_stage)
-    gpu_pools = sum(gpu for _, gpu in groups)
-    cpu_pools = len(groups) - gpu_pools
-    cpu_budget = max(cluster_cpus - gpu_pools * gpu_actors * GPU_ACTOR_CPUS, min(cluster_cpus, 1.0))
-    cpu_tasks = config.workers_per_stage or max(1, int(cpu_budget // cpu_pools))
-    cpu_share = min(1.0, cpu_budget / (cpu_pools * cpu_tasks))
-    return [StagePlan(tuple(names), gpu_actors, GPU_ACTOR_CPUS, config.num_gpus_per_stage) if gpu
-            else StagePlan(tuple(names), cpu_tasks, cpu_share) for names, gpu in groups]
-
-
-# ------------------------------------------------------------------------------------------- the stages
-
-
-class ShardWriter:
-    """What the last pool does after its stages: the accepted rows of one call become one SHARD_SCHEMA
-    file (a row that does not fit the schema is a `write` reject), and the call returns the status of every row
-    (REJECT_SCHEMA columns, plus SHARD: the file it went to), so the shards and the accounting come out of one pass.
-
-    The file name holds the run's prefix and a hash of the block's first id, so a retried call (its node died, or
-    its output was lost with the node and Ray re-ran it) rewrites its own file instead of adding one. The file is
-    written under a hidden temporary name (readers skip names starting with '.') and moved into place when
-    complete, so a node that dies mid-write leaves no partial shard; `sweep_shards` removes what such a node left
-    (its temporary file, or a whole file of a block whose statuses never reached the driver)."""
-
-    def __init__(self, shards_uri: str, prefix: str):
-        self.uri, self.prefix = shards_uri, prefix
-
-    def __call__(self, items: list[dict]) -> pa.Table:
-        import hashlib
-        import uuid
-
-        import pyarrow.parquet as pq
-
-        table, items = work_items.shard_rows(items)
-        name = None
-        if table.num_rows:
-            fs, path = dataio.resolve(self.uri)
-            fs.create_dir(path, recursive=True)
-            block = hashlib.sha1(items[0]["id"].encode()).hexdigest()[:16]
-            name = f"{self.prefix}_{block}.parquet"
-            partial = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.partial"
-            pq.write_table(table, partial, filesystem=fs)
-            fs.move(partial, f"{path}/{name}")
-        statuses = work_items.status_table(items)
-        return statuses.append_column(SHARD, pa.array([None if i["stage"] else name for i in items], pa.string()))
-
-
-SHARD = "shard"  # per row status: the shard file (name under shards/) an accepted row was written to
-
-
-def sweep_shards(shards_uri: str, run: str, kept: set[str]) -> list[str]:
-    """Remove the files of run `run` under `shards_uri` that the driver did not count: temporary files of a write
-    cut short (a node died mid-write) and shard files of a block whose statuses never came back (the block ran
-    again, possibly bundled differently, and its rows went to another file). → the names removed. With them gone
-    every counted row is in exactly one shard file."""
-    import pyarrow.fs as pafs
-
-    fs, path = dataio.resolve(shards_uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    removed = []
-    for info in infos:
-        name = info.base_name
-        if info.type == pafs.FileType.File and name.lstrip(".").startswith(f"{run}_") and name not in kept:
-            fs.delete_file(info.path)
-            removed.append(name)
-    return sorted(removed)
-
-
-RAN_ON = "ran_on"  # per row: the Ray node id of each pool that ran it so far (→ the manifest's stages[].nodes)
-
-
-def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None) -> pa.Table:
-    """`function` on each item of the batch; → the rows for the next pool (WORK_SCHEMA: a row that does not fit
-    is a reject of `stage`) or, in the last pool (`writer` given), their statuses once written (straight from
-    the items: a work table there would cost 3 ms an image for nothing). Either way each row carries RAN_ON,
-    the nodes its pools ran on, with this one's added."""
-    from cluster.runtime import node_id
-
-    trail = batch.column(RAN_ON).to_pylist() if RAN_ON in batch.column_names else [[]] * batch.num_rows
-    items = [function(item) for item in batch.to_pylist()]
-    table = writer(items) if writer else work_items.checked_work_table(items, stage)
-    here = node_id()
-    return table.append_column(RAN_ON, pa.array([list(t) + [here] for t in trail], pa.list_(pa.string())))
-
-
-class RunStages:
-    """A map_batches class that runs a fused run of stages on each item of a batch (through
-    `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
-
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, num_gpus: float,
-                 writer: ShardWriter | None = None):
-        from cluster.runtime import where
-
-        self.config, self.names, self.guard, self.writer = config, names, stages.StageGuard(), writer
-        # given a GPU that torch cannot see: one line naming the node, unless FACEDIFFUSER_CPU_UNDER_GPU=1
-        device = torch_device(num_gpus, f"preprocess stages {'+'.join(names)} on {where()}")
-        self.detector = make_detector(config.detector, config.min_face_score, device=device) \
-            if "detect" in names else None
-        self.segmenter = PersonSegmenter() if "segment" in names else None
-        self.captioner = make_captioner(config.captioner, device=device) if "caption" in names else None
-        if "torch" in sys.modules:  # MTCNN, a captioner: as many torch threads as the worker has CPUs
-            sys.modules["torch"].set_num_threads(max(1, int(num_cpus)))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return _map_items(batch, lambda item: stages.apply_stages(
-            item, self.config, self.names, detector=self.detector, segmenter=self.segmenter,
-            captioner=self.captioner, guard=self.guard), self.names[-1], self.writer)
-
-
-class ConvertFastComposer:
-    """--source fastcomposer: jpg + json + npy → a work row, no models."""
-
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, num_gpus: float,
-                 writer: ShardWriter | None = None):
-        self.config, self.guard, self.writer = config, stages.StageGuard(), writer
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return _map_items(batch, lambda item: item if item["stage"] else self.guard.run(
-            "convert", lambda i: convert_stage(i, self.config), item), "convert", self.writer)
-
-
-_in_this_worker: dict = {"run": None, "pools": {}}  # in a Ray worker process: the stage objects of the latest run
-
-
-def run_in_worker(batch: pa.Table, run: str, pool: tuple[str, ...], make) -> pa.Table:
-    """A CPU pool's task: `make()` (a RunStages or ConvertFastComposer) is built by the first task of this run and
-    pool that a worker process runs, and kept for its later ones (Ray reuses its worker processes), so the models
-    load once per worker as in an actor, without an actor's start-up cost: its own worker process and Ray Data's
-    actor-location tracker, several seconds of every run on a one-CPU machine. A new run frees the old objects."""
-    if _in_this_worker["run"] != run:
-        _in_this_worker.update(run=run, pools={})
-    pools = _in_this_worker["pools"]
-    if pool not in pools:
-        pools[pool] = make()
-    return pools[pool](batch)
-
+from pipelines.preprocess_plan import TASKS_IN_FLIGHT, StagePlan, block_rows, plan_stages
+from pipelines.preprocess_workers import (RAN_ON, SHARD, ConvertFastComposer, RunStages, ShardWriter, run_in_worker,
+                                          sweep_shards)
 
 # ---------------------------------------------------------------------------------------- the pipeline
 
@@ -238,14 +48,6 @@ def _runtime_env() -> dict:
     env = {name: os.environ[name] for name in (*AWS_VARIABLES, CPU_UNDER_GPU_ENV) if name in os.environ}
     env.update(faults.forwarded_env())  # tests only: the stages' fault points (facediffuser/faults.py)
     return {"runtime_env": {"env_vars": env}} if env else {}
-
-
-def block_rows(count: int, plans: list[StagePlan], rows_per_shard: int) -> int:
-    """Rows per block, and so per shard file: at most `rows_per_shard`, and small enough that every worker of the
-    widest pool gets BLOCKS_PER_WORKER blocks when there are enough rows (shards are then written from the first
-    minutes on, and the last block is a small part of the run)."""
-    workers = max(plan.workers for plan in plans)
-    return max(1, min(rows_per_shard, math.ceil(count / (BLOCKS_PER_WORKER * workers))))
 
 
 def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, cluster_cpus: float,

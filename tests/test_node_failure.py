@@ -74,7 +74,7 @@ def test_sweep_leaves_only_the_counted_shard_files(tmp_path):
     """What a node that died mid-block leaves, and what the driver's sweep removes: the hidden partial file of a
     write cut short, and a whole file of a block whose statuses never came back (it ran again elsewhere, bundled
     differently); the counted files and another run's files stay. No Ray."""
-    from pipelines.preprocess import SHARD, ShardWriter, sweep_shards
+    from pipelines.preprocess_workers import SHARD, ShardWriter, sweep_shards
 
     shards = tmp_path / "shards"
     writer = ShardWriter(str(shards), "run1")

@@ -225,7 +225,7 @@ def test_the_stage_pools_fit_the_cluster(cluster_cpus, gpus, config):
     """The pools hold their CPUs for the whole run and the last one writes the shards itself: together they fit
     the cluster (more would leave a worker unscheduled) and, by default, a CPU-only run has one task per CPU
     with a whole CPU each (nothing kept back for write tasks that no longer exist)."""
-    from pipelines.preprocess import block_rows, plan_stages
+    from pipelines.preprocess_plan import block_rows, plan_stages
     from facediffuser.data.preprocess_config import PreprocessConfig
 
     plans = plan_stages(PreprocessConfig(input="in", output="out", **config), cluster_cpus, gpus)
@@ -245,7 +245,7 @@ def test_split_pools_hand_rows_on_and_the_last_one_writes(photo_dir, tmp_path):
     """The layout with several pools (what `--num-gpus-per-stage` gives), its actor classes called in order
     without Ray: a first pool's work rows feed the last pool, which writes one shard file per call and returns
     every row's status; a rerun of the same block rewrites its file instead of adding one."""
-    from pipelines.preprocess import RunStages, ShardWriter
+    from pipelines.preprocess_workers import RunStages, ShardWriter
     from facediffuser.data.preprocess_config import PreprocessConfig
     from facediffuser.data.stages import list_image_items
     from facediffuser.data.work_items import work_table
@@ -274,7 +274,7 @@ def test_a_worker_process_keeps_its_stage_objects_for_the_run(photo_dir, tmp_pat
     the same object serves the run's later tasks, each pool has its own, and a new run frees the old ones."""
     import functools
 
-    from pipelines import preprocess as pipeline
+    from pipelines import preprocess_workers as pipeline
     from facediffuser.data.preprocess_config import PreprocessConfig
     from facediffuser.data.stages import list_image_items
     from facediffuser.data.work_items import work_table
