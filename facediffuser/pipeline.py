@@ -1,6 +1,7 @@
 """FaceDiffuserPipeline: prompt with subject markers + one reference photo per subject → images.
 
-Encoders run once; the denoising loop is `facediffuser.sampling.snf_denoise` (the only one in the project).
+Encoders run once (the encoding half: facediffuser/pipeline_encoding.py); the denoising loop is
+`facediffuser.sampling.snf_denoise` (the only one in the project).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediffuser import model_dir
 from facediffuser.images import tensor_to_pil
-from facediffuser.layout import SubjectRegions, check_boxes, check_scales, scale_subjects
+from facediffuser.layout import check_boxes
 from facediffuser.models.subject_encoder import SubjectEncoder
-from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, IMAGE_TOKEN, count_markers, ensure_image_token, tokenize_with_markers
-from facediffuser.reference import (DEFAULT_DETECTOR, DEFAULT_REFERENCE_MODE, OBJECT_RESOLUTION, check_mode,
-                                    embed_photo, embedding_sha256, reference_tensor as _reference_tensor)
+from facediffuser.pipeline_encoding import PromptEncoding
+from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, count_markers, ensure_image_token
+from facediffuser.reference import DEFAULT_REFERENCE_MODE, check_mode, embedding_sha256
 from facediffuser.sampling import OFFICIAL_FUSION, FusionOptions, boundaries_from_fractions, check_boundaries, snf_denoise
 
 DEFAULT_ALPHA, DEFAULT_BETA = 0.3, 0.6  # s = 15, f = 30 at 50 steps: the official inference script
@@ -41,7 +42,7 @@ class FaceDiffuserOutput:
     embedding_sha256: list[str] = field(default_factory=list)
 
 
-class FaceDiffuserPipeline(DiffusionPipeline):
+class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
     """TDM (scene) + SDM (subjects) with Saliency-adaptive Noise Fusion, diffusers-style.
 
     `sdm_unet` and `subject_encoder` form the SDM; `tdm_unet` is a plain SD UNet. The VAE, text encoder and
@@ -119,99 +120,6 @@ class FaceDiffuserPipeline(DiffusionPipeline):
                        text_encoder=self.text_encoder, tokenizer=self.tokenizer, scheduler=self.scheduler,
                        subject_encoder=self.subject_encoder)
 
-    # ------------------------------------------------------------------ encoding
-    @property
-    def max_subjects(self) -> int:
-        return self.config.max_subjects
-
-    def _text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
-
-    def check_markers(self, prompt: str, num_references: int) -> int:
-        """The prompt's marker count, checked against the references given; → that count."""
-        num_markers = count_markers(prompt)
-        if num_markers == 0:
-            raise ValueError(f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
-        if num_markers > self.max_subjects:
-            raise ValueError(f"the prompt has {num_markers} subjects; at most {self.max_subjects} are supported")
-        if num_markers != num_references:
-            raise ValueError(
-                f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {num_references} reference image(s) were given"
-            )
-        return num_markers
-
-    def encode_prompt(
-        self, prompt: str, references: Sequence, negative_prompt: str | None = None, *, subject_embeds=None,
-        subject_scales: Sequence[float] | None = None, reference_mode: str = DEFAULT_REFERENCE_MODE,
-    ):
-        """→ (null_embeds, text_embeds, augmented_embeds), each [1, 77, D].
-
-        `subject_embeds` [K, D], when given, replaces encoding `references` (a caller that caches them, e.g.
-        the Serve subject encoder); `references` is then only counted against the markers. `subject_scales`
-        (one per marker) blends each subject's fused token with its plain noun (facediffuser.layout).
-        `reference_mode` (facediffuser.reference) says what the encoder sees of each photo.
-        """
-        num_markers = self.check_markers(prompt, len(references))
-        subject_scales = check_scales(subject_scales, num_markers)
-        tokens = tokenize_with_markers(self.tokenizer, prompt, self.max_subjects)
-        null_ids = self.tokenizer(
-            negative_prompt or "", padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        text_embeds = self._text_embeds(tokens.input_ids[None])
-        null_embeds = self._text_embeds(null_ids)
-        if subject_embeds is None:
-            subject_embeds = self.encode_references(references, reference_mode)
-        subject_embeds = subject_embeds[None]  # [1, K, D]
-        augmented = self.subject_encoder.fuse(
-            text_embeds,
-            tokens.image_token_mask[None].to(text_embeds.device),
-            subject_embeds.to(text_embeds.device),
-            torch.tensor([tokens.num_subjects], device=text_embeds.device),
-        )
-        positions = tokens.image_token_mask.nonzero().flatten().tolist()
-        return null_embeds, text_embeds, scale_subjects(text_embeds, augmented, positions, subject_scales)
-
-    def subject_regions(self, prompt: str, boxes: Sequence | None, count: int, latent_size) -> SubjectRegions | None:
-        """Layout boxes (one per marker, fractions of the image) → the sampler's `regions` for `count` images."""
-        if boxes is None:
-            return None
-        tokens = tokenize_with_markers(self.tokenizer, prompt, self.max_subjects)
-        boxes = check_boxes(boxes, tokens.num_subjects)
-        positions = tokens.image_token_mask.nonzero().flatten().tolist()
-        return SubjectRegions(tokens=[positions] * count, boxes=[boxes] * count, latent_size=tuple(latent_size))
-
-    def encode_references(self, references: Sequence, reference_mode: str = DEFAULT_REFERENCE_MODE, *,
-                          detector=DEFAULT_DETECTOR) -> torch.Tensor:
-        """One entry per subject: an image, or a list of photos of that person (their embeddings are averaged)
-        → [K, D] on the subject encoder's device and dtype.
-
-        Each photo is encoded alone and averaged in float32 (facediffuser.reference.embed_photo), as the Serve
-        encoder does, so a photo gives the same embedding here, in `facediffuser generate` and over HTTP.
-        `reference_mode`: whole (default), face or person; `detector` serves the last two."""
-        check_mode(reference_mode)
-        per_subject = []
-        for index, reference in enumerate(references):
-            photos = list(reference) if isinstance(reference, (list, tuple)) else [reference]
-            if not photos:
-                raise ValueError(f"reference {index + 1} has no photos")
-            embeddings = []
-            for number, photo in enumerate(photos, start=1):
-                name = None if isinstance(photo, (str, Path)) or len(photos) == 1 else f"photo {number}"
-                try:
-                    embeddings.append(embed_photo(self.subject_encoder, photo, reference_mode, detector=detector,
-                                                  name=name))
-                except ValueError as exc:
-                    raise ValueError(f"reference {index + 1}: {exc}") from None
-            per_subject.append(torch.stack(embeddings).mean(dim=0))
-        return torch.stack(per_subject).to(self.subject_encoder.device, self.subject_encoder.dtype)
-
-    @staticmethod
-    def reference_tensor(photo, reference_mode: str = DEFAULT_REFERENCE_MODE) -> torch.Tensor:
-        """Reference photo → [3, 224, 224] in [0, 1] (facediffuser.reference.reference_tensor; the default mode,
-        whole, pads the photo square with black and resizes it bilinearly: METHOD.md §1)."""
-        return _reference_tensor(photo, reference_mode, size=OBJECT_RESOLUTION)
-
     # ------------------------------------------------------------------ sampling
     def resolve_boundaries(self, num_inference_steps, alpha=None, beta=None, start_merge_step=None, final_step=None):
         """Iteration count and inclusive stage boundaries (s, f) for this scheduler and step count."""
@@ -272,55 +180,62 @@ class FaceDiffuserPipeline(DiffusionPipeline):
         its reference (dlib by default), for filtering or regenerating. `reference_mode` says what the subject
         encoder sees of each photo: whole (default; the official transform), face or person
         (facediffuser.reference); the output's `embedding_sha256` fingerprints each subject's embedding."""
-        height, width = self._checked_call(height, width, num_images_per_prompt, num_inference_steps, output_type,
-                                           identity_scores)
-        num_iterations, s, f = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
-        check_boxes(boxes, count_markers(prompt))  # before any model runs
-        check_mode(reference_mode)
-        self.check_markers(prompt, len(reference_images))
-
+        height, width, (num_iterations, s, f) = self._checked_call(
+            prompt, reference_images, boxes, reference_mode, height, width, num_images_per_prompt,
+            num_inference_steps, output_type, identity_scores, (alpha, beta, start_merge_step, final_step))
         subject_embeds = self.encode_references(reference_images, reference_mode)
         null, text, augmented = self.encode_prompt(prompt, reference_images, negative_prompt,
                                                    subject_embeds=subject_embeds, subject_scales=subject_scales)
-        count = num_images_per_prompt
-        dtype = self.sdm_unet.dtype
-        device = self.sdm_unet.device
-        latents, seeds = self._initial_latents(count, height, width, seed, generator, dtype)
-        latents = (latents * self.scheduler.init_noise_sigma).to(device, dtype)
-        regions = self.subject_regions(prompt, boxes, count, latents.shape[-2:])
-
+        count, dtype = num_images_per_prompt, self.sdm_unet.dtype
+        latents, seeds, regions = self._start_latents(prompt, boxes, count, height, width, seed, generator)
         result = snf_denoise(
             self.tdm_unet, self.sdm_unet, self.scheduler, latents,
             null.repeat(count, 1, 1).to(dtype), text.repeat(count, 1, 1).to(dtype), augmented.repeat(count, 1, 1).to(dtype),
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             start_merge_step=s, final_step=f, return_masks=return_masks, fusion=fusion, generator=generator,
-            callback=callback, regions=regions,
-        )
+            callback=callback, regions=regions)
+        return self._finish(result, seeds, (num_iterations, s, f), subject_embeds, output_type, return_masks,
+                            identity_scores, reference_images)
+
+    def _start_latents(self, prompt, boxes, count, height, width, seed, generator):
+        """The initial noise for `count` images (scaled for the scheduler, on the SDM's device and dtype), each
+        image's seed, and the sampler's `regions` for the layout boxes (None without boxes)."""
+        dtype = self.sdm_unet.dtype
+        latents, seeds = self._initial_latents(count, height, width, seed, generator, dtype)
+        latents = (latents * self.scheduler.init_noise_sigma).to(self.sdm_unet.device, dtype)
+        return latents, seeds, self.subject_regions(prompt, boxes, count, latents.shape[-2:])
+
+    def _finish(self, result, seeds: list, stages: tuple[int, int, int], subject_embeds: torch.Tensor,
+                output_type: str, return_masks: bool, identity_scores, reference_images: Sequence) -> FaceDiffuserOutput:
+        """snf_denoise's `result` → the output: images (decoded unless output_type is 'latent'), fusion steps and
+        masks, when asked each image's identity scores against the references, and the embeddings' fingerprints.
+        `stages` = (iterations, s, f)."""
+        num_iterations, s, f = stages
+        output = FaceDiffuserOutput(images=[], seeds=seeds, start_merge_step=s, final_step=f,
+                                    num_iterations=num_iterations, fusion_steps=result.fusion_steps,
+                                    embedding_sha256=[embedding_sha256(e) for e in subject_embeds])
+        count = len(seeds)
         images = result.latents if output_type == "latent" else self.decode_latents(result.latents)
-        masks = None
         if return_masks:
-            masks = (
+            output.masks = (
                 torch.stack(result.masks)[:, :, 0].cpu()
                 if result.masks
                 else torch.zeros(0, count, *result.latents.shape[-2:])
             )
         want_scores = identity_scores is not False and identity_scores is not None
         pil_images = tensor_to_pil(images) if output_type == "pil" or want_scores else None
-        scores = None
         if want_scores:
             from facediffuser.metrics.identity import identity_similarities  # dlib loads only when asked
 
             scorer = None if identity_scores is True else identity_scores
-            scores = identity_similarities(pil_images, reference_images, scorer)
-        return FaceDiffuserOutput(
-            images=images if output_type in ("pt", "latent") else pil_images,
-            seeds=seeds, start_merge_step=s, final_step=f, num_iterations=num_iterations,
-            masks=masks, fusion_steps=result.fusion_steps, identity_scores=scores,
-            embedding_sha256=[embedding_sha256(e) for e in subject_embeds],
-        )
+            output.identity_scores = identity_similarities(pil_images, reference_images, scorer)
+        output.images = images if output_type in ("pt", "latent") else pil_images
+        return output
 
-    def _checked_call(self, height, width, num_images, num_inference_steps, output_type, identity_scores):
-        """The call's own arguments, checked before any model runs; → (height, width) with the model's default."""
+    def _checked_call(self, prompt, references, boxes, reference_mode, height, width, num_images, num_inference_steps,
+                      output_type, identity_scores, stages):
+        """The call's arguments, checked before any model runs; → (height, width) with the model's default, and
+        (iterations, s, f) from `stages` = (alpha, beta, start_merge_step, final_step)."""
         default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
@@ -335,7 +250,11 @@ class FaceDiffuserPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if output_type == "latent" and identity_scores not in (False, None):
             raise ValueError("identity_scores need images: use output_type 'pil' or 'pt'")
-        return height, width
+        boundaries = self.resolve_boundaries(num_inference_steps, *stages)
+        check_boxes(boxes, count_markers(prompt))
+        check_mode(reference_mode)
+        self.check_markers(prompt, len(references))
+        return height, width, boundaries
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
