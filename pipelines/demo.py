@@ -14,12 +14,10 @@ one and shuts it down at the end, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import html
 import json
 import shutil
-import socket
 import time
 import types
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ from pathlib import Path
 
 from facediffuser.config import add_arguments as add_config_arguments, arg, from_args
 from facediffuser.model_dir import final_dir
-from facediffuser.sample_photos import ASTRONAUT, sample_photos
+from facediffuser.sample_photos import sample_photos
+from pipelines.demo_serve import generate_over_http, serve_http_port
 
 PROMPT = "a person <|image|> walking on the moon"
 NAME = "demo"
@@ -84,28 +83,6 @@ class PhaseClock:
         return "phase times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve_http_port() -> int | None:
-    """The HTTP port of a Serve instance already running on this Ray, or None when Serve is not running."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        client = _get_global_client(raise_if_no_controller_running=False)
-        return client.http_config.port if client is not None else None
-    except Exception:  # a private API: treat anything unexpected as "not running"
-        return None
-
-
-def _write_png(data_b64: str, path: Path) -> Path:
-    path.write_bytes(base64.b64decode(data_b64))
-    return path
-
-
 def write_index(out: Path, sections: list[tuple[str, list[Path], str]]) -> Path:
     """OUT/index.html: one section per phase; images by relative path, so the folder can be moved or zipped."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Face-diffuser demo</title><style>"
@@ -146,8 +123,10 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
         print(f"  ({clock.stop():.1f} s) → {out / 'preprocessed'}", flush=True)
         model_dir, curves = _models(config, out, clock)
         clock.start("serve", "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
-        session.own_serve = _serve_http_port() is None
-        images, masks, overlays, response_summary = _generate_over_http(config, out, app_name)
+        session.own_serve = serve_http_port() is None
+        images, masks, overlays, response_summary = generate_over_http(
+            config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME)), out, app_name,
+            f"/{NAME}", config.port, PROMPT, config.num_images, config.sample_steps)
         print(f"  {len(images)} image(s) in {response_summary['timings']['total_s']:.1f} s; identity scores "
               f"{response_summary.get('identity_scores')} ({clock.stop():.1f} s) → {out / 'generated'}", flush=True)
         clock.start("page", "writing index.html")
@@ -250,37 +229,6 @@ def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
         print(f"  {s['model']}: {s['steps']} steps, {loss_line(s)}",
               flush=True)
     return final_dir(str(out / "runs" / NAME)), [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
-
-
-def _generate_over_http(config: DemoConfig, out: Path, app_name: str) -> tuple[list[Path], list[Path], list[Path], dict]:
-    """Start the Serve app (or add it to a running Serve), send one generate request with the reference photo;
-    → (images, fusion masks, mask overlays, the response without its pictures)."""
-    import httpx
-
-    from serving.app import start
-    from serving.settings import ServeConfig
-
-    model_dir = config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME))
-    port = _serve_http_port() or config.port or _free_port()
-    url = start(ServeConfig(
-        model=model_dir, port=port, app_name=app_name, route_prefix=f"/{NAME}", torch_threads=1,
-        num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1))
-    reference = base64.b64encode(ASTRONAUT.read_bytes()).decode()
-    request = {"prompt": PROMPT, "references": [reference], "num_images": config.num_images, "seed": 42,
-               "steps": config.sample_steps, "return_masks": True}
-    response = httpx.post(f"{url}/v1/generate", json=request, timeout=600)
-    if response.status_code != 200:
-        raise RuntimeError(f"generate answered {response.status_code}: {response.text[:300]}")
-    body = response.json()
-    generated = out / "generated"
-    generated.mkdir()
-    images = [_write_png(b64, generated / f"image-{k}-seed{seed}.png")
-              for k, (b64, seed) in enumerate(zip(body["images"], body["seeds"]))]
-    masks = [_write_png(body["fusion_masks"], generated / "fusion-masks.png")] if body.get("fusion_masks") else []
-    overlays = [_write_png(b64, generated / f"overlay-{k}.png") for k, b64 in enumerate(body.get("overlays") or [])]
-    summary = {k: v for k, v in body.items() if k not in ("images", "fusion_masks", "overlays")}
-    (generated / "response.json").write_text(json.dumps(summary, indent=2))
-    return images, masks, overlays, summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
