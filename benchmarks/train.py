@@ -89,7 +89,7 @@ def ray_loop(config) -> list[float]:
         return [float(row["seconds"]) for row in csv.DictReader(handle)]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("sdm", "tdm"), default="sdm")
     parser.add_argument("--data", default=None, help="shards directory (default: 16 sample rows)")
@@ -104,8 +104,11 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="CPUs of the local Ray started here (default: --threads + 2, so the reads and Ray "
                              "Data's file listing fit beside the worker)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import ray
 
     from cluster.runtime import init_ray
