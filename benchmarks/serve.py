@@ -47,7 +47,7 @@ def mean_size(histogram: dict[int, int]) -> float | None:
     return sum(k * v for k, v in histogram.items()) / calls if calls else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model")
@@ -66,33 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
-    run_started = time.perf_counter()
-
-    import httpx
-    import ray
-    import torch
-    from PIL import Image
-    from ray import serve
-    from skimage.data import astronaut
-
-    from facediffuser.model_loading import load_pipeline
-    from serving.app import start
-    from serving.settings import ServeConfig
-    from benchmarks.loadtest import generate_payload, run_load
-
-    torch.set_num_threads(args.torch_threads)
     if not args.port:
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             args.port = sock.getsockname()[1]
-    reference = Image.fromarray(astronaut())
-    buffer = io.BytesIO()
-    reference.save(buffer, format="PNG")
-    reference_b64 = base64.b64encode(buffer.getvalue()).decode()
+    return args
 
-    # ---------------------------------------------------------------------------------------- in-process pipeline
+
+def bare_pipeline(args: argparse.Namespace, reference):
+    """The in-process side: the pipeline loaded here and warmed up; → (bare(count, calls) → its measurement, the
+    image side in pixels)."""
+    import torch
+
+    from facediffuser.model_loading import load_pipeline
+
     device = "cuda" if args.num_gpus and torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.model, args.tiny).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -109,8 +98,19 @@ def main(argv: list[str] | None = None) -> int:
 
     for count in (1, args.batch):  # warm-up: same shapes, few steps
         pipe(PROMPT, [reference], num_images_per_prompt=count, seed=0, **{**sampling, "num_inference_steps": 2})
+    return bare, size
 
-    # ---------------------------------------------------------------------------------------------- Serve app
+
+def measure(args: argparse.Namespace, reference_b64: str, size: int, bare) -> dict:
+    """The Serve app on a local Ray, and the four measurements interleaved with the bare side (see the top)."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serving.app import start
+    from serving.settings import ServeConfig
+    from benchmarks.loadtest import generate_payload, run_load
+
     config = ServeConfig(
         model=args.model, tiny=args.tiny, port=args.port, app_name="facediffuser-bench", num_gpus=args.num_gpus,
         num_cpus=0, encoder_num_cpus=0, ingress_num_cpus=0,  # no reservations: the in-process side shares the cores
@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ray.init(address="local", num_cpus=args.num_cpus, num_gpus=None if args.num_gpus else 0,
              include_dashboard=False, log_to_driver=False)
-    results: dict = {}
     try:
         started = time.perf_counter()
         url = start(config)
@@ -147,18 +146,28 @@ def main(argv: list[str] | None = None) -> int:
                     "mean_formed_batch": round(mean_size(formed), 2) if formed else None}
 
         run_load(endpoint, warm, concurrency=2, requests=4)  # warm-up: encoder cache, allocator, first calls
-        results["bare_1"] = bare(1, args.requests_1)
-        print("bare batch 1:", json.dumps(results["bare_1"]), flush=True)
-        results["serve_1"] = serve_load(1, 1, args.requests_1)
-        print("serve unbatched c=1:", json.dumps(results["serve_1"]), flush=True)
-        results["bare_n"] = bare(args.batch, args.rounds)
-        print(f"bare batch {args.batch}:", json.dumps(results["bare_n"]), flush=True)
-        results["serve_n"] = serve_load(args.batch, args.batch, args.rounds * args.batch)
-        print(f"serve batched c={args.batch}:", json.dumps(results["serve_n"]), flush=True)
+        return interleave(args, bare, serve_load)
     finally:
         serve.shutdown()
         ray.shutdown()
 
+
+def interleave(args: argparse.Namespace, bare, serve_load) -> dict:
+    """The four measurements, bare and Serve in turns, so that a change in machine load hits both sides alike."""
+    results: dict = {}
+    results["bare_1"] = bare(1, args.requests_1)
+    print("bare batch 1:", json.dumps(results["bare_1"]), flush=True)
+    results["serve_1"] = serve_load(1, 1, args.requests_1)
+    print("serve unbatched c=1:", json.dumps(results["serve_1"]), flush=True)
+    results["bare_n"] = bare(args.batch, args.rounds)
+    print(f"bare batch {args.batch}:", json.dumps(results["bare_n"]), flush=True)
+    results["serve_n"] = serve_load(args.batch, args.batch, args.rounds * args.batch)
+    print(f"serve batched c={args.batch}:", json.dumps(results["serve_n"]), flush=True)
+    return results
+
+
+def print_report(args: argparse.Namespace, size: int, results: dict) -> tuple[float, float]:
+    """The run's settings and the table; → the two ratios (Serve / bare, unbatched and batched)."""
     r1 = results["serve_1"]["requests_per_s"] / results["bare_1"]["images_per_s"]
     rn = results["serve_n"]["requests_per_s"] / results["bare_n"]["images_per_s"]
     n = args.batch
@@ -180,9 +189,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nServe unbatched c=1 / bare batch 1: {r1:.2f}x (target >= {TARGET}x)")
     print(f"Serve batched c={n} / bare batch {n}: {rn:.2f}x (target >= {TARGET}x); "
           f"mean formed batch {sn['mean_formed_batch']} requests")
+    return r1, rn
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_started = time.perf_counter()
+
+    import torch
+    from PIL import Image
+    from skimage.data import astronaut
+
+    torch.set_num_threads(args.torch_threads)
+    reference = Image.fromarray(astronaut())
+    buffer = io.BytesIO()
+    reference.save(buffer, format="PNG")
+    reference_b64 = base64.b64encode(buffer.getvalue()).decode()
+    bare, size = bare_pipeline(args, reference)
+    results = measure(args, reference_b64, size, bare)
+    r1, rn = print_report(args, size, results)
     print(f"whole run: {time.perf_counter() - run_started:.0f} s")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"results": results, "ratios": {"c1": r1, f"c{n}": rn},
+        Path(args.json_out).write_text(json.dumps({"results": results, "ratios": {"c1": r1, f"c{args.batch}": rn},
                                                    "args": vars(args), "size": size}, indent=2))
     failed = [k for k in ("serve_1", "serve_n") if results[k]["ok"] != results[k]["requests"]]
     return 1 if failed else 0
