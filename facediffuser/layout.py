@@ -101,6 +101,17 @@ class SubjectRegions:
     def __post_init__(self):
         self._biases: dict = {}  # every step asks again for the same few layer sizes
 
+    def copy(self) -> "SubjectRegions":
+        """An independent copy (own lists, empty bias cache), so `keep_samples` on it leaves this one whole."""
+        return SubjectRegions([list(t) for t in self.tokens], [list(b) for b in self.boxes], self.latent_size)
+
+    def keep_samples(self, positions: Sequence[int]) -> None:
+        """In place: keep only the samples at `positions` (in this order). In place because the boxed-attention
+        processors already installed in a UNet hold this object; the cached biases have the old batch, so they go."""
+        self.tokens = [self.tokens[p] for p in positions]
+        self.boxes = [self.boxes[p] for p in positions]
+        self._biases.clear()
+
     def fusion_region(self, device=None) -> torch.Tensor:
         """[B, 1, h, w] float32: 1 inside the union of a sample's boxes (where the SDM may win), 0 elsewhere; a
         sample without boxes is not restricted."""

@@ -8,13 +8,16 @@ Stage boundaries are inclusive iteration indices, as in the official code (METHO
 
 Degenerate windows are allowed and documented: s = -1 skips stage 1, f = s skips stage 2 and
 f = N - 1 skips stage 3. Everything else outside -1 <= s <= f <= N - 1 is an error.
+
+Rows of a batch can be dropped between iterations (`keep_rows`, for cancelled requests): the loop goes on with the
+other rows only, and `SNFOutput.rows` says which of the original rows the returned latents are.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +50,22 @@ class FusionOptions:
 
 OFFICIAL_FUSION = FusionOptions()
 
+Stage = Literal["scene", "fusion", "subjects"]
+
+
+def stage_of(i: int, start_merge_step: int, final_step: int) -> Stage:
+    """The stage iteration i belongs to (boundaries inclusive, as in the loop): scene (TDM), fusion, subjects (SDM)."""
+    if i <= start_merge_step:
+        return "scene"
+    return "fusion" if i <= final_step else "subjects"
+
 
 @dataclass
 class SNFOutput:
-    latents: torch.Tensor
-    masks: list[torch.Tensor] | None = None  # one [B, 1, h, w] float32 mask per fusion step (1 = SDM)
+    latents: torch.Tensor  # [len(rows), C, h, w]
+    masks: list[torch.Tensor] | None = None  # one [len(rows), 1, h, w] float32 mask per fusion step (1 = SDM)
     fusion_steps: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # the original batch index of each returned row
 
 
 def _saliency(response: torch.Tensor, opts: FusionOptions, temperature: float) -> torch.Tensor:
@@ -136,6 +149,67 @@ def _fusion_mask(tdm_direction, sdm_direction, fusion: FusionOptions, region) ->
     return mask if region is None else mask * region  # outside the boxes the TDM's noise is used
 
 
+# Scheduler attributes that hold one entry per sample (diffusers 0.42): PNDM `ets`/`cur_sample`/`cur_model_output`,
+# DPM-Solver and UniPC `model_outputs` (UniPC also `last_sample`), Heun/KDPM2 `sample`/`prev_derivative`. Sigmas,
+# timesteps and counters are shared by all rows and are never touched.
+PER_SAMPLE_SCHEDULER_STATE = (
+    "ets", "cur_sample", "cur_model_output", "model_outputs", "last_sample", "sample", "prev_derivative",
+)
+
+
+def _kept_positions(answer: Sequence[int] | None, batch: int) -> list[int] | None:
+    """keep_rows' answer → sorted positions to keep, or None when every row stays (nothing to do)."""
+    if answer is None:
+        return None
+    kept = sorted(int(k) for k in answer)
+    if len(set(kept)) != len(kept) or any(not 0 <= k < batch for k in kept):
+        raise ValueError(f"keep_rows must name distinct rows of the current batch of {batch}, got {list(answer)}")
+    return None if len(kept) == batch else kept
+
+
+def _take(value, index: torch.Tensor, batch: int):
+    """One scheduler state value (tensor, list of tensors, None, 0) with only the rows at `index`. A tensor of
+    another length is left alone: PNDM keeps `cur_sample` from an earlier call and overwrites it before use."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take(v, index, batch) for v in value)
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value.index_select(0, index.to(value.device))
+    return value
+
+
+def _prune_scheduler(scheduler, index: torch.Tensor, batch: int) -> None:
+    """Slice the scheduler's per-sample history to the kept rows; refuse state we do not know how to slice, since
+    leaving it whole would silently mix rows (or fail on a shape) in the next multistep update."""
+    state = vars(scheduler)  # not getattr: ConfigMixin's __getattr__ would answer for config keys
+    for name in PER_SAMPLE_SCHEDULER_STATE:
+        if name in state:
+            state[name] = _take(state[name], index, batch)
+    for name, value in state.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if name not in PER_SAMPLE_SCHEDULER_STATE and any(
+            isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[0] == batch for v in values
+        ):
+            raise ValueError(f"cannot drop rows: {type(scheduler).__name__}.{name} looks per-sample and is not known")
+
+
+def _drop_rows(kept, scheduler, regions, generator, masks, *tensors):
+    """Keep only the rows at positions `kept` of everything the loop carries per row → (generator, tensors).
+
+    `regions` (installed in the SDM's attention) and the scheduler are changed in place; so are the masks kept so
+    far, so that every mask has the same rows as the returned latents. None tensors stay None."""
+    batch = tensors[0].shape[0]
+    index = torch.tensor(kept, dtype=torch.long)
+    _prune_scheduler(scheduler, index, batch)
+    if regions is not None:
+        regions.keep_samples(kept)
+    if masks is not None:
+        masks[:] = [m.index_select(0, index.to(m.device)) for m in masks]
+    if isinstance(generator, list):  # per-row generators: the kept rows go on drawing their own noise
+        generator = [generator[k] for k in kept]
+    sliced = tuple(None if x is None else x.index_select(0, index.to(x.device)) for x in tensors)
+    return generator, sliced
+
+
 @torch.no_grad()
 def snf_denoise(
     tdm_unet,
@@ -156,6 +230,8 @@ def snf_denoise(
     eta: float = 0.0,
     callback: Callable[[int, int], None] | None = None,
     regions: SubjectRegions | None = None,
+    keep_rows: Callable[[int], Sequence[int] | None] | None = None,
+    on_step: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None,
 ) -> SNFOutput:
     """Run the three-stage Face-diffuser sampler from initial `latents` (already scaled by init_noise_sigma).
 
@@ -164,6 +240,14 @@ def snf_denoise(
     called after every iteration (for progress bars). `regions` (layout boxes, facediffuser.layout) confines the
     SDM's fusion wins to the union of each sample's boxes and each subject's SDM cross-attention to its box;
     None (the default) is the official sampler.
+
+    `keep_rows(i)` is asked before iteration i: None keeps every row, else the positions (into the current batch,
+    which shrinks as rows go) of the rows to keep. Dropped rows cost nothing from then on; with none left the loop
+    stops. The kept rows give the latents they would have given in the whole batch, up to float rounding (the
+    UNet's batch size changes; tests/test_sampling.py measures it); stochastic schedulers need one generator per
+    row (a list) for that, since a shared generator's draws move between rows. `regions` is copied, not changed.
+    `on_step(i, N, latents, mask)` is called after every iteration with the current batch's latents and that
+    step's fusion mask [B, 1, h, w] (None outside the fusion stage), e.g. for previews (facediffuser.preview).
     """
     if not (latents.shape[0] == null_embeds.shape[0] == text_embeds.shape[0] == augmented_embeds.shape[0]):
         raise ValueError(
@@ -176,11 +260,24 @@ def snf_denoise(
     check_boundaries(start_merge_step, final_step, num_iterations)
     step_kwargs = _step_kwargs(scheduler, generator, eta)
 
+    if keep_rows is not None and regions is not None:
+        regions = regions.copy()  # dropping rows subsets it in place; the caller's stays whole
     region = None if regions is None else regions.fusion_region(latents.device)
     masks: list[torch.Tensor] | None = [] if return_masks else None
     fusion_steps: list[int] = []
+    rows = list(range(latents.shape[0]))
     with boxed_attention(sdm_unet, regions):  # no regions: the UNet's own attention, untouched
         for i, t in enumerate(timesteps):
+            kept = None if keep_rows is None else _kept_positions(keep_rows(i), len(rows))
+            if kept is not None:  # rows were cancelled: go on with the others only
+                rows = [rows[k] for k in kept]
+                generator, (latents, null_embeds, text_embeds, augmented_embeds, region) = _drop_rows(
+                    kept, scheduler, regions, generator, masks, latents, null_embeds, text_embeds, augmented_embeds,
+                    region)
+                step_kwargs = _step_kwargs(scheduler, generator, eta)
+                if not rows:
+                    break
+            mask = None
             latent_input = scheduler.scale_model_input(latents, t)
             use_tdm = i <= final_step  # stages 1 and 2
             use_sdm = i > start_merge_step  # stages 2 and 3
@@ -202,4 +299,6 @@ def snf_denoise(
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             if callback is not None:
                 callback(i, num_iterations)
-    return SNFOutput(latents=latents, masks=masks, fusion_steps=fusion_steps)
+            if on_step is not None:
+                on_step(i, num_iterations, latents, mask)
+    return SNFOutput(latents=latents, masks=masks, fusion_steps=fusion_steps, rows=rows)

@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from torchvision.transforms import Resize
 
 from facediffuser.models.tiny import SD15_SCHEDULE, tiny_unet
+from facediffuser.schedulers import SCHEDULERS
 from facediffuser.sampling import FusionOptions, boundaries_from_fractions, snf_denoise, snf_mask
 
 
@@ -251,3 +252,135 @@ def test_fractions_give_the_official_indices():
     assert boundaries_from_fractions(0.0, 1.0, 20) == (0, 19)
     with pytest.raises(ValueError, match="alpha"):
         boundaries_from_fractions(0.7, 0.6, 50)
+
+
+# ---------------------------------------------------------------- dropping rows (cancellation) and progress
+DROP = dict(num_inference_steps=6, guidance_scale=5.0, start_merge_step=0, final_step=3, return_masks=True)
+# Dropping rows changes the UNets' batch size, which may change float rounding. Measured on the 2-core CPU (tiny
+# UNets, 16×16 latents, |latents| up to ~55), kept rows against the same rows of the whole batch:
+# - 1 torch thread: bit-identical for every scheduler (so the pruning itself is exact);
+# - 2 threads: max |Δ| 4e-6 (DDIM, Euler, DDPM) to 1.5e-5 (DPM-Solver++), a few float32 ulps, since the kernels
+#   split the work by batch size; but the hard fusion mask then flips at near-ties (4 of 43,008 pixel decisions,
+#   DDIM, 12 seeds, 10 steps), and a flip early in the window can move that image further (once in 12 runs:
+#   max |Δ| 1.6). Batched-vs-alone (test_batch_members_are_independent) has the same property.
+# The tests run on one thread so that they measure the pruning, not the kernels; the bound covers other CPUs.
+DROP_TOLERANCE = 1e-4
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recording(unet, sizes: list):
+    """The UNet, noting the batch size of every call (to see a dropped row's work stop)."""
+    def call(sample, *args, **kwargs):
+        sizes.append(sample.shape[0])
+        return unet(sample, *args, **kwargs)
+    return call
+
+
+def run_three(unets, name, keep_rows=..., regions=None, sizes=None):
+    """A batch of 3, one seed and one generator per row (as the pipeline and the server make them)."""
+    from facediffuser.pipeline import seeded_latents
+    from facediffuser.schedulers import make_scheduler
+
+    tdm, sdm = unets
+    if sizes is not None:
+        tdm, sdm = recording(tdm, sizes.setdefault("tdm", [])), recording(sdm, sizes.setdefault("sdm", []))
+    scheduler = make_scheduler(name, SD15_SCHEDULE)
+    latents, generators = seeded_latents((4, 16, 16), [11, 12, 13])
+    null, text, aug = embeds(3, seed=10)
+    extra = {} if keep_rows is ... else {"keep_rows": keep_rows}
+    return snf_denoise(tdm, sdm, scheduler, latents * scheduler.init_noise_sigma, null, text, aug,
+                       generator=generators, regions=regions, **DROP, **extra)
+
+
+def drop_row_1_at_2(i):
+    return [0, 2] if i == 2 else None
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_dropping_a_row_leaves_the_others_as_they_were(unets, name, one_thread):
+    whole = run_three(unets, name)
+    assert whole.rows == [0, 1, 2]
+    assert torch.equal(run_three(unets, name, keep_rows=None).latents, whole.latents)  # bit for bit
+    assert torch.equal(run_three(unets, name, keep_rows=lambda i: None).latents, whole.latents)
+    assert torch.equal(run_three(unets, name, keep_rows=lambda i: [2, 1, 0]).latents, whole.latents)
+    sizes = {}
+    cut = run_three(unets, name, keep_rows=drop_row_1_at_2, sizes=sizes)
+    assert cut.rows == [0, 2] and cut.latents.shape == (2, 4, 16, 16)
+    assert (cut.latents - whole.latents[[0, 2]]).abs().max().item() < DROP_TOLERANCE
+    # every mask, also the one made before the drop (iteration 1), has the surviving rows only
+    assert len(cut.masks) == len(whole.masks) == 3
+    for m_cut, m_whole in zip(cut.masks, whole.masks):
+        assert m_cut.shape == (2, 1, 16, 16)
+        assert torch.equal(m_cut, m_whole[[0, 2]])
+    # the dropped row costs nothing from iteration 2 on: the CFG pair of 3 rows (6) becomes that of 2 (4)
+    scheduler = SCHEDULERS[name][0].from_config(SD15_SCHEDULE, **SCHEDULERS[name][1])
+    scheduler.set_timesteps(DROP["num_inference_steps"])
+    iterations = len(scheduler.timesteps)  # PNDM runs one more than the steps
+    assert sizes == {"tdm": [6, 6, 4, 4], "sdm": [6] + [4] * (iterations - 2)}
+
+
+def test_dropping_rows_of_a_boxed_batch(unets, one_thread):
+    from facediffuser.layout import SubjectRegions
+
+    def regions():
+        boxes = [[(0.0, 0.0, 0.5, 1.0)], [(0.5, 0.0, 1.0, 1.0)], [(0.2, 0.2, 0.8, 0.6)]]
+        return SubjectRegions(tokens=[[3], [4], [5]], boxes=boxes, latent_size=(16, 16))
+
+    whole = run_three(unets, "ddim", regions=regions())
+    theirs = regions()
+    # drop row 0 in the fusion window, then (of what is left, rows 1 and 2) row 2 in stage 3
+    cut = run_three(unets, "ddim", keep_rows=lambda i: {2: [1, 2], 4: [0]}.get(i), regions=theirs)
+    assert cut.rows == [1]
+    assert (cut.latents - whole.latents[[1]]).abs().max().item() < DROP_TOLERANCE
+    for m_cut, m_whole in zip(cut.masks, whole.masks):
+        assert torch.equal(m_cut, m_whole[[1]])
+        assert m_cut[0, 0, :, :8].eq(0).all(), "row 1's box is the right half: the SDM may not win on the left"
+    assert theirs.tokens == [[3], [4], [5]] and len(theirs.boxes) == 3, "the caller's regions are left whole"
+
+
+def test_dropping_every_row_stops_the_loop(unets):
+    sizes, seen = {}, []
+    out = run_three(unets, "dpm++", keep_rows=lambda i: seen.append(i) or ([] if i == 2 else None), sizes=sizes)
+    assert out.rows == [] and out.latents.shape == (0, 4, 16, 16)
+    assert seen == [0, 1, 2], "nothing is asked or run after the last row went"
+    assert sizes == {"tdm": [6, 6], "sdm": [6]}
+    assert [m.shape[0] for m in out.masks] == [0]
+
+
+def test_bad_keep_rows_answers_and_unknown_scheduler_state(unets):
+    for answer in ([0, 0], [3], [-1]):
+        with pytest.raises(ValueError, match="distinct rows"):
+            run_three(unets, "ddim", keep_rows=lambda i, a=answer: a)
+    from facediffuser.sampling import _prune_scheduler
+
+    scheduler = DDIMScheduler(**SD15_SCHEDULE)
+    scheduler.history = torch.zeros(3, 4, 8, 8)  # a solver's per-sample state we do not know how to slice
+    with pytest.raises(ValueError, match="history"):
+        _prune_scheduler(scheduler, torch.tensor([0, 2]), 3)
+
+
+def test_stage_of_matches_the_loop_and_on_step_reports_every_step(unets):
+    from facediffuser.sampling import stage_of
+
+    assert [stage_of(i, 1, 3) for i in range(6)] == ["scene"] * 2 + ["fusion"] * 2 + ["subjects"] * 2
+    assert [stage_of(i, -1, -1) for i in range(2)] == ["subjects"] * 2
+    steps, calls = [], []
+    tdm, sdm = unets
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(12))
+    null, text, aug = embeds(3, seed=10)
+    result = snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, aug, **DROP,
+                         keep_rows=drop_row_1_at_2, callback=lambda i, n: calls.append((i, n)),
+                         on_step=lambda i, n, x, m: steps.append((i, n, x.clone(), m)))
+    assert calls == [(i, 6) for i in range(6)]
+    assert [(i, n, x.shape[0]) for i, n, x, _ in steps] == [(0, 6, 3), (1, 6, 3)] + [(i, 6, 2) for i in range(2, 6)]
+    fusion = [i for i, _, _, m in steps if m is not None]
+    assert fusion == result.fusion_steps == [i for i in range(6) if stage_of(i, 0, 3) == "fusion"]
+    assert torch.equal(steps[-1][2], result.latents)
+    assert torch.equal(steps[3][3], result.masks[2])
