@@ -22,7 +22,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from facediffuser.models.tiny import SD15_SCHEDULE, tiny_unet, tiny_vae
-from facediffuser.preview import mask_image, mask_so_far, png_bytes, preview_images
+from facediffuser.images import png_bytes
+from facediffuser.preview import mask_image, mask_so_far, preview_images
 from facediffuser.sampling import snf_denoise
 
 

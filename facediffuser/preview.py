@@ -10,7 +10,6 @@ means nothing for random-init (tiny) models.
 
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import torch
@@ -62,10 +61,3 @@ def mask_image(mask: torch.Tensor, scale: int = 2) -> Image.Image:
     pixels = (mask.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     image = Image.fromarray(pixels)  # uint8 [h, w]: mode L
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale != 1 else image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """An image as PNG bytes (for an event stream or an HTTP body)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

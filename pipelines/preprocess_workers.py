@@ -8,6 +8,7 @@ import sys
 
 import pyarrow as pa
 
+from pipelines.progress_metrics import preprocess_items
 from facediffuser.data import io as dataio
 from facediffuser.data import stages, work_items
 from facediffuser.data.captions import make_captioner
@@ -84,6 +85,10 @@ def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None
 
     trail = batch.column(RAN_ON).to_pylist() if RAN_ON in batch.column_names else [[]] * batch.num_rows
     items = [function(item) for item in batch.to_pylist()]
+    for outcome in ("ok", "rejected"):
+        count = sum(1 for item in items if bool(item["stage"]) == (outcome == "rejected"))
+        if count:
+            preprocess_items().inc(count, tags={"stage": stage, "outcome": outcome})
     table = writer(items) if writer else work_items.checked_work_table(items, stage)
     here = node_id()
     return table.append_column(RAN_ON, pa.array([list(t) + [here] for t in trail], pa.list_(pa.string())))

@@ -24,6 +24,7 @@ from facediffuser import faults
 from facediffuser.devices import torch_device
 from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
 from cluster.runtime import where
+from pipelines.progress_metrics import train_metrics
 from pipelines.train_config import TrainConfig
 
 def injected_fault(step: int, rank: int, world: int, run_name: str) -> None:
@@ -178,6 +179,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     report_progress = (lambda **fields: progress.update.remote(config.model, **fields)) if progress and rank == 0 \
         else (lambda **fields: None)
+    exported = train_metrics() if rank == 0 else None  # Prometheus, through Ray (pipelines/progress_metrics.py)
     collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
     # a GPU worker whose torch sees no GPU fails here with one line naming its node (FACEDIFFUSER_CPU_UNDER_GPU=1:
@@ -210,6 +212,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
                            samples_per_s=config.batch_size * world / max(now - last, 1e-9))
             run.history.append({k: metrics[k] for k in METRIC_COLUMNS})
             report_progress(step=run.step, loss=metrics["loss"])
+            if exported is not None:
+                exported["steps"].inc(tags={"model": config.model})
+                exported["loss"].set(metrics["loss"], tags={"model": config.model})
             if run.step % config.checkpoint_every == 0 or run.step == config.max_steps:
                 report(config, run, rank)
                 now = time.perf_counter()  # checkpoint time is not step time

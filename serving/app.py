@@ -27,6 +27,7 @@ from serving.api import Limits
 from serving.encoder import SubjectEncoderDeployment
 from serving.gate import RETRY_AFTER_S
 from serving.ingress import FaceDiffuserAPI
+from serving.jobs import JOB_LOST_AFTER_S, JobStore
 from serving.sampler import SamplerDeployment
 from serving.settings import (
     CLI_LIMITS,
@@ -51,7 +52,7 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     # Serve hands the replica `queued` more than that; Serve's queue (plain-text 503 when full) only absorbs
     # bursts of new connections while they are handed over, so it is sized well above any burst the gate refuses.
     ingress = FaceDiffuserAPI.options(
-        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=ongoing + queued, max_queued_requests=4 * (ongoing + queued),
         graceful_shutdown_timeout_s=config.drain_timeout_s,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
@@ -59,7 +60,8 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     if upstream_app:
         encoder = serve.get_deployment_handle("SubjectEncoder", app_name=upstream_app)
         sampler = serve.get_deployment_handle("Sampler", app_name=upstream_app)
-        return ingress.bind(encoder, sampler, values)
+        store = serve.get_deployment_handle("JobStore", app_name=upstream_app)  # one job book for both routes
+        return ingress.bind(encoder, sampler, store, values)
     queues = {"max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": config.max_queued_requests,
               "health_check_period_s": config.health_check_period_s,
               # a replica Serve stops (rolling update, downscale, node drain) finishes its requests first
@@ -68,10 +70,11 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     encoder = SubjectEncoderDeployment.options(
         ray_actor_options={"num_cpus": config.encoder_num_cpus, "num_gpus": config.encoder_num_gpus}, **queues,
     ).bind(values)
+    store = JobStore.bind(config.job_ttl_s, JOB_LOST_AFTER_S)
     sampler = SamplerDeployment.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}, **queues,
-    ).bind(values)
-    return ingress.bind(encoder, sampler, values)
+    ).bind(values, store)
+    return ingress.bind(encoder, sampler, store, values)
 
 
 def app_builder(args: dict):

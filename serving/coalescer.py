@@ -18,8 +18,10 @@ class Coalescer:
     the oldest's key. One handler at a time holds `lock` (FIFO) and runs calls until its own items are done.
     """
 
-    def __init__(self, run, limit: int, key=None):
-        self.run, self.limit, self.key = run, limit, key
+    def __init__(self, run, limit: int, key=None, dropped=None):
+        """`dropped(item)`: True for an item nobody waits for any more (a cancelled request); it leaves the queue
+        with the answer None instead of being run."""
+        self.run, self.limit, self.key, self.dropped = run, limit, key, dropped
         self.waiting: list[tuple[object, asyncio.Future]] = []
         self.lock: asyncio.Lock | None = None  # made on first use, on the replica's event loop
         self.sizes: Counter = Counter()  # items per run call → calls
@@ -36,6 +38,13 @@ class Coalescer:
         return [future.result() for future in futures]
 
     def _take(self) -> list[tuple[object, asyncio.Future]]:
+        if self.dropped is not None:
+            for item, future in self.waiting:
+                if self.dropped(item) and not future.done():
+                    future.set_result(None)
+            self.waiting = [(item, future) for item, future in self.waiting if not future.done()]
+        if not self.waiting:
+            return []
         key = self.key(self.waiting[0][0]) if self.key else None
         taken, kept = [], []
         for entry in self.waiting:
@@ -46,6 +55,8 @@ class Coalescer:
 
     async def _run_next(self) -> None:
         taken = self._take()
+        if not taken:
+            return
         try:
             outputs = await self.run([item for item, _ in taken])
         except BaseException as exc:  # the items taken with it must not wait forever

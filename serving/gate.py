@@ -13,6 +13,7 @@ from serving.drain import GATE
 RETRY_AFTER_S = 2  # the Retry-After of every 503 (busy, restarting, not ready)
 # Paths served without a token (probes, the page, the API docs); every other path needs it when one is set.
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+API_PATHS = frozenset({"/v1/generate", "/v1/jobs", "/v1/info", "/v1/stats", "/v1/replicas"})  # metric labels
 UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
 DRAINING = "the service is stopping: requests in flight finish, new ones are refused; retry shortly"
 BUSY = "the service is at capacity ({admit} requests in progress on this ingress); retry shortly"
@@ -52,13 +53,13 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if GATE.draining:  # `facediffuser serve` is stopping (serving/drain.py): new requests go elsewhere or wait
-            return await error_response(503, "draining", DRAINING)(scope, receive, send)
+            return await error_response(503, "draining", DRAINING)(scope, receive, _counted(scope, send))
         admit = getattr(scope["app"].state, "admit", None)
         if admit is not None and GATE.in_flight >= admit and _route_path(scope) not in PUBLIC_PATHS:
-            return await error_response(503, "busy", BUSY.format(admit=admit))(scope, receive, send)
+            return await error_response(503, "busy", BUSY.format(admit=admit))(scope, receive, _counted(scope, send))
         GATE.in_flight += 1
         try:
-            return await self._checked(scope, receive, send)
+            return await self._checked(scope, receive, _counted(scope, send))
         finally:
             GATE.in_flight -= 1
 
@@ -101,6 +102,29 @@ class Gate:
             return await receive()  # after the body: the disconnect, when it comes
 
         return await self.app(scope, replay, send)
+
+
+def _counted(scope, send):
+    """`send` that counts the answer's status per route in the app's `metrics` (set in a replica; tests without
+    Ray have none)."""
+    metrics = getattr(scope["app"].state, "metrics", None)
+    if metrics is None:
+        return send
+
+    async def counting(message):
+        if message["type"] == "http.response.start":
+            metrics["requests"].inc(tags={"route": route_label(_route_path(scope)), "status": str(message["status"])})
+        await send(message)
+
+    return counting
+
+
+def route_label(path: str) -> str:
+    """A metric label for a path: job ids collapse into {id}, so the label has few values."""
+    parts = path.rstrip("/").split("/")
+    if parts[1:3] == ["v1", "jobs"] and len(parts) > 3:
+        return "/v1/jobs/{id}" + ("/events" if parts[4:5] == ["events"] else "")
+    return path if path in PUBLIC_PATHS or path in API_PATHS else "other"
 
 
 def _route_path(scope) -> str:

@@ -9,10 +9,9 @@ import os
 import time
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends
 from fastapi.responses import HTMLResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -33,39 +32,14 @@ from serving.api import (
     validation_message,
 )
 from serving.drain import DrainWatch
-from serving.gate import UNAUTHORIZED, Gate, error_response, token_matches
+from serving.gate import UNAUTHORIZED, error_response, token_matches
+from serving.http_app import ERRORS, api, bearer
+from serving.job_routes import JobRoutes
+from serving.metrics import ingress_metrics
 from serving.scaling import replica_view
 from serving.settings import TOKEN_ENV, ServeConfig, auth_mode, ingress_capacity, is_loopback
 
 STATIC_PAGE = Path(__file__).parent / "static" / "index.html"
-
-api = FastAPI(
-    title="Face-diffuser",
-    version="1.0",
-    description="Subject-to-image generation of given people: a prompt with a `<|image|>` marker after each "
-    "subject noun, and one reference photo per marker. Errors are JSON: {\"error\": code, \"message\": text}.",
-)
-bearer = HTTPBearer(auto_error=False, description=f"required when the server sets ${TOKEN_ENV}")
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500, 503)}
-
-
-@api.exception_handler(RequestError)
-async def _request_error(request: Request, exc: RequestError):
-    return error_response(exc.status, exc.code, exc.message, exc.error_id)
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, exc: Exception):
-    error = internal_error(f"{request.method} {request.url.path}", exc)
-    return error_response(error.status, error.code, error.message, error.error_id)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
-    return error_response(*validation_message(exc.errors()))
-
-
-api.add_middleware(Gate)
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -105,12 +79,13 @@ def _response(body: GenerateRequest, embeds: dict, output: dict, identity_scores
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class FaceDiffuserAPI:
+class FaceDiffuserAPI(JobRoutes):
     """Validation, auth and limits; then encoder → sampler. Heavy work never runs here."""
 
-    def __init__(self, encoder, sampler, config: dict):
+    def __init__(self, encoder, sampler, store, config: dict):
         cfg = ServeConfig.from_dict(config)
-        self.encoder, self.sampler = encoder, sampler
+        self.encoder, self.sampler, self.store = encoder, sampler, store
+        self.job_tasks: set[asyncio.Task] = set()  # jobs this replica runs (a reference keeps each task alive)
         self.limits = Limits(**cfg.limits)
         self.token = cfg.api_token
         self.config = cfg
@@ -120,6 +95,7 @@ class FaceDiffuserAPI:
         self.models_app = getattr(sampler, "app_name", None) or cfg.app_name
         api.state.limits, api.state.token = self.limits, self.token  # read by Gate
         api.state.admit = ingress_capacity(cfg)[0]
+        api.state.metrics = self.metrics = ingress_metrics()
         context = serve.get_replica_context()  # follow this app's drain flag (serving/drain.py) into the gate
         DrainWatch(context.app_name, context.replica_id.unique_id).start()
         exposed = not self.token and not is_loopback(cfg.host)
@@ -134,8 +110,12 @@ class FaceDiffuserAPI:
             raise RequestError(401, "unauthorized", UNAUTHORIZED)
 
     async def _call(self, method, *args):
+        response = method.remote(*args)
         try:
-            return await method.remote(*args)
+            return await response
+        except asyncio.CancelledError:  # our caller went away (client disconnected, job cancelled): so does the call;
+            response.cancel()           # the sampler drops the request's rows at its next step
+            raise
         except Exception as exc:
             if _unavailable(exc):
                 raise RequestError(503, "unavailable", f"the service is busy or restarting ({type(exc).__name__}); retry shortly") from None
@@ -225,10 +205,14 @@ class FaceDiffuserAPI:
         finally:
             self.in_flight -= 1
 
-    async def _generate(self, body: GenerateRequest, started: float) -> GenerateResponse:
+    async def _checked(self, body: GenerateRequest):
         if self.default_size is None:
             self.default_size = (await self._call(self.sampler.ready))["default_size"]
-        checked = check_request(body, self.limits, self.default_size)
+        return check_request(body, self.limits, self.default_size)
+
+    async def _generate(self, body: GenerateRequest, started: float, checked=None, job_id: str | None = None
+                        ) -> GenerateResponse:
+        checked = checked or await self._checked(body)
         if body.seed is None:
             body.seed = int.from_bytes(os.urandom(4), "little") >> 1
         body.reference_mode = body.reference_mode or self.config.reference_mode  # the manifest says which was used
@@ -239,12 +223,16 @@ class FaceDiffuserAPI:
         if "error" in embeds:
             raise RequestError(*embeds["error"])
         request = body.model_dump(exclude={"references"})  # the photos went to the encoder; no extra copy
-        output = await self._call(self.sampler.submit, request, embeds)
+        output = await self._call(self.sampler.submit, request, embeds, job_id)
         if "error" in output:
             raise RequestError(*output["error"])
         identity_scores, warnings = None, []
         if body.identity_scores:
             identity_scores, warnings = await self._identity_scores(output, checked.references)
+            for score in (s for row in identity_scores or [] for s in row):
+                self.metrics["faces"].inc(tags={"outcome": "no_face" if score is None else "scored"})
+                if score is not None:
+                    self.metrics["identity"].observe(score)
         return _response(body, embeds, output, identity_scores, warnings, started, encode_s)
 
     async def _identity_scores(self, output: dict, references: list) -> tuple[list | None, list[str]]:

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from ray import serve
 
+from serving.metrics import job_metrics
+
 TERMINAL = ("succeeded", "failed", "cancelled")
+HEARTBEAT_S = 30.0  # a job's runner (its ingress replica) says it is alive at least this often
+JOB_LOST_AFTER_S = 4 * HEARTBEAT_S  # silent this long: the runner is gone, the job fails as `lost`
 ANONYMOUS = "anonymous"
 
 
@@ -57,11 +62,18 @@ class Job:
         return body
 
 
+def sse(event: dict) -> str:
+    """One Server-Sent Event: `id` is the sequence number (a client resumes with Last-Event-ID), data is JSON."""
+    return f"id: {event['seq']}\nevent: {event['event']}\ndata: {json.dumps(event['data'], separators=(',', ':'))}\n\n"
+
+
 class JobBook:
     """Jobs by id: creation, events in order (with a sequence number for resuming a stream), cancellation, expiry."""
 
-    def __init__(self, ttl_s: float = 3600.0, lost_after_s: float = 120.0, clock=time.time):
+    def __init__(self, ttl_s: float = 3600.0, lost_after_s: float = JOB_LOST_AFTER_S, clock=time.time,
+                 on_change=None):
         self.ttl_s, self.lost_after_s, self.clock = ttl_s, lost_after_s, clock
+        self.on_change = on_change  # called with each event appended (the store's metrics)
         self.jobs: dict[str, Job] = {}
         self.changed = asyncio.Event()  # set (and replaced) on every change: wakes long polls
         self.cancelled: dict[str, asyncio.Event] = {}
@@ -122,6 +134,14 @@ class JobBook:
         job.updated = self.clock()
         job.events.append({"seq": len(job.events) + 1, "event": event, "data": data})
         self._touch()
+        if self.on_change is not None and event not in ("step", "preview"):  # states change; steps do not
+            self.on_change(event)
+
+    def touch(self, job_id: str) -> None:
+        """The runner's heartbeat while nothing else happens (a long queue): the job is not lost."""
+        job = self._find(job_id, None)
+        if job is not None and job.state not in TERMINAL:
+            job.updated = self.clock()
 
     def cancel(self, job_id: str, owner: str) -> dict | None:
         """Cancels a queued or running job (its runner is told through wait_cancel). → its view, None if unknown."""
@@ -158,14 +178,17 @@ class JobBook:
 
     def sweep(self) -> None:
         """Deletes finished jobs older than ttl_s; fails running/queued ones whose runner went quiet (lost_after_s)."""
-        now = self.clock()
+        now, expired = self.clock(), 0
         for job in list(self.jobs.values()):
             if job.state in TERMINAL and job.finished is not None and now - job.finished > self.ttl_s:
                 del self.jobs[job.id]
                 self.cancelled.pop(job.id, None)
+                expired += 1
             elif job.state not in TERMINAL and now - job.updated > self.lost_after_s:
                 self.record(job.id, "failed", {"error": "lost", "message": "the replica running this job stopped "
                                                "reporting (it died or was restarted); submit it again"})
+        if expired and self.on_change is not None:
+            self.on_change("expired")
 
     def counts(self) -> dict[str, int]:
         counts = {state: 0 for state in ("queued", "running", *TERMINAL)}
@@ -179,7 +202,8 @@ class JobStore:
     """The JobBook of an application, in one replica; long polls wait here, so it takes many calls at once."""
 
     def __init__(self, ttl_s: float, lost_after_s: float):
-        self.book = JobBook(ttl_s, lost_after_s)
+        self.book = JobBook(ttl_s, lost_after_s, on_change=self._count)
+        self.metrics = job_metrics()
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep_forever())
 
     async def _sweep_forever(self) -> None:
@@ -196,6 +220,14 @@ class JobStore:
     def record(self, job_id: str, event: str, data: dict) -> bool:
         return self.book.record(job_id, event, data)
 
+    def touch(self, job_id: str) -> None:
+        self.book.touch(job_id)
+
+    def record_many(self, events: list[tuple[str, str, dict]]) -> None:
+        """(job id, event, data) of several jobs at once: the sampler reports a whole batch's step in one call."""
+        for job_id, event, data in events:
+            self.book.record(job_id, event, data)
+
     def cancel(self, job_id: str, owner: str) -> dict | None:
         return self.book.cancel(job_id, owner)
 
@@ -207,3 +239,9 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         return self.book.counts()
+
+    def _count(self, event: str) -> None:
+        if event in TERMINAL:
+            self.metrics["finished"].inc(tags={"state": event})
+        for state, count in self.book.counts().items():
+            self.metrics["jobs"].set(count, tags={"state": state})

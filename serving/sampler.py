@@ -23,7 +23,9 @@ from facediffuser.schedulers import make_scheduler, scheduler_name
 from facediffuser.visualize import mask_pictures
 from serving.api import internal_error
 from serving.coalescer import Coalescer, histogram, no_concurrent_batches_warning
+from serving.metrics import sampler_metrics
 from serving.models import load_models
+from serving.progress import JobReporter, Progress
 from serving.settings import ServeConfig
 
 MAX_CONSECUTIVE_FAILURES = 3
@@ -39,6 +41,8 @@ class _Job:
     key: tuple = ()
     iterations: int = 0
     boundaries: tuple[int, int] = (0, 0)
+    job_id: str | None = None  # an asynchronous job (POST /v1/jobs): its steps and previews go to the JobStore
+    cancelled: bool = False  # its caller went away: it leaves the queue, or its rows leave the batch at the next step
 
     @property
     def seeds(self) -> list[int]:
@@ -67,8 +71,11 @@ def _mask_pictures(output: dict, job: _Job, images: list, masks: torch.Tensor | 
 class SamplerDeployment:
     """Both UNets, the VAE and the scheduler config; one snf_denoise call per group of compatible requests."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, store=None):
         cfg = ServeConfig.from_dict(config)
+        self.store, self.preview_every = store, cfg.preview_every
+        self.progress = Progress()
+        self.metrics = sampler_metrics()
         self.pipe, self.model_info = load_models(cfg, drop=())
         self.pipe.text_encoder = self.pipe.subject_encoder = None  # the encoder deployment owns those
         self.versions = package_versions()
@@ -76,7 +83,8 @@ class SamplerDeployment:
         self.default_size = self.pipe.sdm_unet.config.sample_size * self.pipe.vae_scale_factor
         logging.getLogger("ray.serve").addFilter(no_concurrent_batches_warning)
         # One snf_denoise call at a time; each takes up to max_batch_size waiting requests that share a key.
-        self.coalescer = Coalescer(self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key)
+        self.coalescer = Coalescer(self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key,
+                                   dropped=lambda job: job.cancelled)
         self.configure_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self.batches_served = 0
 
@@ -93,13 +101,15 @@ class SamplerDeployment:
         """Batches this replica formed so far: `formed_batches` maps requests per snf_denoise call → calls."""
         formed = self.coalescer.sizes
         calls = sum(formed.values())
-        requests = sum(size * count for size, count in formed.items())
+        taken = sum(size * count for size, count in formed.items())
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
-            "batches_served": self.batches_served, "requests_served": requests, "formed_batches": histogram(formed),
-            "mean_batch_requests": round(requests / calls, 3) if calls else None,
+            "batches_served": self.batches_served, "requests_served": self.progress.served,
+            "formed_batches": histogram(formed), "mean_batch_requests": round(taken / calls, 3) if calls else None,
             "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-            "consecutive_failures": self.consecutive_failures,
+            "consecutive_failures": self.consecutive_failures, "queued": len(self.coalescer.waiting),
+            "cancelled_requests": self.progress.cancelled, "denoised_image_steps": self.progress.image_steps,
+            "recent_batches": list(self.progress.recent),
         }
 
     def configure_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -132,8 +142,12 @@ class SamplerDeployment:
         return await self.coalescer(jobs)
 
     async def _run_group(self, group: list[_Job]) -> list[dict]:
+        reporter = JobReporter(self.store, asyncio.get_running_loop(), group, self.preview_every, self.progress)
+        self.metrics["queue"].set(len(self.coalescer.waiting))
+        self.metrics["batch"].observe(len(group))
+        started = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(self._denoise_group, group)
+            outputs = await asyncio.to_thread(self._denoise_group, group, reporter)
             self.consecutive_failures = 0
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -142,22 +156,32 @@ class SamplerDeployment:
             self.consecutive_failures += 1  # 500 for this batch only, details in the log; health decides the rest
             outputs = [{"error": internal_error("sampling", exc).as_tuple()}] * len(group)
         self.batches_served += 1
+        self.metrics["denoise"].observe(time.perf_counter() - started)
+        self.metrics["image_steps"].inc(reporter.image_steps or 0)
+        self.metrics["queue"].set(len(self.coalescer.waiting))
         return outputs
 
-    async def submit(self, request: dict, embeds: dict) -> dict:
+    async def submit(self, request: dict, embeds: dict, job_id: str | None = None) -> dict:
         mismatch = version_mismatch({"encoder": embeds, "sampler": self.model_info})
         if mismatch:  # the embeddings come from another model than these UNets (checked per request, not only in /healthz)
             return {"error": (503, "model_mismatch", mismatch)}
-        job = _Job(request=request, embeds=embeds, arrived=time.perf_counter())
+        job = _Job(request=request, embeds=embeds, arrived=time.perf_counter(), job_id=job_id)
         try:
             self._plan(job)
         except ValueError as exc:
             return {"error": (422, "invalid_request", str(exc))}
-        return await self.generate(job)
+        try:
+            return await self.generate(job)
+        except asyncio.CancelledError:  # Serve cancels us when our caller went away (client gone, job cancelled)
+            job.cancelled = True
+            self.progress.cancelled += 1
+            self.metrics["cancelled"].inc()
+            raise
 
     @torch.no_grad()
-    def _denoise_group(self, group: list[_Job]) -> list[dict]:
-        """One snf_denoise call and one VAE decode for the group → each job's output (see _job_output)."""
+    def _denoise_group(self, group: list[_Job], reporter: "JobReporter") -> list[dict | None]:
+        """One snf_denoise call and one VAE decode for the group → each job's output (see _job_output); None for a
+        job cancelled on the way (its rows left the batch at the step after it was cancelled)."""
         faults.fire("serve.sampler", once=True)  # tests only: off unless armed (arm_fault)
         pipe = self.pipe
         scheduler_kind, steps, (height, width), guidance, (start_merge_step, final_step), boxed = group[0].key
@@ -174,24 +198,32 @@ class SamplerDeployment:
 
         want_masks = any(job.request["return_masks"] for job in group)
         denoise_started = time.perf_counter()
+        reporter.started((start_merge_step, final_step))
         result = snf_denoise(
             pipe.tdm_unet, pipe.sdm_unet, scheduler, latents, stacked("null"), stacked("text"), stacked("augmented"),
             num_inference_steps=steps, guidance_scale=guidance, start_merge_step=start_merge_step,
             final_step=final_step, return_masks=want_masks, generator=generators,
             regions=_regions(group, shape[1:]) if boxed else None,
+            keep_rows=reporter.keep_rows, on_step=reporter.on_step,
         )
         decode_started = time.perf_counter()
-        images = tensor_to_pil(pipe.decode_latents(result.latents))
+        images = tensor_to_pil(pipe.decode_latents(result.latents)) if result.rows else []
         masks = torch.stack(result.masks)[:, :, 0].float().cpu() if want_masks and result.masks else None
         batch = {"batch_size": len(images), "batch_requests": len(group), "denoise_started": denoise_started,
                  "denoise_s": decode_started - denoise_started, "decode_s": time.perf_counter() - decode_started,
                  "scheduler": scheduler_name(scheduler), "fusion_steps": result.fusion_steps}
+        position = {row: k for k, row in enumerate(result.rows)}  # original row → row of the result
         outputs, offset = [], 0
         for job in group:
-            rows = slice(offset, offset + job.request["num_images"])
-            offset = rows.stop
-            job_masks = masks[:, rows] if masks is not None else None
-            outputs.append(self._job_output(job, images[rows], job_masks, batch, shape[1:]))
+            rows = list(range(offset, offset + job.request["num_images"]))
+            offset += len(rows)
+            if job.cancelled or any(row not in position for row in rows):
+                outputs.append(None)  # nobody waits for it any more
+                continue
+            kept = [position[row] for row in rows]
+            job_masks = masks[:, kept] if masks is not None else None
+            outputs.append(self._job_output(job, [images[k] for k in kept], job_masks, batch, shape[1:]))
+        self.progress.batch_done(len(group), len(latents), reporter.image_steps, outputs.count(None))
         return outputs
 
     def _job_output(self, job: _Job, images: list, masks: torch.Tensor | None, batch: dict, latent_size) -> dict:

@@ -55,6 +55,7 @@ class ServeConfig:
     encoder_num_gpus: float = arg(0.0, "GPUs per encoder replica")
     encoder_num_cpus: float = arg(0.5, cli=False)
     ingress_num_cpus: float = arg(0.1, cli=False)
+    ingress_replicas: int = arg(1, cli=False)  # each answers for every job (the job book is its own deployment)
     torch_threads: int = arg(0, cli=False)  # 0: torch's default
     # Autoscaling (Ray Serve's autoscaling_config), the same for the encoder and the sampler: with min_replicas 0
     # both go to zero when idle, so an idle app holds no GPU (the encoder has a GPU share in serve.yaml too).
@@ -81,6 +82,9 @@ class ServeConfig:
     # (ingress_capacity; arithmetic in docs/serving.md).
     ingress_memory_mb: int = arg(4096, cli=False)
     limits: dict = arg({}, cli=False)  # Limits fields
+    # Jobs (POST /v1/jobs): results kept this long after they finish; a preview every this many steps (0: none)
+    job_ttl_s: float = arg(3600.0, "seconds a finished job's result is kept (GET /v1/jobs/ID), then deleted")
+    preview_every: int = arg(5, "a job's event stream carries a cheap preview every this many steps (0: none)")
 
     def __post_init__(self):
         if self.api_token is None:
@@ -103,6 +107,8 @@ class ServeConfig:
                              f"{self.route_prefix!r}, {self.app_name!r}")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if self.job_ttl_s <= 0 or self.preview_every < 0:
+            raise ValueError(f"need job_ttl_s > 0 and preview_every >= 0, got {self.job_ttl_s}, {self.preview_every}")
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {self.min_replicas}, "
                              f"{self.max_replicas}")

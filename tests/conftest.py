@@ -18,6 +18,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+METRICS_PORT = free_port()  # the session Ray's Prometheus export port (scrape_metrics)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray cluster shared by every test that needs one (ray.init costs ~10 s here)."""
@@ -25,7 +28,7 @@ def ray_session():
 
     # address="local" always starts our own cluster, never attaching to one left by `ray start`.
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
-             object_store_memory=512 * 1024 * 1024, log_to_driver=False)
+             object_store_memory=512 * 1024 * 1024, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     yield ray
     try:
         from ray import serve
@@ -34,6 +37,24 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+def scrape_metrics(names: list[str], timeout_s: float = 90.0) -> dict[str, list[str]]:
+    """The session Ray's Prometheus text, once every series in `names` (full names, e.g. ray_facediffuser_jobs) has
+    a sample → {name: its sample lines}. Ray exports what workers record every few seconds, hence the wait."""
+    import time
+    import urllib.request
+
+    deadline, found = time.monotonic() + timeout_s, {}
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        found = {name: [line for line in text.splitlines()
+                        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")] for name in names}
+        missing = [name for name, lines in found.items() if not lines]
+        if not missing:
+            return found
+        assert time.monotonic() < deadline, f"no samples of {missing} at the metrics endpoint after {timeout_s:g} s"
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")

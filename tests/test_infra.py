@@ -249,3 +249,43 @@ def test_rayservice_yaml_is_generated_from_the_serve_config():
         sys.path.pop(0)
     assert (ROOT / "infra/kuberay/rayservice.yaml").read_text() == make_rayservice.render(), \
         "run python infra/kuberay/make_rayservice.py"
+
+
+DASHBOARD = ROOT / "infra" / "grafana" / "facediffuser.json"
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def dashboard_series() -> set[str]:
+    """Every metric name the Grafana dashboard's queries read."""
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
+
+
+def _defined(name: str, known: set[str]) -> bool:
+    return name in known or any(name.endswith(s) and name[: -len(s)] in known for s in HISTOGRAM_SUFFIXES) or (
+        name.endswith("_total") and name[: -len("_total")] in known)
+
+
+def test_the_grafana_dashboard_reads_only_series_that_exist():
+    """Our series are the names serving/metrics.py and pipelines/progress_metrics.py declare; Ray Serve's are
+    names Ray Serve's source declares (a renamed metric would leave an empty panel). tests/test_serve_jobs.py
+    also finds the serving ones live at Ray's endpoint."""
+    import ast
+
+    ours = set()
+    for path in (ROOT / "serving" / "metrics.py", ROOT / "pipelines" / "progress_metrics.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("Counter", "Gauge", "Histogram"):
+                ours.add("ray_" + node.args[0].value)
+    serve_source = "\n".join(p.read_text() for p in Path(__import__("ray.serve").serve.__file__).parent.rglob("*.py"))
+    theirs = {"ray_" + n for n in re.findall(r'"(serve_[a-z_]+)"', serve_source)}
+    theirs |= {"ray_" + n.replace("{protocol_name}", "http")
+               for n in re.findall(r'f"(serve_[a-z_]*\{protocol_name\}[a-z_]*)"', serve_source)}
+    series = dashboard_series()
+    assert any(s.startswith("ray_facediffuser_") for s in series) and any(s.startswith("ray_serve_") for s in series)
+    unknown = [s for s in sorted(series) if not _defined(s, ours | theirs)]
+    assert not unknown, f"the dashboard reads series nobody exports: {unknown}"
+    assert {s for s in ours if not any(_defined(d, {s}) for d in series)} == set(), "an exported series has no panel"

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facediffuser.preview import latents_to_rgb, mask_image, mask_so_far, png_bytes, preview_images
+from facediffuser.images import png_bytes
+from facediffuser.preview import latents_to_rgb, mask_image, mask_so_far, preview_images
 
 
 def test_shape_dtype_and_scale():
