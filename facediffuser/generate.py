@@ -14,7 +14,7 @@ from facediffuser import config
 from facediffuser.config import arg
 from facediffuser.images import load_image
 from facediffuser.layout import check_boxes, check_scales
-from facediffuser.manifest import package_versions
+from facediffuser.manifest import generation_manifest, package_versions, sampling_record
 from facediffuser.model_loading import identity, load_pipeline
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA
@@ -140,28 +140,17 @@ def run(args: argparse.Namespace) -> int:
         )
     out_dir = Path(cfg.out)
     files = write_results(out_dir, result, boxes=cfg.boxes)
-    manifest = {
-        "prompt": cfg.prompt,
-        "negative_prompt": cfg.negative_prompt,
-        "references": [[str(Path(p).resolve()) for p in photos] for photos in cfg.photos],  # per person, the photos
-        "reference_mode": cfg.reference_mode,
-        "embedding_sha256": result.embedding_sha256,  # per person: the embedding their photos gave
-        "boxes": cfg.boxes,
-        "subject_scales": cfg.subject_scales,
-        "seeds": result.seeds,
-        "scheduler": scheduler_name(pipe.scheduler),
-        "steps": cfg.steps,
-        "iterations": result.num_iterations,
-        "guidance_scale": cfg.guidance_scale,
-        "boundaries": {"start_merge_step": result.start_merge_step, "final_step": result.final_step,
-                       "alpha": cfg.alpha, "beta": cfg.beta, "fusion_steps": result.fusion_steps},
-        "size": list(result.images[0].size),
-        "identity_scores": result.identity_scores,  # per image, per subject; null: no face found
-        **identity(pipe, cfg.model),  # model, hashes, model_version
-        "files": files,
-        "versions": package_versions(),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    sampling = sampling_record(
+        scheduler=scheduler_name(pipe.scheduler), steps=cfg.steps, iterations=result.num_iterations,
+        guidance_scale=cfg.guidance_scale, size=result.images[0].size, boxes=cfg.boxes,
+        subject_scales=cfg.subject_scales, boundaries=(result.start_merge_step, result.final_step),
+        alpha=cfg.alpha, beta=cfg.beta, fusion_steps=result.fusion_steps)
+    manifest = generation_manifest(
+        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt,
+        references=[[str(Path(p).resolve()) for p in photos] for photos in cfg.photos],
+        reference_mode=cfg.reference_mode, embedding_sha256=result.embedding_sha256, seeds=result.seeds,
+        sampling={**sampling, **identity(pipe, cfg.model), "versions": package_versions()},
+        identity_scores=result.identity_scores, seconds=time.perf_counter() - started, files=files)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"wrote {len(files['images'])} image(s), fusion masks and manifest.json to {out_dir}")
     return 0

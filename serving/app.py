@@ -191,7 +191,7 @@ def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`facediffuser serve` flags: ServeConfig's CLI fields, the Limits in CLI_LIMITS, and --verbose."""
+    """`facediffuser serve` flags: ServeConfig's CLI fields and the Limits in CLI_LIMITS (--verbose: facediffuser/cli.py)."""
     add_config_arguments(parser, ServeConfig, required_groups=("source",))  # one of --model / --tiny
     for name, help_text in CLI_LIMITS.items():
         default = getattr(Limits, name)

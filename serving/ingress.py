@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from facediffuser.manifest import package_versions
+from facediffuser.manifest import generation_manifest, package_versions
 from facediffuser.model_dir import version_mismatch
 from facediffuser.prompts import strip_markers
 from facediffuser.reference import REFERENCE_MODES
@@ -60,13 +60,11 @@ def _response(body: GenerateRequest, embeds: dict, output: dict, identity_scores
     """The answer to /v1/generate: base64 pictures, timings and the manifest of what was made and how."""
     total_s = time.perf_counter() - started
     timings = {"encode_s": encode_s, **output["timings"], "total_s": total_s}
-    manifest = {
-        "prompt": body.prompt, "plain_prompt": strip_markers(body.prompt), "negative_prompt": body.negative_prompt,
-        "references": embeds["reference_sha256"], "reference_mode": body.reference_mode,
-        "embedding_sha256": embeds["embedding_sha256"], "seeds": output["seeds"], **output["manifest"],
-        "identity_scores": identity_scores, "identity_metric": "dlib cosine" if identity_scores is not None else None,
-        "seconds": round(total_s, 3),
-    }
+    manifest = generation_manifest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, references=embeds["reference_sha256"],
+        reference_mode=body.reference_mode, embedding_sha256=embeds["embedding_sha256"], seeds=output["seeds"],
+        sampling=output["manifest"], identity_scores=identity_scores, seconds=total_s,
+        plain_prompt=strip_markers(body.prompt))
     return GenerateResponse(
         images=[_b64(png) for png in output["images"]], seeds=output["seeds"],
         fusion_masks=_b64(output["fusion_masks"]) if "fusion_masks" in output else None,

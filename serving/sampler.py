@@ -15,7 +15,7 @@ from ray import serve
 from facediffuser import faults
 from facediffuser.images import png_bytes, tensor_to_pil
 from facediffuser.layout import SubjectRegions
-from facediffuser.manifest import package_versions
+from facediffuser.manifest import package_versions, sampling_record
 from facediffuser.model_dir import version_mismatch
 from facediffuser.pipeline import seeded_latents
 from facediffuser.sampling import boundaries_from_fractions, snf_denoise
@@ -229,7 +229,7 @@ class SamplerDeployment:
     def _job_output(self, job: _Job, images: list, masks: torch.Tensor | None, batch: dict, latent_size) -> dict:
         """One request's answer: PNG images, seeds, batch and timing facts, the manifest, and mask pictures when
         it asked for them."""
-        request, (start_merge_step, final_step) = job.request, job.boundaries
+        request = job.request
         height, width = job.key[2]
         output = {
             "images": [png_bytes(image) for image in images],
@@ -238,15 +238,12 @@ class SamplerDeployment:
             "batch_requests": batch["batch_requests"],
             "timings": {"queue_s": batch["denoise_started"] - job.arrived, "denoise_s": batch["denoise_s"],
                         "decode_s": batch["decode_s"]},
-            "manifest": {
-                "scheduler": batch["scheduler"], "steps": request["steps"], "iterations": job.iterations,
-                "guidance_scale": job.key[3], "size": [width, height], "boxes": request["boxes"],
-                "subject_scales": request["subject_scales"],
-                "boundaries": {"start_merge_step": start_merge_step, "final_step": final_step,
-                               "alpha": request["alpha"], "beta": request["beta"],
-                               "fusion_steps": batch["fusion_steps"]},
-                **self.model_info, "versions": self.versions,
-            },
+            # how it was sampled, with the model and versions; the ingress adds the request's side
+            "manifest": {**sampling_record(
+                scheduler=batch["scheduler"], steps=request["steps"], iterations=job.iterations,
+                guidance_scale=job.key[3], size=(width, height), boxes=request["boxes"],
+                subject_scales=request["subject_scales"], boundaries=job.boundaries, alpha=request["alpha"],
+                beta=request["beta"], fusion_steps=batch["fusion_steps"]), **self.model_info, "versions": self.versions},
         }
         if request["return_masks"]:
             _mask_pictures(output, job, images, masks, latent_size)
