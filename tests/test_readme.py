@@ -116,7 +116,8 @@ def test_readme_commands_run_as_written(tmp_path):
     assert "resuming from the checkpoint at step 20" in output
     for model in ("sdm", "tdm"):
         assert (work / "runs" / "try" / "final" / model / "unet").is_dir()
-    for image in ("out/image_0.png", "out-try/image_0.png", "image.png", "beach.png"):
+    assert "event: succeeded" in output and '"state":"cancelled"' in output  # the job walk-through
+    for image in ("out/image_0.png", "out-try/image_0.png", "image.png", "job.png", "beach.png"):
         assert (work / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
     assert "a training run; using its final models" in output
     assert (work / "eval" / "report.md").is_file()
