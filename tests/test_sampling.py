@@ -358,12 +358,12 @@ def test_bad_keep_rows_answers_and_unknown_scheduler_state(unets):
     for answer in ([0, 0], [3], [-1]):
         with pytest.raises(ValueError, match="distinct rows"):
             run_three(unets, "ddim", keep_rows=lambda i, a=answer: a)
-    from facediffuser.sampling import _prune_scheduler
+    from facediffuser.batch_rows import prune_scheduler
 
     scheduler = DDIMScheduler(**SD15_SCHEDULE)
     scheduler.history = torch.zeros(3, 4, 8, 8)  # a solver's per-sample state we do not know how to slice
     with pytest.raises(ValueError, match="history"):
-        _prune_scheduler(scheduler, torch.tensor([0, 2]), 3)
+        prune_scheduler(scheduler, torch.tensor([0, 2]), 3)
 
 
 def test_stage_of_matches_the_loop_and_on_step_reports_every_step(unets):
