@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.node_processes import cluster_processes, raylets_in_group, signal_group, stop_groups
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
@@ -145,7 +147,7 @@ class LocalCluster:
                     raise
                 print(f"local cluster: node {spec.name} failed to start (attempt {attempt}): {exc}; retrying",
                       file=sys.stderr, flush=True)
-                _signal_group(node.process.pid, signal.SIGKILL)
+                signal_group(node.process.pid, signal.SIGKILL)
                 node.process.wait(timeout=30)
                 node.log.rename(node.log.with_suffix(f".attempt{attempt}.log"))
                 del self.nodes[spec.name]
@@ -199,35 +201,14 @@ class LocalCluster:
 
     def processes(self) -> list:
         """Every live process of this cluster: by process group, and by the temp dir in its command line."""
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-            try:
-                if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                    continue
-                mine = os.getpgid(proc.pid) in self._pgids or self.temp_dir in " ".join(proc.info["cmdline"] or ())
-            except (ProcessLookupError, psutil.Error):
-                continue
-            if mine and proc.pid != os.getpid():
-                found.append(proc)
-        return found
+        return cluster_processes(self._pgids, self.temp_dir)
 
     # ------------------------------------------------------------------------------------------ stop
 
     def kill_node(self, name: str) -> None:
         """SIGKILL the node's raylet: what a node failure looks like to the rest of the cluster. Its `ray start
         --block` then ends the node's other processes and exits; `add_node` can bring in another node (a new name)."""
-        import psutil
-
-        pgid = self.nodes[name].process.pid
-        raylets = []
-        for proc in psutil.process_iter(["pid", "name"]):
-            try:
-                if proc.info["name"] == "raylet" and os.getpgid(proc.pid) == pgid:
-                    raylets.append(proc)
-            except (ProcessLookupError, psutil.Error):
-                continue
+        raylets = raylets_in_group(self.nodes[name].process.pid)
         if not raylets:
             raise RuntimeError(f"node {name}: no raylet process found")
         self.killed.add(name)
@@ -238,27 +219,7 @@ class LocalCluster:
         """SIGTERM each node's process group (workers first), give them `grace` seconds, SIGKILL what remains
         (the head's `ray start --block` otherwise spends half a minute shutting its GCS down politely); raise if
         any process of this cluster is still alive afterwards."""
-        import psutil
-
-        for node in reversed(list(self.nodes.values())):
-            _signal_group(node.process.pid, signal.SIGTERM)
-        deadline = time.time() + grace
-        while time.time() < deadline and self.processes():
-            time.sleep(0.5)
-        for node in self.nodes.values():
-            _signal_group(node.process.pid, signal.SIGKILL)
-        for proc in self.processes():  # a process of this cluster outside its groups (none seen so far)
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        for node in self.nodes.values():
-            try:
-                node.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        psutil.wait_procs(self.processes(), timeout=10)
-        left = self.processes()
+        left = stop_groups([node.process for node in self.nodes.values()], self.processes, grace)
         if left:
             raise RuntimeError("local cluster: processes left after stop: " +
                                ", ".join(f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in left))
@@ -270,13 +231,6 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # --------------------------------------------------------------------------------------- the script
