@@ -166,6 +166,28 @@ def restored_checkpoint(checkpoint):
         yield checkpoint.to_directory(scratch)
 
 
+def worker_device(config: TrainConfig, rank: int):
+    """This worker's torch device. A GPU worker whose torch sees no GPU fails here with one line naming its node
+    (FACEDIFFUSER_CPU_UNDER_GPU=1: CPU kernels instead, for rehearsals on logical GPUs)."""
+    import ray.train.torch
+    import torch
+
+    kind = torch_device(1 if config.use_gpu else 0, f"{config.model} train worker rank {rank} on {where()}")
+    return ray.train.torch.get_device() if kind == "cuda" else torch.device("cpu")
+
+
+def record_step(config: TrainConfig, run: WorkerRun, metrics: dict, seconds: float, world: int, report_progress,
+                exported: dict | None) -> None:
+    """One step's metrics: into the run's history, to the progress board and to Prometheus (rank 0)."""
+    metrics.update(step=run.step, attempt=run.attempt, seconds=seconds,
+                   samples_per_s=config.batch_size * world / max(seconds, 1e-9))
+    run.history.append({k: metrics[k] for k in METRIC_COLUMNS})
+    report_progress(step=run.step, loss=metrics["loss"])
+    if exported is not None:
+        exported["steps"].inc(tags={"model": config.model})
+        exported["loss"].set(metrics["loss"], tags={"model": config.model})
+
+
 def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -182,10 +204,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     exported = train_metrics() if rank == 0 else None  # Prometheus, through Ray (pipelines/progress_metrics.py)
     collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
-    # a GPU worker whose torch sees no GPU fails here with one line naming its node (FACEDIFFUSER_CPU_UNDER_GPU=1:
-    # CPU kernels instead, for rehearsals on logical GPUs)
-    kind = torch_device(1 if config.use_gpu else 0, f"{config.model} train worker rank {rank} on {where()}")
-    device = ray.train.torch.get_device() if kind == "cuda" else torch.device("cpu")
+    device = worker_device(config, rank)
     placement = worker_placement()
     if device.type == "cpu":  # as many torch threads as CPUs this worker was given (at least one)
         torch.set_num_threads(max(1, int(config.cpus_per_worker)))
@@ -208,13 +227,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             metrics = step_fn(batch)
             run.step += 1
             now = time.perf_counter()
-            metrics.update(step=run.step, attempt=run.attempt, seconds=now - last,
-                           samples_per_s=config.batch_size * world / max(now - last, 1e-9))
-            run.history.append({k: metrics[k] for k in METRIC_COLUMNS})
-            report_progress(step=run.step, loss=metrics["loss"])
-            if exported is not None:
-                exported["steps"].inc(tags={"model": config.model})
-                exported["loss"].set(metrics["loss"], tags={"model": config.model})
+            record_step(config, run, metrics, now - last, world, report_progress, exported)
             if run.step % config.checkpoint_every == 0 or run.step == config.max_steps:
                 report(config, run, rank)
                 now = time.perf_counter()  # checkpoint time is not step time
