@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.loadtest import generate_payload, run_profile, window_summary  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 REFERENCE = ROOT / "facediffuser" / "assets" / "astronaut.jpg"
@@ -120,7 +122,7 @@ def draw(rows: list[dict], marks: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle-s", type=float, default=15)
     parser.add_argument("--ramp-s", type=float, default=20)
@@ -136,12 +138,139 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--no-cold-start", action="store_true", help="skip the scale-to-zero part")
     parser.add_argument("--png", default="autoscale.png")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def load_stages(args) -> list[tuple[float, int]]:
+    """The load profile as (seconds, concurrency) stages: idle, a ramp in four steps, hold, idle."""
+    quarter = args.ramp_s / 4
+    return [(args.idle_s, 0), *[(quarter, round(args.concurrency * k / 4)) for k in range(1, 5)],
+            (args.hold_s, args.concurrency), (args.end_idle_s, 0)]
+
+
+def concurrency_at(stages: list[tuple[float, int]], t: float) -> int:
+    end = 0.0
+    for seconds, concurrency in stages:
+        end += seconds
+        if t < end:
+            return concurrency
+    return 0
+
+
+def start_polling(client, origin: float) -> tuple[list[tuple[float, dict]], threading.Event, threading.Thread]:
+    """Read the replicas every second in a thread until the event is set → (the readings, the event, the thread)."""
+    polled: list[tuple[float, dict]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                polled.append((time.perf_counter() - origin, replicas(client)))
+            except Exception:
+                pass
+            done.wait(1.0)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    return polled, done, poller
+
+
+def print_table(args, stages, answers: list, polled: list, origin: float, load: threading.Thread) -> list[dict]:
+    """One row every --interval seconds while the load runs (and until the profile's end) → the rows."""
+    total = sum(seconds for seconds, _ in stages)
+    rows: list[dict] = []
+    print(f"{'t (s)':>6} {'conc':>4} {'replicas':>8} {'target':>6} {'queue':>5} {'p50 (s)':>8} "
+          f"{'p99 (s)':>8}  statuses", flush=True)
+    tick = 0
+    while load.is_alive() or tick * args.interval <= total:
+        tick += 1
+        time.sleep(max(0.0, origin + tick * args.interval - time.perf_counter()))
+        t = tick * args.interval
+        window = window_summary(list(answers), t - args.interval, t)
+        last = polled[-1][1] if polled else {"Sampler": (0, 0), "ongoing": 0}
+        row = {"t": t, "concurrency": concurrency_at(stages, t - 1e-6), "replicas": last["Sampler"][0],
+               "target": last["Sampler"][1], "queue": last["ongoing"], **window}
+        rows.append(row)
+        fmt = lambda x: f"{x:8.2f}" if x is not None else f"{'-':>8}"  # noqa: E731
+        print(f"{t:6.0f} {row['concurrency']:4d} {row['replicas']:8d} {row['target']:6d} {row['queue']:5d} "
+              f"{fmt(row['p50_s'])} {fmt(row['p99_s'])}  {row['statuses']}", flush=True)
+        if not load.is_alive() and t >= total:
+            break
+    return rows
+
+
+def scaling_figures(polled: list, answers: list, load_start: float) -> tuple[dict, dict]:
+    """Scale-up and scale-down times and the answers' statuses → (figures, the timeline's marks)."""
+    two, two_nodes = next(((t, v["sampler_nodes"]) for t, v in polled
+                           if t >= load_start and v["Sampler"][0] >= 2), (None, None))
+    last_answer = max((a.done for a in answers), default=None)
+    back = next((t for t, v in polled if last_answer and t >= last_answer and v["Sampler"][0] == 1), None)
+    statuses: dict = {}
+    for a in answers:
+        statuses[a.status] = statuses.get(a.status, 0) + 1
+    figures = {
+        "second_replica_after_load_start_s": round(two - load_start, 1) if two is not None else None,
+        "scale_down_after_load_end_s": round(back - last_answer, 1) if back is not None else None,
+        "requests": len(answers), "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "server_errors_5xx": sum(v for k, v in statuses.items() if k >= 500 or k < 0),
+        "sampler_nodes_at_two_replicas": two_nodes,
+    }
+    return figures, {"load start": load_start, "2nd replica": two, "load end": last_answer, "back to 1": back}
+
+
+def profile_phase(cluster, args, common: list[str], payload, stages, logs: Path) -> dict:
+    """The app with --min-replicas 1 under the load profile: the table, the timeline PNG → the scaling figures."""
     import httpx
 
+    server = Server(cluster, [*common, "--min-replicas", "1", "--max-replicas", "2"], logs / "serve-1.log")
+    try:
+        url = server.wait_url()
+        client = httpx.Client(base_url=url, timeout=120)
+        wait_until(client, lambda v: v["Sampler"][0] == 1, 300)
+        answers: list = []
+        origin = time.perf_counter()
+        polled, done, poller = start_polling(client, origin)
+        load = threading.Thread(target=run_profile, args=(f"{url}/v1/generate", payload, stages),
+                                kwargs={"sink": answers, "origin": origin})
+        load.start()
+        rows = print_table(args, stages, answers, polled, origin, load)
+        load.join()
+        done.set()
+        poller.join(timeout=10)
+        figures, marks = scaling_figures(polled, answers, load_start=args.idle_s)
+        draw(rows, marks, Path(args.png))
+        client.close()
+        return figures
+    finally:
+        print(f"serve (min 1) stopped, exit {server.stop()}", flush=True)
+
+
+def cold_start_phase(cluster, common: list[str], payload, logs: Path) -> dict:
+    """The app with --min-replicas 0: a request from zero, a warm one, the time back to zero → their figures."""
+    import httpx
+
+    server = Server(cluster, [*common, "--min-replicas", "0", "--max-replicas", "1"], logs / "serve-0.log")
+    try:
+        url = server.wait_url()
+        client = httpx.Client(base_url=url, timeout=600)
+        wait_until(client, lambda v: v["Sampler"][0] == 0 and v["SubjectEncoder"][0] == 0, 300)
+        timed = []
+        for seed in (1, 2):
+            sent = time.perf_counter()
+            response = client.post("/v1/generate", json=payload(seed))
+            timed.append((response.status_code, time.perf_counter() - sent))
+        idle_s = wait_until(client, lambda v: v["Sampler"][0] == 0 and v["SubjectEncoder"][0] == 0, 900)
+        client.close()
+        return {"cold_start_request_s": round(timed[0][1], 2), "warm_request_s": round(timed[1][1], 2),
+                "cold_start_statuses": [timed[0][0], timed[1][0]],
+                "back_to_zero_after_last_request_s": round(idle_s, 1)}
+    finally:
+        print(f"serve (min 0) stopped, exit {server.stop()}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from cluster.local import LocalCluster, NodeSpec
-    from benchmarks.loadtest import generate_payload, run_profile, window_summary
 
     load_before = os.getloadavg()[0]
     scaling = ["--target-ongoing-requests", str(args.target_ongoing_requests), "--upscale-delay-s",
@@ -154,105 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     payload = generate_payload(reference, steps=args.steps, width=args.size, height=args.size, identity_scores=False)
     logs = Path(tempfile.mkdtemp(prefix="autoscale-"))
     figures: dict = {"load_avg_1min_before": round(load_before, 2), "settings": dict(zip(scaling[::2], scaling[1::2]))}
-    quarter = args.ramp_s / 4
-    stages = [(args.idle_s, 0), *[(quarter, round(args.concurrency * k / 4)) for k in range(1, 5)],
-              (args.hold_s, args.concurrency), (args.end_idle_s, 0)]
-    load_start = args.idle_s
-    total = sum(seconds for seconds, _ in stages)
-
-    def concurrency_at(t: float) -> int:
-        end = 0.0
-        for seconds, concurrency in stages:
-            end += seconds
-            if t < end:
-                return concurrency
-        return 0
 
     print(f"load average before: {load_before:.2f}; starting a cluster (head + gpu_node_a + gpu_node_b)", flush=True)
     with LocalCluster(head_cpus=2, workers=workers, env={"FACEDIFFUSER_CPU_UNDER_GPU": "1"}) as cluster:
-        server = Server(cluster, [*common, "--min-replicas", "1", "--max-replicas", "2"], logs / "serve-1.log")
-        try:
-            url = server.wait_url()
-            client = httpx.Client(base_url=url, timeout=120)
-            wait_until(client, lambda v: v["Sampler"][0] == 1, 300)
-            answers: list = []
-            origin = time.perf_counter()
-            polled: list[tuple[float, dict]] = []
-            done = threading.Event()
-
-            def poll() -> None:
-                while not done.is_set():
-                    try:
-                        polled.append((time.perf_counter() - origin, replicas(client)))
-                    except Exception:
-                        pass
-                    done.wait(1.0)
-
-            poller = threading.Thread(target=poll, daemon=True)
-            poller.start()
-            load = threading.Thread(target=run_profile, args=(f"{url}/v1/generate", payload, stages),
-                                    kwargs={"sink": answers, "origin": origin})
-            load.start()
-            rows: list[dict] = []
-            print(f"{'t (s)':>6} {'conc':>4} {'replicas':>8} {'target':>6} {'queue':>5} {'p50 (s)':>8} "
-                  f"{'p99 (s)':>8}  statuses", flush=True)
-            tick = 0
-            while load.is_alive() or tick * args.interval <= total:
-                tick += 1
-                time.sleep(max(0.0, origin + tick * args.interval - time.perf_counter()))
-                t = tick * args.interval
-                window = window_summary(list(answers), t - args.interval, t)
-                last = polled[-1][1] if polled else {"Sampler": (0, 0), "ongoing": 0}
-                row = {"t": t, "concurrency": concurrency_at(t - 1e-6), "replicas": last["Sampler"][0],
-                       "target": last["Sampler"][1], "queue": last["ongoing"], **window}
-                rows.append(row)
-                fmt = lambda x: f"{x:8.2f}" if x is not None else f"{'-':>8}"  # noqa: E731
-                print(f"{t:6.0f} {row['concurrency']:4d} {row['replicas']:8d} {row['target']:6d} {row['queue']:5d} "
-                      f"{fmt(row['p50_s'])} {fmt(row['p99_s'])}  {row['statuses']}", flush=True)
-                if not load.is_alive() and t >= total:
-                    break
-            load.join()
-            done.set()
-            poller.join(timeout=10)
-
-            two, two_nodes = next(((t, v["sampler_nodes"]) for t, v in polled
-                                   if t >= load_start and v["Sampler"][0] >= 2), (None, None))
-            last_answer = max((a.done for a in answers), default=None)
-            back = next((t for t, v in polled if last_answer and t >= last_answer and v["Sampler"][0] == 1), None)
-            statuses: dict = {}
-            for a in answers:
-                statuses[a.status] = statuses.get(a.status, 0) + 1
-            figures.update({
-                "second_replica_after_load_start_s": round(two - load_start, 1) if two is not None else None,
-                "scale_down_after_load_end_s": round(back - last_answer, 1) if back is not None else None,
-                "requests": len(answers), "statuses": {str(k): v for k, v in sorted(statuses.items())},
-                "server_errors_5xx": sum(v for k, v in statuses.items() if k >= 500 or k < 0),
-                "sampler_nodes_at_two_replicas": two_nodes,
-            })
-            draw(rows, {"load start": load_start, "2nd replica": two, "load end": last_answer,
-                        "back to 1": back}, Path(args.png))
-            client.close()
-        finally:
-            print(f"serve (min 1) stopped, exit {server.stop()}", flush=True)
-
+        figures.update(profile_phase(cluster, args, common, payload, load_stages(args), logs))
         if not args.no_cold_start:
-            server = Server(cluster, [*common, "--min-replicas", "0", "--max-replicas", "1"], logs / "serve-0.log")
-            try:
-                url = server.wait_url()
-                client = httpx.Client(base_url=url, timeout=600)
-                wait_until(client, lambda v: v["Sampler"][0] == 0 and v["SubjectEncoder"][0] == 0, 300)
-                timed = []
-                for seed in (1, 2):
-                    sent = time.perf_counter()
-                    response = client.post("/v1/generate", json=payload(seed))
-                    timed.append((response.status_code, time.perf_counter() - sent))
-                idle_s = wait_until(client, lambda v: v["Sampler"][0] == 0 and v["SubjectEncoder"][0] == 0, 900)
-                figures.update({"cold_start_request_s": round(timed[0][1], 2), "warm_request_s": round(timed[1][1], 2),
-                                "cold_start_statuses": [timed[0][0], timed[1][0]],
-                                "back_to_zero_after_last_request_s": round(idle_s, 1)})
-                client.close()
-            finally:
-                print(f"serve (min 0) stopped, exit {server.stop()}", flush=True)
+            figures.update(cold_start_phase(cluster, common, payload, logs))
     figures["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures, indent=2))
     print(f"timeline: {args.png}; serve logs: {logs}")

@@ -39,8 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gpu_check_sampler import PROMPT, build_model, sampler_phase  # noqa: E402
+
 BIN = Path(sys.executable).parent
-PROMPT = "a man <|image|> on a beach"
 BUDGET_S = 8 * 60
 
 
@@ -75,95 +76,10 @@ def tail(done: subprocess.CompletedProcess, lines: int = 15) -> str:
 # ------------------------------------------------------------------------------------------------ phases
 
 
-def build_model(check: Check, model_dir: Path, seed: int = 0):
-    """Real-size random SD1.5 components (tiny ones in a dry run), saved as a model directory (fp32: training
-    reads it as master weights; serve and the sampler phase cast to fp16)."""
-    import torch
-
-    from facediffuser.pipeline import FaceDiffuserPipeline
-
-    started = time.perf_counter()
-    if check.dry:
-        from facediffuser.models.tiny import tiny_pipeline
-
-        pipe = tiny_pipeline(seed=seed)
-    else:
-        from facediffuser.models.sd15 import sd15_components
-
-        torch.manual_seed(seed)
-        pipe = FaceDiffuserPipeline(**sd15_components(seed))
-    pipe.save_pretrained(model_dir)
-    check.row("setup", "model directory", "tiny" if check.dry else "SD1.5 sizes, random init",
-              time.perf_counter() - started, True, str(model_dir))
-    return pipe
-
-
-def sampler_phase(check: Check, pipe, size: int, steps: int, reps: int) -> None:
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from PIL import Image
-    from skimage.data import astronaut
-
-    from facediffuser.schedulers import make_scheduler
-
-    started = time.perf_counter()
-    device, dtype = ("cpu", torch.float32) if check.dry else ("cuda", torch.float16)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    pipe = pipe.to(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                 unet=pipe.tdm_unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                 safety_checker=None, feature_extractor=None, image_encoder=None,
-                                 requires_safety_checker=False)
-    sd.set_progress_bar_config(disable=True)
-    reference = Image.fromarray(astronaut())
-    plain = PROMPT.replace(" <|image|>", "")
-
-    def ours(seed: int, n_steps: int):
-        pipe(PROMPT, [reference], num_inference_steps=n_steps, guidance_scale=5.0, seed=seed, height=size, width=size)
-
-    def theirs(seed: int, n_steps: int):
-        sd(plain, num_inference_steps=n_steps, guidance_scale=5.0, height=size, width=size,
-           generator=torch.Generator(device).manual_seed(seed))
-
-    def timed(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for seed in range(reps):
-            fn(seed, steps)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return reps / (time.perf_counter() - t)
-
-    with torch.inference_mode():
-        ours(0, 3), theirs(0, 3)  # warm-up: kernels, allocator
-        rates = {"theirs": [], "ours": []}
-        for _ in range(2):  # interleaved, so a change in load hits both
-            rates["theirs"].append(timed(theirs))
-            rates["ours"].append(timed(ours))
-    ours_rate, sd_rate = max(rates["ours"]), max(rates["theirs"])
-    what = f"{'fp32 CPU' if check.dry else 'fp16'} {size}², {steps} DDIM steps, batch 1"
-    check.row("sampler", f"StableDiffusionPipeline, same UNet ({what})", f"{sd_rate:.3f} images/s",
-              time.perf_counter() - started, True)
-    check.row("sampler", "FaceDiffuserPipeline (SNF, both UNets in fusion)", f"{ours_rate:.3f} images/s", 0, True)
-    check.row("sampler", "ratio ours / diffusers", f"{ours_rate / sd_rate:.2f}x", 0, True,
-              "dry run: not a figure" if check.dry else "")
-    sd = None  # noqa: F841  (frees the pipeline object; the modules are shared with ours)
-    pipe.to("cpu")
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int, requests: int, work: Path) -> None:
-    import httpx
-    from skimage.data import astronaut
-    from PIL import Image
-
+def start_serve(check: Check, env: dict, model_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
+    """`facediffuser serve --num-gpus 1` in its own process group, logging to work/serve.log → (process, URL)."""
     from cluster.local import free_port
-    from benchmarks.loadtest import generate_payload, run_load
 
-    started = time.perf_counter()
     port = free_port()
     command = [str(BIN / "facediffuser"), "serve", "--model", str(model_dir), "--num-gpus", "1", "--port", str(port),
                "--max-replicas", "1", "--dtype", "float32" if check.dry else "float16"]
@@ -171,21 +87,45 @@ def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int,
     log = open(work / "serve.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(server: subprocess.Popen, url: str, work: Path, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"serve exited with {server.returncode}: "
+                               + (work / "serve.log").read_text()[-2000:])
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"serve not ready after {timeout:.0f} s: " + (work / "serve.log").read_text()[-2000:])
+
+
+def stop_serve(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGINT)  # the CLI's Ctrl-C: shuts the app down
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"serve exited with {server.returncode}: "
-                                   + (work / "serve.log").read_text()[-2000:])
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            raise RuntimeError("serve not ready after 300 s: " + (work / "serve.log").read_text()[-2000:])
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int, requests: int, work: Path) -> None:
+    from skimage.data import astronaut
+    from PIL import Image
+
+    from benchmarks.loadtest import generate_payload, run_load
+
+    started = time.perf_counter()
+    server, url = start_serve(check, env, model_dir, work)
+    try:
+        wait_healthy(server, url, work)
         ready = time.perf_counter() - started
         buffer = io.BytesIO()
         Image.fromarray(astronaut()).save(buffer, format="PNG")
@@ -200,12 +140,7 @@ def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int,
                   f"{report['requests_per_s']:.3f} requests/s, p50 {report['p50_s']:.2f} s, "
                   f"{report['ok']}/{report['requests']} ok", time.perf_counter() - started, ok, f"ready in {ready:.0f} s")
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # the CLI's Ctrl-C: shuts the app down
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_serve(server)
 
 
 def preprocess_phase(check: Check, env: dict, work: Path) -> Path:
@@ -256,44 +191,29 @@ def train_phase(check: Check, env: dict, model_dir: Path, data: Path, work: Path
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU: tiny models, a logical GPU and FACEDIFFUSER_CPU_UNDER_GPU=1; no GPU figures")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json-out", default=None)
-    args = parser.parse_args(argv)
-    check = Check(args.dry_run)
+    return parser.parse_args(argv)
 
+
+def make_cluster(dry_run: bool):
     from cluster.local import LocalCluster, NodeSpec
 
-    if not args.dry_run:
-        import torch
+    if dry_run:  # a head and one worker node declaring a logical GPU; CPU kernels under it
+        return LocalCluster(head_cpus=2, workers=[NodeSpec("gpu_node", num_cpus=1, num_gpus=1)],
+                            env={"FACEDIFFUSER_CPU_UNDER_GPU": "1"})
+    return LocalCluster(head_cpus=max(2, (os.cpu_count() or 4) - 1), head_gpus=1, object_store_bytes=4 * 1024 ** 3)
 
-        if not torch.cuda.is_available():
-            print("gpu_check: torch sees no CUDA GPU here; run it on a GPU machine, or --dry-run for the plumbing",
-                  file=sys.stderr)
-            return 2
-    size, steps, reps, requests, resolution = (64, 4, 1, 4, 64) if args.dry_run else (512, 50, 3, 8, 512)
-    scratch = tempfile.TemporaryDirectory(prefix="gpu-check-") if args.work is None else None
-    work = Path(args.work or scratch.name)
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = work / "model"
-    pipe = build_model(check, model_dir)
+
+def cluster_phases(check: Check, dry_run: bool, model_dir: Path, work: Path, sizes: tuple) -> bool:
+    """Start the cluster; serve, preprocess and train on it, each on its own (a failure is a row) → any failed."""
+    size, steps, _, requests, resolution = sizes
     failed = False
-    try:
-        sampler_phase(check, pipe, size, steps, reps)
-    except Exception as exc:
-        failed = True
-        check.row("sampler", "ours vs StableDiffusionPipeline", "failed", 0, False, f"{type(exc).__name__}: {exc}")
-    del pipe
-
-    if args.dry_run:  # a head and one worker node declaring a logical GPU; CPU kernels under it
-        cluster = LocalCluster(head_cpus=2, workers=[NodeSpec("gpu_node", num_cpus=1, num_gpus=1)],
-                               env={"FACEDIFFUSER_CPU_UNDER_GPU": "1"})
-    else:
-        cluster = LocalCluster(head_cpus=max(2, (os.cpu_count() or 4) - 1), head_gpus=1,
-                               object_store_bytes=4 * 1024 ** 3)
+    cluster = make_cluster(dry_run)
     started = time.perf_counter()
     with cluster:
         check.row("setup", "Ray cluster (ray start)", ", ".join(cluster.node_ids()), time.perf_counter() - started, True)
@@ -306,18 +226,49 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 failed = True
                 check.row(name, "phase", "failed", 0, False, f"{type(exc).__name__}: {str(exc)[-500:]}")
-    total = time.perf_counter() - check.started
-    failed = failed or not all(r["ok"] for r in check.rows)
-    print(f"\nGPU check{' (DRY RUN: CPU, tiny models, logical GPU; the figures mean nothing)' if args.dry_run else ''}"
+    return failed
+
+
+def report(check: Check, dry_run: bool, total: float, json_out: str | None) -> None:
+    print(f"\nGPU check{' (DRY RUN: CPU, tiny models, logical GPU; the figures mean nothing)' if dry_run else ''}"
           f" — {total:.0f} s in all (budget {BUDGET_S} s)")
     print(check.table())
-    if not args.dry_run:
+    if not dry_run:
         import torch
 
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"dry_run": args.dry_run, "total_s": round(total, 1),
-                                                   "rows": check.rows}, indent=2))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"dry_run": dry_run, "total_s": round(total, 1),
+                                              "rows": check.rows}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check = Check(args.dry_run)
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: torch sees no CUDA GPU here; run it on a GPU machine, or --dry-run for the plumbing",
+                  file=sys.stderr)
+            return 2
+    sizes = (64, 4, 1, 4, 64) if args.dry_run else (512, 50, 3, 8, 512)  # size, steps, reps, requests, resolution
+    scratch = tempfile.TemporaryDirectory(prefix="gpu-check-") if args.work is None else None
+    work = Path(args.work or scratch.name)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "model"
+    pipe = build_model(check, model_dir)
+    failed = False
+    try:
+        sampler_phase(check, pipe, *sizes[:3])
+    except Exception as exc:
+        failed = True
+        check.row("sampler", "ours vs StableDiffusionPipeline", "failed", 0, False, f"{type(exc).__name__}: {exc}")
+    del pipe
+    failed = cluster_phases(check, args.dry_run, model_dir, work, sizes) or failed
+    total = time.perf_counter() - check.started
+    failed = failed or not all(r["ok"] for r in check.rows)
+    report(check, args.dry_run, total, args.json_out)
     if scratch is not None:
         scratch.cleanup()
     return 1 if failed or total > BUDGET_S else 0

@@ -83,6 +83,42 @@ def sampler_view(url: str) -> dict:
     return httpx.get(f"{url}/v1/replicas", timeout=30).json()["deployments"]["Sampler"]
 
 
+def wait_for_two_samplers(url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while sampler_view(url)["running"] < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"two sampler replicas not running after {timeout:.0f} s: {sampler_view(url)}")
+        time.sleep(1)
+
+
+def wait_for_recovery(url: str, victim: str, since: float, limit_s: float) -> tuple[float | None, list | None]:
+    """Poll until the sampler runs two replicas again, none on `victim` → (when, on perf_counter's clock; its nodes),
+    or (None, None) after `limit_s` seconds from `since`."""
+    while time.perf_counter() - since < limit_s:
+        view = sampler_view(url)
+        if view["running"] >= 2 and victim not in view["nodes"]:
+            return time.perf_counter(), view["nodes"]
+        time.sleep(1)
+    return None, None
+
+
+def answer_figures(answers: list, victim: str, killed_at: float, recovered_at: float | None) -> dict:
+    """The load's answers → counts, failures and latency windows before, during and after the recovery."""
+    end = max(a.done for a in answers)
+    recovery_end = recovered_at if recovered_at is not None else end
+    statuses = Counter(a.status for a in answers)
+    failed = [a for a in answers if a.status != 200]
+    return dict(
+        victim=victim, killed_at_s=round(killed_at, 1),
+        recovery_s=round(recovered_at - killed_at, 1) if recovered_at is not None else None,
+        requests=len(answers), statuses=dict(sorted(statuses.items())), failed=len(failed),
+        failed_codes=dict(Counter(f"{a.status} {a.error}" for a in failed)),
+        failed_without_retry_after=sum(1 for a in failed if a.status == 503 and not a.retry_after),
+        longest_s=round(max(a.latency for a in answers), 1),
+        before=window_summary(answers, 0, killed_at), during=window_summary(answers, killed_at, recovery_end),
+        after=window_summary(answers, recovery_end, end + 1), answers=answers)
+
+
 def node_failure(cluster: LocalCluster, workdir: Path, *, concurrency: int = 4, kill_after_s: float = 15,
                  after_s: float = 10, request_timeout_s: float = 120, recovery_limit_s: float = 300,
                  log=print) -> dict:
@@ -95,11 +131,7 @@ def node_failure(cluster: LocalCluster, workdir: Path, *, concurrency: int = 4, 
     load_s = kill_after_s + recovery_limit_s + after_s  # at most; it stops `after_s` after the recovery
     try:
         url = server.wait_url()
-        deadline = time.monotonic() + 300
-        while sampler_view(url)["running"] < 2:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"two sampler replicas not running after 300 s: {sampler_view(url)}")
-            time.sleep(1)
+        wait_for_two_samplers(url)
         nodes = serve_actor_nodes(cluster)  # before the load: the state API takes seconds on a busy machine
         victim = pick_victim(nodes)
         answers: list = []
@@ -112,32 +144,16 @@ def node_failure(cluster: LocalCluster, workdir: Path, *, concurrency: int = 4, 
         log(f"replicas by node before the kill: { {k: sorted(v) for k, v in nodes.items()} }; killing {victim}")
         killed_at = time.perf_counter() - origin
         cluster.kill_node(victim)
-        recovered_at = None
-        while time.perf_counter() - origin - killed_at < recovery_limit_s:
-            view = sampler_view(url)
-            if view["running"] >= 2 and victim not in view["nodes"]:
-                recovered_at = time.perf_counter() - origin
-                figures["sampler_nodes_after"] = view["nodes"]
-                break
-            time.sleep(1)
+        recovered, nodes_after = wait_for_recovery(url, victim, origin + killed_at, recovery_limit_s)
+        recovered_at = None if recovered is None else recovered - origin
+        if recovered is not None:
+            figures["sampler_nodes_after"] = nodes_after
         time.sleep(after_s)  # the load goes on a while on the recovered app, then ends
         stop.set()
         load.join(timeout=request_timeout_s + 60)
         if load.is_alive():
             raise RuntimeError("the load did not end: a request hung past its timeout")
-        end = max(a.done for a in answers)
-        recovery_end = recovered_at if recovered_at is not None else end
-        statuses = Counter(a.status for a in answers)
-        failed = [a for a in answers if a.status != 200]
-        figures.update(
-            victim=victim, killed_at_s=round(killed_at, 1),
-            recovery_s=round(recovered_at - killed_at, 1) if recovered_at is not None else None,
-            requests=len(answers), statuses=dict(sorted(statuses.items())), failed=len(failed),
-            failed_codes=dict(Counter(f"{a.status} {a.error}" for a in failed)),
-            failed_without_retry_after=sum(1 for a in failed if a.status == 503 and not a.retry_after),
-            longest_s=round(max(a.latency for a in answers), 1),
-            before=window_summary(answers, 0, killed_at), during=window_summary(answers, killed_at, recovery_end),
-            after=window_summary(answers, recovery_end, end + 1), answers=answers)
+        figures.update(answer_figures(answers, victim, killed_at, recovered_at))
         return figures
     finally:
         figures["serve_exit"] = server.stop()
