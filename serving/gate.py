@@ -36,8 +36,8 @@ class Gate:
 
     0. While the app drains (serving/drain.py), every request is 503 `draining` with Retry-After; the others are
        counted while inside (GATE.in_flight), so the stop knows when they are done.
-       With `admit` (the ingress's max_ongoing_requests) requests inside, an API request is 503 `busy` before its
-       body is read. Serve's own refusal (its queue full) is plain text, so the gate refuses first: Serve hands
+       With `admit` (the ingress's max_ongoing_requests) requests and jobs inside, a POST is 503 `busy` before
+       its body is read. Serve's own refusal (its queue full) is plain text, so the gate refuses first: Serve hands
        this replica more requests than it admits (serving/app.py), and those extra slots only carry refusals.
     1. With a token set, every path but PUBLIC_PATHS needs it: 401 before a byte of the body is read or parsed.
     2. A declared Content-Length over the limit: 413 at once. Otherwise the body is read chunk by chunk with a
@@ -55,7 +55,8 @@ class Gate:
         if GATE.draining:  # `facediffuser serve` is stopping (serving/drain.py): new requests go elsewhere or wait
             return await error_response(503, "draining", DRAINING)(scope, receive, _counted(scope, send))
         admit = getattr(scope["app"].state, "admit", None)
-        if admit is not None and GATE.in_flight >= admit and _route_path(scope) not in PUBLIC_PATHS:
+        # only POSTs carry a body and start work; reading a job, its events or cancelling it is cheap
+        if admit is not None and GATE.in_flight >= admit and scope.get("method") == "POST":
             return await error_response(503, "busy", BUSY.format(admit=admit))(scope, receive, _counted(scope, send))
         GATE.in_flight += 1
         try:

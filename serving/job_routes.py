@@ -16,6 +16,8 @@ from serving.drain import GATE
 from serving.http_app import ERRORS, api, bearer
 from serving.jobs import HEARTBEAT_S, TERMINAL, owner_of, sse
 
+JOB_WAIT_S = 600.0  # a job waits this long for room in a full (or restarting) sampler before it fails
+
 
 def _owner(credentials: HTTPAuthorizationCredentials | None) -> str:
     """Jobs belong to the token that made them (the gate has checked it)."""
@@ -62,7 +64,7 @@ class JobRoutes:
         GATE.in_flight += 1  # a stop drains running jobs like requests in flight
         self.in_flight += 1
         cancelled = self.store.wait_cancel.remote(job_id)
-        work = asyncio.create_task(self._generate(body, started, checked, job_id))
+        work = asyncio.create_task(self._generate_waiting(body, started, checked, job_id))
         watch = asyncio.ensure_future(cancelled)
         try:
             while not work.done():
@@ -83,6 +85,19 @@ class JobRoutes:
             cancelled.cancel()
             GATE.in_flight -= 1
             self.in_flight -= 1
+
+    async def _generate_waiting(self, body: GenerateRequest, started: float, checked, job_id: str):
+        """_generate for a job: while the model tiers are full or restarting (503 unavailable), the job stays
+        queued and tries again, instead of failing the way a synchronous request must; up to JOB_WAIT_S."""
+        delay, deadline = 0.5, time.monotonic() + JOB_WAIT_S
+        while True:
+            try:
+                return await self._generate(body, started, checked, job_id)
+            except RequestError as error:
+                if error.code != "unavailable" or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
     @api.get("/v1/jobs/{job_id}", responses=ERRORS)
     async def job(self, job_id: str, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):

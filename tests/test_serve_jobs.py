@@ -18,6 +18,7 @@ from serve_fixtures import MAIN_APP, decode_png, service  # noqa: F401
 pytestmark = pytest.mark.slow
 TOKEN, OTHER_TOKEN = "jobs-token", "other-token"
 LONG = {"steps": 100, "width": 256, "height": 256}  # a few seconds of tiny-model work at least
+SHORTER = {"steps": 40, "width": 192, "height": 192}  # long enough to cancel at step 10 with room to spare
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +133,12 @@ def test_cancelling_a_running_job_stops_its_rows_and_its_batch_mate_is_unchanged
     before = sampler_stats(service)
     # A blocker keeps the sampler busy while the job and its batch mate (same steps, size, scheduler ...) queue,
     # so both are taken into one snf_denoise call when it goes.
-    blocker = client.post("/v1/jobs", json=body(reference, seed=19, **{**LONG, "steps": 60})).json()
+    blocker = client.post("/v1/jobs", json=body(reference, seed=19, **LONG)).json()
     events(client, blocker["id"], stop=lambda name, data: name == "step")
     mate: dict = {}
     thread = threading.Thread(target=lambda: mate.update(
-        response=routes["jobs-b"].post("/v1/generate", json=body(reference, seed=21, **LONG))))
-    job = client.post("/v1/jobs", json=body(reference, seed=20, num_images=2, **LONG)).json()
+        response=routes["jobs-b"].post("/v1/generate", json=body(reference, seed=21, **SHORTER))))
+    job = client.post("/v1/jobs", json=body(reference, seed=20, num_images=2, **SHORTER)).json()
     thread.start()
     wait_for(lambda: sampler_stats(service)["queued"] == 2, "the job and its mate queue behind the blocker")
     assert client.delete(f"/v1/jobs/{blocker['id']}").json()["state"] == "cancelled"
@@ -155,12 +156,12 @@ def test_cancelling_a_running_job_stops_its_rows_and_its_batch_mate_is_unchanged
     after = sampler_stats(service)
     assert after["cancelled_requests"] == before["cancelled_requests"] + 2  # the blocker and the job
     shared = [b for b in after["recent_batches"] if b["requests"] == 2 and b["images"] == 3][-1]
-    # The mate's image ran 100 steps, the job's two until they left the batch: at most a few steps after the one
-    # its stream last showed when the DELETE went out, never all 100.
-    job_steps = (shared["image_steps"] - 100) / 2
+    # The mate's image ran 40 steps, the job's two until they left the batch: at most a few steps after the one
+    # its stream last showed when the DELETE went out, never all 40.
+    job_steps = (shared["image_steps"] - 40) / 2
     assert shared["cancelled"] == 1 and cancelled_at <= job_steps <= cancelled_at + 5, (cancelled_at, shared)
 
-    alone = routes["jobs-b"].post("/v1/generate", json=body(reference, seed=21, **LONG)).json()
+    alone = routes["jobs-b"].post("/v1/generate", json=body(reference, seed=21, **SHORTER)).json()
     assert alone["batch_requests"] == 1
     got, want = decode_png(mate_body["images"][0]).astype(int), decode_png(alone["images"][0]).astype(int)
     assert np.abs(got - want).max() <= 1  # batch size changes float rounding only (docs/serving.md)
@@ -205,6 +206,18 @@ def test_a_client_that_hangs_up_on_generate_stops_its_work(service, routes):
     assert after["requests_served"] == before["requests_served"]  # and it was not counted as served
     time.sleep(1.0)
     assert sampler_stats(service)["denoised_image_steps"] == after["denoised_image_steps"]  # nothing runs
+
+
+def test_more_jobs_than_the_sampler_holds_wait_their_turn_instead_of_failing(service, routes):
+    """The sampler takes 8 requests and queues 4 (tests/serve_fixtures.py); 20 jobs at once all succeed: a job
+    that finds the model tiers full stays queued and tries again, where /v1/generate would answer 503."""
+    client, reference = routes["jobs-a"], service["reference"]
+    jobs = [client.post("/v1/jobs", json=body(reference, seed=100 + k, steps=2)).json()["id"] for k in range(20)]
+    wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["state"] in ("succeeded", "failed") for j in jobs),
+             "every job ends", timeout_s=300)
+    states = [client.get(f"/v1/jobs/{j}").json() for j in jobs]
+    assert [s["state"] for s in states] == ["succeeded"] * 20, [s.get("error") for s in states]
+    assert sorted(s["result"]["seeds"][0] for s in states) == list(range(100, 120))
 
 
 def test_operators_scrape_the_app_metrics_from_ray(service, routes):

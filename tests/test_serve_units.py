@@ -262,7 +262,7 @@ def test_gate_refuses_over_capacity_with_json_before_reading_the_body():
 
         app = SimpleNamespace(state=SimpleNamespace(token=None, limits=Limits(max_payload_bytes=1000), admit=2))
 
-        async def call(path):
+        async def call(path, method="POST"):
             sent, pulled = [], [0]
 
             async def receive():
@@ -272,7 +272,7 @@ def test_gate_refuses_over_capacity_with_json_before_reading_the_body():
             async def send(message):
                 sent.append(message)
 
-            scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "app": app, "headers": []}
+            scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": app, "headers": []}
             await Gate(route)(scope, receive, send)
             return sent, pulled[0]
 
@@ -283,7 +283,7 @@ def test_gate_refuses_over_capacity_with_json_before_reading_the_body():
         headers = dict(sent[0]["headers"])
         assert sent[0]["status"] == 503 and pulled == 0 and headers[b"retry-after"] == b"2"
         assert json.loads(sent[1]["body"])["error"] == "busy"
-        sent, _ = await call("/healthz")  # probes are not refused for load
+        sent, _ = await call("/healthz", "GET")  # probes and reads are not refused for load
         assert sent[0]["status"] == 200
         release.set()
         for task in slow:
