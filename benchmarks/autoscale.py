@@ -52,9 +52,15 @@ class Server:
     def __init__(self, cluster, flags: list[str], log: Path):
         self.log = log
         with open(log, "w") as handle:
-            self.process = subprocess.Popen([str(BIN / "facediffuser"), "serve", *flags], stdout=handle,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                                            env=cluster.env, start_new_session=True)
+            self.process = subprocess.Popen(
+                [str(BIN / "facediffuser"), "serve", *flags],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env=cluster.env,
+                start_new_session=True,
+            )
 
     def wait_url(self, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
@@ -79,9 +85,12 @@ class Server:
 
 def replicas(client) -> dict:
     view = client.get("/v1/replicas").json()
-    return {"t_wall": view["time"], "ongoing": view["ongoing_requests"],
-            "sampler_nodes": view["deployments"]["Sampler"]["nodes"],
-            **{name: (d["running"], d["target"]) for name, d in view["deployments"].items()}}
+    return {
+        "t_wall": view["time"],
+        "ongoing": view["ongoing_requests"],
+        "sampler_nodes": view["deployments"]["Sampler"]["nodes"],
+        **{name: (d["running"], d["target"]) for name, d in view["deployments"].items()},
+    }
 
 
 def wait_until(client, ready, timeout: float) -> float:
@@ -144,8 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_stages(args) -> list[tuple[float, int]]:
     """The load profile as (seconds, concurrency) stages: idle, a ramp in four steps, hold, idle."""
     quarter = args.ramp_s / 4
-    return [(args.idle_s, 0), *[(quarter, round(args.concurrency * k / 4)) for k in range(1, 5)],
-            (args.hold_s, args.concurrency), (args.end_idle_s, 0)]
+    return [
+        (args.idle_s, 0),
+        *[(quarter, round(args.concurrency * k / 4)) for k in range(1, 5)],
+        (args.hold_s, args.concurrency),
+        (args.end_idle_s, 0),
+    ]
 
 
 def concurrency_at(stages: list[tuple[float, int]], t: float) -> int:
@@ -179,8 +192,10 @@ def print_table(args, stages, answers: list, polled: list, origin: float, load: 
     """One row every --interval seconds while the load runs (and until the profile's end) → the rows."""
     total = sum(seconds for seconds, _ in stages)
     rows: list[dict] = []
-    print(f"{'t (s)':>6} {'conc':>4} {'replicas':>8} {'target':>6} {'queue':>5} {'p50 (s)':>8} "
-          f"{'p99 (s)':>8}  statuses", flush=True)
+    print(
+        f"{'t (s)':>6} {'conc':>4} {'replicas':>8} {'target':>6} {'queue':>5} {'p50 (s)':>8} {'p99 (s)':>8}  statuses",
+        flush=True,
+    )
     tick = 0
     while load.is_alive() or tick * args.interval <= total:
         tick += 1
@@ -188,12 +203,21 @@ def print_table(args, stages, answers: list, polled: list, origin: float, load: 
         t = tick * args.interval
         window = window_summary(list(answers), t - args.interval, t)
         last = polled[-1][1] if polled else {"Sampler": (0, 0), "ongoing": 0}
-        row = {"t": t, "concurrency": concurrency_at(stages, t - 1e-6), "replicas": last["Sampler"][0],
-               "target": last["Sampler"][1], "queue": last["ongoing"], **window}
+        row = {
+            "t": t,
+            "concurrency": concurrency_at(stages, t - 1e-6),
+            "replicas": last["Sampler"][0],
+            "target": last["Sampler"][1],
+            "queue": last["ongoing"],
+            **window,
+        }
         rows.append(row)
         fmt = lambda x: f"{x:8.2f}" if x is not None else f"{'-':>8}"  # noqa: E731
-        print(f"{t:6.0f} {row['concurrency']:4d} {row['replicas']:8d} {row['target']:6d} {row['queue']:5d} "
-              f"{fmt(row['p50_s'])} {fmt(row['p99_s'])}  {row['statuses']}", flush=True)
+        print(
+            f"{t:6.0f} {row['concurrency']:4d} {row['replicas']:8d} {row['target']:6d} {row['queue']:5d} "
+            f"{fmt(row['p50_s'])} {fmt(row['p99_s'])}  {row['statuses']}",
+            flush=True,
+        )
         if not load.is_alive() and t >= total:
             break
     return rows
@@ -201,8 +225,9 @@ def print_table(args, stages, answers: list, polled: list, origin: float, load: 
 
 def scaling_figures(polled: list, answers: list, load_start: float) -> tuple[dict, dict]:
     """Scale-up and scale-down times and the answers' statuses → (figures, the timeline's marks)."""
-    two, two_nodes = next(((t, v["sampler_nodes"]) for t, v in polled
-                           if t >= load_start and v["Sampler"][0] >= 2), (None, None))
+    two, two_nodes = next(
+        ((t, v["sampler_nodes"]) for t, v in polled if t >= load_start and v["Sampler"][0] >= 2), (None, None)
+    )
     last_answer = max((a.done for a in answers), default=None)
     back = next((t for t, v in polled if last_answer and t >= last_answer and v["Sampler"][0] == 1), None)
     statuses: dict = {}
@@ -211,7 +236,8 @@ def scaling_figures(polled: list, answers: list, load_start: float) -> tuple[dic
     figures = {
         "second_replica_after_load_start_s": round(two - load_start, 1) if two is not None else None,
         "scale_down_after_load_end_s": round(back - last_answer, 1) if back is not None else None,
-        "requests": len(answers), "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "requests": len(answers),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "server_errors_5xx": sum(v for k, v in statuses.items() if k >= 500 or k < 0),
         "sampler_nodes_at_two_replicas": two_nodes,
     }
@@ -230,8 +256,9 @@ def profile_phase(cluster, args, common: list[str], payload, stages, logs: Path)
         answers: list = []
         origin = time.perf_counter()
         polled, done, poller = start_polling(client, origin)
-        load = threading.Thread(target=run_profile, args=(f"{url}/v1/generate", payload, stages),
-                                kwargs={"sink": answers, "origin": origin})
+        load = threading.Thread(
+            target=run_profile, args=(f"{url}/v1/generate", payload, stages), kwargs={"sink": answers, "origin": origin}
+        )
         load.start()
         rows = print_table(args, stages, answers, polled, origin, load)
         load.join()
@@ -261,9 +288,12 @@ def cold_start_phase(cluster, common: list[str], payload, logs: Path) -> dict:
             timed.append((response.status_code, time.perf_counter() - sent))
         idle_s = wait_until(client, lambda v: v["Sampler"][0] == 0 and v["SubjectEncoder"][0] == 0, 900)
         client.close()
-        return {"cold_start_request_s": round(timed[0][1], 2), "warm_request_s": round(timed[1][1], 2),
-                "cold_start_statuses": [timed[0][0], timed[1][0]],
-                "back_to_zero_after_last_request_s": round(idle_s, 1)}
+        return {
+            "cold_start_request_s": round(timed[0][1], 2),
+            "warm_request_s": round(timed[1][1], 2),
+            "cold_start_statuses": [timed[0][0], timed[1][0]],
+            "back_to_zero_after_last_request_s": round(idle_s, 1),
+        }
     finally:
         print(f"serve (min 0) stopped, exit {server.stop()}", flush=True)
 
@@ -273,11 +303,29 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.local import LocalCluster, NodeSpec
 
     load_before = os.getloadavg()[0]
-    scaling = ["--target-ongoing-requests", str(args.target_ongoing_requests), "--upscale-delay-s",
-               str(args.upscale_delay_s), "--downscale-delay-s", str(args.downscale_delay_s)]
+    scaling = [
+        "--target-ongoing-requests",
+        str(args.target_ongoing_requests),
+        "--upscale-delay-s",
+        str(args.upscale_delay_s),
+        "--downscale-delay-s",
+        str(args.downscale_delay_s),
+    ]
     # sampler: 1 logical GPU, a quarter CPU (a GPU node has 1 CPU and may hold an encoder (0.5) and the ingress)
-    common = ["--tiny", "--num-gpus", "1", "--num-cpus", "0.25", "--max-batch-size", str(args.max_batch_size),
-              "--max-steps", str(args.steps), "--max-side", str(args.size), *scaling]
+    common = [
+        "--tiny",
+        "--num-gpus",
+        "1",
+        "--num-cpus",
+        "0.25",
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-steps",
+        str(args.steps),
+        "--max-side",
+        str(args.size),
+        *scaling,
+    ]
     workers = [NodeSpec(name, num_cpus=1, num_gpus=1, resources={name: 1}) for name in ("gpu_node_a", "gpu_node_b")]
     reference = base64.b64encode(REFERENCE.read_bytes()).decode()
     payload = generate_payload(reference, steps=args.steps, width=args.size, height=args.size, identity_scores=False)

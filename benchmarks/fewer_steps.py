@@ -34,8 +34,18 @@ def sample(pipe, scheduler: str, steps: int, seed: int, size: int):
     """→ (final latents, image [3, H, W], masks [fusion steps, h, w], fusion fractions, seconds)."""
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     start = time.perf_counter()
-    result = pipe(PROMPT, [str(ASTRONAUT)], num_inference_steps=steps, seed=seed, height=size, width=size,
-                  alpha=0.3, beta=0.6, return_masks=True, output_type="latent")
+    result = pipe(
+        PROMPT,
+        [str(ASTRONAUT)],
+        num_inference_steps=steps,
+        seed=seed,
+        height=size,
+        width=size,
+        alpha=0.3,
+        beta=0.6,
+        return_masks=True,
+        output_type="latent",
+    )
     image = pipe.decode_latents(result.images)[0]
     seconds = time.perf_counter() - start
     fractions = [i / result.num_iterations for i in result.fusion_steps]
@@ -57,8 +67,11 @@ def compare(run, reference) -> dict:
     latents, image, masks, fractions, _ = run
     ref_latents, ref_image, ref_masks, ref_fractions, _ = reference
     nearest = [min(range(len(ref_fractions)), key=lambda j: abs(ref_fractions[j] - f)) for f in fractions]
-    return {"latent": ((latents - ref_latents).norm() / ref_latents.norm()).item(), "psnr": psnr(image, ref_image),
-            "iou": statistics.mean(iou(masks[k], ref_masks[j]) for k, j in enumerate(nearest))}
+    return {
+        "latent": ((latents - ref_latents).norm() / ref_latents.norm()).item(),
+        "psnr": psnr(image, ref_image),
+        "iou": statistics.mean(iou(masks[k], ref_masks[j]) for k, j in enumerate(nearest)),
+    }
 
 
 def main() -> None:
@@ -71,8 +84,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = tiny_pipeline(seed=0, unet_width=args.width)
-    print(f"inputs: UNet width {args.width}, {args.size}², seeds 0..{args.seeds - 1}, {args.repeats} timed calls, "
-          f"{args.threads} torch threads, α=0.3 β=0.6, prompt {PROMPT!r}", flush=True)
+    print(
+        f"inputs: UNet width {args.width}, {args.size}², seeds 0..{args.seeds - 1}, {args.repeats} timed calls, "
+        f"{args.threads} torch threads, α=0.3 β=0.6, prompt {PROMPT!r}",
+        flush=True,
+    )
 
     def runs(scheduler, steps):
         per_seed = [sample(pipe, scheduler, steps, seed, args.size) for seed in range(args.seeds)]
@@ -86,8 +102,11 @@ def main() -> None:
         candidate, seconds = runs(scheduler, steps)
         scores = [compare(c, r) for c, r in zip(candidate, reference)]
         mean = {key: statistics.mean(s[key] for s in scores) for key in scores[0]}
-        print(f"{scheduler + ' ' + str(steps):<12} {mean['latent']:>11.4f} {mean['psnr']:>8.2f} {mean['iou']:>8.3f} "
-              f"{seconds:>8.2f} {seconds / reference_seconds:>10.2f}", flush=True)
+        print(
+            f"{scheduler + ' ' + str(steps):<12} {mean['latent']:>11.4f} {mean['psnr']:>8.2f} {mean['iou']:>8.3f} "
+            f"{seconds:>8.2f} {seconds / reference_seconds:>10.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -52,15 +52,21 @@ class Check:
         self.started = time.perf_counter()
 
     def row(self, phase: str, what: str, figure: str, seconds: float, ok: bool, note: str = "") -> None:
-        self.rows.append({"phase": phase, "what": what, "figure": figure, "seconds": round(seconds, 1), "ok": ok,
-                          "note": note})
-        print(f"[{time.perf_counter() - self.started:6.0f} s] {phase}: {what}: {figure} "
-              f"({'ok' if ok else 'FAILED'}{'; ' + note if note else ''})", flush=True)
+        self.rows.append(
+            {"phase": phase, "what": what, "figure": figure, "seconds": round(seconds, 1), "ok": ok, "note": note}
+        )
+        print(
+            f"[{time.perf_counter() - self.started:6.0f} s] {phase}: {what}: {figure} "
+            f"({'ok' if ok else 'FAILED'}{'; ' + note if note else ''})",
+            flush=True,
+        )
 
     def table(self) -> str:
         lines = ["| phase | what | figure | s | ok |", "|---|---|---|---|---|"]
-        lines += [f"| {r['phase']} | {r['what']} | {r['figure']} | {r['seconds']} | {'yes' if r['ok'] else 'NO'} |"
-                  for r in self.rows]
+        lines += [
+            f"| {r['phase']} | {r['what']} | {r['figure']} | {r['seconds']} | {'yes' if r['ok'] else 'NO'} |"
+            for r in self.rows
+        ]
         return "\n".join(lines)
 
 
@@ -81,12 +87,23 @@ def start_serve(check: Check, env: dict, model_dir: Path, work: Path) -> tuple[s
     from cluster.local import free_port
 
     port = free_port()
-    command = [str(BIN / "facediffuser"), "serve", "--model", str(model_dir), "--num-gpus", "1", "--port", str(port),
-               "--max-replicas", "1", "--dtype", "float32" if check.dry else "float16"]
+    command = [
+        str(BIN / "facediffuser"),
+        "serve",
+        "--model",
+        str(model_dir),
+        "--num-gpus",
+        "1",
+        "--port",
+        str(port),
+        "--max-replicas",
+        "1",
+        "--dtype",
+        "float32" if check.dry else "float16",
+    ]
     print("$ " + " ".join(command), flush=True)
     log = open(work / "serve.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                              start_new_session=True)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     return server, f"http://127.0.0.1:{port}"
 
 
@@ -96,8 +113,7 @@ def wait_healthy(server: subprocess.Popen, url: str, work: Path, timeout: float 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"serve exited with {server.returncode}: "
-                               + (work / "serve.log").read_text()[-2000:])
+            raise RuntimeError(f"serve exited with {server.returncode}: " + (work / "serve.log").read_text()[-2000:])
         try:
             if httpx.get(url + "/healthz", timeout=5).status_code == 200:
                 return
@@ -117,8 +133,8 @@ def stop_serve(server: subprocess.Popen) -> None:
 
 
 def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int, requests: int, work: Path) -> None:
-    from skimage.data import astronaut
     from PIL import Image
+    from skimage.data import astronaut
 
     from benchmarks.loadtest import generate_payload, run_load
 
@@ -130,15 +146,26 @@ def serve_phase(check: Check, env: dict, model_dir: Path, size: int, steps: int,
         buffer = io.BytesIO()
         Image.fromarray(astronaut()).save(buffer, format="PNG")
         reference = base64.b64encode(buffer.getvalue()).decode()
-        payload = generate_payload(reference, steps=steps, prompt=PROMPT, seed_base=100, width=size, height=size,
-                                   identity_scores=False)
-        run_load(url + "/v1/generate", generate_payload(reference, steps=2, prompt=PROMPT, width=size, height=size,
-                                                        identity_scores=False), concurrency=2, requests=2)
+        payload = generate_payload(
+            reference, steps=steps, prompt=PROMPT, seed_base=100, width=size, height=size, identity_scores=False
+        )
+        run_load(
+            url + "/v1/generate",
+            generate_payload(reference, steps=2, prompt=PROMPT, width=size, height=size, identity_scores=False),
+            concurrency=2,
+            requests=2,
+        )
         report = run_load(url + "/v1/generate", payload, concurrency=4, requests=requests).summary()
         ok = report["ok"] == report["requests"]
-        check.row("serve", f"serve --num-gpus 1, {requests} requests at concurrency 4 ({size}², {steps} steps)",
-                  f"{report['requests_per_s']:.3f} requests/s, p50 {report['p50_s']:.2f} s, "
-                  f"{report['ok']}/{report['requests']} ok", time.perf_counter() - started, ok, f"ready in {ready:.0f} s")
+        check.row(
+            "serve",
+            f"serve --num-gpus 1, {requests} requests at concurrency 4 ({size}², {steps} steps)",
+            f"{report['requests_per_s']:.3f} requests/s, p50 {report['p50_s']:.2f} s, "
+            f"{report['ok']}/{report['requests']} ok",
+            time.perf_counter() - started,
+            ok,
+            f"ready in {ready:.0f} s",
+        )
     finally:
         stop_serve(server)
 
@@ -149,8 +176,22 @@ def preprocess_phase(check: Check, env: dict, work: Path) -> Path:
     done = run([str(BIN / "facediffuser"), "sample-photos", "--out", str(photos)], env, 300)
     if done.returncode:
         raise RuntimeError(tail(done))
-    done = run([str(BIN / "facediffuser"), "preprocess", "--input", str(photos), "--output", str(data),
-                "--num-gpus-per-stage", "1", "--detector", "mtcnn"], env, 400)
+    done = run(
+        [
+            str(BIN / "facediffuser"),
+            "preprocess",
+            "--input",
+            str(photos),
+            "--output",
+            str(data),
+            "--num-gpus-per-stage",
+            "1",
+            "--detector",
+            "mtcnn",
+        ],
+        env,
+        400,
+    )
     if done.returncode:
         check.row("preprocess", "MTCNN on the GPU", "failed", time.perf_counter() - started, False, tail(done, 3))
         return data
@@ -159,21 +200,49 @@ def preprocess_phase(check: Check, env: dict, work: Path) -> Path:
     detect = next(s for s in manifest["stages"] if "detect" in s["stages"])
     balanced = counts["input"] == counts["written"] + counts["rejected"]
     on_gpu = detect.get("num_gpus") == 1 and "actors" in detect
-    check.row("preprocess", "--num-gpus-per-stage 1 --detector mtcnn",
-              f"{manifest['images_per_s']:.2f} images/s; {counts['input']} in = {counts['written']} written + "
-              f"{counts['rejected']} rejected", time.perf_counter() - started, balanced and on_gpu,
-              f"detect: {detect.get('actors')} actor(s) × {detect.get('num_gpus')} GPU on "
-              + ", ".join(str(n["node_name"]) for n in detect.get("nodes", [])))
+    check.row(
+        "preprocess",
+        "--num-gpus-per-stage 1 --detector mtcnn",
+        f"{manifest['images_per_s']:.2f} images/s; {counts['input']} in = {counts['written']} written + "
+        f"{counts['rejected']} rejected",
+        time.perf_counter() - started,
+        balanced and on_gpu,
+        f"detect: {detect.get('actors')} actor(s) × {detect.get('num_gpus')} GPU on "
+        + ", ".join(str(n["node_name"]) for n in detect.get("nodes", [])),
+    )
     return data
 
 
 def train_phase(check: Check, env: dict, model_dir: Path, data: Path, work: Path, resolution: int) -> None:
     for model in ("tdm", "sdm"):
         started = time.perf_counter()
-        command = [str(BIN / "facediffuser"), "train", "--model", model, "--base", str(model_dir), "--data", str(data),
-                   "--storage", str(work / "runs"), "--name", "gpu-check", "--use-gpu", "--workers", "1",
-                   "--max-steps", "5", "--checkpoint-every", "5", "--batch-size", "1", "--max-failures", "0",
-                   "--resolution", str(resolution)]
+        command = [
+            str(BIN / "facediffuser"),
+            "train",
+            "--model",
+            model,
+            "--base",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--storage",
+            str(work / "runs"),
+            "--name",
+            "gpu-check",
+            "--use-gpu",
+            "--workers",
+            "1",
+            "--max-steps",
+            "5",
+            "--checkpoint-every",
+            "5",
+            "--batch-size",
+            "1",
+            "--max-failures",
+            "0",
+            "--resolution",
+            str(resolution),
+        ]
         if check.dry:
             command += ["--cpus-per-worker", "0.5", "--data-cpus", "0.25", "--mixed-precision", "no"]
         else:
@@ -183,9 +252,14 @@ def train_phase(check: Check, env: dict, model_dir: Path, data: Path, work: Path
         steps = re.search(rf"^{model}: (\d+) steps, loss_den ([\d.naninf]+)", text, re.M)
         where = re.search(rf"^{model}: \d+ worker\(s\) on node\(s\) (.*)$", text, re.M)
         ok = done.returncode == 0 and steps is not None and steps.group(1) == "5"
-        check.row("train", f"{model}: 5 steps --use-gpu, batch 1, {resolution}²",
-                  f"loss_den {steps.group(2)}" if steps else "failed", time.perf_counter() - started, ok,
-                  where.group(1) if where else tail(done, 3))
+        check.row(
+            "train",
+            f"{model}: 5 steps --use-gpu, batch 1, {resolution}²",
+            f"loss_den {steps.group(2)}" if steps else "failed",
+            time.perf_counter() - started,
+            ok,
+            where.group(1) if where else tail(done, 3),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -193,8 +267,11 @@ def train_phase(check: Check, env: dict, model_dir: Path, data: Path, work: Path
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU: tiny models, a logical GPU and FACEDIFFUSER_CPU_UNDER_GPU=1; no GPU figures")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU: tiny models, a logical GPU and FACEDIFFUSER_CPU_UNDER_GPU=1; no GPU figures",
+    )
     parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json-out", default=None)
     return parser.parse_args(argv)
@@ -204,9 +281,10 @@ def make_cluster(dry_run: bool):
     from cluster.local import LocalCluster, NodeSpec
 
     if dry_run:  # a head and one worker node declaring a logical GPU; CPU kernels under it
-        return LocalCluster(head_cpus=2, workers=[NodeSpec("gpu_node", num_cpus=1, num_gpus=1)],
-                            env={"FACEDIFFUSER_CPU_UNDER_GPU": "1"})
-    return LocalCluster(head_cpus=max(2, (os.cpu_count() or 4) - 1), head_gpus=1, object_store_bytes=4 * 1024 ** 3)
+        return LocalCluster(
+            head_cpus=2, workers=[NodeSpec("gpu_node", num_cpus=1, num_gpus=1)], env={"FACEDIFFUSER_CPU_UNDER_GPU": "1"}
+        )
+    return LocalCluster(head_cpus=max(2, (os.cpu_count() or 4) - 1), head_gpus=1, object_store_bytes=4 * 1024**3)
 
 
 def cluster_phases(check: Check, dry_run: bool, model_dir: Path, work: Path, sizes: tuple) -> bool:
@@ -216,11 +294,15 @@ def cluster_phases(check: Check, dry_run: bool, model_dir: Path, work: Path, siz
     cluster = make_cluster(dry_run)
     started = time.perf_counter()
     with cluster:
-        check.row("setup", "Ray cluster (ray start)", ", ".join(cluster.node_ids()), time.perf_counter() - started, True)
+        check.row(
+            "setup", "Ray cluster (ray start)", ", ".join(cluster.node_ids()), time.perf_counter() - started, True
+        )
         env = cluster.env
-        for name, phase in (("serve", lambda: serve_phase(check, env, model_dir, size, steps, requests, work)),
-                            ("preprocess", lambda: preprocess_phase(check, env, work)),
-                            ("train", lambda: train_phase(check, env, model_dir, work / "data", work, resolution))):
+        for name, phase in (
+            ("serve", lambda: serve_phase(check, env, model_dir, size, steps, requests, work)),
+            ("preprocess", lambda: preprocess_phase(check, env, work)),
+            ("train", lambda: train_phase(check, env, model_dir, work / "data", work, resolution)),
+        ):
             try:
                 phase()
             except Exception as exc:
@@ -230,16 +312,19 @@ def cluster_phases(check: Check, dry_run: bool, model_dir: Path, work: Path, siz
 
 
 def report(check: Check, dry_run: bool, total: float, json_out: str | None) -> None:
-    print(f"\nGPU check{' (DRY RUN: CPU, tiny models, logical GPU; the figures mean nothing)' if dry_run else ''}"
-          f" — {total:.0f} s in all (budget {BUDGET_S} s)")
+    print(
+        f"\nGPU check{' (DRY RUN: CPU, tiny models, logical GPU; the figures mean nothing)' if dry_run else ''}"
+        f" — {total:.0f} s in all (budget {BUDGET_S} s)"
+    )
     print(check.table())
     if not dry_run:
         import torch
 
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     if json_out:
-        Path(json_out).write_text(json.dumps({"dry_run": dry_run, "total_s": round(total, 1),
-                                              "rows": check.rows}, indent=2))
+        Path(json_out).write_text(
+            json.dumps({"dry_run": dry_run, "total_s": round(total, 1), "rows": check.rows}, indent=2)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("gpu_check: torch sees no CUDA GPU here; run it on a GPU machine, or --dry-run for the plumbing",
-                  file=sys.stderr)
+            print(
+                "gpu_check: torch sees no CUDA GPU here; run it on a GPU machine, or --dry-run for the plumbing",
+                file=sys.stderr,
+            )
             return 2
     sizes = (64, 4, 1, 4, 64) if args.dry_run else (512, 50, 3, 8, 512)  # size, steps, reps, requests, resolution
     scratch = tempfile.TemporaryDirectory(prefix="gpu-check-") if args.work is None else None

@@ -28,8 +28,14 @@ def build_model(check, model_dir: Path, seed: int = 0):
         torch.manual_seed(seed)
         pipe = FaceDiffuserPipeline(**sd15_components(seed))
     pipe.save_pretrained(model_dir)
-    check.row("setup", "model directory", "tiny" if check.dry else "SD1.5 sizes, random init",
-              time.perf_counter() - started, True, str(model_dir))
+    check.row(
+        "setup",
+        "model directory",
+        "tiny" if check.dry else "SD1.5 sizes, random init",
+        time.perf_counter() - started,
+        True,
+        str(model_dir),
+    )
     return pipe
 
 
@@ -37,10 +43,17 @@ def diffusers_pipeline(pipe):
     """diffusers' StableDiffusionPipeline on our pipeline's TDM UNet, VAE, text encoder and (DDIM) scheduler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                 unet=pipe.tdm_unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                 safety_checker=None, feature_extractor=None, image_encoder=None,
-                                 requires_safety_checker=False)
+    sd = StableDiffusionPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.tdm_unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
     sd.set_progress_bar_config(disable=True)
     return sd
 
@@ -88,16 +101,33 @@ def sampler_phase(check, pipe, size: int, steps: int, reps: int) -> None:
         pipe(PROMPT, [reference], num_inference_steps=n_steps, guidance_scale=5.0, seed=seed, height=size, width=size)
 
     def theirs(seed: int, n_steps: int):
-        sd(plain, num_inference_steps=n_steps, guidance_scale=5.0, height=size, width=size,
-           generator=torch.Generator(device).manual_seed(seed))
+        sd(
+            plain,
+            num_inference_steps=n_steps,
+            guidance_scale=5.0,
+            height=size,
+            width=size,
+            generator=torch.Generator(device).manual_seed(seed),
+        )
 
     ours_rate, sd_rate = best_rates(ours, theirs, device, steps, reps)
     what = f"{'fp32 CPU' if check.dry else 'fp16'} {size}², {steps} DDIM steps, batch 1"
-    check.row("sampler", f"StableDiffusionPipeline, same UNet ({what})", f"{sd_rate:.3f} images/s",
-              time.perf_counter() - started, True)
+    check.row(
+        "sampler",
+        f"StableDiffusionPipeline, same UNet ({what})",
+        f"{sd_rate:.3f} images/s",
+        time.perf_counter() - started,
+        True,
+    )
     check.row("sampler", "FaceDiffuserPipeline (SNF, both UNets in fusion)", f"{ours_rate:.3f} images/s", 0, True)
-    check.row("sampler", "ratio ours / diffusers", f"{ours_rate / sd_rate:.2f}x", 0, True,
-              "dry run: not a figure" if check.dry else "")
+    check.row(
+        "sampler",
+        "ratio ours / diffusers",
+        f"{ours_rate / sd_rate:.2f}x",
+        0,
+        True,
+        "dry run: not a figure" if check.dry else "",
+    )
     sd = None  # noqa: F841  (frees the pipeline object; the modules are shared with ours)
     pipe.to("cpu")
     if device == "cuda":

@@ -47,10 +47,14 @@ class LoadReport:
 
     def summary(self) -> dict:
         return {
-            "concurrency": self.concurrency, "requests": self.requests, "ok": self.ok,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "ok": self.ok,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-            "seconds": round(self.seconds, 3), "requests_per_s": round(self.throughput, 3),
-            "p50_s": round(self.percentile(50), 4), "p99_s": round(self.percentile(99), 4),
+            "seconds": round(self.seconds, 3),
+            "requests_per_s": round(self.throughput, 3),
+            "p50_s": round(self.percentile(50), 4),
+            "p99_s": round(self.percentile(99), 4),
             "mean_batch_size": round(float(np.mean(self.batch_sizes)), 2) if self.batch_sizes else None,
             "max_batch_size": max(self.batch_sizes) if self.batch_sizes else None,
             "mean_stage_s": {  # stages an answer leaves out or sets to null (identity_s when not asked) are skipped
@@ -79,8 +83,9 @@ def run_load(
     return asyncio.run(_load(url, payload, concurrency, requests, headers, timeout_s))
 
 
-async def _load(url: str, payload: Callable[[int], dict], concurrency: int, requests: int, headers: dict | None,
-                timeout_s: float) -> LoadReport:
+async def _load(
+    url: str, payload: Callable[[int], dict], concurrency: int, requests: int, headers: dict | None, timeout_s: float
+) -> LoadReport:
     """run_load's body: `concurrency` workers taking request numbers from one queue."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
@@ -159,9 +164,18 @@ def run_profile(
     return asyncio.run(_profile(url, payload, stages, ends, width, headers, timeout_s, stop, sink, origin))
 
 
-async def _profile(url: str, payload: Callable[[int], dict], stages: list[tuple[float, int]], ends: list[float],
-                   width: int, headers: dict | None, timeout_s: float, stop: Callable[[], bool] | None,
-                   sink: list | None, origin: float | None) -> list[Answer]:
+async def _profile(
+    url: str,
+    payload: Callable[[int], dict],
+    stages: list[tuple[float, int]],
+    ends: list[float],
+    width: int,
+    headers: dict | None,
+    timeout_s: float,
+    stop: Callable[[], bool] | None,
+    sink: list | None,
+    origin: float | None,
+) -> list[Answer]:
     """run_profile's body: `width` workers, each sending while its index is below the stage's concurrency."""
     answers: list[Answer] = [] if sink is None else sink
     counter = iter(range(10**12))
@@ -212,8 +226,9 @@ def window_summary(answers: list[Answer], start: float, end: float) -> dict:
     }
 
 
-def generate_payload(reference_b64: str, *, steps: int = 4, prompt: str = "a man <|image|> on a beach",
-                     seed_base: int = 0, **extra) -> Callable[[int], dict]:
+def generate_payload(
+    reference_b64: str, *, steps: int = 4, prompt: str = "a man <|image|> on a beach", seed_base: int = 0, **extra
+) -> Callable[[int], dict]:
     """Request i asks for one image with seed `seed_base + i` (distinct work, same shape: batchable)."""
 
     def payload(i: int) -> dict:
@@ -233,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reference = base64.b64encode(Path(args.reference).read_bytes()).decode()
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
-    report = run_load(args.url.rstrip("/") + "/v1/generate", generate_payload(reference, steps=args.steps),
-                      concurrency=args.concurrency, requests=args.requests, headers=headers)
+    report = run_load(
+        args.url.rstrip("/") + "/v1/generate",
+        generate_payload(reference, steps=args.steps),
+        concurrency=args.concurrency,
+        requests=args.requests,
+        headers=headers,
+    )
     print(json.dumps(report.summary(), indent=2))
     return 0 if report.ok == report.requests else 1
 

@@ -6,7 +6,8 @@ What it runs: a local cluster (cluster/local.py: a head without GPUs and three w
 logical GPU each, CPU kernels under them: FACEDIFFUSER_CPU_UNDER_GPU=1), and on it `facediffuser serve --tiny
 --num-gpus 1 --min-replicas 2 --max-replicas 2` joined with RAY_ADDRESS: two sampler replicas on two of the three
 GPU nodes, the third one spare. A steady load (--concurrency requests back to back) runs until --after-s seconds after
-the recovery; --kill-after-s seconds into it the node of one sampler replica (one that holds neither the ingress nor the encoder,
+the recovery; --kill-after-s seconds into it the node of one sampler replica (one that holds neither the ingress nor
+the encoder,
 when there is such a node) is killed: its raylet gets SIGKILL, which is what a node failure looks like to Ray.
 
 Figures: the answers by status (the requests that were in flight on the dead replica get 503 `unavailable` with
@@ -32,12 +33,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.autoscale import Server  # noqa: E402
-from cluster.local import LocalCluster, NodeSpec, free_port  # noqa: E402
 from benchmarks.loadtest import generate_payload, run_profile, window_summary  # noqa: E402
+from cluster.local import LocalCluster, NodeSpec, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "facediffuser" / "assets" / "astronaut.jpg"
 GPU_NODES = ("gpu_node_a", "gpu_node_b", "gpu_node_c")
+
+
 # Serve starts an HTTP proxy on every node; on one machine they would all bind the same port (SO_REUSEPORT) and
 # the kernel would hand some connections to a worker node's proxy, which dies with the node and drops them. On a
 # real cluster the nodes have their own addresses and clients come through the head's (or a load balancer's):
@@ -46,22 +49,48 @@ def cluster_env() -> dict:
     return {"FACEDIFFUSER_CPU_UNDER_GPU": "1", "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(free_port())}
 
 
-SERVE_FLAGS = ["--tiny", "--num-gpus", "1", "--num-cpus", "0.25", "--min-replicas", "2", "--max-replicas", "2",
-               "--max-batch-size", "2", "--max-steps", "4", "--max-side", "64"]
+SERVE_FLAGS = [
+    "--tiny",
+    "--num-gpus",
+    "1",
+    "--num-cpus",
+    "0.25",
+    "--min-replicas",
+    "2",
+    "--max-replicas",
+    "2",
+    "--max-batch-size",
+    "2",
+    "--max-steps",
+    "4",
+    "--max-side",
+    "64",
+]
 
 
 def serve_actor_nodes(cluster: LocalCluster, app: str = "facediffuser") -> dict[str, set[str]]:
     """{deployment: names of the nodes holding its live replicas}, from Ray's state API (the ingress too, which
     /v1/replicas leaves out)."""
     names = {node_id: name for name, node_id in cluster.node_ids().items()}
-    done = cluster._ray("list", "actors", "--address", cluster.dashboard_url, "--format", "json", "--detail",
-                        "--filter", "state=ALIVE", "--limit", "1000")
+    done = cluster._ray(
+        "list",
+        "actors",
+        "--address",
+        cluster.dashboard_url,
+        "--format",
+        "json",
+        "--detail",
+        "--filter",
+        "state=ALIVE",
+        "--limit",
+        "1000",
+    )
     found: dict[str, set[str]] = {}
     for actor in json.loads(done.stdout or "[]"):
         kind = actor.get("class_name") or ""
         prefix = f"ServeReplica:{app}:"
         if kind.startswith(prefix):
-            found.setdefault(kind[len(prefix):], set()).add(names.get(actor.get("node_id"), actor.get("node_id")))
+            found.setdefault(kind[len(prefix) :], set()).add(names.get(actor.get("node_id"), actor.get("node_id")))
     return found
 
 
@@ -109,23 +138,38 @@ def answer_figures(answers: list, victim: str, killed_at: float, recovered_at: f
     statuses = Counter(a.status for a in answers)
     failed = [a for a in answers if a.status != 200]
     return dict(
-        victim=victim, killed_at_s=round(killed_at, 1),
+        victim=victim,
+        killed_at_s=round(killed_at, 1),
         recovery_s=round(recovered_at - killed_at, 1) if recovered_at is not None else None,
-        requests=len(answers), statuses=dict(sorted(statuses.items())), failed=len(failed),
+        requests=len(answers),
+        statuses=dict(sorted(statuses.items())),
+        failed=len(failed),
         failed_codes=dict(Counter(f"{a.status} {a.error}" for a in failed)),
         failed_without_retry_after=sum(1 for a in failed if a.status == 503 and not a.retry_after),
         longest_s=round(max(a.latency for a in answers), 1),
-        before=window_summary(answers, 0, killed_at), during=window_summary(answers, killed_at, recovery_end),
-        after=window_summary(answers, recovery_end, end + 1), answers=answers)
+        before=window_summary(answers, 0, killed_at),
+        during=window_summary(answers, killed_at, recovery_end),
+        after=window_summary(answers, recovery_end, end + 1),
+        answers=answers,
+    )
 
 
-def node_failure(cluster: LocalCluster, workdir: Path, *, concurrency: int = 4, kill_after_s: float = 15,
-                 after_s: float = 10, request_timeout_s: float = 120, recovery_limit_s: float = 300,
-                 log=print) -> dict:
+def node_failure(
+    cluster: LocalCluster,
+    workdir: Path,
+    *,
+    concurrency: int = 4,
+    kill_after_s: float = 15,
+    after_s: float = 10,
+    request_timeout_s: float = 120,
+    recovery_limit_s: float = 300,
+    log=print,
+) -> dict:
     """Serve under steady load; kill the node of one sampler replica; → the figures (see the module docstring).
     The server is stopped (SIGTERM) before returning; the cluster is left to the caller, one node fewer."""
-    payload = generate_payload(base64.b64encode(REFERENCE.read_bytes()).decode(), steps=2, width=64, height=64,
-                               identity_scores=False)
+    payload = generate_payload(
+        base64.b64encode(REFERENCE.read_bytes()).decode(), steps=2, width=64, height=64, identity_scores=False
+    )
     server = Server(cluster, [*SERVE_FLAGS, "--port", str(free_port())], workdir / "serve.log")
     figures: dict = {}
     load_s = kill_after_s + recovery_limit_s + after_s  # at most; it stops `after_s` after the recovery
@@ -136,9 +180,11 @@ def node_failure(cluster: LocalCluster, workdir: Path, *, concurrency: int = 4, 
         victim = pick_victim(nodes)
         answers: list = []
         origin, stop = time.perf_counter(), threading.Event()
-        load = threading.Thread(target=run_profile, args=(f"{url}/v1/generate", payload, [(load_s, concurrency)]),
-                                kwargs={"timeout_s": request_timeout_s, "sink": answers, "origin": origin,
-                                        "stop": stop.is_set})
+        load = threading.Thread(
+            target=run_profile,
+            args=(f"{url}/v1/generate", payload, [(load_s, concurrency)]),
+            kwargs={"timeout_s": request_timeout_s, "sink": answers, "origin": origin, "stop": stop.is_set},
+        )
         load.start()
         time.sleep(kill_after_s)
         log(f"replicas by node before the kill: { {k: sorted(v) for k, v in nodes.items()} }; killing {victim}")
@@ -164,12 +210,15 @@ def table(figures: dict) -> str:
     def ms(value):
         return "-" if value is None else f"{value:.2f}"
 
-    rows = [f"killed {figures['victim']} at {figures['killed_at_s']} s of load; sampler back to 2 replicas "
-            f"{figures['recovery_s']} s later on {figures.get('sampler_nodes_after')}",
-            f"requests {figures['requests']}: statuses {figures['statuses']}; failed {figures['failed']} "
-            f"({figures['failed_codes']}); 503 without Retry-After: {figures['failed_without_retry_after']}; "
-            f"longest request {figures['longest_s']} s",
-            "| window | answers | p50 s | p99 s |", "|---|---|---|---|"]
+    rows = [
+        f"killed {figures['victim']} at {figures['killed_at_s']} s of load; sampler back to 2 replicas "
+        f"{figures['recovery_s']} s later on {figures.get('sampler_nodes_after')}",
+        f"requests {figures['requests']}: statuses {figures['statuses']}; failed {figures['failed']} "
+        f"({figures['failed_codes']}); 503 without Retry-After: {figures['failed_without_retry_after']}; "
+        f"longest request {figures['longest_s']} s",
+        "| window | answers | p50 s | p99 s |",
+        "|---|---|---|---|",
+    ]
     for window in ("before", "during", "after"):
         w = figures[window]
         rows.append(f"| {window} | {w['statuses']} | {ms(w['p50_s'])} | {ms(w['p99_s'])} |")
@@ -183,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after-s", type=float, default=15)
     args = parser.parse_args(argv)
     workers = [NodeSpec(name, num_cpus=1, num_gpus=1, resources={name: 1}) for name in GPU_NODES]
-    with tempfile.TemporaryDirectory(prefix="fd-node-failure-") as scratch, \
-            LocalCluster(head_cpus=2, workers=workers, env=cluster_env()) as cluster:
-        figures = node_failure(cluster, Path(scratch), concurrency=args.concurrency, after_s=args.after_s,
-                               kill_after_s=args.kill_after_s)
+    with (
+        tempfile.TemporaryDirectory(prefix="fd-node-failure-") as scratch,
+        LocalCluster(head_cpus=2, workers=workers, env=cluster_env()) as cluster,
+    ):
+        figures = node_failure(
+            cluster, Path(scratch), concurrency=args.concurrency, after_s=args.after_s, kill_after_s=args.kill_after_s
+        )
         figures.pop("answers"), figures.pop("serve_output")
         print(table(figures))
         print(json.dumps(figures))

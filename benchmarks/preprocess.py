@@ -90,7 +90,6 @@ def run_ray(input_dir: str, output_dirs: list[str], num_cpus: int) -> list[tuple
     import ray
 
     from cluster.runtime import init_ray
-
     from facediffuser.data.preprocess_config import PreprocessConfig
     from pipelines.preprocess import preprocess
 
@@ -124,8 +123,9 @@ def _timed_run(preprocess, config) -> tuple[float, dict]:
         kind = "stage workers" if title.startswith(STAGE_WORKER_TITLES) else title
         spent[kind] = spent.get(kind, 0.0) + cpu - before.get(pid, (title, 0.0))[1]
     manifest["stage_worker_cpu_s"] = round(spent.pop("stage workers", 0.0), 2)
-    manifest["other_process_cpu_s"] = {title: round(cpu, 2) for title, cpu in
-                                       sorted(spent.items(), key=lambda item: -item[1]) if cpu >= 0.1}
+    manifest["other_process_cpu_s"] = {
+        title: round(cpu, 2) for title, cpu in sorted(spent.items(), key=lambda item: -item[1]) if cpu >= 0.1
+    }
     return elapsed, manifest
 
 
@@ -139,8 +139,11 @@ def process_cpu() -> dict[int, tuple[str, float]]:
         try:
             args = process.cmdline() or [process.name()]
             # Ray's workers and actors are titled "ray::Name"; its other processes are named by their program
-            title = args[0].strip() if args[0].startswith("ray::") else \
-                next((Path(a).name for a in args if a.endswith(".py")), Path(args[0]).name)
+            title = (
+                args[0].strip()
+                if args[0].startswith("ray::")
+                else next((Path(a).name for a in args if a.endswith(".py")), Path(args[0]).name)
+            )
             times = process.cpu_times()
             found[process.pid] = ("driver" if process.pid == me.pid else title, times.user + times.system)
         except psutil.Error:
@@ -161,8 +164,9 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         with pinned(1):
             plain_before = run_plain(str(inputs), str(Path(work, "plain")))
-            (ray1_s, manifest1), (warm1_s, _) = run_ray(str(inputs), [str(Path(work, "ray1")),
-                                                                     str(Path(work, "ray1-warm"))], 1)
+            (ray1_s, manifest1), (warm1_s, _) = run_ray(
+                str(inputs), [str(Path(work, "ray1")), str(Path(work, "ray1-warm"))], 1
+            )
         with pinned(2):
             ((ray2_s, manifest2),) = run_ray(str(inputs), [str(Path(work, "ray2"))], 2)
         with pinned(1):
@@ -172,11 +176,17 @@ def main() -> None:
 
     n = args.images
     result = {
-        "inputs": {"images": n, "source": "skimage astronaut, 1-3 people per image, ~470 px high",
-                   "written": manifest1["counts"]["written"], "rejected": manifest1["counts"]["rejected"],
-                   "detector": "mediapipe", "captioner": "template", "cpu_count": os.cpu_count(),
-                   "cores": {"plain": 1, "ray@1": 1, "ray@2": 2},
-                   "load_average_before_after": [round(load_before, 2), round(load_after, 2)]},
+        "inputs": {
+            "images": n,
+            "source": "skimage astronaut, 1-3 people per image, ~470 px high",
+            "written": manifest1["counts"]["written"],
+            "rejected": manifest1["counts"]["rejected"],
+            "detector": "mediapipe",
+            "captioner": "template",
+            "cpu_count": os.cpu_count(),
+            "cores": {"plain": 1, "ray@1": 1, "ray@2": 2},
+            "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
+        },
         "plain_runs_s": [round(plain_before, 2), round(plain_after, 2)],
         "plain_images_per_s": round(n / plain_s, 2),
         "ray_1cpu_images_per_s": round(n / ray1_s, 2),

@@ -1,4 +1,5 @@
-"""Cost of a live preview (fixed linear latent → RGB map, PNG, fusion mask PNG) against a denoising step and a VAE decode.
+"""Cost of a live preview (fixed linear latent → RGB map, PNG, fusion mask PNG) against a denoising step and a VAE
+decode.
 
 In one process, alternating, at 64×64 latents (a 512² image), batch 1:
 - step: one fusion-stage iteration of `snf_denoise` (both UNets, CFG pairs, mask, scheduler step), measured as a
@@ -21,8 +22,8 @@ import time
 import torch
 from diffusers import DDIMScheduler
 
-from facediffuser.models.tiny import SD15_SCHEDULE, tiny_unet, tiny_vae
 from facediffuser.images import png_bytes
+from facediffuser.models.tiny import SD15_SCHEDULE, tiny_unet, tiny_vae
 from facediffuser.preview import mask_image, mask_so_far, preview_images
 from facediffuser.sampling import snf_denoise
 
@@ -44,15 +45,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    tdm, sdm = tiny_unet(args.width, sample_size=args.latent).eval(), tiny_unet(args.width, sample_size=args.latent).eval()
+    tdm, sdm = (
+        tiny_unet(args.width, sample_size=args.latent).eval(),
+        tiny_unet(args.width, sample_size=args.latent).eval(),
+    )
     vae = tiny_vae(sample_size=args.latent * 8).eval()
     null, text, aug = (torch.randn(1, 77, 32) for _ in range(3))
     latents = torch.randn(1, 4, args.latent, args.latent)
     masks = [(torch.rand(1, 1, args.latent, args.latent) > 0.5).float() for _ in range(10)]
 
     def denoise():
-        snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, aug, num_inference_steps=args.steps,
-                    guidance_scale=5.0, start_merge_step=-1, final_step=args.steps - 1)
+        snf_denoise(
+            tdm,
+            sdm,
+            DDIMScheduler(**SD15_SCHEDULE),
+            latents,
+            null,
+            text,
+            aug,
+            num_inference_steps=args.steps,
+            guidance_scale=5.0,
+            start_merge_step=-1,
+            final_step=args.steps - 1,
+        )
 
     def preview():
         png_bytes(preview_images(latents)[0])
@@ -70,12 +85,19 @@ def main() -> None:
         decodes.append(timed(decode))
     step, cost, vae_cost = (statistics.median(x) for x in (steps, previews, decodes))
     params = sum(p.numel() for p in sdm.parameters()) / 1e6
-    print(f"inputs: latent {args.latent}x{args.latent} (image {args.latent * 8}²), batch 1, UNet width {args.width} "
-          f"({params:.1f}M params each), tiny VAE, DDIM, {args.steps} fusion iterations per call, "
-          f"{args.repeats} rounds, {args.threads} torch threads")
-    print(f"median: denoising step {1000 * step:.2f} ms   preview {1000 * cost:.2f} ms   VAE decode {1000 * vae_cost:.2f} ms")
-    print(f"preview / step {cost / step:.4f}   preview / VAE decode {cost / vae_cost:.4f}   "
-          f"VAE decode / step {vae_cost / step:.3f}")
+    print(
+        f"inputs: latent {args.latent}x{args.latent} (image {args.latent * 8}²), batch 1, UNet width {args.width} "
+        f"({params:.1f}M params each), tiny VAE, DDIM, {args.steps} fusion iterations per call, "
+        f"{args.repeats} rounds, {args.threads} torch threads"
+    )
+    print(
+        f"median: denoising step {1000 * step:.2f} ms   preview {1000 * cost:.2f} ms   "
+        f"VAE decode {1000 * vae_cost:.2f} ms"
+    )
+    print(
+        f"preview / step {cost / step:.4f}   preview / VAE decode {cost / vae_cost:.4f}   "
+        f"VAE decode / step {vae_cost / step:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,12 @@ def child(phase: str, values: dict, log: Path) -> tuple[int, dict | None, float]
     with open(log, "a") as stream:
         stream.write(f"\n===== {phase} {json.dumps(values)}\n")
         stream.flush()
-        rc = subprocess.call([sys.executable, __file__, "--phase", phase, "--phase-args", json.dumps(values)],
-                             stdout=stream, stderr=stream, cwd=str(Path(__file__).resolve().parents[1]))
+        rc = subprocess.call(
+            [sys.executable, __file__, "--phase", phase, "--phase-args", json.dumps(values)],
+            stdout=stream,
+            stderr=stream,
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
     wall = time.perf_counter() - started
     result = json.loads(out.read_text()) if rc == 0 and out.stat().st_size else None
     out.unlink(missing_ok=True)
@@ -67,22 +71,35 @@ def fmt(value, digits: int = 2) -> str:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: --size 256 --steps 1 --train-resolutions 128 --train-steps 1")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: --size 256 --steps 1 --train-resolutions 128 --train-steps 1"
+    )
     parser.add_argument("--size", type=int, default=512, help="sampling and Serve: width = height")
     parser.add_argument("--steps", type=int, default=4, help="sampling and Serve: DDIM steps")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="sampling and Serve weights (training keeps fp32 weights)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="sampling and Serve weights (training keeps fp32 weights)",
+    )
     parser.add_argument("--train-resolutions", default="512,384,256", help="tried in this order until one fits")
     parser.add_argument("--train-batch-size", type=int, default=1)
     parser.add_argument("--train-steps", type=int, default=2, help="per model; s/step is the last step's")
     parser.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (Ray CPUs for Serve)")
-    parser.add_argument("--memory-limit-gb", type=float, default=0.0,
-                        help="a phase whose process tree passes this many GiB is stopped (0: 90%% of RAM)")
+    parser.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=0.0,
+        help="a phase whose process tree passes this many GiB is stopped (0: 90%% of RAM)",
+    )
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
-    parser.add_argument("--work-dir", default=None, help="where the Serve phase's model directory is written "
-                        "(default: a temp dir; 9 GB in fp32), removed afterwards")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the Serve phase's model directory is written "
+        "(default: a temp dir; 9 GB in fp32), removed afterwards",
+    )
     parser.add_argument("--log", default=None, help="the phases' own output (default: a temp file)")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -94,14 +111,18 @@ def print_header(args, limit: float, load_before, log: Path) -> None:
     import psutil
     import torch
 
-    print(f"real-size benchmark: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
-          f"{psutil.virtual_memory().total / GIB:.1f} GiB RAM ({psutil.virtual_memory().available / GIB:.1f} "
-          f"available), torch {torch.__version__}")
-    print(f"inputs: size {args.size}² steps {args.steps} (DDIM, guidance 5, alpha 0.3 beta 0.6) dtype {args.dtype}; "
-          f"training at {args.train_resolutions} batch {args.train_batch_size} steps {args.train_steps} fp32 AdamW "
-          f"gradient checkpointing {'off' if args.no_checkpointing else 'on'}; threads {args.threads}; memory limit "
-          f"{limit:.1f} GiB; load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
-          f"{'  (NOT QUIET: figures not valid)' if load_before[0] >= 0.5 else ''}")
+    print(
+        f"real-size benchmark: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / GIB:.1f} GiB RAM ({psutil.virtual_memory().available / GIB:.1f} "
+        f"available), torch {torch.__version__}"
+    )
+    print(
+        f"inputs: size {args.size}² steps {args.steps} (DDIM, guidance 5, alpha 0.3 beta 0.6) dtype {args.dtype}; "
+        f"training at {args.train_resolutions} batch {args.train_batch_size} steps {args.train_steps} fp32 AdamW "
+        f"gradient checkpointing {'off' if args.no_checkpointing else 'on'}; threads {args.threads}; memory limit "
+        f"{limit:.1f} GiB; load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
+        f"{'  (NOT QUIET: figures not valid)' if load_before[0] >= 0.5 else ''}"
+    )
     print(f"phase output: {log}", flush=True)
 
 
@@ -110,9 +131,18 @@ def run_train(args, phases: list[str], common: dict, log: Path) -> list[dict]:
     rows = []
     for model in [m for m in ("sdm", "tdm") if f"train-{m}" in phases]:
         for resolution in [int(r) for r in args.train_resolutions.split(",")]:
-            rc, result, wall = child("train", {**common, "model": model, "resolution": resolution,
-                                               "batch_size": args.train_batch_size, "steps": args.train_steps,
-                                               "checkpointing": not args.no_checkpointing}, log)
+            rc, result, wall = child(
+                "train",
+                {
+                    **common,
+                    "model": model,
+                    "resolution": resolution,
+                    "batch_size": args.train_batch_size,
+                    "steps": args.train_steps,
+                    "checkpointing": not args.no_checkpointing,
+                },
+                log,
+            )
             fits = "yes" if rc == 0 else ("no: memory limit" if rc in (MEMORY_EXIT, -9) else f"error (rc {rc})")
             rows.append({"model": model, "resolution": resolution, "fits": fits, **(result or {})})
             print(f"train {model} {resolution}²: {fits}, {wall:.0f} s", flush=True)
@@ -132,8 +162,11 @@ def run_serve(args, common: dict, log: Path) -> dict:
         print(f"save-model: rc {rc}, {wall:.0f} s", flush=True)
         served = None
         if rc == 0:
-            rc, served, wall = child("serve", {**common, "model_dir": str(model_dir), "size": args.size,
-                                               "steps": args.steps, "dtype": args.dtype}, log)
+            rc, served, wall = child(
+                "serve",
+                {**common, "model_dir": str(model_dir), "size": args.size, "steps": args.steps, "dtype": args.dtype},
+                log,
+            )
             print(f"serve: rc {rc}, {wall:.0f} s", flush=True)
         return {"save": saved, "serve": served, "rc": rc}
     finally:
@@ -143,50 +176,64 @@ def run_serve(args, common: dict, log: Path) -> dict:
 
 
 def print_pipeline_table(args, p: dict) -> None:
-    print("| phase | resolution | steps | dtype | threads | build s | encode s | s/step | UNet calls | s/UNet call "
-          "| decode s | total s | weights GiB | RSS built GiB | peak RSS GiB |")
+    print(
+        "| phase | resolution | steps | dtype | threads | build s | encode s | s/step | UNet calls | s/UNet call "
+        "| decode s | total s | weights GiB | RSS built GiB | peak RSS GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     if "total_s" in p:
-        print(f"| pipeline | {args.size}² | {args.steps} (s={p['boundaries'][0]}, f={p['boundaries'][1]}) | "
-              f"{args.dtype} | {args.threads} | {fmt(p['build_s'], 1)} | {fmt(p['encode_s'])} | "
-              f"{fmt(p['s_per_step'])} | {p['unet_calls']} | {fmt(p['s_per_unet_call'])} | {fmt(p['decode_s'])} "
-              f"| {fmt(p['total_s'], 1)} | {fmt(p['weights_gib'])} | {fmt(p['rss_built_gib'])} | "
-              f"{fmt(p['peak_rss_gib'])} |")
+        print(
+            f"| pipeline | {args.size}² | {args.steps} (s={p['boundaries'][0]}, f={p['boundaries'][1]}) | "
+            f"{args.dtype} | {args.threads} | {fmt(p['build_s'], 1)} | {fmt(p['encode_s'])} | "
+            f"{fmt(p['s_per_step'])} | {p['unet_calls']} | {fmt(p['s_per_unet_call'])} | {fmt(p['decode_s'])} "
+            f"| {fmt(p['total_s'], 1)} | {fmt(p['weights_gib'])} | {fmt(p['rss_built_gib'])} | "
+            f"{fmt(p['peak_rss_gib'])} |"
+        )
     else:
         print(f"| pipeline | {args.size}² | {args.steps} | {args.dtype} | {args.threads} | failed (rc {p['rc']}) |")
     print()
 
 
 def print_train_table(args, rows: list[dict]) -> None:
-    print("| model | resolution | batch | grad ckpt | fits | s/step | steps s | trained params | weights trained "
-          "/ frozen GiB | grads GiB | AdamW GiB | rest GiB | RSS built GiB | peak RSS GiB | loss (den, loc) |")
+    print(
+        "| model | resolution | batch | grad ckpt | fits | s/step | steps s | trained params | weights trained "
+        "/ frozen GiB | grads GiB | AdamW GiB | rest GiB | RSS built GiB | peak RSS GiB | loss (den, loc) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in rows:
         if "step_s" not in t:
-            print(f"| {t['model']} | {t['resolution']}² | {args.train_batch_size} | "
-                  f"{'off' if args.no_checkpointing else 'on'} | {t['fits']} | | | | | | | | | | |")
+            print(
+                f"| {t['model']} | {t['resolution']}² | {args.train_batch_size} | "
+                f"{'off' if args.no_checkpointing else 'on'} | {t['fits']} | | | | | | | | | | |"
+            )
             continue
         last = t["losses"][-1]
-        print(f"| {t['model']} | {t['resolution']}² | {args.train_batch_size} | "
-              f"{'off' if args.no_checkpointing else 'on'} | {t['fits']} | {fmt(t['step_s'][-1], 1)} | "
-              f"{', '.join(fmt(s, 1) for s in t['step_s'])} | {t['trained_params'] / 1e6:.1f}M | "
-              f"{fmt(t['trained_weights_gib'])} / {fmt(t['frozen_weights_gib'])} | {fmt(t['grads_gib'])} | "
-              f"{fmt(t['adamw_moments_gib'])} | {fmt(t['rest_gib'])} | {fmt(t['rss_built_gib'])} | "
-              f"{fmt(t['peak_rss_gib'])} | {last['loss_den']:.3f}, {last['loss_loc']:.2e} |")
+        print(
+            f"| {t['model']} | {t['resolution']}² | {args.train_batch_size} | "
+            f"{'off' if args.no_checkpointing else 'on'} | {t['fits']} | {fmt(t['step_s'][-1], 1)} | "
+            f"{', '.join(fmt(s, 1) for s in t['step_s'])} | {t['trained_params'] / 1e6:.1f}M | "
+            f"{fmt(t['trained_weights_gib'])} / {fmt(t['frozen_weights_gib'])} | {fmt(t['grads_gib'])} | "
+            f"{fmt(t['adamw_moments_gib'])} | {fmt(t['rest_gib'])} | {fmt(t['rss_built_gib'])} | "
+            f"{fmt(t['peak_rss_gib'])} | {last['loss_den']:.3f}, {last['loss_loc']:.2e} |"
+        )
     print()
 
 
 def print_serve_table(args, s: dict, log: Path) -> None:
-    print("| Serve | resolution | steps | dtype | save s (disk GiB) | app start s | request s | server encode s "
-          "| server denoise s | tree RSS after start GiB | tree RSS peak in request GiB |")
+    print(
+        "| Serve | resolution | steps | dtype | save s (disk GiB) | app start s | request s | server encode s "
+        "| server denoise s | tree RSS after start GiB | tree RSS peak in request GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     sv, saved = s.get("serve"), s.get("save")
     if sv:
         timings = sv["timings"]
-        print(f"| one request | {args.size}² | {args.steps} | {args.dtype} | {fmt(saved['save_s'], 1)} "
-              f"({fmt(saved['disk_gib'])}) | {fmt(sv['start_s'], 1)} | {fmt(sv['request_s'], 1)} | "
-              f"{fmt(timings.get('encode_s'))} | {fmt(timings.get('denoise_s'))} | "
-              f"{fmt(sv['tree_rss_resident_gib'])} | {fmt(sv['tree_rss_request_peak_gib'])} |")
+        print(
+            f"| one request | {args.size}² | {args.steps} | {args.dtype} | {fmt(saved['save_s'], 1)} "
+            f"({fmt(saved['disk_gib'])}) | {fmt(sv['start_s'], 1)} | {fmt(sv['request_s'], 1)} | "
+            f"{fmt(timings.get('encode_s'))} | {fmt(timings.get('denoise_s'))} | "
+            f"{fmt(sv['tree_rss_resident_gib'])} | {fmt(sv['tree_rss_request_peak_gib'])} |"
+        )
     else:
         print(f"| one request | {args.size}² | {args.steps} | {args.dtype} | failed (rc {s['rc']}; see {log}) |")
 
@@ -213,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"args": vars(args), "load_before": load_before}
 
     if "pipeline" in phases:
-        rc, result, wall = child("pipeline", {**common, "size": args.size, "steps": args.steps,
-                                              "dtype": args.dtype}, log)
+        rc, result, wall = child(
+            "pipeline", {**common, "size": args.size, "steps": args.steps, "dtype": args.dtype}, log
+        )
         results["pipeline"] = result or {"rc": rc}
         print(f"pipeline: rc {rc}, {wall:.0f} s", flush=True)
     results["train"] = run_train(args, phases, common, log)
@@ -233,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         print_serve_table(args, s, log)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
-    failed = (p and "total_s" not in p) or any(t["fits"].startswith("error") for t in results["train"]) \
+    failed = (
+        (p and "total_s" not in p)
+        or any(t["fits"].startswith("error") for t in results["train"])
         or (s and not s.get("serve"))
+    )
     return 1 if failed else 0
 
 

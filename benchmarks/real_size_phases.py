@@ -54,8 +54,12 @@ class MemoryGuard:
             self.peak = max(self.peak, rss)
             available = psutil.virtual_memory().available
             if rss > self.limit or available < GIB // 2:
-                print(f"memory guard: tree RSS {rss / GIB:.1f} GiB (limit {self.limit / GIB:.1f}), machine has "
-                      f"{available / GIB:.1f} GiB available: stopping this phase", file=sys.stderr, flush=True)
+                print(
+                    f"memory guard: tree RSS {rss / GIB:.1f} GiB (limit {self.limit / GIB:.1f}), machine has "
+                    f"{available / GIB:.1f} GiB available: stopping this phase",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 for child in self.process.children(recursive=True):
                     try:
                         child.kill()
@@ -98,8 +102,11 @@ def phase_pipeline(a: dict) -> dict:
     pipe = sd15_pipeline(seed=0, torch_dtype=getattr(torch, a["dtype"]))
     pipe.set_progress_bar_config(disable=True)
     build_s, rss_built = time.perf_counter() - started, rss_now()
-    weights = nbytes(p for name in ("sdm_unet", "tdm_unet", "vae", "text_encoder", "subject_encoder")
-                     for p in getattr(pipe, name).parameters())
+    weights = nbytes(
+        p
+        for name in ("sdm_unet", "tdm_unet", "vae", "text_encoder", "subject_encoder")
+        for p in getattr(pipe, name).parameters()
+    )
     calls: list[tuple[float, float]] = []  # UNet forward (start, end)
     marks: list[float] = []  # end of each denoising iteration
 
@@ -113,30 +120,50 @@ def phase_pipeline(a: dict) -> dict:
         unet.register_forward_pre_hook(pre)
         unet.register_forward_hook(post)
     begin = time.perf_counter()
-    result = pipe(PROMPT, [reference_photo()], num_inference_steps=a["steps"], guidance_scale=5.0, alpha=0.3,
-                  beta=0.6, height=a["size"], width=a["size"], seed=0, output_type="pt",
-                  callback=lambda i, n: marks.append(time.perf_counter()))
+    result = pipe(
+        PROMPT,
+        [reference_photo()],
+        num_inference_steps=a["steps"],
+        guidance_scale=5.0,
+        alpha=0.3,
+        beta=0.6,
+        height=a["size"],
+        width=a["size"],
+        seed=0,
+        output_type="pt",
+        callback=lambda i, n: marks.append(time.perf_counter()),
+    )
     end = time.perf_counter()
     assert torch.isfinite(result.images).all(), "non-finite pixels"
-    steps = [end_ - start_ for start_, end_ in zip([calls[0][0], *marks[:-1]], marks)]  # first iteration timed from its first call
+    steps = [
+        end_ - start_ for start_, end_ in zip([calls[0][0], *marks[:-1]], marks)
+    ]  # first iteration timed from its first call
     unet_s = [e - s for s, e in calls]
     return {
-        "build_s": build_s, "encode_s": calls[0][0] - begin, "step_s": steps, "s_per_step": statistics.mean(steps),
-        "unet_calls": len(calls), "s_per_unet_call": statistics.median(unet_s), "decode_s": end - marks[-1],
-        "total_s": end - begin, "boundaries": [result.start_merge_step, result.final_step],
-        "weights_gib": weights / GIB, "rss_built_gib": rss_built / GIB, "peak_rss_gib": max_rss() / GIB,
+        "build_s": build_s,
+        "encode_s": calls[0][0] - begin,
+        "step_s": steps,
+        "s_per_step": statistics.mean(steps),
+        "unet_calls": len(calls),
+        "s_per_unet_call": statistics.median(unet_s),
+        "decode_s": end - marks[-1],
+        "total_s": end - begin,
+        "boundaries": [result.start_merge_step, result.final_step],
+        "weights_gib": weights / GIB,
+        "rss_built_gib": rss_built / GIB,
+        "peak_rss_gib": max_rss() / GIB,
     }
 
 
 def phase_train(a: dict) -> dict:
     import torch
+    from skimage.data import astronaut
 
     from facediffuser.data.schema import to_table
     from facediffuser.models.sd15 import sd15_components
     from facediffuser.training.data import DataConfig, ExampleBuilder
     from facediffuser.training.sample_rows import sample_records
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
-    from skimage.data import astronaut
 
     which = a["model"]
     started = time.perf_counter()
@@ -149,15 +176,31 @@ def phase_train(a: dict) -> dict:
     if a["checkpointing"]:
         unet.enable_gradient_checkpointing()
     optim = OptimConfig()  # AdamW as trained (METHOD.md §3); fp32 on a CPU (mixed precision applies on CUDA)
-    model = TrainingModel(which, unet, parts["vae"], parts["text_encoder"], parts["scheduler"].config,
-                          parts.get("subject_encoder"), optim, seed=0).train()
+    model = TrainingModel(
+        which,
+        unet,
+        parts["vae"],
+        parts["text_encoder"],
+        parts["scheduler"].config,
+        parts.get("subject_encoder"),
+        optim,
+        seed=0,
+    ).train()
     optimizer = make_optimizer(model, optim)
     step = TrainStep(model, optimizer, optim, torch.device("cpu"))
-    builder = ExampleBuilder(DataConfig(which, resolution=a["resolution"], object_resolution=224,
-                                        subject_keep_prob=1.0, uncondition_prob=0.0, caption_dropout_prob=0.0),
-                             parts["tokenizer"], seed=0)
-    batch = {k: torch.from_numpy(v) for k, v in
-             builder(to_table(sample_records(a["batch_size"], astronaut()))).items()}
+    builder = ExampleBuilder(
+        DataConfig(
+            which,
+            resolution=a["resolution"],
+            object_resolution=224,
+            subject_keep_prob=1.0,
+            uncondition_prob=0.0,
+            caption_dropout_prob=0.0,
+        ),
+        parts["tokenizer"],
+        seed=0,
+    )
+    batch = {k: torch.from_numpy(v) for k, v in builder(to_table(sample_records(a["batch_size"], astronaut()))).items()}
     rss_built = rss_now()
     times, losses = [], []
     for _ in range(a["steps"]):
@@ -175,15 +218,22 @@ def train_memory(model, optimizer, rss_built: int) -> dict:
     trained = model.trainable_parameters()
     trained_ids = {id(p) for p in trained}
     frozen = [p for p in model.parameters() if id(p) not in trained_ids]
-    moments = nbytes(t for state in optimizer.state.values() for t in state.values()
-                     if torch.is_tensor(t) and t.dim() > 0)
+    moments = nbytes(
+        t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0
+    )
     peak = max_rss()
-    parts_bytes = {"trained_weights": nbytes(trained), "frozen_weights": nbytes(frozen), "grads": nbytes(trained),
-                   "adamw_moments": moments}
+    parts_bytes = {
+        "trained_weights": nbytes(trained),
+        "frozen_weights": nbytes(frozen),
+        "grads": nbytes(trained),
+        "adamw_moments": moments,
+    }
     return {
         "rss_built_gib": rss_built / GIB,
-        "peak_rss_gib": peak / GIB, "trained_params": sum(p.numel() for p in trained),
-        "frozen_params": sum(p.numel() for p in frozen), **{k + "_gib": v / GIB for k, v in parts_bytes.items()},
+        "peak_rss_gib": peak / GIB,
+        "trained_params": sum(p.numel() for p in trained),
+        "frozen_params": sum(p.numel() for p in frozen),
+        **{k + "_gib": v / GIB for k, v in parts_bytes.items()},
         # what the peak holds beyond the process at rest (imports, tokenizer, batch) + weights, grads and moments:
         # activations kept for backward, recomputation, temporaries, the allocator's slack
         "rest_gib": (peak - rss_built - parts_bytes["grads"] - moments) / GIB,
@@ -201,8 +251,12 @@ def phase_save_model(a: dict) -> dict:
     started = time.perf_counter()
     pipe.save_pretrained(a["model_dir"])
     size = sum(f.stat().st_size for f in Path(a["model_dir"]).rglob("*") if f.is_file())
-    return {"build_s": build_s, "save_s": time.perf_counter() - started, "disk_gib": size / GIB,
-            "peak_rss_gib": max_rss() / GIB}
+    return {
+        "build_s": build_s,
+        "save_s": time.perf_counter() - started,
+        "disk_gib": size / GIB,
+        "peak_rss_gib": max_rss() / GIB,
+    }
 
 
 def phase_serve(a: dict, guard: MemoryGuard) -> dict:
@@ -219,9 +273,17 @@ def phase_serve(a: dict, guard: MemoryGuard) -> dict:
     buffer = io.BytesIO()
     reference_photo().save(buffer, format="PNG")
     config = ServeConfig(
-        model=a["model_dir"], port=port, app_name="facediffuser-real-size", dtype=a["dtype"],
-        num_cpus=0, encoder_num_cpus=0, ingress_num_cpus=0, torch_threads=a["threads"],
-        min_replicas=1, max_replicas=1, max_batch_size=1,
+        model=a["model_dir"],
+        port=port,
+        app_name="facediffuser-real-size",
+        dtype=a["dtype"],
+        num_cpus=0,
+        encoder_num_cpus=0,
+        ingress_num_cpus=0,
+        torch_threads=a["threads"],
+        min_replicas=1,
+        max_replicas=1,
+        max_batch_size=1,
     )
     ray.init(address="local", num_cpus=a["threads"], num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
@@ -231,17 +293,31 @@ def phase_serve(a: dict, guard: MemoryGuard) -> dict:
         time.sleep(2)
         resident = tree_rss(guard.process)
         guard.peak = 0  # from here: the request's peak
-        body = {"prompt": PROMPT, "references": [base64.b64encode(buffer.getvalue()).decode()], "seed": 0,
-                "steps": a["steps"], "width": a["size"], "height": a["size"], "guidance_scale": 5.0,
-                "alpha": 0.3, "beta": 0.6, "identity_scores": False}
+        body = {
+            "prompt": PROMPT,
+            "references": [base64.b64encode(buffer.getvalue()).decode()],
+            "seed": 0,
+            "steps": a["steps"],
+            "width": a["size"],
+            "height": a["size"],
+            "guidance_scale": 5.0,
+            "alpha": 0.3,
+            "beta": 0.6,
+            "identity_scores": False,
+        }
         started = time.perf_counter()
         response = httpx.post(url + "/v1/generate", json=body, timeout=None)
         request_s = time.perf_counter() - started
         if response.status_code != 200:
             raise RuntimeError(f"generate answered {response.status_code}: {response.text[:500]}")
         answer = response.json()
-        return {"start_s": start_s, "request_s": request_s, "timings": answer["timings"],
-                "tree_rss_resident_gib": resident / GIB, "tree_rss_request_peak_gib": guard.peak / GIB}
+        return {
+            "start_s": start_s,
+            "request_s": request_s,
+            "timings": answer["timings"],
+            "tree_rss_resident_gib": resident / GIB,
+            "tree_rss_request_peak_gib": guard.peak / GIB,
+        }
     finally:
         serve.shutdown()
         ray.shutdown()

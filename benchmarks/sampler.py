@@ -43,7 +43,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    tdm, sdm = tiny_unet(args.width, cross_attention_dim=64).eval(), tiny_unet(args.width, cross_attention_dim=64).eval()
+    tdm, sdm = (
+        tiny_unet(args.width, cross_attention_dim=64).eval(),
+        tiny_unet(args.width, cross_attention_dim=64).eval(),
+    )
     null, text, aug = (torch.randn(1, 77, 64) for _ in range(3))
     latents = torch.randn(1, 4, args.latent, args.latent)
     scheduler = DDIMScheduler(**SD15_SCHEDULE)
@@ -52,8 +55,19 @@ def main() -> None:
         plain_cfg(sdm, scheduler, latents, text, aug, args.steps, 5.0)
 
     def run_snf():
-        snf_denoise(tdm, sdm, scheduler, latents, null, text, aug, num_inference_steps=args.steps, guidance_scale=5.0,
-                    start_merge_step=args.start, final_step=args.final)
+        snf_denoise(
+            tdm,
+            sdm,
+            scheduler,
+            latents,
+            null,
+            text,
+            aug,
+            num_inference_steps=args.steps,
+            guidance_scale=5.0,
+            start_merge_step=args.start,
+            final_step=args.final,
+        )
 
     run_plain(), run_snf()  # warm-up
     plain_times, snf_times = [], []
@@ -66,10 +80,15 @@ def main() -> None:
     theory = 1 + (args.final - args.start) / args.steps
     ratio = snf / plain
     params = sum(p.numel() for p in sdm.parameters()) / 1e6
-    print(f"inputs: DDIM steps={args.steps} s={args.start} f={args.final} unet_width={args.width} "
-          f"({params:.1f}M params) latent={args.latent}x{args.latent} repeats={args.repeats} threads={args.threads}")
+    print(
+        f"inputs: DDIM steps={args.steps} s={args.start} f={args.final} unet_width={args.width} "
+        f"({params:.1f}M params) latent={args.latent}x{args.latent} repeats={args.repeats} threads={args.threads}"
+    )
     print(f"plain CFG median {plain:.3f} s   snf_denoise median {snf:.3f} s")
-    print(f"measured ratio {ratio:.4f}   theoretical 1+(f-s)/N = {theory:.4f}   deviation {100 * (ratio / theory - 1):+.2f}%")
+    print(
+        f"measured ratio {ratio:.4f}   theoretical 1+(f-s)/N = {theory:.4f}   "
+        f"deviation {100 * (ratio / theory - 1):+.2f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--model")
     source.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--size", type=int, default=0,
-                        help="width = height in pixels; 0: 192 with --tiny (big enough that the UNet's compute, not "
-                        "Python's per-call overhead, dominates a step), else the model's default")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        help="width = height in pixels; 0: 192 with --tiny (big enough that the UNet's compute, not "
+        "Python's per-call overhead, dominates a step), else the model's default",
+    )
     parser.add_argument("--batch", type=int, default=8, help="bare batch size = Serve concurrency and max_batch_size")
     parser.add_argument("--requests-1", type=int, default=5, help="bare calls / Serve requests at batch 1")
     parser.add_argument("--rounds", type=int, default=2, help="bare batch calls; Serve requests = rounds × batch")
@@ -93,8 +97,13 @@ def bare_pipeline(args: argparse.Namespace, reference):
         for call in range(calls):
             pipe(PROMPT, [reference], num_images_per_prompt=count, seed=1000 + call * count, **sampling)
         seconds = time.perf_counter() - started
-        return {"calls": calls, "batch": count, "images": calls * count, "seconds": round(seconds, 3),
-                "images_per_s": round(calls * count / seconds, 3)}
+        return {
+            "calls": calls,
+            "batch": count,
+            "images": calls * count,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(calls * count / seconds, 3),
+        }
 
     for count in (1, args.batch):  # warm-up: same shapes, few steps
         pipe(PROMPT, [reference], num_images_per_prompt=count, seed=0, **{**sampling, "num_inference_steps": 2})
@@ -107,34 +116,59 @@ def measure(args: argparse.Namespace, reference_b64: str, size: int, bare) -> di
     import ray
     from ray import serve
 
+    from benchmarks.loadtest import generate_payload, run_load
     from serving.app import start
     from serving.settings import ServeConfig
-    from benchmarks.loadtest import generate_payload, run_load
 
     config = ServeConfig(
-        model=args.model, tiny=args.tiny, port=args.port, app_name="facediffuser-bench", num_gpus=args.num_gpus,
-        num_cpus=0, encoder_num_cpus=0, ingress_num_cpus=0,  # no reservations: the in-process side shares the cores
-        torch_threads=args.torch_threads, min_replicas=1, max_replicas=1,
-        max_batch_size=args.batch, batch_wait_timeout_s=args.batch_wait_timeout_s,
-        max_ongoing_requests=2 * args.batch, max_queued_requests=-1,
+        model=args.model,
+        tiny=args.tiny,
+        port=args.port,
+        app_name="facediffuser-bench",
+        num_gpus=args.num_gpus,
+        num_cpus=0,
+        encoder_num_cpus=0,
+        ingress_num_cpus=0,  # no reservations: the in-process side shares the cores
+        torch_threads=args.torch_threads,
+        min_replicas=1,
+        max_replicas=1,
+        max_batch_size=args.batch,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_ongoing_requests=2 * args.batch,
+        max_queued_requests=-1,
     )
-    ray.init(address="local", num_cpus=args.num_cpus, num_gpus=None if args.num_gpus else 0,
-             include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        num_gpus=None if args.num_gpus else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         started = time.perf_counter()
         url = start(config)
         print(f"app ready in {time.perf_counter() - started:.1f} s at {url}", flush=True)
         sampler = serve.get_deployment_handle("Sampler", app_name=config.app_name)
         endpoint = url + "/v1/generate"
-        payload = generate_payload(reference_b64, steps=args.steps, prompt=PROMPT, seed_base=10_000,
-                                   width=size, height=size, guidance_scale=5.0, alpha=0.3, beta=0.6,
-                                   identity_scores=False)
+        payload = generate_payload(
+            reference_b64,
+            steps=args.steps,
+            prompt=PROMPT,
+            seed_base=10_000,
+            width=size,
+            height=size,
+            guidance_scale=5.0,
+            alpha=0.3,
+            beta=0.6,
+            identity_scores=False,
+        )
 
         def stats() -> dict:
             return httpx.get(url + "/v1/stats", timeout=60).json()
 
-        warm = generate_payload(reference_b64, steps=2, prompt=PROMPT, width=size, height=size,
-                                identity_scores=False)  # warm-up rounds: same shapes, few steps
+        warm = generate_payload(
+            reference_b64, steps=2, prompt=PROMPT, width=size, height=size, identity_scores=False
+        )  # warm-up rounds: same shapes, few steps
 
         def serve_load(batch_size: int, concurrency: int, requests: int) -> dict:
             sampler.configure_batching.remote(batch_size, args.batch_wait_timeout_s).result()
@@ -142,8 +176,12 @@ def measure(args: argparse.Namespace, reference_b64: str, size: int, bare) -> di
             before = stats()
             report = run_load(endpoint, payload, concurrency=concurrency, requests=requests)
             formed = formed_since(before, stats())
-            return {**report.summary(), "max_batch_size": batch_size, "formed_batches": formed,
-                    "mean_formed_batch": round(mean_size(formed), 2) if formed else None}
+            return {
+                **report.summary(),
+                "max_batch_size": batch_size,
+                "formed_batches": formed,
+                "mean_formed_batch": round(mean_size(formed), 2) if formed else None,
+            }
 
         run_load(endpoint, warm, concurrency=2, requests=4)  # warm-up: encoder cache, allocator, first calls
         return interleave(args, bare, serve_load)
@@ -171,24 +209,34 @@ def print_report(args: argparse.Namespace, size: int, results: dict) -> tuple[fl
     r1 = results["serve_1"]["requests_per_s"] / results["bare_1"]["images_per_s"]
     rn = results["serve_n"]["requests_per_s"] / results["bare_n"]["images_per_s"]
     n = args.batch
-    print(f"\nmodel={'tiny' if args.tiny else args.model} steps={args.steps} size={size}x{size} scheduler=ddim "
-          f"guidance=5.0 alpha=0.3 beta=0.6 identity_scores=off torch_threads={args.torch_threads} "
-          f"ray_cpus={args.num_cpus} gpus={args.num_gpus} replicas=1 batch_wait_timeout_s={args.batch_wait_timeout_s}")
-    print(f"requests: bare {args.requests_1}x1 and {args.rounds}x{n} images; Serve {results['serve_1']['requests']} at "
-          f"concurrency 1 and {results['serve_n']['requests']} at concurrency {n} (after one 2-step warm round each)")
+    print(
+        f"\nmodel={'tiny' if args.tiny else args.model} steps={args.steps} size={size}x{size} scheduler=ddim "
+        f"guidance=5.0 alpha=0.3 beta=0.6 identity_scores=off torch_threads={args.torch_threads} "
+        f"ray_cpus={args.num_cpus} gpus={args.num_gpus} replicas=1 batch_wait_timeout_s={args.batch_wait_timeout_s}"
+    )
+    print(
+        f"requests: bare {args.requests_1}x1 and {args.rounds}x{n} images; Serve {results['serve_1']['requests']} at "
+        f"concurrency 1 and {results['serve_n']['requests']} at concurrency {n} (after one 2-step warm round each)"
+    )
     print("| side | batch / concurrency | images or requests per s | p50 s | mean formed batch | formed batches |")
     print("|---|---|---|---|---|---|")
     print(f"| bare pipeline | batch 1 | {results['bare_1']['images_per_s']:.3f} | | 1 | |")
     s1 = results["serve_1"]
-    print(f"| Serve, batching off | concurrency 1 | {s1['requests_per_s']:.3f} | {s1['p50_s']:.3f} | "
-          f"{s1['mean_formed_batch']} | {s1['formed_batches']} |")
+    print(
+        f"| Serve, batching off | concurrency 1 | {s1['requests_per_s']:.3f} | {s1['p50_s']:.3f} | "
+        f"{s1['mean_formed_batch']} | {s1['formed_batches']} |"
+    )
     print(f"| bare pipeline | batch {n} | {results['bare_n']['images_per_s']:.3f} | | {n} | |")
     sn = results["serve_n"]
-    print(f"| Serve, batching on (max {n}) | concurrency {n} | {sn['requests_per_s']:.3f} | {sn['p50_s']:.3f} | "
-          f"{sn['mean_formed_batch']} | {sn['formed_batches']} |")
+    print(
+        f"| Serve, batching on (max {n}) | concurrency {n} | {sn['requests_per_s']:.3f} | {sn['p50_s']:.3f} | "
+        f"{sn['mean_formed_batch']} | {sn['formed_batches']} |"
+    )
     print(f"\nServe unbatched c=1 / bare batch 1: {r1:.2f}x (target >= {TARGET}x)")
-    print(f"Serve batched c={n} / bare batch {n}: {rn:.2f}x (target >= {TARGET}x); "
-          f"mean formed batch {sn['mean_formed_batch']} requests")
+    print(
+        f"Serve batched c={n} / bare batch {n}: {rn:.2f}x (target >= {TARGET}x); "
+        f"mean formed batch {sn['mean_formed_batch']} requests"
+    )
     return r1, rn
 
 
@@ -210,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     r1, rn = print_report(args, size, results)
     print(f"whole run: {time.perf_counter() - run_started:.0f} s")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"results": results, "ratios": {"c1": r1, f"c{args.batch}": rn},
-                                                   "args": vars(args), "size": size}, indent=2))
+        Path(args.json_out).write_text(
+            json.dumps(
+                {"results": results, "ratios": {"c1": r1, f"c{args.batch}": rn}, "args": vars(args), "size": size},
+                indent=2,
+            )
+        )
     failed = [k for k in ("serve_1", "serve_n") if results[k]["ok"] != results[k]["requests"]]
     return 1 if failed else 0
 

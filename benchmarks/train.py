@@ -6,10 +6,10 @@ Both loops run `facediffuser.training.step.TrainStep` on `ExampleBuilder` batche
 rows: the astronaut photo + synthetic people, or --data), with the same number of torch threads (--threads: the
 plain loop sets it, the Ray Train worker gets that many CPUs and sets it from them). The plain loop builds each
 batch inline; the Ray Train worker gets its rows from Ray Data and builds each batch in its collate function
-(inline on CPU workers, on Ray Data's prefetch thread on GPU workers). Per-step times come from each loop's own clock; the first --warmup steps
-are dropped. The plain loop runs before and after the Ray run and the faster of the two is the baseline (the
-conservative choice on a machine whose speed drifts). Prints medians, the ratio Ray / plain (target ≤ 1.10) and
-every input.
+(inline on CPU workers, on Ray Data's prefetch thread on GPU workers). Per-step times come from each loop's own
+clock; the first --warmup steps are dropped. The plain loop runs before and after the Ray run and the faster of the
+two is the baseline (the conservative choice on a machine whose speed drifts). Prints medians, the ratio Ray / plain
+and every input.
 """
 
 from __future__ import annotations
@@ -52,14 +52,23 @@ def plain_loop(config, steps: int) -> tuple[list[float], list[float]]:
     torch.manual_seed(config.seed)
     parts = load_components(config.base, config.model, tiny=config.tiny)
     optim = OptimConfig(lr=config.lr, mixed_precision=config.mixed_precision)
-    model = TrainingModel(config.model, parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
-                          parts["subject_encoder"], optim, seed=config.seed)
+    model = TrainingModel(
+        config.model,
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoder"],
+        parts["scheduler"].config,
+        parts["subject_encoder"],
+        optim,
+        seed=config.seed,
+    )
     device = torch.device("cuda" if config.use_gpu else "cpu")
     model.to(device).train()
     step = TrainStep(model, make_optimizer(model, optim), optim, device)
     resolution, object_resolution = model_sizes(config.model, config.base, config.tiny, config.resolution)
-    builder = ExampleBuilder(DataConfig(config.model, resolution=resolution, object_resolution=object_resolution),
-                             parts["tokenizer"])
+    builder = ExampleBuilder(
+        DataConfig(config.model, resolution=resolution, object_resolution=object_resolution), parts["tokenizer"]
+    )
     table = pq.read_table(config.data)
     with_data, step_only = [], []
     position = 0
@@ -101,9 +110,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both loops (CPUs of the Ray worker)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs of the local Ray started here (default: --threads + 2, so the reads and Ray "
-                             "Data's file listing fit beside the worker)")
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray started here (default: --threads + 2, so the reads and Ray "
+        "Data's file listing fit beside the worker)",
+    )
     return parser.parse_args()
 
 
@@ -116,11 +129,25 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="facediffuser-train-bench-"))
     data = args.data or make_shards(work / "shards", 16)
-    config = TrainConfig(model=args.model, data=str(Path(data).resolve()), storage=str(work / "runs"), name="bench",
-                         base=args.base, tiny=args.base is None, workers=1, use_gpu=args.use_gpu,
-                         cpus_per_worker=float(args.threads), data_cpus=0.25, max_steps=args.steps, batch_size=args.batch_size,
-                         lr=1e-5, checkpoint_every=args.steps, mixed_precision=args.mixed_precision,
-                         resolution=args.resolution, max_failures=0)
+    config = TrainConfig(
+        model=args.model,
+        data=str(Path(data).resolve()),
+        storage=str(work / "runs"),
+        name="bench",
+        base=args.base,
+        tiny=args.base is None,
+        workers=1,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=float(args.threads),
+        data_cpus=0.25,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=1e-5,
+        checkpoint_every=args.steps,
+        mixed_precision=args.mixed_precision,
+        resolution=args.resolution,
+        max_failures=0,
+    )
     if Path(config.data).is_dir():  # the plain loop reads one file; the Ray loop reads the directory
         config_plain_data = sorted(Path(config.data).glob("*.parquet"))[0]
     plain_config = TrainConfig(**{**config.__dict__, "data": str(config_plain_data)})
@@ -138,20 +165,43 @@ def main() -> None:
     plain_median = statistics.median(plain_with_data[keep])
     step_median = statistics.median(plain_step[keep])
     report = {
-        "inputs": {**{k: getattr(args, k) for k in ("model", "steps", "warmup", "batch_size", "resolution", "use_gpu",
-                                                    "mixed_precision", "threads")},
-                   "ray_num_cpus": args.num_cpus or args.threads + 2, "base": args.base or "tiny", "data": data, "python": platform.python_version(),
-                   "device": "cuda" if args.use_gpu else "cpu"},
-        "seconds_per_step": {"ray_train": round(ray_median, 4), "plain_torch_inline_data": round(plain_median, 4),
-                             "plain_torch_step_only": round(step_median, 4)},
+        "inputs": {
+            **{
+                k: getattr(args, k)
+                for k in (
+                    "model",
+                    "steps",
+                    "warmup",
+                    "batch_size",
+                    "resolution",
+                    "use_gpu",
+                    "mixed_precision",
+                    "threads",
+                )
+            },
+            "ray_num_cpus": args.num_cpus or args.threads + 2,
+            "base": args.base or "tiny",
+            "data": data,
+            "python": platform.python_version(),
+            "device": "cuda" if args.use_gpu else "cpu",
+        },
+        "seconds_per_step": {
+            "ray_train": round(ray_median, 4),
+            "plain_torch_inline_data": round(plain_median, 4),
+            "plain_torch_step_only": round(step_median, 4),
+        },
         "ray_over_plain": round(ray_median / plain_median, 3),
         "ray_over_step_only": round(ray_median / step_median, 3),
         "ray_fit_wall_seconds": round(ray_wall, 1),
-        "plain_medians_before_after": [round(statistics.median(run[0][keep]), 4) for run in (plain_before, plain_after)],
+        "plain_medians_before_after": [
+            round(statistics.median(run[0][keep]), 4) for run in (plain_before, plain_after)
+        ],
     }
     print(json.dumps(report, indent=2))
-    print(f"Ray Train {ray_median:.3f} s/step vs plain torch {plain_median:.3f} s/step (data inline; step alone "
-          f"{step_median:.3f}): ratio {report['ray_over_plain']:.3f} (target <= 1.10)")
+    print(
+        f"Ray Train {ray_median:.3f} s/step vs plain torch {plain_median:.3f} s/step (data inline; step alone "
+        f"{step_median:.3f}): ratio {report['ray_over_plain']:.3f} (target <= 1.10)"
+    )
 
 
 if __name__ == "__main__":

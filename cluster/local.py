@@ -62,12 +62,20 @@ class _Node:
 
 
 class LocalCluster:
-    """A head (no GPUs unless `head_gpus`) plus worker nodes, all on 127.0.0.1. `.address` (GCS host:port: RAY_ADDRESS or
+    """A head (no GPUs unless `head_gpus`) plus worker nodes, all on 127.0.0.1. `.address` (GCS host:port:
+    RAY_ADDRESS or
     `ray.init(address=...)`), `.dashboard_url` (for `ray job submit --address`), `.env` (what a client process
     needs: token auth on, this environment's interpreter first on PATH, RAY_ADDRESS, plus `env` given here)."""
 
-    def __init__(self, head_cpus: float = 1, workers: list[NodeSpec] | tuple = (), env: dict | None = None,
-                 object_store_bytes: int = OBJECT_STORE_BYTES, head_name: str = "head", head_gpus: float = 0):
+    def __init__(
+        self,
+        head_cpus: float = 1,
+        workers: list[NodeSpec] | tuple = (),
+        env: dict | None = None,
+        object_store_bytes: int = OBJECT_STORE_BYTES,
+        head_name: str = "head",
+        head_gpus: float = 0,
+    ):
         self.head = NodeSpec(head_name, num_cpus=head_cpus, num_gpus=head_gpus)
         self.worker_specs = list(workers)
         self.object_store_bytes = object_store_bytes
@@ -77,9 +85,14 @@ class LocalCluster:
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         # Ray 2.60's `ray start` turns on token authentication (token in ~/.ray/auth_token); clients must opt in.
         # Jobs run `python -m ...` with the node's PATH: this environment's interpreter goes first.
-        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_ADDRESS": self.address,
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+        self.env = {
+            **os.environ,
+            **(env or {}),
+            "RAY_AUTH_MODE": "token",
+            "RAY_ADDRESS": self.address,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        }
         self.nodes: dict[str, _Node] = {}
         self.killed: set[str] = set()  # nodes ended by kill_node (their `ray start --block` exits: expected)
         self._pgids: set[int] = set()
@@ -88,29 +101,58 @@ class LocalCluster:
 
     def _ports(self) -> list[str]:
         """Every port a node binds, free and distinct (Ray's fixed defaults collide between nodes of one host)."""
-        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                # worker processes of this node: a random port each (Ray's own test clusters do the same)
-                "--min-worker-port=0", "--max-worker-port=0"]
+        return [
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            # worker processes of this node: a random port each (Ray's own test clusters do the same)
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+        ]
 
     def _launch(self, spec: NodeSpec, head: bool) -> _Node:
         if spec.name in self.nodes:
             raise ValueError(f"a node named {spec.name!r} is already in this cluster")
-        command = [str(BIN / "ray"), "start", "--block", f"--node-name={spec.name}", f"--num-cpus={spec.num_cpus:g}",
-                   f"--num-gpus={spec.num_gpus:g}", f"--object-store-memory={self.object_store_bytes}",
-                   "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *self._ports()]
+        command = [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            f"--node-name={spec.name}",
+            f"--num-cpus={spec.num_cpus:g}",
+            f"--num-gpus={spec.num_gpus:g}",
+            f"--object-store-memory={self.object_store_bytes}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            *self._ports(),
+        ]
         if spec.resources:
             command.append(f"--resources={json.dumps(spec.resources)}")
         if head:
-            command += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+            command += [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+            ]
         else:
             command.append(f"--address={self.address}")
         log = Path(self.temp_dir) / f"ray-start-{spec.name}.log"
         with open(log, "w") as handle:
-            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, cwd=ROOT, env=self.env)
+            process = subprocess.Popen(
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=ROOT,
+                env=self.env,
+            )
         self._pgids.add(process.pid)  # start_new_session: the node's process group id is its pid
         node = self.nodes[spec.name] = _Node(spec, process, log)
         return node
@@ -145,8 +187,11 @@ class LocalCluster:
             except RuntimeError as exc:
                 if head or attempt == attempts or node.process.poll() is None:
                     raise
-                print(f"local cluster: node {spec.name} failed to start (attempt {attempt}): {exc}; retrying",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"local cluster: node {spec.name} failed to start (attempt {attempt}): {exc}; retrying",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 signal_group(node.process.pid, signal.SIGKILL)
                 node.process.wait(timeout=30)
                 node.log.rename(node.log.with_suffix(f".attempt{attempt}.log"))
@@ -157,8 +202,10 @@ class LocalCluster:
         while time.time() < deadline:
             for node in list(self.nodes.values()):
                 if node.spec.name not in self.killed and node.process.poll() is not None:
-                    raise RuntimeError(f"local cluster: `ray start` of node {node.spec.name} exited with status "
-                                       f"{node.process.returncode}: {self._tail(node)}")
+                    raise RuntimeError(
+                        f"local cluster: `ray start` of node {node.spec.name} exited with status "
+                        f"{node.process.returncode}: {self._tail(node)}"
+                    )
             if ready():
                 return
             time.sleep(2)
@@ -221,8 +268,10 @@ class LocalCluster:
         any process of this cluster is still alive afterwards."""
         left = stop_groups([node.process for node in self.nodes.values()], self.processes, grace)
         if left:
-            raise RuntimeError("local cluster: processes left after stop: " +
-                               ", ".join(f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in left))
+            raise RuntimeError(
+                "local cluster: processes left after stop: "
+                + ", ".join(f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in left)
+            )
         if not keep_logs:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -245,11 +294,19 @@ def parse_node(text: str) -> NodeSpec:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.splitlines()[0])
     parser.add_argument("--head-cpus", type=float, default=2)
-    parser.add_argument("--worker", action="append", type=parse_node, metavar="NAME:CPUS:GPUS",
-                        help="a worker node (repeat); default: gpu_node_a:1:1 and gpu_node_b:1:1")
-    parser.add_argument("--cpu-under-gpu", action="store_true",
-                        help="set FACEDIFFUSER_CPU_UNDER_GPU=1 on every node (rehearsals: CPU kernels under "
-                             "logical GPUs; never in production)")
+    parser.add_argument(
+        "--worker",
+        action="append",
+        type=parse_node,
+        metavar="NAME:CPUS:GPUS",
+        help="a worker node (repeat); default: gpu_node_a:1:1 and gpu_node_b:1:1",
+    )
+    parser.add_argument(
+        "--cpu-under-gpu",
+        action="store_true",
+        help="set FACEDIFFUSER_CPU_UNDER_GPU=1 on every node (rehearsals: CPU kernels under "
+        "logical GPUs; never in production)",
+    )
     args = parser.parse_args(argv)
     workers = args.worker or [parse_node("gpu_node_a:1:1"), parse_node("gpu_node_b:1:1")]
     env = {"FACEDIFFUSER_CPU_UNDER_GPU": "1"} if args.cpu_under_gpu else {}
@@ -264,8 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster.start()
         print(f"cluster up: {json.dumps(cluster.node_ids())}", flush=True)
-        print(f"export RAY_ADDRESS={cluster.dashboard_url} RAY_AUTH_MODE=token"
-              + (" FACEDIFFUSER_CPU_UNDER_GPU=1" if env else "") + f"   # GCS: {cluster.address}", flush=True)
+        print(
+            f"export RAY_ADDRESS={cluster.dashboard_url} RAY_AUTH_MODE=token"
+            + (" FACEDIFFUSER_CPU_UNDER_GPU=1" if env else "")
+            + f"   # GCS: {cluster.address}",
+            flush=True,
+        )
         print("Ctrl-C stops it", flush=True)
         while not stopping["now"]:
             time.sleep(0.5)

@@ -22,8 +22,14 @@ _state: dict = {}
 
 # Ray workers get these from the driver so that S3 (and an AWS_ENDPOINT_URL such as a local MinIO/moto) works the
 # same in every stage and job, whatever environment the cluster was started with.
-AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_REGION")
+AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 
 
 def init_ray(verbose: bool = False, **init_kwargs) -> Path | None:

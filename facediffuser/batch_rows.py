@@ -15,7 +15,13 @@ import torch
 # DPM-Solver and UniPC `model_outputs` (UniPC also `last_sample`), Heun/KDPM2 `sample`/`prev_derivative`. Sigmas,
 # timesteps and counters are shared by all rows and are never touched.
 PER_SAMPLE_SCHEDULER_STATE = (
-    "ets", "cur_sample", "cur_model_output", "model_outputs", "last_sample", "sample", "prev_derivative",
+    "ets",
+    "cur_sample",
+    "cur_model_output",
+    "model_outputs",
+    "last_sample",
+    "sample",
+    "prev_derivative",
 )
 
 

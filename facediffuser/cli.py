@@ -18,8 +18,14 @@ SUBCOMMANDS = {
     "train": ("pipelines.train", "Ray Train: fine-tune TDM and/or SDM from Parquet shards"),
     "serve": ("serving.app", "Ray Serve: run the HTTP API"),
     "evaluate": ("pipelines.evaluate", "benchmark identity and prompt consistency"),
-    "import-official": ("facediffuser.official", "released Face-diffuser checkpoints + an SD1.5 directory → a model directory"),
-    "sample-photos": ("facediffuser.sample_photos", "write photos of 1-3 people (the bundled astronaut) to try the pipeline"),
+    "import-official": (
+        "facediffuser.official",
+        "released Face-diffuser checkpoints + an SD1.5 directory → a model directory",
+    ),
+    "sample-photos": (
+        "facediffuser.sample_photos",
+        "write photos of 1-3 people (the bundled astronaut) to try the pipeline",
+    ),
     "demo": ("pipelines.demo", "the whole system end to end on a sample dataset"),
 }
 # The subcommands that start or join Ray: each also takes --verbose (args.verbose), added here for all of them.
@@ -56,8 +62,11 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:
     """--verbose: Ray's (and Serve's) own log lines and progress dumps on the terminal (cluster/runtime.py)."""
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's (and Serve's) own log lines and progress dumps on the terminal")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's (and Serve's) own log lines and progress dumps on the terminal",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

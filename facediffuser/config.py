@@ -66,8 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls, required_groups: tuple[s
         flag = "--" + f.name.replace("_", "-")
         help_text = meta.get("help", "")
         if kind is bool:
-            target.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true",
-                                default=bool(default), help=help_text)
+            target.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction if default else "store_true",
+                default=bool(default),
+                help=help_text,
+            )
             continue
         options = {"type": kind, **meta.get("argparse", {})}
         if default is MISSING:

@@ -37,7 +37,7 @@ def cuda_visible() -> bool:
 
 
 def torch_device(num_gpus: float, where: str) -> str:
-    """"cuda" when torch sees a GPU and the caller was given one; "cpu" when it was given none. Given a GPU that
+    """ "cuda" when torch sees a GPU and the caller was given one; "cpu" when it was given none. Given a GPU that
     torch cannot see: GPUNotVisible, one line naming `where` (the node id and host), unless
     FACEDIFFUSER_CPU_UNDER_GPU=1, which returns "cpu" with a one-time note on stderr."""
     if not num_gpus or num_gpus <= 0:
@@ -48,13 +48,18 @@ def torch_device(num_gpus: float, where: str) -> str:
     if cpu_under_gpu():
         if where not in _noted:
             _noted.add(where)
-            print(f"{CPU_UNDER_GPU_ENV}=1: {where} was given {num_gpus:g} GPU but torch sees none; running CPU "
-                  "kernels (a rehearsal setting, never for production)", file=sys.stderr, flush=True)
+            print(
+                f"{CPU_UNDER_GPU_ENV}=1: {where} was given {num_gpus:g} GPU but torch sees none; running CPU "
+                "kernels (a rehearsal setting, never for production)",
+                file=sys.stderr,
+                flush=True,
+            )
         return "cpu"
     raise GPUNotVisible(
         f"{NO_GPU_MARK} on {where}, which was given {num_gpus:g} GPU (CUDA_VISIBLE_DEVICES={visible!r}, "
         f"torch {_torch_version()}): fix the node's driver/CUDA, or set {CPU_UNDER_GPU_ENV}=1 only for a rehearsal "
-        "on logical GPUs")
+        "on logical GPUs"
+    )
 
 
 def ddp_backend(use_gpu: bool) -> str:

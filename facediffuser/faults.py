@@ -48,8 +48,10 @@ class InjectedValueError(InjectedFault, ValueError):
 def _check_point(point: str) -> str:
     known = any(point.startswith(p) and len(point) > len(p) if p.endswith(".") else point == p for p in POINTS)
     if not known:
-        raise ValueError(f"{ENV}: unknown fault point {point!r}; the points are "
-                         f"{', '.join(p + 'STAGE' if p.endswith('.') else p for p in POINTS)}")
+        raise ValueError(
+            f"{ENV}: unknown fault point {point!r}; the points are "
+            f"{', '.join(p + 'STAGE' if p.endswith('.') else p for p in POINTS)}"
+        )
     return point
 
 

@@ -16,8 +16,8 @@ from facediffuser.images import load_image
 from facediffuser.layout import check_boxes, check_scales
 from facediffuser.manifest import generation_manifest, package_versions, sampling_record
 from facediffuser.model_loading import identity, load_pipeline
-from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA
+from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode
 from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_pictures
@@ -46,12 +46,19 @@ def write_results(out_dir: Path, result, *, prefix: str = "image", boxes=None) -
 @dataclass
 class GenerateConfig:
     prompt: str = arg(help='e.g. "a man <|image|> and a woman <|image|> on a beach"')
-    reference: list[str] = arg(help="photo(s) of one person, one flag per <|image|> marker in order; several photos of "
-                                    "the same person: a.jpg,b.jpg (their embeddings are averaged)",
-                               action="append", metavar="IMAGE[,IMAGE...]")
+    reference: list[str] = arg(
+        help="photo(s) of one person, one flag per <|image|> marker in order; several photos of "
+        "the same person: a.jpg,b.jpg (their embeddings are averaged)",
+        action="append",
+        metavar="IMAGE[,IMAGE...]",
+    )
     out: str = arg(help="output directory")
-    model: str | None = arg(None, "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a training "
-                                  "run's directory (runs/NAME: its final/ is used)", group="source")
+    model: str | None = arg(
+        None,
+        "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a training "
+        "run's directory (runs/NAME: its final/ is used)",
+        group="source",
+    )
     tiny: bool = arg(False, "small random models for trying the tool on a CPU", group="source")
     negative_prompt: str | None = arg(None, "what to keep out of the scene")
     num_images: int = arg(1, "images to generate; image k uses seed + k")
@@ -65,14 +72,26 @@ class GenerateConfig:
     scheduler: str = arg("ddim", "sampler", choices=sorted(SCHEDULERS))
     width: int | None = arg(None, "image width (default: the model's)")
     height: int | None = arg(None, "image height (default: the model's)")
-    box: list[str] | None = arg(None, "where a person goes: x0,y0,x1,y1 as fractions of the image, one flag per "
-                                      "marker in order (optional; all or none)", action="append", metavar="X0,Y0,X1,Y1")
-    subject_scales: list[float] | None = arg(None, "per marker, how strongly the person's photos count (1 = full, "
-                                                   "0 = the noun alone)", nargs="+", metavar="S")
-    reference_mode: str = arg(DEFAULT_REFERENCE_MODE, "what the subject encoder sees of each photo: whole (the "
-                                                      "official transform: the photo padded square), face (the "
-                                                      "largest face with a margin) or person (the segmented person)",
-                              choices=REFERENCE_MODES)
+    box: list[str] | None = arg(
+        None,
+        "where a person goes: x0,y0,x1,y1 as fractions of the image, one flag per "
+        "marker in order (optional; all or none)",
+        action="append",
+        metavar="X0,Y0,X1,Y1",
+    )
+    subject_scales: list[float] | None = arg(
+        None,
+        "per marker, how strongly the person's photos count (1 = full, 0 = the noun alone)",
+        nargs="+",
+        metavar="S",
+    )
+    reference_mode: str = arg(
+        DEFAULT_REFERENCE_MODE,
+        "what the subject encoder sees of each photo: whole (the "
+        "official transform: the photo padded square), face (the "
+        "largest face with a margin) or person (the segmented person)",
+        choices=REFERENCE_MODES,
+    )
     no_identity_scores: bool = arg(False, "skip the per-image dlib face similarity to each reference")
 
     @property
@@ -98,7 +117,9 @@ class GenerateConfig:
             raise ValueError("give --model DIR (or --tiny for the small random test models)")
         markers = count_markers(self.prompt)
         if markers != len(self.reference):
-            raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(self.reference)} --reference given")
+            raise ValueError(
+                f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(self.reference)} --reference given"
+            )
         for value, photos in zip(self.reference, self.photos):
             if not photos:
                 raise ValueError(f"--reference {value!r}: no photo path")
@@ -131,26 +152,53 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         result = pipe(
-            cfg.prompt, [photos[0] if len(photos) == 1 else photos for photos in references],
-            negative_prompt=cfg.negative_prompt, num_images_per_prompt=cfg.num_images, seed=cfg.seed,
-            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, alpha=cfg.alpha, beta=cfg.beta,
-            start_merge_step=cfg.start_merge_step, final_step=cfg.final_step, height=cfg.height, width=cfg.width,
-            boxes=cfg.boxes, subject_scales=cfg.subject_scales, return_masks=True, callback=progress,
-            identity_scores=not cfg.no_identity_scores, reference_mode=cfg.reference_mode,
+            cfg.prompt,
+            [photos[0] if len(photos) == 1 else photos for photos in references],
+            negative_prompt=cfg.negative_prompt,
+            num_images_per_prompt=cfg.num_images,
+            seed=cfg.seed,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            start_merge_step=cfg.start_merge_step,
+            final_step=cfg.final_step,
+            height=cfg.height,
+            width=cfg.width,
+            boxes=cfg.boxes,
+            subject_scales=cfg.subject_scales,
+            return_masks=True,
+            callback=progress,
+            identity_scores=not cfg.no_identity_scores,
+            reference_mode=cfg.reference_mode,
         )
     out_dir = Path(cfg.out)
     files = write_results(out_dir, result, boxes=cfg.boxes)
     sampling = sampling_record(
-        scheduler=scheduler_name(pipe.scheduler), steps=cfg.steps, iterations=result.num_iterations,
-        guidance_scale=cfg.guidance_scale, size=result.images[0].size, boxes=cfg.boxes,
-        subject_scales=cfg.subject_scales, boundaries=(result.start_merge_step, result.final_step),
-        alpha=cfg.alpha, beta=cfg.beta, fusion_steps=result.fusion_steps)
+        scheduler=scheduler_name(pipe.scheduler),
+        steps=cfg.steps,
+        iterations=result.num_iterations,
+        guidance_scale=cfg.guidance_scale,
+        size=result.images[0].size,
+        boxes=cfg.boxes,
+        subject_scales=cfg.subject_scales,
+        boundaries=(result.start_merge_step, result.final_step),
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        fusion_steps=result.fusion_steps,
+    )
     manifest = generation_manifest(
-        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt,
+        prompt=cfg.prompt,
+        negative_prompt=cfg.negative_prompt,
         references=[[str(Path(p).resolve()) for p in photos] for photos in cfg.photos],
-        reference_mode=cfg.reference_mode, embedding_sha256=result.embedding_sha256, seeds=result.seeds,
+        reference_mode=cfg.reference_mode,
+        embedding_sha256=result.embedding_sha256,
+        seeds=result.seeds,
         sampling={**sampling, **identity(pipe, cfg.model), "versions": package_versions()},
-        identity_scores=result.identity_scores, seconds=time.perf_counter() - started, files=files)
+        identity_scores=result.identity_scores,
+        seconds=time.perf_counter() - started,
+        files=files,
+    )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"wrote {len(files['images'])} image(s), fusion masks and manifest.json to {out_dir}")
     return 0

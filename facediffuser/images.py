@@ -8,9 +8,13 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # annotations only: importing torch here would make decoding heavy
+    import torch
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -76,7 +80,7 @@ def load_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     raise ImageDecodeError(f"unsupported image type {type(source).__name__}")
 
 
-def pil_to_tensor(image: Image.Image) -> "torch.Tensor":
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL → [3, H, W] float32 in [0, 1]."""
     import torch
 

@@ -59,13 +59,16 @@ def check_scales(scales: Sequence | None, num_subjects: int) -> list[float] | No
         except (TypeError, ValueError):
             raise ValueError(f"subject scale {index}: expected a number, got {scale!r}") from None
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"subject scale {index}: must be >= 0 (1 = full strength, 0 = the noun alone), got {scale!r}")
+            raise ValueError(
+                f"subject scale {index}: must be >= 0 (1 = full strength, 0 = the noun alone), got {scale!r}"
+            )
         checked.append(value)
     return checked
 
 
-def scale_subjects(text_embeds: torch.Tensor, augmented: torch.Tensor, token_positions: Sequence[int],
-                   scales: Sequence[float] | None) -> torch.Tensor:
+def scale_subjects(
+    text_embeds: torch.Tensor, augmented: torch.Tensor, token_positions: Sequence[int], scales: Sequence[float] | None
+) -> torch.Tensor:
     """[1, L, D] embeddings → augmented with subject k's token at lerp(noun, fused, scales[k]) (exact at 0 and 1)."""
     if scales is None:
         return augmented
@@ -183,8 +186,9 @@ class BoxedCrossAttention:
 
 def localization_layers(unet) -> list[str]:
     """Names of the cross-attention modules (attn2) in the localization blocks."""
-    return [name for name, _ in unet.named_modules()
-            if name.endswith(".attn2") and name.startswith(LOCALIZATION_BLOCKS)]
+    return [
+        name for name, _ in unet.named_modules() if name.endswith(".attn2") and name.startswith(LOCALIZATION_BLOCKS)
+    ]
 
 
 @contextlib.contextmanager
@@ -196,8 +200,9 @@ def boxed_attention(unet, regions: SubjectRegions | None, record: bool = False):
         return
     original = unet.attn_processors
     boxed = {name: BoxedCrossAttention(regions, record) for name in localization_layers(unet)}
-    unet.set_attn_processor({name: boxed.get(name.removesuffix(".processor"), processor)
-                             for name, processor in original.items()})
+    unet.set_attn_processor(
+        {name: boxed.get(name.removesuffix(".processor"), processor) for name, processor in original.items()}
+    )
     try:
         yield boxed
     finally:

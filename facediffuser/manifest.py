@@ -43,31 +43,67 @@ def module_hash(*modules) -> str:
     return digest.hexdigest()
 
 
-def sampling_record(*, scheduler: str, steps: int, iterations: int, guidance_scale: float, size, boxes,
-                    subject_scales, boundaries: tuple[int, int], alpha: float, beta: float,
-                    fusion_steps: list[int]) -> dict:
+def sampling_record(
+    *,
+    scheduler: str,
+    steps: int,
+    iterations: int,
+    guidance_scale: float,
+    size,
+    boxes,
+    subject_scales,
+    boundaries: tuple[int, int],
+    alpha: float,
+    beta: float,
+    fusion_steps: list[int],
+) -> dict:
     """How the images were sampled: the part of a generation manifest made where the loop ran (the pipeline's
     caller, or the service's sampler replica)."""
     start_merge_step, final_step = boundaries
-    return {"scheduler": scheduler, "steps": steps, "iterations": iterations, "guidance_scale": guidance_scale,
-            "size": list(size), "boxes": boxes, "subject_scales": subject_scales,
-            "boundaries": {"start_merge_step": start_merge_step, "final_step": final_step, "alpha": alpha,
-                           "beta": beta, "fusion_steps": fusion_steps}}
+    return {
+        "scheduler": scheduler,
+        "steps": steps,
+        "iterations": iterations,
+        "guidance_scale": guidance_scale,
+        "size": list(size),
+        "boxes": boxes,
+        "subject_scales": subject_scales,
+        "boundaries": {
+            "start_merge_step": start_merge_step,
+            "final_step": final_step,
+            "alpha": alpha,
+            "beta": beta,
+            "fusion_steps": fusion_steps,
+        },
+    }
 
 
-def generation_manifest(*, prompt: str, negative_prompt: str | None, references, reference_mode: str,
-                        embedding_sha256: list[str], seeds: list[int], sampling: dict, identity_scores,
-                        seconds: float, **extra) -> dict:
+def generation_manifest(
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    references,
+    reference_mode: str,
+    embedding_sha256: list[str],
+    seeds: list[int],
+    sampling: dict,
+    identity_scores,
+    seconds: float,
+    **extra,
+) -> dict:
     """The provenance of generated images, the same for `facediffuser generate` (manifest.json) and the service
     (the response's `manifest`): what was asked, with which photos and seeds, how it was sampled (`sampling`:
     sampling_record plus the model's identity and package versions), the identity scores and the time taken."""
     return {
-        "prompt": prompt, "negative_prompt": negative_prompt,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
         "references": references,  # per person: the photos (paths in the CLI, sha256 of the bytes in the service)
         "reference_mode": reference_mode,
         "embedding_sha256": embedding_sha256,  # per person: the embedding their photos gave
-        "seeds": seeds, **sampling,
+        "seeds": seeds,
+        **sampling,
         "identity_scores": identity_scores,  # per image, per subject; null: no face found
         "identity_metric": "dlib cosine" if identity_scores is not None else None,
-        **extra, "seconds": round(seconds, 3),
+        **extra,
+        "seconds": round(seconds, 3),
     }

@@ -62,8 +62,9 @@ _SAID: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def save(out_dir: str | Path, which: str, *, unet, vae, text_encoder, tokenizer, scheduler,
-         subject_encoder=None) -> None:
+def save(
+    out_dir: str | Path, which: str, *, unet, vae, text_encoder, tokenizer, scheduler, subject_encoder=None
+) -> None:
     """Write the SDM or the TDM as one model directory (the only writer of this layout: training checkpoints,
     the export of an untrained base, `facediffuser import-official` and `FaceDiffuserPipeline.save_model_dir` all
     come here)."""
@@ -115,7 +116,7 @@ def resolve(model: str) -> str:
 
 
 def kind(root: Path) -> str | None:
-    """"pipeline" (a FaceDiffuserPipeline's model_index.json), "stable-diffusion" (another pipeline's, e.g. an
+    """ "pipeline" (a FaceDiffuserPipeline's model_index.json), "stable-diffusion" (another pipeline's, e.g. an
     SD1.5 directory from the hub), "sdm+tdm" (sdm/unet and tdm/unet) or None for a local directory."""
     index = root / PIPELINE_INDEX
     if index.is_file():
@@ -143,8 +144,7 @@ def model_root(base: Path, which: str) -> tuple[Path, str]:
         return base, pipeline_unet(which)
     if (base / UNET).is_dir():
         return base, UNET
-    raise FileNotFoundError(f"base model {base}: no {UNET}/ (nor {pipeline_unet(which)}/ or {which}/{UNET}/) "
-                            "directory")
+    raise FileNotFoundError(f"base model {base}: no {UNET}/ (nor {pipeline_unet(which)}/ or {which}/{UNET}/) directory")
 
 
 def shared_root(base: Path, which: str) -> Path:
@@ -182,10 +182,12 @@ def load_shared_parts(root: str | Path, *, torch_dtype=None, variant: str | None
     vae_safetensors = has_safetensors(Path(root) / VAE, variant)  # else diffusers logs a failed try before .bin
     root = str(root)
     return dict(
-        vae=AutoencoderKL.from_pretrained(root, subfolder=VAE, torch_dtype=torch_dtype, variant=variant,
-                                          use_safetensors=vae_safetensors),
-        text_encoder=CLIPTextModel.from_pretrained(root, subfolder=TEXT_ENCODER, torch_dtype=torch_dtype,
-                                                   variant=variant),
+        vae=AutoencoderKL.from_pretrained(
+            root, subfolder=VAE, torch_dtype=torch_dtype, variant=variant, use_safetensors=vae_safetensors
+        ),
+        text_encoder=CLIPTextModel.from_pretrained(
+            root, subfolder=TEXT_ENCODER, torch_dtype=torch_dtype, variant=variant
+        ),
         tokenizer=CLIPTokenizer.from_pretrained(root, subfolder=TOKENIZER),
         scheduler=load_scheduler(str(Path(root) / SCHEDULER)),
     )
@@ -263,11 +265,13 @@ def version_mismatch(seen: dict[str, dict]) -> str | None:
     if len(set(versions.values())) == 1 and None not in versions.values():
         return None
     return "the deployments loaded different models: " + ", ".join(
-        f"{name} {str(version)[:12]}" for name, version in sorted(versions.items()))
+        f"{name} {str(version)[:12]}" for name, version in sorted(versions.items())
+    )
 
 
 def named_hashes(name: str, hashes: dict[str, str]) -> dict[str, str]:
     """Hash keys as manifests name them: the parts under the model directory's own name (final/sdm, or final)."""
+
     def key(part: str) -> str:
         if not name:
             return part

@@ -54,12 +54,12 @@ def _from_root(root: Path, model: str, torch_dtype) -> "FaceDiffuserPipeline":
     if found == "sdm+tdm":
         return FaceDiffuserPipeline.from_sdm_and_tdm(root / SDM, root / TDM, torch_dtype=torch_dtype)
     if found == "stable-diffusion":
-        raise ValueError(f"{model} is a Stable Diffusion directory, not a Face-diffuser model: import the released "
-                         f"checkpoints onto it (facediffuser import-official --base {model} --sdm ... --tdm ... --out "
-                         "DIR), or train from it (facediffuser train --base ...)")
+        raise ValueError(
+            f"{model} is a Stable Diffusion directory, not a Face-diffuser model: import the released "
+            f"checkpoints onto it (facediffuser import-official --base {model} --sdm ... --tdm ... --out "
+            "DIR), or train from it (facediffuser train --base ...)"
+        )
     raise ValueError(f"{model} is neither a FaceDiffuserPipeline directory (model_index.json) nor holds sdm/ and tdm/")
-
-
 
 
 def identity(pipe: "FaceDiffuserPipeline", model: str | None) -> dict:

@@ -1,4 +1,5 @@
-"""Mirroring an s3:// model directory into the local cache, safely under concurrency (layout: facediffuser/model_dir.py).
+"""Mirroring an s3:// model directory into the local cache, safely under concurrency (layout:
+facediffuser/model_dir.py).
 
 One process at a time checks or downloads a URI (a file lock); a download goes to a unique temp dir renamed into
 place when complete; versions are content-addressed and an old one is removed only when no loader holds it; a key
@@ -91,7 +92,7 @@ def _remote_files(uri: str) -> list[tuple[str, str, int, str]]:
             continue
         if not info.path.startswith(prefix.rstrip("/") + "/"):
             raise ValueError(f"model {uri}: listed object {info.path!r} is not below the prefix; refusing to mirror")
-        relative = info.path[len(prefix.rstrip("/")) + 1:]
+        relative = info.path[len(prefix.rstrip("/")) + 1 :]
         check_key(relative, uri)
         files.append((relative, info.path, info.size, str(info.mtime)))
     if not files:
@@ -104,8 +105,10 @@ def check_key(relative: str, uri: str, target: Path | None = None) -> Path:
     that is not a plain relative path, or that resolves outside `target`, raises ValueError."""
     segments = relative.split("/")
     if not relative or relative.startswith("/") or any(s in ("", ".", "..") for s in segments):
-        raise ValueError(f"model {uri}: object key {relative!r} is not a plain relative path (it has '..', '.', an "
-                         "empty or a leading '/' part) and could resolve outside the mirror; refusing to mirror it")
+        raise ValueError(
+            f"model {uri}: object key {relative!r} is not a plain relative path (it has '..', '.', an "
+            "empty or a leading '/' part) and could resolve outside the mirror; refusing to mirror it"
+        )
     base = (target or Path("/mirror-root")).resolve()
     path = (base / relative).resolve() if target else Path(os.path.normpath(base / relative))
     if not path.is_relative_to(base):
@@ -118,6 +121,7 @@ def _download(uri: str, files: list[tuple[str, str, int, str]], home: Path) -> t
     fs, _ = dataio.resolve(uri)
     incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=home))
     try:
+
         def fetch(entry):
             relative, path, size, _ = entry
             dest = check_key(relative, uri, incoming)
@@ -125,8 +129,10 @@ def _download(uri: str, files: list[tuple[str, str, int, str]], home: Path) -> t
             with fs.open_input_stream(path) as source, open(dest, "wb") as out:
                 shutil.copyfileobj(source, out, 8 << 20)
             if dest.stat().st_size != size:
-                raise OSError(f"model {uri}: {relative} changed while it was mirrored ({size} → "
-                              f"{dest.stat().st_size} bytes); try again")
+                raise OSError(
+                    f"model {uri}: {relative} changed while it was mirrored ({size} → "
+                    f"{dest.stat().st_size} bytes); try again"
+                )
 
         with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
             list(pool.map(fetch, files))

@@ -37,8 +37,14 @@ CHECKPOINT_NAMES = ("model.safetensors", "pytorch_model.bin")  # looked for when
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def official_components(base_sd_dir: str | Path, sdm_checkpoint: str | Path, tdm_checkpoint: str | Path,
-                        vision_config: dict | None = None, torch_dtype=torch.float32, variant: str | None = None) -> dict:
+def official_components(
+    base_sd_dir: str | Path,
+    sdm_checkpoint: str | Path,
+    tdm_checkpoint: str | Path,
+    vision_config: dict | None = None,
+    torch_dtype=torch.float32,
+    variant: str | None = None,
+) -> dict:
     """→ the FaceDiffuserPipeline components; `vision_config` defaults to CLIP ViT-L/14, `variant` picks the base's
     weight files (e.g. "fp16" for `*.fp16.safetensors`)."""
     from diffusers import UNet2DConditionModel
@@ -98,7 +104,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def with_prefix(state: dict, prefix: str, name: str) -> dict[str, torch.Tensor]:
-    picked = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     if not picked:
         raise ValueError(f"the {name} checkpoint has no '{prefix}*' weights")
     return picked
@@ -132,16 +138,21 @@ def legacy_buffers(module: torch.nn.Module, state: dict[str, Any], name: str) ->
     for key in legacy:
         value = state[key]
         if value.shape != transient[key].shape or not torch.equal(value.to(transient[key].dtype), transient[key]):
-            raise ValueError(f"{name}: checkpoint does not match the architecture ({key} has shape "
-                             f"{tuple(value.shape)} or values other than the model's {tuple(transient[key].shape)})")
+            raise ValueError(
+                f"{name}: checkpoint does not match the architecture ({key} has shape "
+                f"{tuple(value.shape)} or values other than the model's {tuple(transient[key].shape)})"
+            )
     return legacy
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="Stable Diffusion 1.5 directory (the hub layout)")
-    parser.add_argument("--sdm", required=True, help="the released SDM checkpoint (pytorch_model.bin, "
-                                                     ".safetensors, or a directory holding one)")
+    parser.add_argument(
+        "--sdm",
+        required=True,
+        help="the released SDM checkpoint (pytorch_model.bin, .safetensors, or a directory holding one)",
+    )
     parser.add_argument("--tdm", required=True, help="the released TDM checkpoint")
     parser.add_argument("--out", required=True, help="model directory to write (sdm/ and tdm/, safetensors)")
     parser.add_argument("--variant", default=None, help="the base's weight variant, e.g. fp16 (*.fp16.safetensors)")
@@ -160,7 +171,12 @@ def run(args: argparse.Namespace) -> int:
     parts = official_components(args.base, args.sdm, args.tdm, variant=args.variant)
     ensure_image_token(parts["tokenizer"])  # as a FaceDiffuserPipeline holding these parts would
     for which in model_dir.MODELS:
-        model_dir.save(out / which, which, unet=parts[f"{which}_unet"], subject_encoder=parts["subject_encoder"],
-                       **{part: parts[part] for part in model_dir.SHARED_PARTS})
+        model_dir.save(
+            out / which,
+            which,
+            unet=parts[f"{which}_unet"],
+            subject_encoder=parts["subject_encoder"],
+            **{part: parts[part] for part in model_dir.SHARED_PARTS},
+        )
     print(f"import-official: wrote {out} (sdm/, tdm/); use it with --model {out}", flush=True)
     return 0

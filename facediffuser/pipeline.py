@@ -22,7 +22,13 @@ from facediffuser.models.subject_encoder import SubjectEncoder
 from facediffuser.pipeline_encoding import PromptEncoding
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, count_markers, ensure_image_token
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, check_mode, embedding_sha256
-from facediffuser.sampling import OFFICIAL_FUSION, FusionOptions, boundaries_from_fractions, check_boundaries, snf_denoise
+from facediffuser.sampling import (
+    OFFICIAL_FUSION,
+    FusionOptions,
+    boundaries_from_fractions,
+    check_boundaries,
+    snf_denoise,
+)
 
 DEFAULT_ALPHA, DEFAULT_BETA = 0.3, 0.6  # s = 15, f = 30 at 50 steps: the official inference script
 
@@ -65,8 +71,13 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         super().__init__()
         ensure_image_token(tokenizer)
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, subject_encoder=subject_encoder,
-            sdm_unet=sdm_unet, tdm_unet=tdm_unet, scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            subject_encoder=subject_encoder,
+            sdm_unet=sdm_unet,
+            tdm_unet=tdm_unet,
+            scheduler=scheduler,
         )
         self.register_to_config(max_subjects=max_subjects)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -81,8 +92,9 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         sdm_dir, tdm_dir = str(sdm_dir), str(tdm_dir)
         return cls(
             **model_dir.load_shared_parts(sdm_dir, torch_dtype=torch_dtype),
-            subject_encoder=SubjectEncoder.from_pretrained(sdm_dir, subfolder=model_dir.SUBJECT_ENCODER,
-                                                           torch_dtype=torch_dtype),
+            subject_encoder=SubjectEncoder.from_pretrained(
+                sdm_dir, subfolder=model_dir.SUBJECT_ENCODER, torch_dtype=torch_dtype
+            ),
             sdm_unet=UNet2DConditionModel.from_pretrained(sdm_dir, subfolder=model_dir.UNET, torch_dtype=torch_dtype),
             tdm_unet=UNet2DConditionModel.from_pretrained(tdm_dir, subfolder=model_dir.UNET, torch_dtype=torch_dtype),
             **kwargs,
@@ -110,15 +122,23 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         """
         from facediffuser.official import official_components
 
-        return cls(**official_components(base_sd_dir, sdm_checkpoint, tdm_checkpoint, vision_config, torch_dtype,
-                                         variant))
+        return cls(
+            **official_components(base_sd_dir, sdm_checkpoint, tdm_checkpoint, vision_config, torch_dtype, variant)
+        )
 
     def save_model_dir(self, out_dir: str | Path, which: str) -> None:
         """Write the SDM or TDM alone as one model directory (`facediffuser.model_dir.save`, the layout's one
         writer; docs/model-directory.md). `from_sdm_and_tdm` reads two of them back."""
-        model_dir.save(out_dir, which, unet=self.sdm_unet if which == model_dir.SDM else self.tdm_unet, vae=self.vae,
-                       text_encoder=self.text_encoder, tokenizer=self.tokenizer, scheduler=self.scheduler,
-                       subject_encoder=self.subject_encoder)
+        model_dir.save(
+            out_dir,
+            which,
+            unet=self.sdm_unet if which == model_dir.SDM else self.tdm_unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler=self.scheduler,
+            subject_encoder=self.subject_encoder,
+        )
 
     # ------------------------------------------------------------------ sampling
     def resolve_boundaries(self, num_inference_steps, alpha=None, beta=None, start_merge_step=None, final_step=None):
@@ -181,21 +201,52 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         encoder sees of each photo: whole (default; the official transform), face or person
         (facediffuser.reference); the output's `embedding_sha256` fingerprints each subject's embedding."""
         height, width, (num_iterations, s, f) = self._checked_call(
-            prompt, reference_images, boxes, reference_mode, height, width, num_images_per_prompt,
-            num_inference_steps, output_type, identity_scores, (alpha, beta, start_merge_step, final_step))
+            prompt,
+            reference_images,
+            boxes,
+            reference_mode,
+            height,
+            width,
+            num_images_per_prompt,
+            num_inference_steps,
+            output_type,
+            identity_scores,
+            (alpha, beta, start_merge_step, final_step),
+        )
         subject_embeds = self.encode_references(reference_images, reference_mode)
-        null, text, augmented = self.encode_prompt(prompt, reference_images, negative_prompt,
-                                                   subject_embeds=subject_embeds, subject_scales=subject_scales)
+        null, text, augmented = self.encode_prompt(
+            prompt, reference_images, negative_prompt, subject_embeds=subject_embeds, subject_scales=subject_scales
+        )
         count, dtype = num_images_per_prompt, self.sdm_unet.dtype
         latents, seeds, regions = self._start_latents(prompt, boxes, count, height, width, seed, generator)
         result = snf_denoise(
-            self.tdm_unet, self.sdm_unet, self.scheduler, latents,
-            null.repeat(count, 1, 1).to(dtype), text.repeat(count, 1, 1).to(dtype), augmented.repeat(count, 1, 1).to(dtype),
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            start_merge_step=s, final_step=f, return_masks=return_masks, fusion=fusion, generator=generator,
-            callback=callback, regions=regions)
-        return self._finish(result, seeds, (num_iterations, s, f), subject_embeds, output_type, return_masks,
-                            identity_scores, reference_images)
+            self.tdm_unet,
+            self.sdm_unet,
+            self.scheduler,
+            latents,
+            null.repeat(count, 1, 1).to(dtype),
+            text.repeat(count, 1, 1).to(dtype),
+            augmented.repeat(count, 1, 1).to(dtype),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            start_merge_step=s,
+            final_step=f,
+            return_masks=return_masks,
+            fusion=fusion,
+            generator=generator,
+            callback=callback,
+            regions=regions,
+        )
+        return self._finish(
+            result,
+            seeds,
+            (num_iterations, s, f),
+            subject_embeds,
+            output_type,
+            return_masks,
+            identity_scores,
+            reference_images,
+        )
 
     def _start_latents(self, prompt, boxes, count, height, width, seed, generator):
         """The initial noise for `count` images (scaled for the scheduler, on the SDM's device and dtype), each
@@ -205,15 +256,30 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         latents = (latents * self.scheduler.init_noise_sigma).to(self.sdm_unet.device, dtype)
         return latents, seeds, self.subject_regions(prompt, boxes, count, latents.shape[-2:])
 
-    def _finish(self, result, seeds: list, stages: tuple[int, int, int], subject_embeds: torch.Tensor,
-                output_type: str, return_masks: bool, identity_scores, reference_images: Sequence) -> FaceDiffuserOutput:
+    def _finish(
+        self,
+        result,
+        seeds: list,
+        stages: tuple[int, int, int],
+        subject_embeds: torch.Tensor,
+        output_type: str,
+        return_masks: bool,
+        identity_scores,
+        reference_images: Sequence,
+    ) -> FaceDiffuserOutput:
         """snf_denoise's `result` → the output: images (decoded unless output_type is 'latent'), fusion steps and
         masks, when asked each image's identity scores against the references, and the embeddings' fingerprints.
         `stages` = (iterations, s, f)."""
         num_iterations, s, f = stages
-        output = FaceDiffuserOutput(images=[], seeds=seeds, start_merge_step=s, final_step=f,
-                                    num_iterations=num_iterations, fusion_steps=result.fusion_steps,
-                                    embedding_sha256=[embedding_sha256(e) for e in subject_embeds])
+        output = FaceDiffuserOutput(
+            images=[],
+            seeds=seeds,
+            start_merge_step=s,
+            final_step=f,
+            num_iterations=num_iterations,
+            fusion_steps=result.fusion_steps,
+            embedding_sha256=[embedding_sha256(e) for e in subject_embeds],
+        )
         count = len(seeds)
         images = result.latents if output_type == "latent" else self.decode_latents(result.latents)
         if return_masks:
@@ -232,8 +298,20 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         output.images = images if output_type in ("pt", "latent") else pil_images
         return output
 
-    def _checked_call(self, prompt, references, boxes, reference_mode, height, width, num_images, num_inference_steps,
-                      output_type, identity_scores, stages):
+    def _checked_call(
+        self,
+        prompt,
+        references,
+        boxes,
+        reference_mode,
+        height,
+        width,
+        num_images,
+        num_inference_steps,
+        output_type,
+        identity_scores,
+        stages,
+    ):
         """The call's arguments, checked before any model runs; → (height, width) with the model's default, and
         (iterations, s, f) from `stages` = (alpha, beta, start_merge_step, final_step)."""
         default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor

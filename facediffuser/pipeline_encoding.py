@@ -14,8 +14,16 @@ import torch
 
 from facediffuser.layout import SubjectRegions, check_boxes, check_scales, scale_subjects
 from facediffuser.prompts import IMAGE_TOKEN, count_markers, tokenize_with_markers
-from facediffuser.reference import (DEFAULT_DETECTOR, DEFAULT_REFERENCE_MODE, OBJECT_RESOLUTION, check_mode,
-                                    embed_photo, reference_tensor as _reference_tensor)
+from facediffuser.reference import (
+    DEFAULT_DETECTOR,
+    DEFAULT_REFERENCE_MODE,
+    OBJECT_RESOLUTION,
+    check_mode,
+    embed_photo,
+)
+from facediffuser.reference import (
+    reference_tensor as _reference_tensor,
+)
 
 
 class PromptEncoding:
@@ -37,13 +45,20 @@ class PromptEncoding:
             raise ValueError(f"the prompt has {num_markers} subjects; at most {self.max_subjects} are supported")
         if num_markers != num_references:
             raise ValueError(
-                f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {num_references} reference image(s) were given"
+                f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {num_references} reference image(s) "
+                "were given"
             )
         return num_markers
 
     def encode_prompt(
-        self, prompt: str, references: Sequence, negative_prompt: str | None = None, *, subject_embeds=None,
-        subject_scales: Sequence[float] | None = None, reference_mode: str = DEFAULT_REFERENCE_MODE,
+        self,
+        prompt: str,
+        references: Sequence,
+        negative_prompt: str | None = None,
+        *,
+        subject_embeds=None,
+        subject_scales: Sequence[float] | None = None,
+        reference_mode: str = DEFAULT_REFERENCE_MODE,
     ):
         """→ (null_embeds, text_embeds, augmented_embeds), each [1, 77, D].
 
@@ -56,8 +71,11 @@ class PromptEncoding:
         subject_scales = check_scales(subject_scales, num_markers)
         tokens = tokenize_with_markers(self.tokenizer, prompt, self.max_subjects)
         null_ids = self.tokenizer(
-            negative_prompt or "", padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            negative_prompt or "",
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         text_embeds = self._text_embeds(tokens.input_ids[None])
         null_embeds = self._text_embeds(null_ids)
@@ -82,8 +100,9 @@ class PromptEncoding:
         positions = tokens.image_token_mask.nonzero().flatten().tolist()
         return SubjectRegions(tokens=[positions] * count, boxes=[boxes] * count, latent_size=tuple(latent_size))
 
-    def encode_references(self, references: Sequence, reference_mode: str = DEFAULT_REFERENCE_MODE, *,
-                          detector=DEFAULT_DETECTOR) -> torch.Tensor:
+    def encode_references(
+        self, references: Sequence, reference_mode: str = DEFAULT_REFERENCE_MODE, *, detector=DEFAULT_DETECTOR
+    ) -> torch.Tensor:
         """One entry per subject: an image, or a list of photos of that person (their embeddings are averaged)
         → [K, D] on the subject encoder's device and dtype.
 
@@ -100,8 +119,9 @@ class PromptEncoding:
             for number, photo in enumerate(photos, start=1):
                 name = None if isinstance(photo, (str, Path)) or len(photos) == 1 else f"photo {number}"
                 try:
-                    embeddings.append(embed_photo(self.subject_encoder, photo, reference_mode, detector=detector,
-                                                  name=name))
+                    embeddings.append(
+                        embed_photo(self.subject_encoder, photo, reference_mode, detector=detector, name=name)
+                    )
                 except ValueError as exc:
                     raise ValueError(f"reference {index + 1}: {exc}") from None
             per_subject.append(torch.stack(embeddings).mean(dim=0))

@@ -37,8 +37,10 @@ def latents_to_rgb(latents: torch.Tensor, matrix=SD15_LATENT_RGB, bias=SD15_LATE
 def preview_images(latents: torch.Tensor, scale: int = 2) -> list[Image.Image]:
     """One RGB PIL image per row of `latents`, enlarged `scale`× by nearest neighbour (latent pixels stay sharp)."""
     images = [Image.fromarray(row.numpy()) for row in latents_to_rgb(latents)]
-    return [image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale != 1 else image
-            for image in images]
+    return [
+        image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale != 1 else image
+        for image in images
+    ]
 
 
 def mask_so_far(masks: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,9 @@ def tokenize_with_markers(tokenizer, prompt: str, max_subjects: int = DEFAULT_MA
         else:
             clean.append(token)
     if len(flagged) > max_subjects:
-        raise ValueError(f"prompt has {len(flagged)} {IMAGE_TOKEN} markers; at most {max_subjects} subjects are supported")
+        raise ValueError(
+            f"prompt has {len(flagged)} {IMAGE_TOKEN} markers; at most {max_subjects} subjects are supported"
+        )
     if len(clean) > max_length:
         if flagged and flagged[-1] >= max_length - 1:
             raise ValueError(f"prompt is too long: a subject marker falls beyond token {max_length - 1}")

@@ -53,8 +53,14 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def reference_tensor(photo, mode: str = DEFAULT_REFERENCE_MODE, *, detector=DEFAULT_DETECTOR,
-                     size: int = OBJECT_RESOLUTION, name: str | None = None) -> torch.Tensor:
+def reference_tensor(
+    photo,
+    mode: str = DEFAULT_REFERENCE_MODE,
+    *,
+    detector=DEFAULT_DETECTOR,
+    size: int = OBJECT_RESOLUTION,
+    name: str | None = None,
+) -> torch.Tensor:
     """A photo (path, bytes, PIL image, HxWx3 uint8 array or [3, H, W] tensor) → [3, size, size] in [0, 1].
 
     `detector` is a face detector's name (facediffuser.data.faces.DETECTORS) or a detector itself; only the face
@@ -68,13 +74,15 @@ def reference_tensor(photo, mode: str = DEFAULT_REFERENCE_MODE, *, detector=DEFA
     elif mode == "person":
         pixels = _person_region(pixels, np.asarray(image), detector, name)
     square = pad_to_square(pixels)
-    return torch.nn.functional.interpolate(square[None], size=(size, size), mode="bilinear", align_corners=False,
-                                           antialias=True)[0]
+    return torch.nn.functional.interpolate(
+        square[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )[0]
 
 
 @torch.no_grad()
-def embed_photo(subject_encoder, photo, mode: str = DEFAULT_REFERENCE_MODE, *, detector=DEFAULT_DETECTOR,
-                name: str | None = None) -> torch.Tensor:
+def embed_photo(
+    subject_encoder, photo, mode: str = DEFAULT_REFERENCE_MODE, *, detector=DEFAULT_DETECTOR, name: str | None = None
+) -> torch.Tensor:
     """One photo → its subject embedding [D], float32 on the CPU. Always encoded alone (batch 1): the same photo
     gives the same bits whoever asks and whatever it is encoded with.
 
@@ -91,7 +99,9 @@ def embedding_sha256(embedding: torch.Tensor) -> str:
     return hashlib.sha256(embedding.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def person_cutout(image: torch.Tensor, mask: torch.Tensor, box, generator: torch.Generator | None = None) -> torch.Tensor:
+def person_cutout(
+    image: torch.Tensor, mask: torch.Tensor, box, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[3, H, W] image + [H, W] person mask → the person box's pixels, uniform noise outside the mask (training's
     object crop before its augmentation; `generator` None draws the noise from torch's global generator)."""
     mask = mask.float()[None]
@@ -127,8 +137,11 @@ def _largest_face(array: np.ndarray, detector, name: str, mode: str):
     """→ (the largest face, every face found), or SubjectNotFound."""
     faces = _detect(detector, array)
     if not faces:
-        raise SubjectNotFound(f"{name}: no face found in the photo (reference mode {mode} crops around one; "
-                              "mode whole uses the whole photo)", "no_face_found")
+        raise SubjectNotFound(
+            f"{name}: no face found in the photo (reference mode {mode} crops around one; "
+            "mode whole uses the whole photo)",
+            "no_face_found",
+        )
     return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])), faces
 
 
@@ -150,7 +163,9 @@ def _person_region(pixels: torch.Tensor, array: np.ndarray, detector, name: str)
     with _lock:  # every face, as preprocessing does: a neighbour's pixels go to the neighbour
         mask = segmenter(array, faces)[faces.index(largest)]
     if not mask.any():
-        raise SubjectNotFound(f"{name}: no person found around the face (reference mode person; mode face or "
-                              "whole does without)", "no_person_found")
+        raise SubjectNotFound(
+            f"{name}: no person found around the face (reference mode person; mode face or whole does without)",
+            "no_person_found",
+        )
     generator = torch.Generator().manual_seed(PERSON_NOISE_SEED)
     return person_cutout(pixels, torch.from_numpy(mask), mask_box(mask), generator)

@@ -25,8 +25,9 @@ def sample_photos(folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, layout in enumerate(LAYOUTS):
-        pixels = np.concatenate([tiles[c.upper()] if c.isupper() else (tiles[c.upper()] * 0.8).astype(np.uint8)
-                                 for c in layout], axis=1)
+        pixels = np.concatenate(
+            [tiles[c.upper()] if c.isupper() else (tiles[c.upper()] * 0.8).astype(np.uint8) for c in layout], axis=1
+        )
         people = {1: "one-person", 2: "two-people", 3: "three-people"}[len(layout)]
         path = folder / f"{index:02d}-{people}.jpg"  # names differ by more than case (macOS)
         Image.fromarray(pixels).save(path, quality=92)

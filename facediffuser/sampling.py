@@ -107,7 +107,8 @@ def check_boundaries(start_merge_step: int, final_step: int, num_iterations: int
         )
     if not -1 <= final_step <= num_iterations - 1:
         raise ValueError(
-            f"final_step={final_step} is outside [-1, {num_iterations - 1}] for a schedule of {num_iterations} iterations"
+            f"final_step={final_step} is outside [-1, {num_iterations - 1}] "
+            f"for a schedule of {num_iterations} iterations"
         )
     if final_step < start_merge_step:
         raise ValueError(f"final_step={final_step} is before start_merge_step={start_merge_step}")
@@ -212,8 +213,17 @@ def snf_denoise(
             if kept is not None:  # rows were cancelled: go on with the others only
                 rows = [rows[k] for k in kept]
                 generator, (latents, null_embeds, text_embeds, augmented_embeds, region) = drop_rows(
-                    kept, scheduler, regions, generator, masks, latents, null_embeds, text_embeds, augmented_embeds,
-                    region)
+                    kept,
+                    scheduler,
+                    regions,
+                    generator,
+                    masks,
+                    latents,
+                    null_embeds,
+                    text_embeds,
+                    augmented_embeds,
+                    region,
+                )
                 step_kwargs = _step_kwargs(scheduler, generator, eta)
                 if not rows:
                     break
@@ -225,7 +235,9 @@ def snf_denoise(
                 tdm_null, tdm_direction = _guided(tdm_unet, latent_input, t, null_embeds, text_embeds, guidance_scale)
                 eps_tdm = tdm_null + tdm_direction
             if use_sdm:
-                sdm_text, sdm_direction = _guided(sdm_unet, latent_input, t, text_embeds, augmented_embeds, guidance_scale)
+                sdm_text, sdm_direction = _guided(
+                    sdm_unet, latent_input, t, text_embeds, augmented_embeds, guidance_scale
+                )
                 eps_sdm = sdm_text + sdm_direction
             if use_tdm and use_sdm:
                 mask = _fusion_mask(tdm_direction, sdm_direction, fusion, region)

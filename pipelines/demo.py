@@ -23,7 +23,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from facediffuser.config import add_arguments as add_config_arguments, arg, from_args
+from facediffuser.config import add_arguments as add_config_arguments
+from facediffuser.config import arg, from_args
 from facediffuser.model_dir import final_dir
 from facediffuser.sample_photos import sample_photos
 from pipelines.demo_serve import generate_over_http, serve_http_port
@@ -85,20 +86,28 @@ class PhaseClock:
 
 def write_index(out: Path, sections: list[tuple[str, list[Path], str]]) -> Path:
     """OUT/index.html: one section per phase; images by relative path, so the folder can be moved or zipped."""
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Face-diffuser demo</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:auto;padding:1rem}"
-             "img{max-width:100%;margin:.2rem;border:1px solid #ddd;image-rendering:pixelated}"
-             ".row img{height:160px}pre{background:#f4f4f4;padding:.5rem;overflow:auto;max-height:20rem}"
-             "</style></head><body><h1>Face-diffuser demo</h1>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Face-diffuser demo</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:auto;padding:1rem}"
+        "img{max-width:100%;margin:.2rem;border:1px solid #ddd;image-rendering:pixelated}"
+        ".row img{height:160px}pre{background:#f4f4f4;padding:.5rem;overflow:auto;max-height:20rem}"
+        "</style></head><body><h1>Face-diffuser demo</h1>"
+    ]
     for title, images, text in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if text:
             parts.append(f"<pre>{html.escape(text)}</pre>")
         if images:
             cls = " class='row'" if len(images) > 2 else ""
-            parts.append(f"<div{cls}>" + "".join(
-                f"<a href='{p.relative_to(out).as_posix()}'><img src='{p.relative_to(out).as_posix()}' "
-                f"alt='{html.escape(p.stem)}' title='{html.escape(p.stem)}'></a>" for p in images) + "</div>")
+            parts.append(
+                f"<div{cls}>"
+                + "".join(
+                    f"<a href='{p.relative_to(out).as_posix()}'><img src='{p.relative_to(out).as_posix()}' "
+                    f"alt='{html.escape(p.stem)}' title='{html.escape(p.stem)}'></a>"
+                    for p in images
+                )
+                + "</div>"
+            )
     parts.append("</body></html>")
     path = out / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")
@@ -117,34 +126,57 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
         clock.start("photos", "sample photos: the astronaut as one, two and three people")
         photos = sample_photos(out / "photos")
         print(f"  {len(photos)} photos in {out / 'photos'} ({clock.stop():.1f} s)", flush=True)
-        clock.start("preprocess", "preprocessing on Ray Data: detect faces → person masks → captions → link nouns "
-                                  "→ Parquet")
+        clock.start(
+            "preprocess", "preprocessing on Ray Data: detect faces → person masks → captions → link nouns → Parquet"
+        )
         manifest = _preprocess(out)
         print(f"  ({clock.stop():.1f} s) → {out / 'preprocessed'}", flush=True)
         model_dir, curves = _models(config, out, clock)
         clock.start("serve", "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
         session.own_serve = serve_http_port() is None
         images, masks, overlays, response_summary = generate_over_http(
-            config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME)), out, app_name,
-            f"/{NAME}", config.port, PROMPT, config.num_images, config.sample_steps)
-        print(f"  {len(images)} image(s) in {response_summary['timings']['total_s']:.1f} s; identity scores "
-              f"{response_summary.get('identity_scores')} ({clock.stop():.1f} s) → {out / 'generated'}", flush=True)
+            config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME)),
+            out,
+            app_name,
+            f"/{NAME}",
+            config.port,
+            PROMPT,
+            config.num_images,
+            config.sample_steps,
+        )
+        print(
+            f"  {len(images)} image(s) in {response_summary['timings']['total_s']:.1f} s; identity scores "
+            f"{response_summary.get('identity_scores')} ({clock.stop():.1f} s) → {out / 'generated'}",
+            flush=True,
+        )
         clock.start("page", "writing index.html")
-        index = write_index(out, [
-            ("1. Sample photos (input of preprocessing)", photos, ""),
-            ("2. Preprocessing: the shards' manifest", [], json.dumps(manifest, indent=2)),
-            ("3. Training: loss curves (TDM, SDM)", curves, "" if curves else f"training skipped: {model_dir}"),
-            (f"4. Generated: “{PROMPT}”", images + overlays, json.dumps(response_summary["timings"], indent=2)),
-            ("Fusion masks (a row per image, a column per fusion step)", masks, ""),
-        ])
+        index = write_index(
+            out,
+            [
+                ("1. Sample photos (input of preprocessing)", photos, ""),
+                ("2. Preprocessing: the shards' manifest", [], json.dumps(manifest, indent=2)),
+                ("3. Training: loss curves (TDM, SDM)", curves, "" if curves else f"training skipped: {model_dir}"),
+                (f"4. Generated: “{PROMPT}”", images + overlays, json.dumps(response_summary["timings"], indent=2)),
+                ("Fusion masks (a row per image, a column per fusion step)", masks, ""),
+            ],
+        )
         clock.stop()
     seconds = round(time.perf_counter() - started, 1)
     (out / "timings.json").write_text(json.dumps({"total_s": seconds, "phases_s": clock.seconds}, indent=2))
-    return {"out": str(out), "index": str(index), "photos": [str(p) for p in photos],
-            "shards": str(out / "preprocessed" / "shards"), "manifest": str(out / "preprocessed" / "manifest.json"),
-            "model": model_dir, "curves": [str(c) for c in curves], "images": [str(p) for p in images],
-            "masks": [str(p) for p in masks + overlays], "seconds": seconds, "phases": clock.seconds,
-            "summary": clock.summary()}
+    return {
+        "out": str(out),
+        "index": str(index),
+        "photos": [str(p) for p in photos],
+        "shards": str(out / "preprocessed" / "shards"),
+        "manifest": str(out / "preprocessed" / "manifest.json"),
+        "model": model_dir,
+        "curves": [str(c) for c in curves],
+        "images": [str(p) for p in images],
+        "masks": [str(p) for p in masks + overlays],
+        "seconds": seconds,
+        "phases": clock.seconds,
+        "summary": clock.summary(),
+    }
 
 
 def _fresh_output(directory: str) -> Path:
@@ -201,8 +233,11 @@ def _preprocess(out: Path) -> dict:
     from facediffuser.data.preprocess_config import PreprocessConfig
     from pipelines import preprocess as preprocess_pipeline
 
-    manifest = preprocess_pipeline.preprocess(PreprocessConfig(
-        input=str(out / "photos"), output=str(out / "preprocessed"), resolution=256, batch_size=2, rows_per_shard=4))
+    manifest = preprocess_pipeline.preprocess(
+        PreprocessConfig(
+            input=str(out / "photos"), output=str(out / "preprocessed"), resolution=256, batch_size=2, rows_per_shard=4
+        )
+    )
     counts = manifest["counts"]
     print(f"  {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected", flush=True)
     if not counts["written"]:
@@ -217,18 +252,29 @@ def _train(config: DemoConfig, out: Path) -> tuple[str, list[Path]]:
     from pipelines.train_config import TrainConfig
 
     base = TrainConfig(
-        model="tdm", data=str(out / "preprocessed" / "shards"), storage=str(out / "runs"), name=NAME, tiny=True,
-        resolution=config.resolution, batch_size=2, max_steps=config.steps, checkpoint_every=config.steps,
-        keep_checkpoints=1, lr=1e-4, max_failures=0)
+        model="tdm",
+        data=str(out / "preprocessed" / "shards"),
+        storage=str(out / "runs"),
+        name=NAME,
+        tiny=True,
+        resolution=config.resolution,
+        batch_size=2,
+        max_steps=config.steps,
+        checkpoint_every=config.steps,
+        keep_checkpoints=1,
+        lr=1e-4,
+        max_failures=0,
+    )
     base.validate()
     configs = [base, TrainConfig(**{**base.__dict__, "model": "sdm"})]
     shutil.rmtree(out / "runs" / NAME, ignore_errors=True)  # a fresh run, not a resume of an old one
     summaries = train_pipeline.train(configs)
     train_pipeline.write_export_note(configs, None)
     for s in summaries:
-        print(f"  {s['model']}: {s['steps']} steps, {loss_line(s)}",
-              flush=True)
-    return final_dir(str(out / "runs" / NAME)), [out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")]
+        print(f"  {s['model']}: {s['steps']} steps, {loss_line(s)}", flush=True)
+    return final_dir(str(out / "runs" / NAME)), [
+        out / "runs" / NAME / which / "loss_curve.png" for which in ("tdm", "sdm")
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -243,13 +289,16 @@ def run(args: argparse.Namespace) -> int:
 
     with stoppable(STOPPED_LINE):  # SIGTERM/SIGINT: Serve and the demo's Ray go down; a rerun starts over
         result = demo(from_args(DemoConfig, args), verbose=args.verbose)
-    print(f"\ndemo finished in {result['seconds']:.0f} s ({result['summary']}). Open {result['index']}\n"
-          f"  photos:       {Path(result['photos'][0]).parent}\n"
-          f"  shards:       {result['shards']} (manifest: {result['manifest']})\n"
-          f"  models:       {result['model']}\n"
-          + "".join(f"  loss curve:   {c}\n" for c in result["curves"])
-          + "".join(f"  image:        {p}\n" for p in result["images"])
-          + "".join(f"  mask:         {p}\n" for p in result["masks"]), flush=True)
+    print(
+        f"\ndemo finished in {result['seconds']:.0f} s ({result['summary']}). Open {result['index']}\n"
+        f"  photos:       {Path(result['photos'][0]).parent}\n"
+        f"  shards:       {result['shards']} (manifest: {result['manifest']})\n"
+        f"  models:       {result['model']}\n"
+        + "".join(f"  loss curve:   {c}\n" for c in result["curves"])
+        + "".join(f"  image:        {p}\n" for p in result["images"])
+        + "".join(f"  mask:         {p}\n" for p in result["masks"]),
+        flush=True,
+    )
     return 0
 
 

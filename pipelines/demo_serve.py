@@ -33,8 +33,16 @@ def write_png(data_b64: str, path: Path) -> Path:
     return path
 
 
-def generate_over_http(model_dir: str, out: Path, app_name: str, route_prefix: str, port: int | None, prompt: str,
-                       num_images: int, steps: int) -> tuple[list[Path], list[Path], list[Path], dict]:
+def generate_over_http(
+    model_dir: str,
+    out: Path,
+    app_name: str,
+    route_prefix: str,
+    port: int | None,
+    prompt: str,
+    num_images: int,
+    steps: int,
+) -> tuple[list[Path], list[Path], list[Path], dict]:
     """Start the Serve app for `model_dir` (or add it to a running Serve), send one generate request with the
     bundled reference photo, write what came back under OUT/generated/; → (images, fusion masks, mask overlays,
     the response without its pictures)."""
@@ -44,20 +52,39 @@ def generate_over_http(model_dir: str, out: Path, app_name: str, route_prefix: s
     from serving.settings import ServeConfig
 
     port = serve_http_port() or port or free_port()
-    url = start(ServeConfig(
-        model=model_dir, port=port, app_name=app_name, route_prefix=route_prefix, torch_threads=1,
-        num_cpus=0.5, encoder_num_cpus=0.25, ingress_num_cpus=0.1, min_replicas=1, max_replicas=1))
+    url = start(
+        ServeConfig(
+            model=model_dir,
+            port=port,
+            app_name=app_name,
+            route_prefix=route_prefix,
+            torch_threads=1,
+            num_cpus=0.5,
+            encoder_num_cpus=0.25,
+            ingress_num_cpus=0.1,
+            min_replicas=1,
+            max_replicas=1,
+        )
+    )
     reference = base64.b64encode(ASTRONAUT.read_bytes()).decode()
-    request = {"prompt": prompt, "references": [reference], "num_images": num_images, "seed": 42, "steps": steps,
-               "return_masks": True}
+    request = {
+        "prompt": prompt,
+        "references": [reference],
+        "num_images": num_images,
+        "seed": 42,
+        "steps": steps,
+        "return_masks": True,
+    }
     response = httpx.post(f"{url}/v1/generate", json=request, timeout=600)
     if response.status_code != 200:
         raise RuntimeError(f"generate answered {response.status_code}: {response.text[:300]}")
     body = response.json()
     generated = out / "generated"
     generated.mkdir()
-    images = [write_png(b64, generated / f"image-{k}-seed{seed}.png")
-              for k, (b64, seed) in enumerate(zip(body["images"], body["seeds"]))]
+    images = [
+        write_png(b64, generated / f"image-{k}-seed{seed}.png")
+        for k, (b64, seed) in enumerate(zip(body["images"], body["seeds"]))
+    ]
     masks = [write_png(body["fusion_masks"], generated / "fusion-masks.png")] if body.get("fusion_masks") else []
     overlays = [write_png(b64, generated / f"overlay-{k}.png") for k, b64 in enumerate(body.get("overlays") or [])]
     summary = {k: v for k, v in body.items() if k not in ("images", "fusion_masks", "overlays")}

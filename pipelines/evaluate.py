@@ -20,21 +20,39 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from facediffuser import faults
-from facediffuser.config import add_arguments as add_config_arguments, arg, from_args
+from facediffuser.config import add_arguments as add_config_arguments
+from facediffuser.config import arg, from_args
 from facediffuser.metrics.protocol import METHODS, PROTOCOLS, check_methods
-from facediffuser.metrics.subjects import (DEFAULT_NOUN, EvalSubject, check_references, load_eval_subjects,
-                                           make_tasks, task_key)
+from facediffuser.metrics.subjects import (
+    DEFAULT_NOUN,
+    EvalSubject,
+    check_references,
+    load_eval_subjects,
+    make_tasks,
+    task_key,
+)
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode
 from pipelines.evaluate_report import save_row, showcase_keys, write_report
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SETTINGS_FILE = "run.json"  # the settings that made OUT's results.jsonl; a rerun continues only with the same ones
 # --quick: a look at a model in minutes, not the protocol; options given explicitly still win
-PRESETS = {"full": {"images_per_prompt": 4, "prompts_per_kind": None, "steps": 50, "max_pairs": None},
-           "quick": {"images_per_prompt": 1, "prompts_per_kind": 2, "steps": 10, "max_pairs": 1}}
+PRESETS = {
+    "full": {"images_per_prompt": 4, "prompts_per_kind": None, "steps": 50, "max_pairs": None},
+    "quick": {"images_per_prompt": 1, "prompts_per_kind": 2, "steps": 10, "max_pairs": 1},
+}
 # config fields that change how a run is executed or shown, not its images or numbers (left out of run.json)
-RUN_ONLY_FIELDS = ("subjects", "out", "quick", "num_gpus", "score_gpus", "generate_actors", "score_actors",
-                   "actor_cpus", "showcase")
+RUN_ONLY_FIELDS = (
+    "subjects",
+    "out",
+    "quick",
+    "num_gpus",
+    "score_gpus",
+    "generate_actors",
+    "score_actors",
+    "actor_cpus",
+    "showcase",
+)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -43,19 +61,26 @@ def _comma_list(text: str) -> list[str]:
 
 @dataclass
 class EvaluateConfig:
-    subjects: str = arg(help="one folder per person: its photos (any image name; several are averaged) and an "
-                             f"optional noun.txt (man|woman; default {DEFAULT_NOUN})")
+    subjects: str = arg(
+        help="one folder per person: its photos (any image name; several are averaged) and an "
+        f"optional noun.txt (man|woman; default {DEFAULT_NOUN})"
+    )
     out: str = arg(help="output directory; a rerun with the same settings continues it")
-    model: str | None = arg(None, "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/)",
-                            group="source")
+    model: str | None = arg(
+        None, "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/)", group="source"
+    )
     tiny: bool = arg(False, "small random models (tests, trying the tool)", group="source")
     protocol: str = arg("both", "single-subject, multi-subject or both", choices=(*PROTOCOLS, "both"))
     # None below: the preset's value (PRESETS, filled in by __post_init__)
     images_per_prompt: int | None = arg(None, "default 4 (--quick: 1)")
-    methods: list[str] = arg(list(METHODS), f"comma-separated, from {','.join(METHODS)}", type=_comma_list,
-                             metavar="A,B,...")
-    facenet_weights: str | None = arg(None, "InceptionResnetV1 (VGGFace2) weights, .safetensors or .pt: "
-                                            "FastComposer's identity metric", metavar="PATH")
+    methods: list[str] = arg(
+        list(METHODS), f"comma-separated, from {','.join(METHODS)}", type=_comma_list, metavar="A,B,..."
+    )
+    facenet_weights: str | None = arg(
+        None,
+        "InceptionResnetV1 (VGGFace2) weights, .safetensors or .pt: FastComposer's identity metric",
+        metavar="PATH",
+    )
     clip: str | None = arg(None, "CLIP model for prompt consistency", metavar="DIR_OR_ID")
     prompts_per_kind: int | None = arg(None, "use the first N prompts of each kind (≤10; default all 10, --quick: 2)")
     max_pairs: int | None = arg(None, "multi-subject: at most N subject pairs (default all, --quick: 1)")
@@ -65,8 +90,11 @@ class EvaluateConfig:
     alpha: float | None = arg(None, "SNF window start as a fraction of the schedule")
     beta: float | None = arg(None, "SNF window end as a fraction of the schedule")
     seed: int = arg(42, "seed of each prompt's first image")
-    reference_mode: str = arg(DEFAULT_REFERENCE_MODE, "what the subject encoder sees of each photo: whole (the "
-                                                      "official transform), face or person", choices=REFERENCE_MODES)
+    reference_mode: str = arg(
+        DEFAULT_REFERENCE_MODE,
+        "what the subject encoder sees of each photo: whole (the official transform), face or person",
+        choices=REFERENCE_MODES,
+    )
     resolution: int | None = arg(None, "square image size (default: the model's)")
     num_gpus: float = arg(0.0, "GPUs per generation actor")
     score_gpus: float = arg(0.0, "GPUs per scoring actor")
@@ -74,8 +102,11 @@ class EvaluateConfig:
     score_actors: int = arg(1, "scoring actors")
     actor_cpus: float = arg(1.0, "CPUs per actor")
     showcase: int = arg(8, "prompts per protocol shown in grids and overlays")
-    quick: bool = arg(False, "a quick look, not the protocol: defaults become --prompts-per-kind 2 "
-                             "--images-per-prompt 1 --steps 10 --max-pairs 1 (given options still win)")
+    quick: bool = arg(
+        False,
+        "a quick look, not the protocol: defaults become --prompts-per-kind 2 "
+        "--images-per-prompt 1 --steps 10 --max-pairs 1 (given options still win)",
+    )
 
     def __post_init__(self):
         for name, value in PRESETS["quick" if self.quick else "full"].items():
@@ -94,11 +125,13 @@ class EvaluateConfig:
             raise ValueError(f"--protocol must be single, multi or both, got {self.protocol!r}")
         check_methods(self.methods)
         check_mode(self.reference_mode)
-        for name, value, low, high in [("--images-per-prompt", self.images_per_prompt, 1, 64),
-                                       ("--steps", self.steps, 1, 1000),
-                                       ("--prompts-per-kind", self.prompts_per_kind or 1, 1, 10),
-                                       ("--generate-actors", self.generate_actors, 1, 1024),
-                                       ("--score-actors", self.score_actors, 1, 1024)]:
+        for name, value, low, high in [
+            ("--images-per-prompt", self.images_per_prompt, 1, 64),
+            ("--steps", self.steps, 1, 1000),
+            ("--prompts-per-kind", self.prompts_per_kind or 1, 1, 10),
+            ("--generate-actors", self.generate_actors, 1, 1024),
+            ("--score-actors", self.score_actors, 1, 1024),
+        ]:
             if not low <= value <= high:
                 raise ValueError(f"{name} must be in {low}..{high}, got {value}")
         from facediffuser.schedulers import SCHEDULERS
@@ -147,13 +180,17 @@ def resume_rows(out: Path, settings: dict, tasks: list[dict], images_per_prompt:
     if not results.is_file():
         return []
     if not saved.is_file():
-        raise ValueError(f"--out {out} holds a results.jsonl without {SETTINGS_FILE} (not a run to continue): "
-                         "use another --out, or delete it")
+        raise ValueError(
+            f"--out {out} holds a results.jsonl without {SETTINGS_FILE} (not a run to continue): "
+            "use another --out, or delete it"
+        )
     previous = json.loads(saved.read_text())
     changed = sorted(k for k in {*settings, *previous} if settings.get(k) != previous.get(k))
     if changed:
-        raise ValueError(f"--out {out} holds a run with other settings ({', '.join(changed)}): use the same "
-                         "settings to continue it, another --out, or delete it to start over")
+        raise ValueError(
+            f"--out {out} holds a run with other settings ({', '.join(changed)}): use the same "
+            "settings to continue it, another --out, or delete it to start over"
+        )
     index = {task_key(task): task for task in tasks}
     found: dict[tuple, dict[int, dict]] = {}
     for line in results.read_text().splitlines():
@@ -164,8 +201,7 @@ def resume_rows(out: Path, settings: dict, tasks: list[dict], images_per_prompt:
             continue
         if task is not None and row.get("file") and (out / row["file"]).is_file():
             found.setdefault(task_key(row), {})[row["image_index"]] = {**row, "task": task["task"]}
-    return [row for images in found.values() if set(images) == set(range(images_per_prompt))
-            for row in images.values()]
+    return [row for images in found.values() if set(images) == set(range(images_per_prompt)) for row in images.values()]
 
 
 def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
@@ -221,25 +257,38 @@ def _open_output(config: EvaluateConfig, out: Path, subjects: list[EvalSubject],
     return kept
 
 
-def _generate(config: EvaluateConfig, todo: list[dict], out: Path, writer, showcase: set, verbose: bool,
-              progress: tuple[int, int]) -> list[dict]:
+def _generate(
+    config: EvaluateConfig, todo: list[dict], out: Path, writer, showcase: set, verbose: bool, progress: tuple[int, int]
+) -> list[dict]:
     """Generate and score `todo` on Ray Data; each image is written and its row appended as it arrives."""
     import ray
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
 
-    from pipelines.evaluate_actors import GenerateImages, ScoreImages
     from cluster.runtime import init_ray
     from cluster.stopping import deferred
+    from pipelines.evaluate_actors import GenerateImages, ScoreImages
 
     init_ray(verbose)  # joins a running Ray (a test session's, a cluster under `ray job submit`) or starts one
     ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 200))
-    ds = ds.map_batches(GenerateImages, fn_constructor_args=(config,), batch_size=1, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=config.generate_actors),
-                        num_cpus=config.actor_cpus, num_gpus=config.num_gpus)
-    ds = ds.map_batches(ScoreImages, fn_constructor_args=(config,), batch_size=config.images_per_prompt,
-                        batch_format="pyarrow", compute=ActorPoolStrategy(size=config.score_actors),
-                        num_cpus=config.actor_cpus, num_gpus=config.score_gpus)
+    ds = ds.map_batches(
+        GenerateImages,
+        fn_constructor_args=(config,),
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.generate_actors),
+        num_cpus=config.actor_cpus,
+        num_gpus=config.num_gpus,
+    )
+    ds = ds.map_batches(
+        ScoreImages,
+        fn_constructor_args=(config,),
+        batch_size=config.images_per_prompt,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.score_actors),
+        num_cpus=config.actor_cpus,
+        num_gpus=config.score_gpus,
+    )
     stop_after = faults.armed_int("evaluate.stop_after")  # tests only (facediffuser/faults.py); None: off
     rows: list[dict] = []
     stream = ds.iter_rows()

@@ -52,10 +52,15 @@ class GenerateImages:
         for task in batch.to_pylist():
             with_masks = task["method"] in ("snf", "average")
             result = self.pipe(
-                task["prompt"], [self._reference(p) for p in json.loads(task["references"])],
-                num_images_per_prompt=config.images_per_prompt, seed=task["seed"],
-                num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                height=config.resolution, width=config.resolution, return_masks=with_masks,
+                task["prompt"],
+                [self._reference(p) for p in json.loads(task["references"])],
+                num_images_per_prompt=config.images_per_prompt,
+                seed=task["seed"],
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance_scale,
+                height=config.resolution,
+                width=config.resolution,
+                return_masks=with_masks,
                 reference_mode=config.reference_mode,
                 **method_arguments(task["method"], self.num_iterations, config.alpha, config.beta),
             )
@@ -64,8 +69,16 @@ class GenerateImages:
                 if with_masks and result.masks.shape[0]:
                     mean = result.masks[:, index].mean(dim=0).clamp(0, 1).numpy()
                     mask = _png(Image.fromarray((mean * 255).round().astype("uint8")))
-                rows.append({**task, "image_index": index, "image_seed": result.seeds[index],
-                             "embedding_sha256": json.dumps(result.embedding_sha256), "image": _png(image), "mask": mask})
+                rows.append(
+                    {
+                        **task,
+                        "image_index": index,
+                        "image_seed": result.seeds[index],
+                        "embedding_sha256": json.dumps(result.embedding_sha256),
+                        "image": _png(image),
+                        "mask": mask,
+                    }
+                )
         return pa.Table.from_pylist(rows)
 
 
@@ -92,9 +105,15 @@ class ScoreImages:
             for row, image in zip(rows, images):
                 references = [scorer.reference(entry, key=json.dumps(entry)) for entry in json.loads(row["references"])]
                 result = scorer.score(image, references)
-                row.update({f"identity_{name}": result.score, f"faces_{name}": result.num_faces,
-                            f"missing_{name}": result.missing_faces, f"duplicate_{name}": result.duplicate,
-                            f"similarities_{name}": json.dumps(result.similarities)})
+                row.update(
+                    {
+                        f"identity_{name}": result.score,
+                        f"faces_{name}": result.num_faces,
+                        f"missing_{name}": result.missing_faces,
+                        f"duplicate_{name}": result.duplicate,
+                        f"similarities_{name}": json.dumps(result.similarities),
+                    }
+                )
         if self.clip is not None:
             for row, score in zip(rows, self.clip.score(images, [row["prompt"] for row in rows])):
                 row["prompt_clip"] = score

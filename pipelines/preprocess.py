@@ -24,22 +24,29 @@ import os
 import sys
 import time
 
+from cluster.runtime import AWS_VARIABLES
 from facediffuser import faults
-from facediffuser.config import add_arguments as add_config_arguments, from_args
+from facediffuser.config import add_arguments as add_config_arguments
+from facediffuser.config import from_args
 from facediffuser.data import io as dataio
-from facediffuser.data import output_dir
-from facediffuser.data import stages, work_items
+from facediffuser.data import output_dir, stages, work_items
 from facediffuser.data.fastcomposer import list_fastcomposer_items
-from facediffuser.data.schema import SCHEMA_VERSION
-from facediffuser.data.resume import previous_work
 from facediffuser.data.preprocess_config import PreprocessConfig
+from facediffuser.data.resume import previous_work
+from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.work_items import work_table
 from facediffuser.devices import CPU_UNDER_GPU_ENV
 from facediffuser.manifest import package_versions
-from cluster.runtime import AWS_VARIABLES
 from pipelines.preprocess_plan import TASKS_IN_FLIGHT, StagePlan, block_rows, plan_stages
-from pipelines.preprocess_workers import (RAN_ON, SHARD, ConvertFastComposer, RunStages, ShardWriter, run_in_worker,
-                                          sweep_shards)
+from pipelines.preprocess_workers import (
+    RAN_ON,
+    SHARD,
+    ConvertFastComposer,
+    RunStages,
+    ShardWriter,
+    run_in_worker,
+    sweep_shards,
+)
 
 # ---------------------------------------------------------------------------------------- the pipeline
 
@@ -50,8 +57,14 @@ def _runtime_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, cluster_cpus: float,
-                  cluster_gpus: float = 0.0, run: str | None = None):
+def build_dataset(
+    items: list[dict],
+    config: PreprocessConfig,
+    shards_uri: str,
+    cluster_cpus: float,
+    cluster_gpus: float = 0.0,
+    run: str | None = None,
+):
     """The lazy Ray Dataset over `items`: all stages applied, the last pool writing the accepted rows to
     `shards_uri` (file names prefixed `run`, a new random one by default); it holds every row's status
     (REJECT_SCHEMA columns, SHARD and RAN_ON)."""
@@ -69,19 +82,28 @@ def build_dataset(items: list[dict], config: PreprocessConfig, shards_uri: str, 
     run = run or uuid.uuid4().hex[:12]
     for plan in plans:
         last = plan is plans[-1]
-        arguments = (config, plan.names, plan.num_cpus, plan.num_gpus,
-                     ShardWriter(shards_uri, run) if last else None)
+        arguments = (config, plan.names, plan.num_cpus, plan.num_gpus, ShardWriter(shards_uri, run) if last else None)
         if plan.kind == "actors":
-            function, compute = stage_class, ActorPoolStrategy(size=plan.workers,
-                                                               max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT)
+            function, compute = (
+                stage_class,
+                ActorPoolStrategy(size=plan.workers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
+            )
             options = {"fn_constructor_args": arguments}
         else:
             function, compute = run_in_worker, TaskPoolStrategy(size=plan.workers)
             options = {"fn_args": (run, plan.names, functools.partial(stage_class, *arguments))}
         # a pool before the last takes `--batch-size` rows per call; the last a whole block (one shard file)
-        ds = ds.map_batches(function, compute=compute, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-                            batch_format="pyarrow", batch_size=rows if last else min(rows, config.batch_size),
-                            zero_copy_batch=True, **options, **_runtime_env())
+        ds = ds.map_batches(
+            function,
+            compute=compute,
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            batch_format="pyarrow",
+            batch_size=rows if last else min(rows, config.batch_size),
+            zero_copy_batch=True,
+            **options,
+            **_runtime_env(),
+        )
     return ds
 
 
@@ -123,8 +145,19 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
         "cluster_cpus": cluster[0],
         "cluster_gpus": cluster[1],
         "stages": stage_info(plan_stages(config, *cluster), statuses),
-        "package_versions": package_versions(("facediffuser", "ray", "pyarrow", "numpy", "mediapipe",
-                                              "facenet-pytorch", "torch", "transformers", "pillow")),
+        "package_versions": package_versions(
+            (
+                "facediffuser",
+                "ray",
+                "pyarrow",
+                "numpy",
+                "mediapipe",
+                "facenet-pytorch",
+                "torch",
+                "transformers",
+                "pillow",
+            )
+        ),
         "wall_time_s": round(time.time() - started, 3),
         "images_per_s": round(len(todo) / max(time.time() - started, 1e-9), 3),
     }
@@ -144,9 +177,17 @@ def stage_info(plans: list[StagePlan], statuses: list[dict]) -> list[dict]:
             ran_on = status.get(RAN_ON) or []
             if index < len(ran_on):
                 rows[ran_on[index]] = rows.get(ran_on[index], 0) + 1
-        info.append({"stages": list(plan.names), plan.kind: plan.workers, "num_cpus": plan.num_cpus,
-                     "num_gpus": plan.num_gpus, "nodes": [{"node_id": node, "node_name": names.get(node), "rows": n}
-                                                          for node, n in sorted(rows.items())]})
+        info.append(
+            {
+                "stages": list(plan.names),
+                plan.kind: plan.workers,
+                "num_cpus": plan.num_cpus,
+                "num_gpus": plan.num_gpus,
+                "nodes": [
+                    {"node_id": node, "node_name": names.get(node), "rows": n} for node, n in sorted(rows.items())
+                ],
+            }
+        )
     return info
 
 
@@ -157,13 +198,17 @@ def _remaining_work(config: PreprocessConfig, items: list[dict]) -> tuple[list[d
     old_rejects = [r for r in old_rejects if r["id"] in ids and r["id"] not in done]
     todo = [item for item in items if item["id"] not in done | {r["id"] for r in old_rejects}]
     if len(todo) < len(items):
-        print(f"--output {config.output}: {len(items) - len(todo)} of {len(items)} inputs already done there "
-              f"(written or rejected); processing the other {len(todo)}", flush=True)
+        print(
+            f"--output {config.output}: {len(items) - len(todo)} of {len(items)} inputs already done there "
+            f"(written or rejected); processing the other {len(todo)}",
+            flush=True,
+        )
     return todo, old_rejects
 
 
-def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: float, cluster_gpus: float,
-                  statuses: list[dict]) -> list[dict]:
+def _run_pipeline(
+    config: PreprocessConfig, todo: list[dict], cluster_cpus: float, cluster_gpus: float, statuses: list[dict]
+) -> list[dict]:
     """The stages and the shard writes over `todo`; every row's status (id, source, stage, reason) is appended to
     `statuses` as its block finishes (so a stopped run still knows what it finished); → `statuses`."""
     import uuid
@@ -182,8 +227,12 @@ def _run_pipeline(config: PreprocessConfig, todo: list[dict], cluster_cpus: floa
         finally:  # also when stopped: only the files of counted blocks stay
             removed = sweep_shards(shards_uri, run, {s[SHARD] for s in statuses if s.get(SHARD)})
             if removed:
-                print(f"preprocess: removed {len(removed)} shard file(s) of blocks that ran again elsewhere "
-                      f"(a worker or node was lost mid-block): {', '.join(removed[:3])}", file=sys.stderr, flush=True)
+                print(
+                    f"preprocess: removed {len(removed)} shard file(s) of blocks that ran again elsewhere "
+                    f"(a worker or node was lost mid-block): {', '.join(removed[:3])}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if len(statuses) != len(todo) or {s["id"] for s in statuses} != {i["id"] for i in todo}:
         # the accounting identity: every input is written or rejected, once
         raise RuntimeError(f"pipeline lost rows: {len(todo)} in, {len(statuses)} out")
@@ -211,8 +260,10 @@ def run(args: argparse.Namespace) -> int:
     with stoppable():  # SIGTERM/SIGINT: written shards and rejects stay, a rerun does the rest
         manifest = preprocess(from_args(PreprocessConfig, args), verbose=args.verbose)
     counts = manifest["counts"]
-    print(f"preprocess: {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected "
-          f"in {manifest['wall_time_s']:.1f} s → {args.output}")
+    print(
+        f"preprocess: {counts['input']} in, {counts['written']} written, {counts['rejected']} rejected "
+        f"in {manifest['wall_time_s']:.1f} s → {args.output}"
+    )
     return 0
 
 

@@ -32,8 +32,9 @@ class StagePlan:
 
 def _on_gpu(name: str, config: PreprocessConfig) -> bool:
     """Only MTCNN and a captioner model can use a GPU (mediapipe's Python solutions run on the CPU)."""
-    return config.num_gpus_per_stage > 0 and ((name == "detect" and config.detector == "mtcnn")
-                                              or (name == "caption" and config.captioner != TEMPLATE))
+    return config.num_gpus_per_stage > 0 and (
+        (name == "detect" and config.detector == "mtcnn") or (name == "caption" and config.captioner != TEMPLATE)
+    )
 
 
 def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: float = 0.0) -> list[StagePlan]:
@@ -64,8 +65,12 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
     cpu_budget = max(cluster_cpus - gpu_pools * gpu_actors * GPU_ACTOR_CPUS, min(cluster_cpus, 1.0))
     cpu_tasks = config.workers_per_stage or max(1, int(cpu_budget // cpu_pools))
     cpu_share = min(1.0, cpu_budget / (cpu_pools * cpu_tasks))
-    return [StagePlan(tuple(names), gpu_actors, GPU_ACTOR_CPUS, config.num_gpus_per_stage) if gpu
-            else StagePlan(tuple(names), cpu_tasks, cpu_share) for names, gpu in groups]
+    return [
+        StagePlan(tuple(names), gpu_actors, GPU_ACTOR_CPUS, config.num_gpus_per_stage)
+        if gpu
+        else StagePlan(tuple(names), cpu_tasks, cpu_share)
+        for names, gpu in groups
+    ]
 
 
 def block_rows(count: int, plans: list[StagePlan], rows_per_shard: int) -> int:

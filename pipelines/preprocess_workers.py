@@ -8,15 +8,16 @@ import sys
 
 import pyarrow as pa
 
-from pipelines.progress_metrics import preprocess_items
 from facediffuser.data import io as dataio
 from facediffuser.data import stages, work_items
 from facediffuser.data.captions import make_captioner
-from facediffuser.data.fastcomposer import convert_stage
 from facediffuser.data.faces import make_detector
+from facediffuser.data.fastcomposer import convert_stage
 from facediffuser.data.masks import PersonSegmenter
 from facediffuser.data.preprocess_config import PreprocessConfig
 from facediffuser.devices import torch_device
+from pipelines.progress_metrics import preprocess_items
+
 
 class ShardWriter:
     """What the last pool does after its stages: the accepted rows of one call become one SHARD_SCHEMA
@@ -98,36 +99,66 @@ class RunStages:
     """A map_batches class that runs a fused run of stages on each item of a batch (through
     `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
 
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, num_gpus: float,
-                 writer: ShardWriter | None = None):
+    def __init__(
+        self,
+        config: PreprocessConfig,
+        names: tuple[str, ...],
+        num_cpus: float,
+        num_gpus: float,
+        writer: ShardWriter | None = None,
+    ):
         from cluster.runtime import where
 
         self.config, self.names, self.guard, self.writer = config, names, stages.StageGuard(), writer
         # given a GPU that torch cannot see: one line naming the node, unless FACEDIFFUSER_CPU_UNDER_GPU=1
         device = torch_device(num_gpus, f"preprocess stages {'+'.join(names)} on {where()}")
-        self.detector = make_detector(config.detector, config.min_face_score, device=device) \
-            if "detect" in names else None
+        self.detector = (
+            make_detector(config.detector, config.min_face_score, device=device) if "detect" in names else None
+        )
         self.segmenter = PersonSegmenter() if "segment" in names else None
         self.captioner = make_captioner(config.captioner, device=device) if "caption" in names else None
         if "torch" in sys.modules:  # MTCNN, a captioner: as many torch threads as the worker has CPUs
             sys.modules["torch"].set_num_threads(max(1, int(num_cpus)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _map_items(batch, lambda item: stages.apply_stages(
-            item, self.config, self.names, detector=self.detector, segmenter=self.segmenter,
-            captioner=self.captioner, guard=self.guard), self.names[-1], self.writer)
+        return _map_items(
+            batch,
+            lambda item: stages.apply_stages(
+                item,
+                self.config,
+                self.names,
+                detector=self.detector,
+                segmenter=self.segmenter,
+                captioner=self.captioner,
+                guard=self.guard,
+            ),
+            self.names[-1],
+            self.writer,
+        )
 
 
 class ConvertFastComposer:
     """--source fastcomposer: jpg + json + npy → a work row, no models."""
 
-    def __init__(self, config: PreprocessConfig, names: tuple[str, ...], num_cpus: float, num_gpus: float,
-                 writer: ShardWriter | None = None):
+    def __init__(
+        self,
+        config: PreprocessConfig,
+        names: tuple[str, ...],
+        num_cpus: float,
+        num_gpus: float,
+        writer: ShardWriter | None = None,
+    ):
         self.config, self.guard, self.writer = config, stages.StageGuard(), writer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _map_items(batch, lambda item: item if item["stage"] else self.guard.run(
-            "convert", lambda i: convert_stage(i, self.config), item), "convert", self.writer)
+        return _map_items(
+            batch,
+            lambda item: (
+                item if item["stage"] else self.guard.run("convert", lambda i: convert_stage(i, self.config), item)
+            ),
+            "convert",
+            self.writer,
+        )
 
 
 _in_this_worker: dict = {"run": None, "pools": {}}  # in a Ray worker process: the stage objects of the latest run

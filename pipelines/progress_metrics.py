@@ -11,8 +11,11 @@ from ray.util.metrics import Counter, Gauge
 
 @cache
 def preprocess_items() -> Counter:
-    return Counter("facediffuser_preprocess_items_total", "photos through a preprocessing pool, by the pool's last "
-                   "stage and outcome (ok, or rejected on the way)", tag_keys=("stage", "outcome"))
+    return Counter(
+        "facediffuser_preprocess_items_total",
+        "photos through a preprocessing pool, by the pool's last stage and outcome (ok, or rejected on the way)",
+        tag_keys=("stage", "outcome"),
+    )
 
 
 @cache

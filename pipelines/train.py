@@ -30,22 +30,24 @@ import os
 import re
 from dataclasses import asdict, replace
 
+from cluster.runtime import AWS_VARIABLES  # the one list of AWS variables shipped to Ray workers
 from facediffuser import faults
-from facediffuser.config import add_arguments as add_config_arguments, from_args
+from facediffuser.config import add_arguments as add_config_arguments
+from facediffuser.config import from_args
 from facediffuser.data import io as dataio
 from facediffuser.devices import CPU_UNDER_GPU_ENV, cpu_under_gpu, ddp_backend
 from facediffuser.model_dir import final_dir
 from facediffuser.training.metrics import loss_line
-from cluster.runtime import AWS_VARIABLES  # the one list of AWS variables shipped to Ray workers
 from pipelines.train_config import TrainConfig, check_data, data_uris
 from pipelines.train_export import export_final, pair_with_base, write_export_note
 from pipelines.train_inputs import fetch_base, resolve_data
 
-
 # ------------------------------------------------------------------------------------ driver
 
 
-def plan_resources(configs: list[TrainConfig], cluster_cpus: float, cluster_gpus: float) -> tuple[list[TrainConfig], str]:
+def plan_resources(
+    configs: list[TrainConfig], cluster_cpus: float, cluster_gpus: float
+) -> tuple[list[TrainConfig], str]:
     """Fill in the resources the user left open from the cluster Ray found; → (configs, one line saying what).
 
     One CPU stays unreserved: Ray Data lists the shard files in a task that needs a whole free CPU, and the
@@ -61,12 +63,16 @@ def plan_resources(configs: list[TrainConfig], cluster_cpus: float, cluster_gpus
         planned.append(replace(config, workers=workers, data_cpus=data_cpus, cpus_per_worker=cpus_per_worker))
     needed = sum(c.workers * c.cpus_per_worker + c.data_cpus for c in planned)
     if cluster_cpus - needed < 1 - 1e-9:
-        raise ValueError(f"the cluster has {cluster_cpus:g} CPUs; training needs {needed:g} plus 1 free for Ray Data's "
-                         "file listing: lower --workers, --cpus-per-worker or --data-cpus, or leave them out")
+        raise ValueError(
+            f"the cluster has {cluster_cpus:g} CPUs; training needs {needed:g} plus 1 free for Ray Data's "
+            "file listing: lower --workers, --cpus-per-worker or --data-cpus, or leave them out"
+        )
     p = planned[0]
     gpus = ", 1 GPU" if p.use_gpu else ""
-    line = (f"resources per model: {p.workers} worker(s) × {p.cpus_per_worker:g} CPU{gpus}, Ray Data reads "
-            f"{p.data_cpus:g} CPU (cluster: {cluster_cpus:g} CPUs, {cluster_gpus:g} GPUs; 1 CPU left free)")
+    line = (
+        f"resources per model: {p.workers} worker(s) × {p.cpus_per_worker:g} CPU{gpus}, Ray Data reads "
+        f"{p.data_cpus:g} CPU (cluster: {cluster_cpus:g} CPUs, {cluster_gpus:g} GPUs; 1 CPU left free)"
+    )
     return planned, line
 
 
@@ -91,12 +97,16 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     print(line, flush=True)
     if any(c.use_gpu for c in configs) and cpu_under_gpu():
-        print(f"{CPU_UNDER_GPU_ENV}=1: GPU workers run CPU kernels where torch sees no GPU, DDP backend gloo "
-              "(a rehearsal setting, never for production)", flush=True)
+        print(
+            f"{CPU_UNDER_GPU_ENV}=1: GPU workers run CPU kernels where torch sees no GPU, DDP backend gloo "
+            "(a rehearsal setting, never for production)",
+            flush=True,
+        )
     names = {n["NodeID"]: n.get("NodeName") or n["NodeManagerAddress"] for n in ray.nodes()}
     # on the driver's node: a worker node that dies (and the run restarts without it) must not take the board along
-    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                          soft=False)
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )
     board = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressBoard).remote()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(configs), thread_name_prefix="fit")
     try:
@@ -113,8 +123,9 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
         except Exception as exc:
             errors.append(f"{config.model}: {root_cause(exc)}")
     if errors:
-        raise RuntimeError("training failed (" + "; ".join(errors) + "); rerun the same command to resume "
-                           "from the last checkpoint")
+        raise RuntimeError(
+            "training failed (" + "; ".join(errors) + "); rerun the same command to resume from the last checkpoint"
+        )
     return summaries
 
 
@@ -140,8 +151,9 @@ def fit_one(config: TrainConfig, progress=None) -> dict:
         train_loop_config={**asdict(config), "progress": progress},
         # NCCL on GPUs; gloo on CPUs and under FACEDIFFUSER_CPU_UNDER_GPU=1 (NCCL cannot start without CUDA)
         torch_config=TorchConfig(backend=ddp_backend(config.use_gpu)),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
         datasets={"train": build_dataset(config, check_data(config.data))},
         # one worker: nothing to split, and without a split the dataset runs inside the worker instead of in a
         # SplitCoordinator actor (one more process, polling for the whole run)
@@ -160,14 +172,16 @@ def fit_one(config: TrainConfig, progress=None) -> dict:
         raise RuntimeError(f"{config.model}: training finished without a checkpoint")
     summary = export_final(config, result.checkpoint)
     # where the workers ran and the DDP backend they used (rank 0 reports what every rank told it)
-    summary.update(worker_nodes=(result.metrics or {}).get("worker_nodes", ""),
-                   ddp_backend=(result.metrics or {}).get("ddp_backend", ""))
+    summary.update(
+        worker_nodes=(result.metrics or {}).get("worker_nodes", ""),
+        ddp_backend=(result.metrics or {}).get("ddp_backend", ""),
+    )
     return summary
 
 
 def root_cause(exc: BaseException) -> str:
     text = str(exc)
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):  # Ray wraps errors in tracebacks: keep the last "SomethingError: ..." line
         if re.match(r"^[\w.]+(Error|Exception): ", line):
             return line[:300]
@@ -196,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
         config.validate()
     configs = fetch_base(configs)
     first = configs[0]
-    print(f"training {' and '.join(c.model for c in configs)} on {check_data(first.data)} rows from "
-          f"{', '.join(data_uris(first.data))} → {first.run_root}")
+    print(
+        f"training {' and '.join(c.model for c in configs)} on {check_data(first.data)} rows from "
+        f"{', '.join(data_uris(first.data))} → {first.run_root}"
+    )
     from cluster.stopping import stoppable
 
     with stoppable():  # SIGTERM/SIGINT: the checkpoints written so far stay, a rerun resumes from the last one
@@ -205,10 +221,14 @@ def run(args: argparse.Namespace) -> int:
     paired = pair_with_base(first) if len(configs) == 1 else None
     write_export_note(configs, paired)
     for s in summaries:
-        print(f"{s['model']}: {s['steps']} steps, {loss_line(s)}, "
-              f"restarts {s['restarts']}; model {s['model_dir']}; metrics {s['metrics']}")
-        print(f"{s['model']}: {len(s['worker_node_names'])} worker(s) on node(s) {', '.join(s['worker_node_names'])}; "
-              f"DDP backend {s['ddp_backend']}")
+        print(
+            f"{s['model']}: {s['steps']} steps, {loss_line(s)}, "
+            f"restarts {s['restarts']}; model {s['model_dir']}; metrics {s['metrics']}"
+        )
+        print(
+            f"{s['model']}: {len(s['worker_node_names'])} worker(s) on node(s) {', '.join(s['worker_node_names'])}; "
+            f"DDP backend {s['ddp_backend']}"
+        )
     if paired:
         print(f"{paired}: untrained base, paired so that final/ is a complete Face-diffuser model")
     print(f"final model: {final_dir(first.run_root)}")

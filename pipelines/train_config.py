@@ -25,19 +25,26 @@ AUTO = " (default: derived from the cluster's CPUs and GPUs; the command prints 
 
 @dataclass
 class TrainConfig:
-    model: str = arg(help="which model(s) to train; 'both' runs the two side by side",
-                     choices=(*MODELS, "both"))  # one config per model: the command line's "both" becomes two
-    data: str | list[str] = arg(help="preprocess output directories (or s3:// prefixes), or their shards/ "
-                                     "directories", nargs="+")
+    model: str = arg(
+        help="which model(s) to train; 'both' runs the two side by side", choices=(*MODELS, "both")
+    )  # one config per model: the command line's "both" becomes two
+    data: str | list[str] = arg(
+        help="preprocess output directories (or s3:// prefixes), or their shards/ directories", nargs="+"
+    )
     storage: str = arg(help="where runs live: a directory or s3:// prefix")
     name: str = arg(help="run name; rerunning with the same name resumes")
-    base: str | None = arg(None, "base model: SD layout directory (+subject_encoder/ for the SDM) or hub id",
-                           group="source")
+    base: str | None = arg(
+        None, "base model: SD layout directory (+subject_encoder/ for the SDM) or hub id", group="source"
+    )
     tiny: bool = arg(False, "start from the small random test models", group="source")
-    variant: str | None = arg(None, "weight variant of --base, e.g. fp16 for a hub directory's *.fp16.safetensors "
-                                    "files (read into fp32 master weights)")
-    image_encoder: str | None = arg(None, "CLIP vision directory for a new subject encoder when --base has no "
-                                          "subject_encoder/")
+    variant: str | None = arg(
+        None,
+        "weight variant of --base, e.g. fp16 for a hub directory's *.fp16.safetensors "
+        "files (read into fp32 master weights)",
+    )
+    image_encoder: str | None = arg(
+        None, "CLIP vision directory for a new subject encoder when --base has no subject_encoder/"
+    )
     workers: int | None = arg(None, "Ray Train workers per model" + AUTO)
     use_gpu: bool = arg(False, "one GPU per worker")
     cpus_per_worker: float | None = arg(None, "CPUs reserved per worker" + AUTO)
@@ -49,8 +56,10 @@ class TrainConfig:
     keep_checkpoints: int = arg(2, "checkpoints kept in the run directory")
     max_failures: int = arg(3, "worker failures survived, each resuming from the last checkpoint")
     mixed_precision: str = arg("bf16", "GPU only", choices=PRECISIONS)
-    gradient_checkpointing: bool = arg(False, "recompute the UNet's blocks in the backward pass: slower steps, far "
-                                              "less activation memory (docs/sizing.md)")
+    gradient_checkpointing: bool = arg(
+        False,
+        "recompute the UNet's blocks in the backward pass: slower steps, far less activation memory (docs/sizing.md)",
+    )
     resolution: int | None = arg(None, "training image side (default: the model's, 512 for SD1.5 and 128 for --tiny)")
     seed: int = arg(0, "seed of the model's noise, the data order and the augmentation")
 
@@ -68,13 +77,17 @@ class TrainConfig:
             check_base(self.base, self.model, self.variant)
         rows = check_data(self.data)
         if rows < self.batch_size * (self.workers or 1):
-            raise ValueError(f"--data has {rows} rows, fewer than one batch for every worker "
-                             f"({self.workers or 1} × {self.batch_size}); lower --batch-size")
+            raise ValueError(
+                f"--data has {rows} rows, fewer than one batch for every worker "
+                f"({self.workers or 1} × {self.batch_size}); lower --batch-size"
+            )
 
     def _check_values(self) -> None:
         if self.model not in MODELS:
-            raise ValueError(f"--model must be sdm or tdm in one config (the command line's 'both' makes one per "
-                             f"model), got {self.model!r}")
+            raise ValueError(
+                f"--model must be sdm or tdm in one config (the command line's 'both' makes one per "
+                f"model), got {self.model!r}"
+            )
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):
             raise ValueError(f"--name {self.name!r}: use letters, digits, '.', '_' or '-'")
         if self.variant and self.tiny:
@@ -82,8 +95,11 @@ class TrainConfig:
         if self.variant is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", self.variant):
             raise ValueError(f"--variant {self.variant!r}: a weight-file variant is a word like fp16")
         if self.tiny == bool(self.base):
-            raise ValueError("--base and --tiny exclude each other" if self.tiny else
-                             "give --base MODEL_DIR (or --tiny for the small random test models)")
+            raise ValueError(
+                "--base and --tiny exclude each other"
+                if self.tiny
+                else "give --base MODEL_DIR (or --tiny for the small random test models)"
+            )
         for name in ("workers", "max_steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

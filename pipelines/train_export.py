@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from facediffuser.data import io as dataio
 from facediffuser import model_dir
+from facediffuser.data import io as dataio
 from facediffuser.training.metrics import TRAINED_LOSSES, plot_losses, read_metrics
 from pipelines.train_config import TrainConfig
 from pipelines.train_inputs import ray_filesystem
@@ -33,16 +33,31 @@ def export_final(config: TrainConfig, checkpoint) -> dict:
     replace_dir(checkpoint.filesystem, f"{checkpoint.path}/{MODEL_SUBDIR}", final_uri)
     run_dir = model_dir.run_folder(config.run_root, config.model)
     with tempfile.TemporaryDirectory() as tmp:
-        pafs.copy_files(f"{checkpoint.path}/metrics.csv", f"{tmp}/metrics.csv",
-                        source_filesystem=checkpoint.filesystem, destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            f"{checkpoint.path}/metrics.csv",
+            f"{tmp}/metrics.csv",
+            source_filesystem=checkpoint.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
         rows = read_metrics(Path(tmp) / "metrics.csv")
-        plot_losses(rows, Path(tmp) / "loss_curve.png", title=f"{config.name} {config.model}",
-                    losses=TRAINED_LOSSES[config.model])
+        plot_losses(
+            rows,
+            Path(tmp) / "loss_curve.png",
+            title=f"{config.name} {config.model}",
+            losses=TRAINED_LOSSES[config.model],
+        )
         for name in ("metrics.csv", "loss_curve.png"):
             dataio.write_bytes(dataio.join(run_dir, name), (Path(tmp) / name).read_bytes())
     last = rows[-1]
-    return {"model": config.model, "steps": int(last["step"]), "loss_den": last["loss_den"], "loss_loc": last["loss_loc"],
-            "restarts": int(last["attempt"]), "model_dir": final_uri, "metrics": dataio.join(run_dir, "metrics.csv")}
+    return {
+        "model": config.model,
+        "steps": int(last["step"]),
+        "loss_den": last["loss_den"],
+        "loss_loc": last["loss_loc"],
+        "restarts": int(last["attempt"]),
+        "model_dir": final_uri,
+        "metrics": dataio.join(run_dir, "metrics.csv"),
+    }
 
 
 def replace_dir(source_fs: pafs.FileSystem, source_path: str, dest_uri: str) -> None:
@@ -63,13 +78,16 @@ def replace_dir(source_fs: pafs.FileSystem, source_path: str, dest_uri: str) -> 
         fs.move(incoming, dest)
         _delete_dir(fs, outgoing)
         return
-    new = {info.path[len(incoming) + 1:] for info in fs.get_file_info(pafs.FileSelector(incoming, recursive=True))
-           if info.type == pafs.FileType.File}
+    new = {
+        info.path[len(incoming) + 1 :]
+        for info in fs.get_file_info(pafs.FileSelector(incoming, recursive=True))
+        if info.type == pafs.FileType.File
+    }
     for relative in sorted(new):
         fs.copy_file(f"{incoming}/{relative}", f"{dest}/{relative}")
     if _exists(fs, dest):
         for info in fs.get_file_info(pafs.FileSelector(dest, recursive=True)):
-            if info.type == pafs.FileType.File and info.path[len(dest) + 1:] not in new:
+            if info.type == pafs.FileType.File and info.path[len(dest) + 1 :] not in new:
                 fs.delete_file(info.path)
     _delete_dir(fs, incoming)
 
@@ -91,8 +109,9 @@ def pair_with_base(config: TrainConfig) -> str | None:
     other_uri = model_dir.final_model_dir(config.run_root, other)
     if model_dir.has_unet(other_uri):
         return None
-    parts = ckpt.load_components(config.base, other, tiny=config.tiny, image_encoder=config.image_encoder,
-                                 variant=config.variant)
+    parts = ckpt.load_components(
+        config.base, other, tiny=config.tiny, image_encoder=config.image_encoder, variant=config.variant
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save_model_dir(tmp, other, **{part: parts[part] for part in model_dir.MODEL_PARTS})
         replace_dir(pafs.LocalFileSystem(), tmp, other_uri)

@@ -36,22 +36,30 @@ def resolve_data(values: list[str]) -> list[str]:
         _, _, info = dataio.file_info(uri, "--data")  # an unreachable store fails here, in one line
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"--data {value}: no such file, directory or S3 prefix")
-        if any(dataio.exists(dataio.join(uri, name)) for name in (output_dir.MANIFEST_FILE, output_dir.RUN_FILE,
-                                                                    output_dir.SHARDS_DIR)):
+        if any(
+            dataio.exists(dataio.join(uri, name))
+            for name in (output_dir.MANIFEST_FILE, output_dir.RUN_FILE, output_dir.SHARDS_DIR)
+        ):
             output = uri  # a preprocess output (finished or not)
         elif uri.rsplit("/", 1)[-1] == output_dir.SHARDS_DIR:
             output = uri.rsplit("/", 1)[0]  # its shards/ directory
         else:
-            raise ValueError(f"--data {value}: not a preprocess output (no {output_dir.MANIFEST_FILE}) nor its "
-                             f"{output_dir.SHARDS_DIR}/ directory; train reads what `facediffuser preprocess` wrote")
+            raise ValueError(
+                f"--data {value}: not a preprocess output (no {output_dir.MANIFEST_FILE}) nor its "
+                f"{output_dir.SHARDS_DIR}/ directory; train reads what `facediffuser preprocess` wrote"
+            )
         note = output_dir.check_complete(output, f"--data {value}")
         counts = note["counts"]
         shards = dataio.join(output, output_dir.SHARDS_DIR)
         if counts["written"] == 0:
-            raise ValueError(f"--data {value}: preprocess wrote no rows ({counts['rejected']} rejected; reasons in "
-                             f"{dataio.join(output, output_dir.REJECTS_DIR, 'rejects.parquet')})")
-        print(f"--data {value}: preprocess output; reading {shards} ({counts['written']} rows written, "
-              f"{counts['rejected']} rejected, schema v{note.get('schema_version', '?')})")
+            raise ValueError(
+                f"--data {value}: preprocess wrote no rows ({counts['rejected']} rejected; reasons in "
+                f"{dataio.join(output, output_dir.REJECTS_DIR, 'rejects.parquet')})"
+            )
+        print(
+            f"--data {value}: preprocess output; reading {shards} ({counts['written']} rows written, "
+            f"{counts['rejected']} rejected, schema v{note.get('schema_version', '?')})"
+        )
         resolved.append(shards)
     return resolved
 
@@ -66,8 +74,10 @@ def ray_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not dataio.is_s3(uri) or not os.environ.get("AWS_ACCESS_KEY_ID"):
         return fs, path
     return pafs.S3FileSystem(
-        access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=os.environ.get("AWS_SESSION_TOKEN"), endpoint_override=os.environ.get("AWS_ENDPOINT_URL"),
+        access_key=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        endpoint_override=os.environ.get("AWS_ENDPOINT_URL"),
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     ), path
 
@@ -94,15 +104,24 @@ def build_dataset(config: TrainConfig, rows: int):
     fs, _ = ray_filesystem(uris[0])
     paths = [dataio.resolve(uri)[1] for uri in uris]
     epochs = epochs_per_pass(config, rows)
-    shards = pads.dataset([f for p in paths for f in pads.dataset(p, filesystem=fs, format="parquet").files],
-                          filesystem=fs, format="parquet")
+    shards = pads.dataset(
+        [f for p in paths for f in pads.dataset(p, filesystem=fs, format="parquet").files],
+        filesystem=fs,
+        format="parquet",
+    )
     if sum(info.size for info in fs.get_file_info(shards.files)) <= IN_MEMORY_BYTES:
         table = shards.to_table()
         order = np.random.default_rng(config.seed)
         return ray.data.from_arrow([table.take(order.permutation(table.num_rows)) for _ in range(epochs)])
-    reads = [ray.data.read_parquet(paths, filesystem=fs, shuffle=FileShuffleConfig(seed=config.seed + epoch),
-                                   ray_remote_args={"num_cpus": config.data_cpus})
-             for epoch in range(epochs)]
+    reads = [
+        ray.data.read_parquet(
+            paths,
+            filesystem=fs,
+            shuffle=FileShuffleConfig(seed=config.seed + epoch),
+            ray_remote_args={"num_cpus": config.data_cpus},
+        )
+        for epoch in range(epochs)
+    ]
     return reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
 
 
@@ -120,11 +139,13 @@ def fetch_base(configs: list[TrainConfig]) -> list[TrainConfig]:
 
         variant = configs[0].variant  # the one variant's weights (the hub SD1.5 repo holds several GB of each)
         weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
-        local = snapshot_download(base, allow_patterns=["*.json", "*.txt", weights],
-                                  ignore_patterns=["safety_checker/*"])
+        local = snapshot_download(
+            base, allow_patterns=["*.json", "*.txt", weights], ignore_patterns=["safety_checker/*"]
+        )
     except Exception as exc:
-        raise FileNotFoundError(f"--base {base}: not a local directory and not fetchable from the hub "
-                                f"({type(exc).__name__})") from None
+        raise FileNotFoundError(
+            f"--base {base}: not a local directory and not fetchable from the hub ({type(exc).__name__})"
+        ) from None
     for config in configs:
         check_base(local, config.model, config.variant)
     return [replace(config, base=local) for config in configs]

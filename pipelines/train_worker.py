@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.runtime import where
 from facediffuser import faults
 from facediffuser.devices import torch_device
 from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
-from cluster.runtime import where
 from pipelines.progress_metrics import train_metrics
 from pipelines.train_config import TrainConfig
+
 
 def injected_fault(step: int, rank: int, world: int, run_name: str) -> None:
     """Tests only, off unless FACEDIFFUSER_FAULTS names `train.step` (facediffuser/faults.py): the last rank
@@ -66,8 +67,10 @@ def show_progress(board, configs: list[TrainConfig], futures: list) -> None:
     import ray
     from tqdm.auto import tqdm
 
-    bars = {c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
-            for i, c in enumerate(configs)}
+    bars = {
+        c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
+        for i, c in enumerate(configs)
+    }
     said = set()
     try:
         while True:
@@ -133,12 +136,26 @@ def start(config: TrainConfig, rank: int, device) -> WorkerRun:
         if restored_dir:
             parts = ckpt.load_components(Path(restored_dir) / ckpt.MODEL_SUBDIR, config.model, log=lambda m: None)
         else:
-            parts = ckpt.load_components(config.base, config.model, tiny=config.tiny, image_encoder=config.image_encoder,
-                                         variant=config.variant, log=print if rank == 0 else (lambda m: None))
+            parts = ckpt.load_components(
+                config.base,
+                config.model,
+                tiny=config.tiny,
+                image_encoder=config.image_encoder,
+                variant=config.variant,
+                log=print if rank == 0 else (lambda m: None),
+            )
         if config.gradient_checkpointing:  # recompute each UNet block in backward: far less activation memory
             parts["unet"].enable_gradient_checkpointing()
-        model = TrainingModel(config.model, parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
-                              parts["subject_encoder"], optim, seed=config.seed + rank)
+        model = TrainingModel(
+            config.model,
+            parts["unet"],
+            parts["vae"],
+            parts["text_encoder"],
+            parts["scheduler"].config,
+            parts["subject_encoder"],
+            optim,
+            seed=config.seed + rank,
+        )
         model.to(device)
         run = WorkerRun(model, make_optimizer(model, optim), optim, parts, resumed=restored is not None)
         if restored_dir:
@@ -176,11 +193,22 @@ def worker_device(config: TrainConfig, rank: int):
     return ray.train.torch.get_device() if kind == "cuda" else torch.device("cpu")
 
 
-def record_step(config: TrainConfig, run: WorkerRun, metrics: dict, seconds: float, world: int, report_progress,
-                exported: dict | None) -> None:
+def record_step(
+    config: TrainConfig,
+    run: WorkerRun,
+    metrics: dict,
+    seconds: float,
+    world: int,
+    report_progress,
+    exported: dict | None,
+) -> None:
     """One step's metrics: into the run's history, to the progress board and to Prometheus (rank 0)."""
-    metrics.update(step=run.step, attempt=run.attempt, seconds=seconds,
-                   samples_per_s=config.batch_size * world / max(seconds, 1e-9))
+    metrics.update(
+        step=run.step,
+        attempt=run.attempt,
+        seconds=seconds,
+        samples_per_s=config.batch_size * world / max(seconds, 1e-9),
+    )
     run.history.append({k: metrics[k] for k in METRIC_COLUMNS})
     report_progress(step=run.step, loss=metrics["loss"])
     if exported is not None:
@@ -199,8 +227,11 @@ def train_loop_per_worker(config_dict: dict) -> None:
     config = TrainConfig(**config_dict)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    report_progress = (lambda **fields: progress.update.remote(config.model, **fields)) if progress and rank == 0 \
+    report_progress = (
+        (lambda **fields: progress.update.remote(config.model, **fields))
+        if progress and rank == 0
         else (lambda **fields: None)
+    )
     exported = train_metrics() if rank == 0 else None  # Prometheus, through Ray (pipelines/progress_metrics.py)
     collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
@@ -211,7 +242,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     run = start(config, rank, device)
     # the device given (the model is on it already): Ray's own choice would be cuda:0 for a GPU worker, also
     # under FACEDIFFUSER_CPU_UNDER_GPU=1, and DDP would then ask for a CUDA device that is not there
-    step_fn = TrainStep(ray.train.torch.prepare_model(run.model, move_to_device=device), run.optimizer, run.optim, device)
+    step_fn = TrainStep(
+        ray.train.torch.prepare_model(run.model, move_to_device=device), run.optimizer, run.optim, device
+    )
     shard = ray.train.get_dataset_shard("train")
     # On a GPU the next batch is built on Ray Data's prefetch thread while the step runs on the device. On CPU
     # workers that thread would only compete with the step for the GIL and the cores: build it inline instead.
@@ -221,8 +254,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     run.placement = placement
     last = time.perf_counter()
     while run.step < config.max_steps:  # one pass holds many epochs (build_dataset); a long run takes several passes
-        for batch in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, collate_fn=collate,
-                                              prefetch_batches=prefetch, device=device):
+        for batch in shard.iter_torch_batches(
+            batch_size=config.batch_size, drop_last=True, collate_fn=collate, prefetch_batches=prefetch, device=device
+        ):
             injected_fault(run.step + 1, rank, world, config.name)
             metrics = step_fn(batch)
             run.step += 1
@@ -244,21 +278,42 @@ def report(config: TrainConfig, run: WorkerRun, rank: int) -> None:
 
     spread = rank_spread(param_checksum(run.model))
     latest = run.history[-1]
-    metrics = {"step": run.step, "attempt": run.attempt, "loss": latest["loss"], "loss_den": latest["loss_den"],
-               "loss_loc": latest["loss_loc"], "param_rank_spread": spread, **run.placement}
+    metrics = {
+        "step": run.step,
+        "attempt": run.attempt,
+        "loss": latest["loss"],
+        "loss_den": latest["loss_den"],
+        "loss_loc": latest["loss_loc"],
+        "param_rank_spread": spread,
+        **run.placement,
+    }
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     model = run.model
     with tempfile.TemporaryDirectory(prefix=f"facediffuser-{config.model}-ckpt-") as tmp:
-        ckpt.save_model_dir(Path(tmp) / ckpt.MODEL_SUBDIR, config.model, unet=model.unet, vae=model.vae,
-                            text_encoder=model.text_encoder, tokenizer=run.parts["tokenizer"],
-                            scheduler=run.parts["scheduler"], subject_encoder=model.subject_encoder)
-        ckpt.save_training_state(Path(tmp) / ckpt.STATE_FILE, run.optimizer, run.step,
-                                 {"attempt": run.attempt, "model": config.model, "param_rank_spread": spread})
+        ckpt.save_model_dir(
+            Path(tmp) / ckpt.MODEL_SUBDIR,
+            config.model,
+            unet=model.unet,
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=run.parts["tokenizer"],
+            scheduler=run.parts["scheduler"],
+            subject_encoder=model.subject_encoder,
+        )
+        ckpt.save_training_state(
+            Path(tmp) / ckpt.STATE_FILE,
+            run.optimizer,
+            run.step,
+            {"attempt": run.attempt, "model": config.model, "param_rank_spread": spread},
+        )
         write_metrics(run.history, Path(tmp) / "metrics.csv")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{run.step:08d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{run.step:08d}",
+        )
 
 
 def worker_placement() -> dict:

@@ -63,10 +63,20 @@ def internal_error(where: str, exc: BaseException) -> RequestError:
     by searching the replica logs for the id.
     """
     error_id = uuid.uuid4().hex[:16]
-    log.error("internal error %s during %s: %s: %s", error_id, where, type(exc).__name__, exc,
-              exc_info=(type(exc), exc, exc.__traceback__))
-    return RequestError(500, "internal", f"internal server error during {where} (error id {error_id}; the details "
-                                         "are in the server log)", error_id)
+    log.error(
+        "internal error %s during %s: %s: %s",
+        error_id,
+        where,
+        type(exc).__name__,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return RequestError(
+        500,
+        "internal",
+        f"internal server error during {where} (error id {error_id}; the details are in the server log)",
+        error_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -101,16 +111,21 @@ class GenerateRequest(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
-                        examples=["a man <|image|> riding a horse on the moon"])
+    prompt: str = Field(
+        ..., min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a man <|image|> riding a horse on the moon"]
+    )
     references: list[Union[Base64Image, list[Base64Image]]] = Field(
-        ..., min_length=1, max_length=DEFAULT_MAX_SUBJECTS,
+        ...,
+        min_length=1,
+        max_length=DEFAULT_MAX_SUBJECTS,
         description="base64 images, one per marker in order; an entry may be a list of several photos of that person",
     )
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     num_images: int = Field(1, ge=1, le=4)
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="image k uses seed + k; random when omitted")
-    steps: int | None = Field(None, ge=1, le=HARD_MAX_STEPS, description="default: 50, or the server's max_steps if lower")
+    steps: int | None = Field(
+        None, ge=1, le=HARD_MAX_STEPS, description="default: 50, or the server's max_steps if lower"
+    )
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
     alpha: float = Field(0.3, ge=0.0, le=1.0, description="fraction of the schedule before fusion starts")
     beta: float = Field(0.6, ge=0.0, le=1.0, description="fraction of the schedule before SDM-only sampling")
@@ -119,14 +134,20 @@ class GenerateRequest(BaseModel):
     scheduler: SchedulerName = "ddim"
     return_masks: bool = False
     boxes: list[list[float]] | None = Field(
-        None, description="layout: [x0, y0, x1, y1] fractions of the image, one per marker in order; the SDM may win "
-        "fusion pixels only inside them and each subject's attention stays in its own box", examples=[[[0.05, 0.1, 0.5, 0.9]]])
+        None,
+        description="layout: [x0, y0, x1, y1] fractions of the image, one per marker in order; the SDM may win "
+        "fusion pixels only inside them and each subject's attention stays in its own box",
+        examples=[[[0.05, 0.1, 0.5, 0.9]]],
+    )
     subject_scales: list[float] | None = Field(
-        None, description="per marker: how strongly the subject's photo counts (1 = full, 0 = the noun alone)")
+        None, description="per marker: how strongly the subject's photo counts (1 = full, 0 = the noun alone)"
+    )
     identity_scores: bool = Field(True, description="score each image's faces against the references (dlib)")
     reference_mode: ReferenceMode | None = Field(
-        None, description="what the subject encoder sees of each photo: whole (the photo padded square), face (the "
-        "largest face with a margin) or person (the segmented person); default: the server's (GET /v1/info)")
+        None,
+        description="what the subject encoder sees of each photo: whole (the photo padded square), face (the "
+        "largest face with a margin) or person (the segmented person); default: the server's (GET /v1/info)",
+    )
 
 
 class StageTimings(BaseModel):
@@ -148,16 +169,23 @@ class GenerateResponse(BaseModel):
     timings: StageTimings
     manifest: dict
     identity_scores: list[list[float | None]] | None = Field(
-        None, description="per image, per subject: dlib cosine similarity to the reference, in [-1, 1]; null: no "
-        "face. The whole field is null when not asked for, or when scoring failed (see warnings)")
-    warnings: list[str] = Field(default_factory=list, description="what went wrong without failing the request, "
-                                "e.g. identity scoring (the images are still returned)")
+        None,
+        description="per image, per subject: dlib cosine similarity to the reference, in [-1, 1]; null: no "
+        "face. The whole field is null when not asked for, or when scoring failed (see warnings)",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what went wrong without failing the request, "
+        "e.g. identity scoring (the images are still returned)",
+    )
 
 
 class ErrorResponse(BaseModel):
     error: str
     message: str
-    error_id: str | None = Field(None, description="server faults (500) only: quote it; the details are in the server log")
+    error_id: str | None = Field(
+        None, description="server faults (500) only: quote it; the details are in the server log"
+    )
 
 
 @dataclass
@@ -197,12 +225,17 @@ def _check_subjects(request: GenerateRequest, limits: Limits) -> None:
     """Markers vs references, and the layout options (boxes, subject_scales) per subject."""
     markers = count_markers(request.prompt)
     if markers == 0:
-        raise RequestError(422, "no_subjects", f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun")
+        raise RequestError(
+            422, "no_subjects", f"the prompt has no {IMAGE_TOKEN} marker; put one after each subject noun"
+        )
     if markers > limits.max_subjects:
-        raise RequestError(422, "too_many_subjects", f"the prompt has {markers} subjects; at most {limits.max_subjects} are allowed")
+        raise RequestError(
+            422, "too_many_subjects", f"the prompt has {markers} subjects; at most {limits.max_subjects} are allowed"
+        )
     if markers != len(request.references):
         raise RequestError(
-            422, "reference_count_mismatch",
+            422,
+            "reference_count_mismatch",
             f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(request.references)} reference(s) were given",
         )
     try:  # layout options: the library's own checks, worded for the client
@@ -220,20 +253,27 @@ def _check_work(request: GenerateRequest, limits: Limits, default_size: int) -> 
     if request.steps is None:
         request.steps = min(DEFAULT_STEPS, limits.max_steps)
     if request.steps > limits.max_steps:
-        raise RequestError(422, "steps_out_of_range", f"steps={request.steps} exceeds this server's limit of {limits.max_steps}")
+        raise RequestError(
+            422, "steps_out_of_range", f"steps={request.steps} exceeds this server's limit of {limits.max_steps}"
+        )
     if request.num_images > limits.max_num_images:
         raise RequestError(422, "too_many_images", f"num_images={request.num_images} exceeds {limits.max_num_images}")
     if request.alpha > request.beta:
-        raise RequestError(422, "boundaries_out_of_range", f"need alpha <= beta, got alpha={request.alpha}, beta={request.beta}")
+        raise RequestError(
+            422, "boundaries_out_of_range", f"need alpha <= beta, got alpha={request.alpha}, beta={request.beta}"
+        )
     for name in ("width", "height"):
         value = getattr(request, name)
         if value is not None and value > limits.max_side:
-            raise RequestError(422, "dimensions_over_limit", f"{name}={value} exceeds this server's limit of {limits.max_side}")
+            raise RequestError(
+                422, "dimensions_over_limit", f"{name}={value} exceeds this server's limit of {limits.max_side}"
+            )
     width, height = request.width or default_size, request.height or default_size
     compute = width * height * request.num_images * request.steps
     if compute > limits.compute_budget:
         raise RequestError(
-            422, "over_compute_budget",
+            422,
+            "over_compute_budget",
             f"{width}x{height} pixels x {request.num_images} image(s) x {request.steps} steps = {compute} exceeds this "
             f"server's compute budget of {limits.compute_budget} per request; ask for fewer images, fewer steps or a "
             "smaller size",
@@ -249,12 +289,16 @@ def _decoded_references(request: GenerateRequest, limits: Limits) -> list[list[b
             raise RequestError(422, "empty_reference", f"reference {index} is an empty list of photos")
         if len(photos) > limits.max_photos_per_subject:
             raise RequestError(
-                422, "too_many_photos", f"reference {index} has {len(photos)} photos; at most {limits.max_photos_per_subject}"
+                422,
+                "too_many_photos",
+                f"reference {index} has {len(photos)} photos; at most {limits.max_photos_per_subject}",
             )
-        references.append([
-            decode_base64(photo, f"reference {index}" if len(photos) == 1 else f"reference {index} photo {k}")
-            for k, photo in enumerate(photos, start=1)
-        ])
+        references.append(
+            [
+                decode_base64(photo, f"reference {index}" if len(photos) == 1 else f"reference {index} photo {k}")
+                for k, photo in enumerate(photos, start=1)
+            ]
+        )
     return references
 
 
@@ -262,12 +306,18 @@ def validation_message(errors: list[dict]) -> tuple[int, str, str]:
     """FastAPI's validation errors → (status, code, one readable line naming the field)."""
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
-        return 400, "invalid_json", f"the request body is not valid JSON ({detail.get('ctx', {}).get('error', 'parse error')})"
+        return (
+            400,
+            "invalid_json",
+            f"the request body is not valid JSON ({detail.get('ctx', {}).get('error', 'parse error')})",
+        )
     parts = []
     for error in errors[:5]:
         location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{location}: {error.get('msg', 'invalid')}")
     first = errors[0] if errors else {}
     field = first.get("loc", ())[-1:]
-    code = {("scheduler",): "unknown_scheduler", ("reference_mode",): "unknown_reference_mode"}.get(field, "invalid_request")
+    code = {("scheduler",): "unknown_scheduler", ("reference_mode",): "unknown_reference_mode"}.get(
+        field, "invalid_request"
+    )
     return 422, code, "; ".join(parts)

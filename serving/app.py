@@ -21,7 +21,8 @@ from dataclasses import asdict
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from facediffuser.config import add_arguments as add_config_arguments, from_args
+from facediffuser.config import add_arguments as add_config_arguments
+from facediffuser.config import from_args
 from serving import drain
 from serving.api import Limits
 from serving.encoder import SubjectEncoderDeployment
@@ -52,8 +53,10 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     # Serve hands the replica `queued` more than that; Serve's queue (plain-text 503 when full) only absorbs
     # bursts of new connections while they are handed over, so it is sized well above any burst the gate refuses.
     ingress = FaceDiffuserAPI.options(
-        num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus},
-        max_ongoing_requests=ongoing + queued, max_queued_requests=4 * (ongoing + queued),
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=ongoing + queued,
+        max_queued_requests=4 * (ongoing + queued),
         graceful_shutdown_timeout_s=config.drain_timeout_s,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
     )
@@ -62,17 +65,22 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
         sampler = serve.get_deployment_handle("Sampler", app_name=upstream_app)
         store = serve.get_deployment_handle("JobStore", app_name=upstream_app)  # one job book for both routes
         return ingress.bind(encoder, sampler, store, values)
-    queues = {"max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": config.max_queued_requests,
-              "health_check_period_s": config.health_check_period_s,
-              # a replica Serve stops (rolling update, downscale, node drain) finishes its requests first
-              "graceful_shutdown_timeout_s": config.drain_timeout_s,
-              "autoscaling_config": config.autoscaling_config()}
+    queues = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "health_check_period_s": config.health_check_period_s,
+        # a replica Serve stops (rolling update, downscale, node drain) finishes its requests first
+        "graceful_shutdown_timeout_s": config.drain_timeout_s,
+        "autoscaling_config": config.autoscaling_config(),
+    }
     encoder = SubjectEncoderDeployment.options(
-        ray_actor_options={"num_cpus": config.encoder_num_cpus, "num_gpus": config.encoder_num_gpus}, **queues,
+        ray_actor_options={"num_cpus": config.encoder_num_cpus, "num_gpus": config.encoder_num_gpus},
+        **queues,
     ).bind(values)
     store = JobStore.bind(config.job_ttl_s, JOB_LOST_AFTER_S)
     sampler = SamplerDeployment.options(
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}, **queues,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        **queues,
     ).bind(values, store)
     return ingress.bind(encoder, sampler, store, values)
 
@@ -110,8 +118,9 @@ class ServeSession:
     is only disconnected from) only if this session initialised it. Other applications on the cluster keep
     running whatever happens here."""
 
-    def __init__(self, config: ServeConfig, upstream_app: str | None = None, verbose: bool = False,
-                 replace_existing: bool = True):
+    def __init__(
+        self, config: ServeConfig, upstream_app: str | None = None, verbose: bool = False, replace_existing: bool = True
+    ):
         self.config, self.upstream_app, self.verbose = config, upstream_app, verbose
         self.replace_existing = replace_existing  # False: refuse when an application of our name runs already
         self.url: str | None = None
@@ -143,9 +152,11 @@ class ServeSession:
         refuse_anonymous(host, config.api_token, config.allow_anonymous)
         existing = serve.status().applications
         if config.app_name in existing and not self.replace_existing:
-            raise ValueError(f"an application named {config.app_name!r} already runs on this Ray "
-                             f"(status {existing[config.app_name].status}); stop it first, or give this one "
-                             "another --app-name (and --route-prefix)")
+            raise ValueError(
+                f"an application named {config.app_name!r} already runs on this Ray "
+                f"(status {existing[config.app_name].status}); stop it first, or give this one "
+                "another --app-name (and --route-prefix)"
+            )
         self.deployed = config.app_name not in existing  # ours to delete at stop (also when deploying fails)
         drain.clear(config.app_name)  # a drain flag left by an earlier app of this name must not close this one
         serve.run(build_app(config, self.upstream_app), name=config.app_name, route_prefix=config.route_prefix)
@@ -191,12 +202,17 @@ def start(config: ServeConfig, upstream_app: str | None = None, verbose: bool = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`facediffuser serve` flags: ServeConfig's CLI fields and the Limits in CLI_LIMITS (--verbose: facediffuser/cli.py)."""
+    """`facediffuser serve` flags: ServeConfig's CLI fields and the Limits in CLI_LIMITS (--verbose:
+    facediffuser/cli.py)."""
     add_config_arguments(parser, ServeConfig, required_groups=("source",))  # one of --model / --tiny
     for name, help_text in CLI_LIMITS.items():
         default = getattr(Limits, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
-                            help=f"{help_text} (default: {default})" if "default" not in help_text else help_text)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=default,
+            help=f"{help_text} (default: {default})" if "default" not in help_text else help_text,
+        )
 
 
 def config_from_cli(args: argparse.Namespace) -> ServeConfig:
@@ -221,14 +237,20 @@ def run(args: argparse.Namespace) -> int:
             try:
                 url = session.start()
                 where = f"cluster {session.cluster}" if session.cluster else "a local Ray"
-                print(f"serving on {url} (application {config.app_name} on {where}): POST /v1/generate, GET /healthz, "
-                      "/v1/info, /docs. Ctrl-C stops.", flush=True)
+                print(
+                    f"serving on {url} (application {config.app_name} on {where}): POST /v1/generate, GET /healthz, "
+                    "/v1/info, /docs. Ctrl-C stops.",
+                    flush=True,
+                )
                 print(auth_mode(config, running_http_host()), flush=True)
                 threading.Event().wait()  # until SIGTERM or SIGINT raises Stopped here
             except BaseException:
                 if requested() and session.url:
-                    print(f"stopping: new requests get 503; waiting up to {config.drain_timeout_s:g} s for those in "
-                          "flight", flush=True)
+                    print(
+                        f"stopping: new requests get 503; waiting up to {config.drain_timeout_s:g} s for those in "
+                        "flight",
+                        flush=True,
+                    )
                     left = session.drain(config.drain_timeout_s)
                     if left:
                         print(f"drain timeout: {left} request(s) still in flight are cut off", flush=True)

@@ -113,8 +113,12 @@ class DrainWatch(threading.Thread):
                 said = kv._internal_kv_get(_flag_key(self.app_name), namespace=NAMESPACE)
                 GATE.draining = said is not None
                 if GATE.draining:
-                    kv._internal_kv_put(self.key, json.dumps({"in_flight": GATE.in_flight, "flag": said.decode()}),
-                                        overwrite=True, namespace=NAMESPACE)
+                    kv._internal_kv_put(
+                        self.key,
+                        json.dumps({"in_flight": GATE.in_flight, "flag": said.decode()}),
+                        overwrite=True,
+                        namespace=NAMESPACE,
+                    )
             except Exception:  # the GCS is restarting or going away: keep the last state, try again
                 pass
             time.sleep(POLL_S)

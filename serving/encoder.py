@@ -37,9 +37,14 @@ class SubjectEncoderDeployment:
         self.encode.set_max_batch_size(cfg.max_ongoing_requests)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
-    async def encode(self, prompts: list[str], negative_prompts: list[str | None],
-                     references: list[list[list[bytes]]], subject_scales: list[list[float] | None],
-                     reference_modes: list[str]) -> list[dict]:
+    async def encode(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str | None],
+        references: list[list[list[bytes]]],
+        subject_scales: list[list[float] | None],
+        reference_modes: list[str],
+    ) -> list[dict]:
         """Per request: {"null", "text", "augmented", "reference_sha256", "embedding_sha256", "subject_tokens",
         "model_version"} or {"error": (status, code, message)}."""
         return await self.coalescer(list(zip(prompts, negative_prompts, references, subject_scales, reference_modes)))
@@ -67,11 +72,15 @@ class SubjectEncoderDeployment:
         faults.arm(point, value)
 
     def ready(self) -> dict:
-        return {**self.encoding.stats(), "identity_cached": len(self.identity_scoring.cache),
-                "calls": histogram(self.coalescer.sizes)}
+        return {
+            **self.encoding.stats(),
+            "identity_cached": len(self.identity_scoring.cache),
+            "calls": histogram(self.coalescer.sizes),
+        }
 
     def model(self) -> dict:
-        """What this replica loaded ({"model", "hashes", "model_version"}); the ingress compares it with the sampler's."""
+        """What this replica loaded ({"model", "hashes", "model_version"}); the ingress compares it with the
+        sampler's."""
         return self.model_info
 
     def check_health(self) -> None:

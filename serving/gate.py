@@ -78,8 +78,9 @@ class Gate:
         limit = limits.max_payload_bytes
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            return await error_response(413, "payload_too_large", f"the body is {int(declared)} bytes; the limit is {limit}"
-                                )(scope, receive, send)
+            return await error_response(
+                413, "payload_too_large", f"the body is {int(declared)} bytes; the limit is {limit}"
+            )(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -87,8 +88,9 @@ class Gate:
                 return None
             size += len(message.get("body", b""))
             if size > limit:
-                return await error_response(413, "payload_too_large", f"the body is larger than the limit of {limit} bytes"
-                                    )(scope, receive, send)
+                return await error_response(
+                    413, "payload_too_large", f"the body is larger than the limit of {limit} bytes"
+                )(scope, receive, send)
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
@@ -132,5 +134,5 @@ def _route_path(scope) -> str:
     """The request's path inside the app (without the Serve route prefix, which arrives as root_path)."""
     path, root = scope.get("path", "/"), scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):]
+        path = path[len(root) :]
     return path or "/"

@@ -15,7 +15,7 @@ api = FastAPI(
     title="Face-diffuser",
     version="1.0",
     description="Subject-to-image generation of given people: a prompt with a `<|image|>` marker after each "
-    "subject noun, and one reference photo per marker. Errors are JSON: {\"error\": code, \"message\": text}.",
+    'subject noun, and one reference photo per marker. Errors are JSON: {"error": code, "message": text}.',
 )
 bearer = HTTPBearer(auto_error=False, description=f"required when the server sets ${TOKEN_ENV}")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500, 503)}

@@ -29,7 +29,6 @@ from serving.api import (
     check_request,
     internal_error,
     log,
-    validation_message,
 )
 from serving.drain import DrainWatch
 from serving.gate import UNAUTHORIZED, error_response, token_matches
@@ -37,7 +36,7 @@ from serving.http_app import ERRORS, api, bearer
 from serving.job_routes import JobRoutes
 from serving.metrics import ingress_metrics
 from serving.scaling import replica_view
-from serving.settings import TOKEN_ENV, ServeConfig, auth_mode, ingress_capacity, is_loopback
+from serving.settings import ServeConfig, auth_mode, ingress_capacity, is_loopback
 
 STATIC_PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -55,22 +54,34 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _response(body: GenerateRequest, embeds: dict, output: dict, identity_scores, warnings: list, started: float,
-              encode_s: float) -> GenerateResponse:
+def _response(
+    body: GenerateRequest, embeds: dict, output: dict, identity_scores, warnings: list, started: float, encode_s: float
+) -> GenerateResponse:
     """The answer to /v1/generate: base64 pictures, timings and the manifest of what was made and how."""
     total_s = time.perf_counter() - started
     timings = {"encode_s": encode_s, **output["timings"], "total_s": total_s}
     manifest = generation_manifest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, references=embeds["reference_sha256"],
-        reference_mode=body.reference_mode, embedding_sha256=embeds["embedding_sha256"], seeds=output["seeds"],
-        sampling=output["manifest"], identity_scores=identity_scores, seconds=total_s,
-        plain_prompt=strip_markers(body.prompt))
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        references=embeds["reference_sha256"],
+        reference_mode=body.reference_mode,
+        embedding_sha256=embeds["embedding_sha256"],
+        seeds=output["seeds"],
+        sampling=output["manifest"],
+        identity_scores=identity_scores,
+        seconds=total_s,
+        plain_prompt=strip_markers(body.prompt),
+    )
     return GenerateResponse(
-        images=[_b64(png) for png in output["images"]], seeds=output["seeds"],
+        images=[_b64(png) for png in output["images"]],
+        seeds=output["seeds"],
         fusion_masks=_b64(output["fusion_masks"]) if "fusion_masks" in output else None,
         overlays=[_b64(png) for png in output["overlays"]] if "overlays" in output else None,
-        batch_size=output["batch_size"], batch_requests=output["batch_requests"],
-        timings={k: round(v, 4) for k, v in timings.items()}, manifest=manifest, identity_scores=identity_scores,
+        batch_size=output["batch_size"],
+        batch_requests=output["batch_requests"],
+        timings={k: round(v, 4) for k, v in timings.items()},
+        manifest=manifest,
+        identity_scores=identity_scores,
         warnings=warnings,
     )
 
@@ -112,11 +123,13 @@ class FaceDiffuserAPI(JobRoutes):
         try:
             return await response
         except asyncio.CancelledError:  # our caller went away (client disconnected, job cancelled): so does the call;
-            response.cancel()           # the sampler drops the request's rows at its next step
+            response.cancel()  # the sampler drops the request's rows at its next step
             raise
         except Exception as exc:
             if _unavailable(exc):
-                raise RequestError(503, "unavailable", f"the service is busy or restarting ({type(exc).__name__}); retry shortly") from None
+                raise RequestError(
+                    503, "unavailable", f"the service is busy or restarting ({type(exc).__name__}); retry shortly"
+                ) from None
             raise
 
     @api.get("/", include_in_schema=False)
@@ -132,8 +145,10 @@ class FaceDiffuserAPI(JobRoutes):
         if self.config.min_replicas == 0:
             return await self._health_from_controller()
         try:
-            encoder, sampler, encoder_model = await asyncio.wait_for(asyncio.gather(
-                self.encoder.ready.remote(), self.sampler.ready.remote(), self.encoder.model.remote()), timeout=5)
+            encoder, sampler, encoder_model = await asyncio.wait_for(
+                asyncio.gather(self.encoder.ready.remote(), self.sampler.ready.remote(), self.encoder.model.remote()),
+                timeout=5,
+            )
         except Exception as exc:
             return error_response(503, "not_ready", f"models are not ready ({type(exc).__name__})")
         mismatch = version_mismatch({"encoder": encoder_model, "sampler": sampler})
@@ -171,15 +186,23 @@ class FaceDiffuserAPI(JobRoutes):
         if mismatch:
             raise RequestError(503, "model_mismatch", mismatch)
         return {
-            "model": sampler["model"], "hashes": sampler["hashes"], "default_size": sampler["default_size"],
+            "model": sampler["model"],
+            "hashes": sampler["hashes"],
+            "default_size": sampler["default_size"],
             "model_version": sampler["model_version"],  # the same in both deployments (checked above)
             "model_versions": {"encoder": encoder_model["model_version"], "sampler": sampler["model_version"]},
-            "limits": self.limits.as_dict(), "schedulers": sorted(SCHEDULERS),
+            "limits": self.limits.as_dict(),
+            "schedulers": sorted(SCHEDULERS),
             "reference_modes": {"default": self.config.reference_mode, "choices": list(REFERENCE_MODES)},
             "face_detector": self.config.face_detector,
-            "batching": {"max_batch_size": self.config.max_batch_size, "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
-            "ingress": dict(zip(("max_ongoing_requests", "max_queued_requests"), ingress_capacity(self.config)),
-                            memory_mb=self.config.ingress_memory_mb),
+            "batching": {
+                "max_batch_size": self.config.max_batch_size,
+                "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
+            },
+            "ingress": dict(
+                zip(("max_ongoing_requests", "max_queued_requests"), ingress_capacity(self.config)),
+                memory_mb=self.config.ingress_memory_mb,
+            ),
             "auth": "bearer" if self.token else "none",
             "versions": package_versions(),
         }
@@ -208,15 +231,22 @@ class FaceDiffuserAPI(JobRoutes):
             self.default_size = (await self._call(self.sampler.ready))["default_size"]
         return check_request(body, self.limits, self.default_size)
 
-    async def _generate(self, body: GenerateRequest, started: float, checked=None, job_id: str | None = None
-                        ) -> GenerateResponse:
+    async def _generate(
+        self, body: GenerateRequest, started: float, checked=None, job_id: str | None = None
+    ) -> GenerateResponse:
         checked = checked or await self._checked(body)
         if body.seed is None:
             body.seed = int.from_bytes(os.urandom(4), "little") >> 1
         body.reference_mode = body.reference_mode or self.config.reference_mode  # the manifest says which was used
         encode_started = time.perf_counter()
-        embeds = await self._call(self.encoder.encode, body.prompt, body.negative_prompt, checked.references,
-                                  body.subject_scales, body.reference_mode)
+        embeds = await self._call(
+            self.encoder.encode,
+            body.prompt,
+            body.negative_prompt,
+            checked.references,
+            body.subject_scales,
+            body.reference_mode,
+        )
         encode_s = time.perf_counter() - encode_started
         if "error" in embeds:
             raise RequestError(*embeds["error"])
@@ -244,6 +274,8 @@ class FaceDiffuserAPI(JobRoutes):
         output["timings"]["identity_s"] = time.perf_counter() - started
         scores = scored.get("scores")
         if scores is None:
-            return None, [f"identity scoring failed (error id {scored['error_id']}); the images are returned "
-                          "without identity_scores"]
+            return None, [
+                f"identity scoring failed (error id {scored['error_id']}); the images are returned "
+                "without identity_scores"
+            ]
         return scores, []

@@ -36,16 +36,23 @@ def _job_outcome(work: asyncio.Task) -> tuple[str, dict]:
     if exc is None:
         return "succeeded", work.result().model_dump()
     error = exc if isinstance(exc, RequestError) else internal_error("job", exc)
-    return "failed", {"error": error.code, "message": error.message,
-                      **({"error_id": error.error_id} if error.error_id else {})}
+    return "failed", {
+        "error": error.code,
+        "message": error.message,
+        **({"error_id": error.error_id} if error.error_id else {}),
+    }
 
 
 class JobRoutes:
     """POST /v1/jobs, GET /v1/jobs/ID, DELETE /v1/jobs/ID, GET /v1/jobs/ID/events."""
 
     @api.post("/v1/jobs", status_code=202, responses=ERRORS)
-    async def submit_job(self, body: GenerateRequest, request: Request,
-                         credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+    async def submit_job(
+        self,
+        body: GenerateRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ):
         """The body of /v1/generate, run in the background: 202 with the job's `id` (and `Location`). Poll
         GET /v1/jobs/ID, stream GET /v1/jobs/ID/events, cancel with DELETE /v1/jobs/ID."""
         started = time.perf_counter()
@@ -56,8 +63,11 @@ class JobRoutes:
         self.job_tasks.add(task)
         task.add_done_callback(self.job_tasks.discard)
         location = f"{request.scope.get('root_path', '')}/v1/jobs/{job['id']}"
-        return JSONResponse({**job, "links": {"self": location, "events": f"{location}/events"}}, status_code=202,
-                            headers={"Location": location})
+        return JSONResponse(
+            {**job, "links": {"self": location, "events": f"{location}/events"}},
+            status_code=202,
+            headers={"Location": location},
+        )
 
     async def _run_job(self, job_id: str, body: GenerateRequest, checked, started: float) -> None:
         """Runs one job to its end and records it; a cancel (any ingress, through the store) cancels the work."""
@@ -116,8 +126,9 @@ class JobRoutes:
         return job
 
     @api.get("/v1/jobs/{job_id}/events", responses=ERRORS)
-    async def job_events(self, job_id: str, request: Request,
-                         credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+    async def job_events(
+        self, job_id: str, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ):
         """Server-Sent Events: `queued` (position), `started`, `step` (step, steps, stage), `preview` (every
         preview_every steps: images from the latents by a fixed linear map, and the fusion mask so far), then one
         of `succeeded` (the result), `failed` (the error) or `cancelled`. Resumes after `Last-Event-ID`."""
@@ -140,5 +151,6 @@ class JobRoutes:
                 if not events:
                     yield ": keep-alive\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )

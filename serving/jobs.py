@@ -1,7 +1,7 @@
 """Asynchronous jobs: their state lives in one JobStore deployment, so any ingress replica answers for any job.
 
     POST /v1/jobs ─▶ ingress: create() ─▶ runs encoder → sampler in a task; the sampler reports each step
-    GET /v1/jobs/ID ─▶ any ingress: get()           (queued + position | running + step | succeeded | failed | cancelled)
+    GET /v1/jobs/ID ─▶ any ingress: get()    (queued + position | running + step | succeeded | failed | cancelled)
     GET /v1/jobs/ID/events ─▶ any ingress: wait_events() long-polls, streamed as Server-Sent Events
     DELETE /v1/jobs/ID ─▶ any ingress: cancel(); the ingress running it sees wait_cancel() return and cancels
                           its sampler call, which drops the job's rows from its batch at the next step
@@ -70,8 +70,7 @@ def sse(event: dict) -> str:
 class JobBook:
     """Jobs by id: creation, events in order (with a sequence number for resuming a stream), cancellation, expiry."""
 
-    def __init__(self, ttl_s: float = 3600.0, lost_after_s: float = JOB_LOST_AFTER_S, clock=time.time,
-                 on_change=None):
+    def __init__(self, ttl_s: float = 3600.0, lost_after_s: float = JOB_LOST_AFTER_S, clock=time.time, on_change=None):
         self.ttl_s, self.lost_after_s, self.clock = ttl_s, lost_after_s, clock
         self.on_change = on_change  # called with each event appended (the store's metrics)
         self.jobs: dict[str, Job] = {}
@@ -185,8 +184,15 @@ class JobBook:
                 self.cancelled.pop(job.id, None)
                 expired += 1
             elif job.state not in TERMINAL and now - job.updated > self.lost_after_s:
-                self.record(job.id, "failed", {"error": "lost", "message": "the replica running this job stopped "
-                                               "reporting (it died or was restarted); submit it again"})
+                self.record(
+                    job.id,
+                    "failed",
+                    {
+                        "error": "lost",
+                        "message": "the replica running this job stopped "
+                        "reporting (it died or was restarted); submit it again",
+                    },
+                )
         if expired and self.on_change is not None:
             self.on_change("expired")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from facediffuser.devices import torch_device
-from facediffuser.model_loading import identity as model_identity, load_pipeline
+from facediffuser.model_loading import identity as model_identity
+from facediffuser.model_loading import load_pipeline
 
 
 def replica_device() -> str:

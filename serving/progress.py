@@ -34,8 +34,7 @@ class Progress:
 
     def batch_done(self, requests: int, images: int, image_steps: int, cancelled: int) -> None:
         self.served += requests - cancelled
-        self.recent.append({"requests": requests, "images": images, "image_steps": image_steps,
-                            "cancelled": cancelled})
+        self.recent.append({"requests": requests, "images": images, "image_steps": image_steps, "cancelled": cancelled})
 
 
 def _b64_png(image) -> str:
@@ -96,9 +95,12 @@ class JobReporter:
         events = []
         for job in jobs:
             positions = [p for p, row in enumerate(self.alive) if self.owner[row] is job]
-            data = {"step": step, "images": [_b64_png(pictures[p]) for p in positions],
-                    # the job's images' masks one under the other, like /v1/generate's fusion_masks grid
-                    "fusion_mask": None if fusion is None else _b64_png(mask_image(torch.cat(list(fusion[positions]))))}
+            data = {
+                "step": step,
+                "images": [_b64_png(pictures[p]) for p in positions],
+                # the job's images' masks one under the other, like /v1/generate's fusion_masks grid
+                "fusion_mask": None if fusion is None else _b64_png(mask_image(torch.cat(list(fusion[positions])))),
+            }
             events.append((job.job_id, "preview", data))
         return events
 

@@ -18,8 +18,13 @@ from PIL import Image, UnidentifiedImageError
 
 from facediffuser.images import ImageDecodeError, decode_image
 from facediffuser.prompts import tokenize_with_markers
-from facediffuser.reference import DEFAULT_DETECTOR, DEFAULT_REFERENCE_MODE, SubjectNotFound, embed_photo, embedding_sha256
-
+from facediffuser.reference import (
+    DEFAULT_DETECTOR,
+    DEFAULT_REFERENCE_MODE,
+    SubjectNotFound,
+    embed_photo,
+    embedding_sha256,
+)
 from serving.api import RequestError, internal_error
 
 # Pillow decoders a reference may use (Image.open(formats=...)): the common photo formats, nothing more exotic
@@ -51,8 +56,9 @@ class SubjectEncoding:
     keyed by the reference mode and the sha256 of the photo's bytes (repeat customers pay for detection and CLIP
     once). `detector` names the face detector of the face and person modes (built on first use)."""
 
-    def __init__(self, pipe, detector: str = DEFAULT_DETECTOR, cache_size: int = 256,
-                 max_reference_pixels: int = 4096 * 4096):
+    def __init__(
+        self, pipe, detector: str = DEFAULT_DETECTOR, cache_size: int = 256, max_reference_pixels: int = 4096 * 4096
+    ):
         self.pipe = pipe
         self.detector = detector
         self.cache_size = cache_size
@@ -82,8 +88,14 @@ class SubjectEncoding:
         return digest, embedding
 
     @torch.no_grad()
-    def encode(self, prompt: str, negative_prompt: str | None, references: list[list[bytes]],
-               subject_scales: list[float] | None = None, reference_mode: str = DEFAULT_REFERENCE_MODE) -> dict:
+    def encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        references: list[list[bytes]],
+        subject_scales: list[float] | None = None,
+        reference_mode: str = DEFAULT_REFERENCE_MODE,
+    ) -> dict:
         """→ {"null", "text", "augmented": [1, 77, D] cpu tensors, "reference_sha256": [[hex, ...], ...],
         "embedding_sha256": [hex per subject], "subject_tokens": the subject nouns' token positions (for layout
         boxes)}. Each subject's embedding is its photos' embeddings averaged in float32, as the pipeline does.
@@ -98,22 +110,31 @@ class SubjectEncoding:
             hashes, subjects = [], []
             for index, photos in enumerate(references, start=1):
                 named = len(photos) > 1
-                pairs = [self.photo_embedding(data, f"reference {index} photo {k}" if named else f"reference {index}",
-                                              reference_mode)
-                         for k, data in enumerate(photos, start=1)]
+                pairs = [
+                    self.photo_embedding(
+                        data, f"reference {index} photo {k}" if named else f"reference {index}", reference_mode
+                    )
+                    for k, data in enumerate(photos, start=1)
+                ]
                 hashes.append([digest for digest, _ in pairs])
                 subjects.append(torch.stack([embedding for _, embedding in pairs]).mean(dim=0))
             subject_embeds = torch.stack(subjects).to(self.pipe.subject_encoder.device, self.pipe.subject_encoder.dtype)
             # The prompt was checked above: a ValueError from here on is the model stack's, a server fault.
-            null, text, augmented = self.pipe.encode_prompt(prompt, references, negative_prompt,
-                                                            subject_embeds=subject_embeds, subject_scales=subject_scales)
+            null, text, augmented = self.pipe.encode_prompt(
+                prompt, references, negative_prompt, subject_embeds=subject_embeds, subject_scales=subject_scales
+            )
         return {
-            "null": null.cpu(), "text": text.cpu(), "augmented": augmented.cpu(), "reference_sha256": hashes,
+            "null": null.cpu(),
+            "text": text.cpu(),
+            "augmented": augmented.cpu(),
+            "reference_sha256": hashes,
             "embedding_sha256": [embedding_sha256(e) for e in subject_embeds],
             "subject_tokens": tokens.image_token_mask.nonzero().flatten().tolist(),
         }
 
-    def encode_many(self, requests: list[tuple[str, str | None, list[list[bytes]], list[float] | None, str]]) -> list[dict]:
+    def encode_many(
+        self, requests: list[tuple[str, str | None, list[list[bytes]], list[float] | None, str]]
+    ) -> list[dict]:
         """`encode` for several (prompt, negative_prompt, references, subject_scales, reference_mode) at once → per
         request, encode's dict or {"error": (status, code, message, error_id)}. Identical requests (same prompts,
         same photo bytes, same mode) are encoded once; a server fault in one request (logged with its error id)
@@ -121,8 +142,13 @@ class SubjectEncoding:
         done: dict[tuple, dict] = {}
         out = []
         for prompt, negative_prompt, references, scales, mode in requests:
-            key = (prompt, negative_prompt, tuple(tuple(hashlib.sha256(d).digest() for d in photos) for photos in references),
-                   tuple(scales or ()), mode)
+            key = (
+                prompt,
+                negative_prompt,
+                tuple(tuple(hashlib.sha256(d).digest() for d in photos) for photos in references),
+                tuple(scales or ()),
+                mode,
+            )
             if key not in done:
                 try:
                     done[key] = self.encode(prompt, negative_prompt, references, scales, mode)
@@ -146,8 +172,9 @@ class IdentityScoring:
     the subject's photos (the library scorer's own cache is unbounded, so it is not used).
     """
 
-    def __init__(self, scorer, cache_size: int = 256, max_reference_pixels: int = 4096 * 4096,
-                 max_side: int = IDENTITY_MAX_SIDE):
+    def __init__(
+        self, scorer, cache_size: int = 256, max_reference_pixels: int = 4096 * 4096, max_side: int = IDENTITY_MAX_SIDE
+    ):
         self.scorer = scorer
         self.cache_size, self.max_reference_pixels, self.max_side = cache_size, max_reference_pixels, max_side
         self.cache: OrderedDict[str, np.ndarray | None] = OrderedDict()
@@ -176,5 +203,10 @@ class IdentityScoring:
         the image, rounded to 4 places; None when no face was found for it."""
         with self.lock:
             embedded = [self.reference(photos, f"reference {index}") for index, photos in enumerate(references, 1)]
-            return [[None if s is None else round(s, 4) for s in self.scorer.score(decode_image(png), embedded).similarities]
-                    for png in images]
+            return [
+                [
+                    None if s is None else round(s, 4)
+                    for s in self.scorer.score(decode_image(png), embedded).similarities
+                ]
+                for png in images
+            ]

@@ -53,9 +53,11 @@ class _Job:
 def _regions(group: list[_Job], latent_size) -> SubjectRegions:
     """Each image of a boxed batch: its request's subject tokens and boxes."""
     per_image = [job for job in group for _ in range(job.request["num_images"])]
-    return SubjectRegions(tokens=[job.embeds["subject_tokens"] for job in per_image],
-                          boxes=[[tuple(b) for b in job.request["boxes"]] for job in per_image],
-                          latent_size=tuple(latent_size))
+    return SubjectRegions(
+        tokens=[job.embeds["subject_tokens"] for job in per_image],
+        boxes=[[tuple(b) for b in job.request["boxes"]] for job in per_image],
+        latent_size=tuple(latent_size),
+    )
 
 
 def _mask_pictures(output: dict, job: _Job, images: list, masks: torch.Tensor | None, latent_size) -> None:
@@ -83,8 +85,9 @@ class SamplerDeployment:
         self.default_size = self.pipe.sdm_unet.config.sample_size * self.pipe.vae_scale_factor
         logging.getLogger("ray.serve").addFilter(no_concurrent_batches_warning)
         # One snf_denoise call at a time; each takes up to max_batch_size waiting requests that share a key.
-        self.coalescer = Coalescer(self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key,
-                                   dropped=lambda job: job.cancelled)
+        self.coalescer = Coalescer(
+            self._run_group, limit=cfg.max_batch_size, key=lambda job: job.key, dropped=lambda job: job.cancelled
+        )
         self.configure_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self.batches_served = 0
 
@@ -104,11 +107,16 @@ class SamplerDeployment:
         taken = sum(size * count for size, count in formed.items())
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
-            "batches_served": self.batches_served, "requests_served": self.progress.served,
-            "formed_batches": histogram(formed), "mean_batch_requests": round(taken / calls, 3) if calls else None,
-            "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-            "consecutive_failures": self.consecutive_failures, "queued": len(self.coalescer.waiting),
-            "cancelled_requests": self.progress.cancelled, "denoised_image_steps": self.progress.image_steps,
+            "batches_served": self.batches_served,
+            "requests_served": self.progress.served,
+            "formed_batches": histogram(formed),
+            "mean_batch_requests": round(taken / calls, 3) if calls else None,
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "consecutive_failures": self.consecutive_failures,
+            "queued": len(self.coalescer.waiting),
+            "cancelled_requests": self.progress.cancelled,
+            "denoised_image_steps": self.progress.image_steps,
             "recent_batches": list(self.progress.recent),
         }
 
@@ -151,7 +159,9 @@ class SamplerDeployment:
             self.consecutive_failures = 0
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            outputs = [{"error": (503, "unavailable", "out of GPU memory; retry shortly or ask for fewer/smaller images")}] * len(group)
+            outputs = [
+                {"error": (503, "unavailable", "out of GPU memory; retry shortly or ask for fewer/smaller images")}
+            ] * len(group)
         except Exception as exc:  # a fault on our side, ValueError included (requests were checked before): answer
             self.consecutive_failures += 1  # 500 for this batch only, details in the log; health decides the rest
             outputs = [{"error": internal_error("sampling", exc).as_tuple()}] * len(group)
@@ -163,7 +173,9 @@ class SamplerDeployment:
 
     async def submit(self, request: dict, embeds: dict, job_id: str | None = None) -> dict:
         mismatch = version_mismatch({"encoder": embeds, "sampler": self.model_info})
-        if mismatch:  # the embeddings come from another model than these UNets (checked per request, not only in /healthz)
+        if (
+            mismatch
+        ):  # the embeddings come from another model than these UNets (checked per request, not only in /healthz)
             return {"error": (503, "model_mismatch", mismatch)}
         job = _Job(request=request, embeds=embeds, arrived=time.perf_counter(), job_id=job_id)
         try:
@@ -194,24 +206,43 @@ class SamplerDeployment:
         latents = (latents * scheduler.init_noise_sigma).to(device, dtype)
 
         def stacked(name):
-            return torch.cat([job.embeds[name].repeat(job.request["num_images"], 1, 1) for job in group]).to(device, dtype)
+            return torch.cat([job.embeds[name].repeat(job.request["num_images"], 1, 1) for job in group]).to(
+                device, dtype
+            )
 
         want_masks = any(job.request["return_masks"] for job in group)
         denoise_started = time.perf_counter()
         reporter.started((start_merge_step, final_step))
         result = snf_denoise(
-            pipe.tdm_unet, pipe.sdm_unet, scheduler, latents, stacked("null"), stacked("text"), stacked("augmented"),
-            num_inference_steps=steps, guidance_scale=guidance, start_merge_step=start_merge_step,
-            final_step=final_step, return_masks=want_masks, generator=generators,
+            pipe.tdm_unet,
+            pipe.sdm_unet,
+            scheduler,
+            latents,
+            stacked("null"),
+            stacked("text"),
+            stacked("augmented"),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            start_merge_step=start_merge_step,
+            final_step=final_step,
+            return_masks=want_masks,
+            generator=generators,
             regions=_regions(group, shape[1:]) if boxed else None,
-            keep_rows=reporter.keep_rows, on_step=reporter.on_step,
+            keep_rows=reporter.keep_rows,
+            on_step=reporter.on_step,
         )
         decode_started = time.perf_counter()
         images = tensor_to_pil(pipe.decode_latents(result.latents)) if result.rows else []
         masks = torch.stack(result.masks)[:, :, 0].float().cpu() if want_masks and result.masks else None
-        batch = {"batch_size": len(images), "batch_requests": len(group), "denoise_started": denoise_started,
-                 "denoise_s": decode_started - denoise_started, "decode_s": time.perf_counter() - decode_started,
-                 "scheduler": scheduler_name(scheduler), "fusion_steps": result.fusion_steps}
+        batch = {
+            "batch_size": len(images),
+            "batch_requests": len(group),
+            "denoise_started": denoise_started,
+            "denoise_s": decode_started - denoise_started,
+            "decode_s": time.perf_counter() - decode_started,
+            "scheduler": scheduler_name(scheduler),
+            "fusion_steps": result.fusion_steps,
+        }
         position = {row: k for k, row in enumerate(result.rows)}  # original row → row of the result
         outputs, offset = [], 0
         for job in group:
@@ -236,14 +267,29 @@ class SamplerDeployment:
             "seeds": job.seeds,
             "batch_size": batch["batch_size"],
             "batch_requests": batch["batch_requests"],
-            "timings": {"queue_s": batch["denoise_started"] - job.arrived, "denoise_s": batch["denoise_s"],
-                        "decode_s": batch["decode_s"]},
+            "timings": {
+                "queue_s": batch["denoise_started"] - job.arrived,
+                "denoise_s": batch["denoise_s"],
+                "decode_s": batch["decode_s"],
+            },
             # how it was sampled, with the model and versions; the ingress adds the request's side
-            "manifest": {**sampling_record(
-                scheduler=batch["scheduler"], steps=request["steps"], iterations=job.iterations,
-                guidance_scale=job.key[3], size=(width, height), boxes=request["boxes"],
-                subject_scales=request["subject_scales"], boundaries=job.boundaries, alpha=request["alpha"],
-                beta=request["beta"], fusion_steps=batch["fusion_steps"]), **self.model_info, "versions": self.versions},
+            "manifest": {
+                **sampling_record(
+                    scheduler=batch["scheduler"],
+                    steps=request["steps"],
+                    iterations=job.iterations,
+                    guidance_scale=job.key[3],
+                    size=(width, height),
+                    boxes=request["boxes"],
+                    subject_scales=request["subject_scales"],
+                    boundaries=job.boundaries,
+                    alpha=request["alpha"],
+                    beta=request["beta"],
+                    fusion_steps=batch["fusion_steps"],
+                ),
+                **self.model_info,
+                "versions": self.versions,
+            },
         }
         if request["return_masks"]:
             _mask_pictures(output, job, images, masks, latent_size)

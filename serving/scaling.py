@@ -32,8 +32,12 @@ def summarize(details: dict, app_name: str, deployments: tuple[str, ...]) -> dic
     (name → running replicas) and the autoscaling settings in force."""
     app = details.get("applications", {}).get(app_name) or {}
     found = app.get("deployments", {})
-    running_nodes = {r["node_id"] for d in found.values() for r in d.get("replicas", [])
-                     if r.get("state") == RUNNING and r.get("node_id")}
+    running_nodes = {
+        r["node_id"]
+        for d in found.values()
+        for r in d.get("replicas", [])
+        if r.get("state") == RUNNING and r.get("node_id")
+    }
     names = _names(running_nodes)
     out = {}
     for name in deployments:
@@ -49,13 +53,24 @@ def summarize(details: dict, app_name: str, deployments: tuple[str, ...]) -> dic
                 nodes[node] = nodes.get(node, 0) + 1
         scaling = (deployment.get("deployment_config") or {}).get("autoscaling_config") or {}
         out[name] = {
-            "status": deployment.get("status"), "target": deployment.get("target_num_replicas"),
+            "status": deployment.get("status"),
+            "target": deployment.get("target_num_replicas"),
             "running": sum(nodes.values()),
             "starting": sum(1 for r in replicas if r.get("state") in ("STARTING", "PENDING_MIGRATION")),
             "nodes": dict(sorted(nodes.items())),
-            "autoscaling": {key: scaling.get(key) for key in (
-                "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
-                "downscale_to_zero_delay_s", "look_back_period_s") if key in scaling},
+            "autoscaling": {
+                key: scaling.get(key)
+                for key in (
+                    "min_replicas",
+                    "max_replicas",
+                    "target_ongoing_requests",
+                    "upscale_delay_s",
+                    "downscale_delay_s",
+                    "downscale_to_zero_delay_s",
+                    "look_back_period_s",
+                )
+                if key in scaling
+            },
         }
     return out
 

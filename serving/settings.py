@@ -29,25 +29,38 @@ CLI_LIMITS = {
 class ServeConfig:
     """Everything the app needs; built from CLI flags (`run`) or the YAML's `args` (`app_builder`)."""
 
-    model: str | None = arg(None, "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a "
-                                  "training run's directory (runs/NAME: its final/ is used)", group="source")
+    model: str | None = arg(
+        None,
+        "model directory (FaceDiffuserPipeline, or one holding sdm/ and tdm/), or a "
+        "training run's directory (runs/NAME: its final/ is used)",
+        group="source",
+    )
     tiny: bool = arg(False, "small random models, for trying the service on a CPU", group="source")
     # Where Serve's HTTP proxies listen: `facediffuser serve` starts them there; for `serve deploy` keep it equal to
     # http_options.host (app_builder also checks the running proxies' address).
     host: str = arg("127.0.0.1", f"address to listen on; any but loopback needs ${TOKEN_ENV} (or --allow-anonymous)")
     port: int = arg(8000, "HTTP port")
-    app_name: str = arg("facediffuser", "Serve application name: on a shared cluster each application needs its "
-                                        "own (an existing one of this name is not replaced)")
+    app_name: str = arg(
+        "facediffuser",
+        "Serve application name: on a shared cluster each application needs its "
+        "own (an existing one of this name is not replaced)",
+    )
     route_prefix: str = arg("/", "URL path the application answers under (one application per prefix)")
     api_token: str | None = arg(None, cli=False)  # default: $FACEDIFFUSER_API_TOKEN (never a flag: ps shows those)
-    allow_anonymous: bool = arg(False, f"serve without ${TOKEN_ENV} on a non-loopback --host (anyone who reaches "
-                                       "it can use the GPUs)")
+    allow_anonymous: bool = arg(
+        False, f"serve without ${TOKEN_ENV} on a non-loopback --host (anyone who reaches it can use the GPUs)"
+    )
     dtype: str = arg("float32", "model weights' dtype", choices=DTYPES)
-    reference_mode: str = arg(DEFAULT_REFERENCE_MODE, "what the subject encoder sees of a reference photo when a "
-                                                      "request does not say: whole (the photo padded square), face "
-                                                      "or person", choices=REFERENCE_MODES)
-    face_detector: str = arg("mediapipe", "finds the face in reference photos (reference modes face and person)",
-                             choices=DETECTORS)
+    reference_mode: str = arg(
+        DEFAULT_REFERENCE_MODE,
+        "what the subject encoder sees of a reference photo when a "
+        "request does not say: whole (the photo padded square), face "
+        "or person",
+        choices=REFERENCE_MODES,
+    )
+    face_detector: str = arg(
+        "mediapipe", "finds the face in reference photos (reference modes face and person)", choices=DETECTORS
+    )
     cache_size: int = arg(256, cli=False)  # reference photos' embeddings and identity descriptors kept
     # resources and scaling (sampler = both UNets + VAE; encoder = text + CLIP vision)
     num_gpus: float = arg(0.0, "GPUs per sampler replica")
@@ -59,16 +72,25 @@ class ServeConfig:
     torch_threads: int = arg(0, cli=False)  # 0: torch's default
     # Autoscaling (Ray Serve's autoscaling_config), the same for the encoder and the sampler: with min_replicas 0
     # both go to zero when idle, so an idle app holds no GPU (the encoder has a GPU share in serve.yaml too).
-    min_replicas: int = arg(1, "replicas of the encoder and of the sampler, at least (0: scale to zero when idle; "
-                               "the first request after that waits for a cold start)")
+    min_replicas: int = arg(
+        1,
+        "replicas of the encoder and of the sampler, at least (0: scale to zero when idle; "
+        "the first request after that waits for a cold start)",
+    )
     max_replicas: int = arg(2, "replicas of the encoder and of the sampler, at most")
-    target_ongoing_requests: float = arg(4.0, "requests in flight per replica that the autoscaler aims at: more "
-                                              "than this on average adds replicas, fewer removes them")
+    target_ongoing_requests: float = arg(
+        4.0,
+        "requests in flight per replica that the autoscaler aims at: more "
+        "than this on average adds replicas, fewer removes them",
+    )
     upscale_delay_s: float = arg(10.0, "seconds the load must stay above target before a replica is added")
     downscale_delay_s: float = arg(60.0, "seconds the load must stay below target before a replica is removed")
-    downscale_to_zero_delay_s: float | None = arg(None, "seconds idle before the last replica goes (min-replicas "
-                                                        "0); default: --downscale-delay-s")
-    look_back_period_s: float = arg(15.0, cli=False)  # window the autoscaler averages the load over (> 10 s, Ray's metrics interval)
+    downscale_to_zero_delay_s: float | None = arg(
+        None, "seconds idle before the last replica goes (min-replicas 0); default: --downscale-delay-s"
+    )
+    look_back_period_s: float = arg(
+        15.0, cli=False
+    )  # window the autoscaler averages the load over (> 10 s, Ray's metrics interval)
     max_ongoing_requests: int = arg(8, "requests a replica works on at once")
     max_queued_requests: int = arg(32, "requests waiting per deployment before 503")
     max_batch_size: int = arg(4, "requests per snf_denoise call; 1 turns batching off")
@@ -76,8 +98,11 @@ class ServeConfig:
     health_check_period_s: float = arg(10.0, cli=False)
     # Stopping: `facediffuser serve` on SIGTERM/SIGINT refuses new requests (503 + Retry-After) and waits this long
     # for those in flight; every replica Serve stops (update, downscale, node drain) gets as long for its requests.
-    drain_timeout_s: float = arg(30.0, "on SIGTERM/SIGINT: seconds the requests in flight get to finish (new ones get "
-                                       "503 with Retry-After) before Serve and Ray stop")
+    drain_timeout_s: float = arg(
+        30.0,
+        "on SIGTERM/SIGINT: seconds the requests in flight get to finish (new ones get "
+        "503 with Retry-After) before Serve and Ray stop",
+    )
     # Memory request bodies may take on the ingress's node; bounds the ingress's ongoing and queued requests
     # (ingress_capacity; arithmetic in docs/serving.md).
     ingress_memory_mb: int = arg(4096, cli=False)
@@ -98,24 +123,33 @@ class ServeConfig:
             raise ValueError("give a model directory (--model DIR) or --tiny")
         check_mode(self.reference_mode)
         if self.face_detector not in DETECTORS:  # "none" was the whole photo: reference_mode whole now
-            raise ValueError(f"face_detector must be one of {', '.join(DETECTORS)}, got {self.face_detector!r} "
-                             "(for the whole photo, set reference_mode: whole)")
+            raise ValueError(
+                f"face_detector must be one of {', '.join(DETECTORS)}, got {self.face_detector!r} "
+                "(for the whole photo, set reference_mode: whole)"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not self.route_prefix.startswith("/") or not self.app_name.strip():
-            raise ValueError(f"route_prefix must start with / and app_name must not be empty, got "
-                             f"{self.route_prefix!r}, {self.app_name!r}")
+            raise ValueError(
+                f"route_prefix must start with / and app_name must not be empty, got "
+                f"{self.route_prefix!r}, {self.app_name!r}"
+            )
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if self.job_ttl_s <= 0 or self.preview_every < 0:
             raise ValueError(f"need job_ttl_s > 0 and preview_every >= 0, got {self.job_ttl_s}, {self.preview_every}")
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {self.min_replicas}, "
-                             f"{self.max_replicas}")
+            raise ValueError(
+                f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {self.min_replicas}, "
+                f"{self.max_replicas}"
+            )
         if self.target_ongoing_requests <= 0 or self.look_back_period_s <= 0:
             raise ValueError("target_ongoing_requests and look_back_period_s must be > 0")
-        delays = {"upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-                  "downscale_to_zero_delay_s": self.downscale_to_zero_delay_s}
+        delays = {
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "downscale_to_zero_delay_s": self.downscale_to_zero_delay_s,
+        }
         negative = [name for name, value in delays.items() if value is not None and value < 0]
         if negative:
             raise ValueError(f"{', '.join(negative)} must be >= 0")
@@ -129,9 +163,12 @@ class ServeConfig:
     def autoscaling_config(self) -> dict:
         """Ray Serve's autoscaling_config of the encoder and the sampler."""
         scaling = {
-            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
-            "downscale_delay_s": self.downscale_delay_s, "look_back_period_s": self.look_back_period_s,
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
         }
         if self.downscale_to_zero_delay_s is not None:
             scaling["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
@@ -170,8 +207,10 @@ def auth_mode(config: ServeConfig, host: str | None = None) -> str:
         return "authentication: bearer token required on /v1/*"
     if is_loopback(host):
         return f"authentication: off (no ${TOKEN_ENV}); listening on {host}, reachable from this machine only"
-    return (f"authentication: OFF on {host} (allow_anonymous): anyone who can reach this address can use the API "
-            f"and its GPUs; set ${TOKEN_ENV} to require a token")
+    return (
+        f"authentication: OFF on {host} (allow_anonymous): anyone who can reach this address can use the API "
+        f"and its GPUs; set ${TOKEN_ENV} to require a token"
+    )
 
 
 def ingress_capacity(config: ServeConfig) -> tuple[int, int]:
@@ -181,9 +220,13 @@ def ingress_capacity(config: ServeConfig) -> tuple[int, int]:
     payload = Limits(**config.limits).max_payload_bytes
     memory = config.ingress_memory_mb * 2**20
     if memory < (PAYLOAD_COPIES + 1) * payload:
-        raise ValueError(f"ingress_memory_mb={config.ingress_memory_mb} cannot hold one request and one queued: "
-                         f"needs {PAYLOAD_COPIES + 1} x max_payload_bytes = {(PAYLOAD_COPIES + 1) * payload / 2**20:.0f} MiB")
-    ongoing = min(4 * config.max_ongoing_requests * config.max_replicas, (memory - payload) // (PAYLOAD_COPIES * payload))
+        raise ValueError(
+            f"ingress_memory_mb={config.ingress_memory_mb} cannot hold one request and one queued: "
+            f"needs {PAYLOAD_COPIES + 1} x max_payload_bytes = {(PAYLOAD_COPIES + 1) * payload / 2**20:.0f} MiB"
+        )
+    ongoing = min(
+        4 * config.max_ongoing_requests * config.max_replicas, (memory - payload) // (PAYLOAD_COPIES * payload)
+    )
     left = (memory - ongoing * PAYLOAD_COPIES * payload) // payload
     wanted = left if config.max_queued_requests < 0 else 4 * config.max_queued_requests * config.max_replicas
     return ongoing, max(1, min(wanted, left))

@@ -23,8 +23,10 @@ from cluster.local import LocalCluster, NodeSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-GPU_WORKERS = (NodeSpec("gpu_node_a", num_cpus=1, num_gpus=1, resources={"gpu_node_a": 1}),
-               NodeSpec("gpu_node_b", num_cpus=1, num_gpus=1, resources={"gpu_node_b": 1}))
+GPU_WORKERS = (
+    NodeSpec("gpu_node_a", num_cpus=1, num_gpus=1, resources={"gpu_node_a": 1}),
+    NodeSpec("gpu_node_b", num_cpus=1, num_gpus=1, resources={"gpu_node_b": 1}),
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def gpu_cluster():
 
 
 def code_snapshot() -> Path:
-    """A copy of the code a job needs (facediffuser/, cluster/, pipelines/, serving/), made once: the job's working directory.
+    """A copy of the code a job needs (facediffuser/, cluster/, pipelines/, serving/), made once: the job's working
+    directory.
     Shipping the live checkout races with edits made meanwhile (its package hash changes between Ray's hashing and
     its upload, and the job then finds no package in the GCS)."""
     if "snapshot" not in _state:
@@ -53,17 +56,33 @@ def code_snapshot() -> Path:
 _state: dict = {}
 
 
-def submit(cluster: LocalCluster, *command: str, env_vars: dict | None = None, timeout: float = 1200,
-           retry_for: float = 360) -> subprocess.CompletedProcess:
+def submit(
+    cluster: LocalCluster, *command: str, env_vars: dict | None = None, timeout: float = 1200, retry_for: float = 360
+) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir CODE` of `command` to the cluster, waiting for it; the head's job agent can
     come up minutes after the dashboard on a busy 2-core machine, so "No available agent" is retried."""
     runtime_env = json.dumps({"env_vars": env_vars or {}})
     deadline = time.time() + retry_for
     while True:
         done = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(code_snapshot()),
-             "--runtime-env-json", runtime_env, "--", *command],
-            capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=cluster.env,
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                cluster.dashboard_url,
+                "--working-dir",
+                str(code_snapshot()),
+                "--runtime-env-json",
+                runtime_env,
+                "--",
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=cluster.env,
         )
         if "No available agent" not in done.stderr or time.time() > deadline:
             return done

@@ -8,6 +8,9 @@ import socket
 import numpy as np
 import pytest
 
+# Fixtures of their own modules: the session's Serve app (`service`) and the multi-node cluster (`gpu_cluster`)
+pytest_plugins = ["serve_fixtures", "cluster_fixtures"]
+
 # Ray workers use this environment as it is, also under `uv run pytest` (see facediffuser/cli.py).
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -27,8 +30,15 @@ def ray_session():
     import ray
 
     # address="local" always starts our own cluster, never attaching to one left by `ray start`.
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
-             object_store_memory=512 * 1024 * 1024, log_to_driver=False, _metrics_export_port=METRICS_PORT)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=512 * 1024 * 1024,
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+    )
     yield ray
     try:
         from ray import serve
@@ -48,8 +58,14 @@ def scrape_metrics(names: list[str], timeout_s: float = 90.0) -> dict[str, list[
     deadline, found = time.monotonic() + timeout_s, {}
     while True:
         text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
-        found = {name: [line for line in text.splitlines()
-                        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")] for name in names}
+        found = {
+            name: [
+                line
+                for line in text.splitlines()
+                if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
+            ]
+            for name in names
+        }
         missing = [name for name, lines in found.items() if not lines]
         if not missing:
             return found
@@ -66,9 +82,16 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     yield endpoint
     server.stop()
     for key, value in saved.items():

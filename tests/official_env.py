@@ -23,12 +23,37 @@ from safetensors.torch import save_file
 
 from facediffuser.models.tiny import clip_tokenizer_dir
 
-OLD_UNET_KEYS = ("act_fn", "attention_head_dim", "block_out_channels", "center_input_sample", "cross_attention_dim",
-                 "down_block_types", "downsample_padding", "flip_sin_to_cos", "freq_shift", "in_channels",
-                 "layers_per_block", "mid_block_scale_factor", "norm_eps", "norm_num_groups", "out_channels",
-                 "sample_size", "up_block_types")
-OLD_VAE_KEYS = ("act_fn", "block_out_channels", "down_block_types", "in_channels", "latent_channels", "layers_per_block",
-                "norm_num_groups", "out_channels", "sample_size", "up_block_types")
+OLD_UNET_KEYS = (
+    "act_fn",
+    "attention_head_dim",
+    "block_out_channels",
+    "center_input_sample",
+    "cross_attention_dim",
+    "down_block_types",
+    "downsample_padding",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "in_channels",
+    "layers_per_block",
+    "mid_block_scale_factor",
+    "norm_eps",
+    "norm_num_groups",
+    "out_channels",
+    "sample_size",
+    "up_block_types",
+)
+OLD_VAE_KEYS = (
+    "act_fn",
+    "block_out_channels",
+    "down_block_types",
+    "in_channels",
+    "latent_channels",
+    "layers_per_block",
+    "norm_num_groups",
+    "out_channels",
+    "sample_size",
+    "up_block_types",
+)
 OLD_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
@@ -80,54 +105,102 @@ def write_checkpoint(state: dict, path: Path) -> Path:
     return path
 
 
-def write_hub_sd15(root: Path, pipe, *, weights: str = "bin", plain: bool = True,
-                   fp16_variant: bool = False) -> Path:
+def write_hub_sd15(root: Path, pipe, *, weights: str = "bin", plain: bool = True, fp16_variant: bool = False) -> Path:
     """A Stable Diffusion 1.5 directory laid out as the hub's runwayml/stable-diffusion-v1-5 (tiny sizes): `weights`
     "bin" (the 2022 files: old VAE names, CLIP position ids) or "safetensors"; `plain` writes the fp32 files,
     `fp16_variant` the `*.fp16.*` ones."""
     root.mkdir(parents=True, exist_ok=True)
-    _json(root / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
-        "feature_extractor": ["transformers", "CLIPImageProcessor"],
-        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    })
-    _json(root / "feature_extractor" / "preprocessor_config.json", {
-        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
-    })
+    _json(
+        root / "model_index.json",
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.6.0",
+            "feature_extractor": ["transformers", "CLIPImageProcessor"],
+            "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
+    _json(
+        root / "feature_extractor" / "preprocessor_config.json",
+        {
+            "crop_size": 224,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3,
+            "size": 224,
+        },
+    )
     # never read by us: a config and weights that would fail to load if anything tried
     _json(root / "safety_checker" / "config.json", {"architectures": ["StableDiffusionSafetyChecker"]})
     torch.save({"not.a.model": torch.zeros(1)}, root / "safety_checker" / "pytorch_model.bin")
-    _json(root / "scheduler" / "scheduler_config.json", {
-        "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-        "clip_sample": False,
-    })
+    _json(
+        root / "scheduler" / "scheduler_config.json",
+        {
+            "_class_name": "PNDMScheduler",
+            "_diffusers_version": "0.6.0",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "num_train_timesteps": 1000,
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "trained_betas": None,
+            "clip_sample": False,
+        },
+    )
     _write_tokenizer(root / "tokenizer")
 
     text = pipe.text_encoder
     config = text.config
-    _json(root / "text_encoder" / "config.json", {
-        "_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
-        "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
-        "hidden_act": config.hidden_act, "hidden_size": config.hidden_size, "initializer_factor": 1.0,
-        "initializer_range": 0.02, "intermediate_size": config.intermediate_size, "layer_norm_eps": 1e-05,
-        "max_position_embeddings": config.max_position_embeddings, "model_type": "clip_text_model",
-        "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
-        "pad_token_id": 1, "projection_dim": config.projection_dim, "torch_dtype": "float32",
-        "transformers_version": "4.22.0.dev0", "vocab_size": config.vocab_size,
-    })
+    _json(
+        root / "text_encoder" / "config.json",
+        {
+            "_name_or_path": "openai/clip-vit-large-patch14",
+            "architectures": ["CLIPTextModel"],
+            "attention_dropout": 0.0,
+            "bos_token_id": 0,
+            "dropout": 0.0,
+            "eos_token_id": 2,
+            "hidden_act": config.hidden_act,
+            "hidden_size": config.hidden_size,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "intermediate_size": config.intermediate_size,
+            "layer_norm_eps": 1e-05,
+            "max_position_embeddings": config.max_position_embeddings,
+            "model_type": "clip_text_model",
+            "num_attention_heads": config.num_attention_heads,
+            "num_hidden_layers": config.num_hidden_layers,
+            "pad_token_id": 1,
+            "projection_dim": config.projection_dim,
+            "torch_dtype": "float32",
+            "transformers_version": "4.22.0.dev0",
+            "vocab_size": config.vocab_size,
+        },
+    )
     text_state = {f"text_model.{k}": v for k, v in text.state_dict().items()}  # transformers 4.22's nesting
     text_state = with_position_ids(text_state, "text_model.", config.max_position_embeddings)
-    _json(root / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0",
-                                          **_pick(pipe.tdm_unet.config, OLD_UNET_KEYS)})
-    _json(root / "vae" / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0",
-                                         **_pick(pipe.vae.config, OLD_VAE_KEYS)})
+    _json(
+        root / "unet" / "config.json",
+        {
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": "0.6.0",
+            **_pick(pipe.tdm_unet.config, OLD_UNET_KEYS),
+        },
+    )
+    _json(
+        root / "vae" / "config.json",
+        {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", **_pick(pipe.vae.config, OLD_VAE_KEYS)},
+    )
     parts = {
         "unet": ("diffusion_pytorch_model", pipe.tdm_unet.state_dict()),
         "vae": ("diffusion_pytorch_model", old_vae_state(pipe.vae)),
@@ -148,18 +221,40 @@ def _write_tokenizer(folder: Path) -> None:
         shutil.copy(Path(clip_tokenizer_dir()) / name, folder / name)
 
     def token(text):
-        return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": True, "rstrip": False,
-                "single_word": False}
+        return {
+            "__type": "AddedToken",
+            "content": text,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
 
-    _json(folder / "special_tokens_map.json", {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                                               "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
-    _json(folder / "tokenizer_config.json", {
-        "add_prefix_space": False, "bos_token": token("<|startoftext|>"), "do_lower_case": True,
-        "eos_token": token("<|endoftext|>"), "errors": "replace", "model_max_length": 77,
-        "name_or_path": "openai/clip-vit-large-patch14", "pad_token": "<|endoftext|>",
-        "special_tokens_map_file": "./special_tokens_map.json", "tokenizer_class": "CLIPTokenizer",
-        "unk_token": token("<|endoftext|>"),
-    })
+    _json(
+        folder / "special_tokens_map.json",
+        {
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+        },
+    )
+    _json(
+        folder / "tokenizer_config.json",
+        {
+            "add_prefix_space": False,
+            "bos_token": token("<|startoftext|>"),
+            "do_lower_case": True,
+            "eos_token": token("<|endoftext|>"),
+            "errors": "replace",
+            "model_max_length": 77,
+            "name_or_path": "openai/clip-vit-large-patch14",
+            "pad_token": "<|endoftext|>",
+            "special_tokens_map_file": "./special_tokens_map.json",
+            "tokenizer_class": "CLIPTokenizer",
+            "unk_token": token("<|endoftext|>"),
+        },
+    )
 
 
 def _pick(config, keys) -> dict:

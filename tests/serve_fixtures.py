@@ -1,7 +1,7 @@
 """The Serve app under test, started once per test session and shared by tests/test_serve.py and tests/test_web.py.
 
-Import the fixture into a test module (`from serve_fixtures import service`); serve.run costs ~24 s here, so
-both modules use the same running app (tiny models, real HTTP on 127.0.0.1, the session's real local Ray).
+conftest.py registers this module as a plugin, so any test may ask for `service`; serve.run costs ~24 s here, so
+every module uses the same running app (tiny models, real HTTP on 127.0.0.1, the session's real local Ray).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import io
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import free_port
+from PIL import Image
 
 MAIN_APP = "facediffuser-test"
 STEPS = 4
@@ -35,9 +34,6 @@ def generate(client: httpx.Client, reference: str, **fields) -> httpx.Response:
     return client.post("/v1/generate", json=body)
 
 
-_RUNNING: dict = {}  # the one started app: each module importing the fixture gets its own FixtureDef
-
-
 @pytest.fixture(scope="session")
 def service(ray_session, astronaut):
     from ray import serve
@@ -45,21 +41,27 @@ def service(ray_session, astronaut):
     from serving.app import start
     from serving.settings import ServeConfig
 
-    if _RUNNING:  # already started for another module of this session
-        yield _RUNNING
-        return
     config = ServeConfig(
-        tiny=True, port=free_port(), app_name=MAIN_APP, torch_threads=1,
+        tiny=True,
+        port=free_port(),
+        app_name=MAIN_APP,
+        torch_threads=1,
         # No CPU reservations: the app stays up for the whole session, and the training tests that run while
         # it is idle need the session's 2 CPUs for their workers and Ray Data (which waits for a free CPU).
-        num_cpus=0, encoder_num_cpus=0, ingress_num_cpus=0, min_replicas=1, max_replicas=1,
-        max_batch_size=4, batch_wait_timeout_s=0.25, max_ongoing_requests=8, max_queued_requests=4,
+        num_cpus=0,
+        encoder_num_cpus=0,
+        ingress_num_cpus=0,
+        min_replicas=1,
+        max_replicas=1,
+        max_batch_size=4,
+        batch_wait_timeout_s=0.25,
+        max_ongoing_requests=8,
+        max_queued_requests=4,
         health_check_period_s=2.0,
         limits={"max_steps": 8, "max_side": 128, "max_payload_bytes": 3_000_000, "max_reference_pixels": 1024 * 1024},
     )
     url = start(config)
     client = httpx.Client(base_url=url, timeout=120)
-    _RUNNING.update({"url": url, "config": config, "client": client, "reference": png_b64(astronaut)})
-    yield _RUNNING
+    yield {"url": url, "config": config, "client": client, "reference": png_b64(astronaut)}
     client.close()
     serve.delete(MAIN_APP)

@@ -84,8 +84,9 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     graph, names = {}, {}
     for module, path in files.items():
         names[module] = imported_names(path, module)
-        graph[module] = {target for name in names[module]
-                         if (target := resolve(name, module, modules)) and target != module}
+        graph[module] = {
+            target for name in names[module] if (target := resolve(name, module, modules)) and target != module
+        }
     return graph, names
 
 
@@ -104,7 +105,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -164,9 +165,13 @@ def test_the_rules_catch_each_arrow_running_up():
         "benchmarks.v": {"pipelines.train", "serving.app"},
     }
     assert broken_rules(names) == [
-        "cluster.z imports benchmarks.train", "cluster.z imports pipelines.train", "cluster.z imports serving.app",
-        "facediffuser.x imports benchmarks.serve", "facediffuser.x imports cluster.runtime",
-        "facediffuser.x imports pipelines.train", "facediffuser.x imports ray.util",
+        "cluster.z imports benchmarks.train",
+        "cluster.z imports pipelines.train",
+        "cluster.z imports serving.app",
+        "facediffuser.x imports benchmarks.serve",
+        "facediffuser.x imports cluster.runtime",
+        "facediffuser.x imports pipelines.train",
+        "facediffuser.x imports ray.util",
         "facediffuser.x imports serving.app",
         "pipelines.w imports benchmarks.train",
         "serving.y imports pipelines.stopping",
@@ -177,4 +182,9 @@ def test_relative_imports_and_function_level_imports_are_read(tmp_path):
     source = tmp_path / "mod.py"
     source.write_text("from . import sibling\nfrom ..up import thing\n\ndef f():\n    import ray\n")
     assert imported_names(source, "facediffuser.data.mod") == {
-        "facediffuser.data.sibling", "facediffuser.data", "facediffuser.up.thing", "facediffuser.up", "ray"}
+        "facediffuser.data.sibling",
+        "facediffuser.data",
+        "facediffuser.up.thing",
+        "facediffuser.up",
+        "ray",
+    }

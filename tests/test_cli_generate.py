@@ -23,10 +23,33 @@ def test_generate_writes_images_masks_and_manifest(tmp_path, astronaut):
     Image.fromarray(astronaut).save(reference)
     out = tmp_path / "out"
     run = subprocess.run(
-        [str(BIN), "generate", "--tiny", "--prompt", "a woman <|image|> on the moon", "--reference", str(reference),
-         "--out", str(out), "--steps", "8", "--num-images", "2", "--seed", "4", "--scheduler", "dpm++",
-         "--width", "96", "--height", "64"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_MININTERVAL": "0"},
+        [
+            str(BIN),
+            "generate",
+            "--tiny",
+            "--prompt",
+            "a woman <|image|> on the moon",
+            "--reference",
+            str(reference),
+            "--out",
+            str(out),
+            "--steps",
+            "8",
+            "--num-images",
+            "2",
+            "--seed",
+            "4",
+            "--scheduler",
+            "dpm++",
+            "--width",
+            "96",
+            "--height",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TQDM_MININTERVAL": "0"},
     )
     assert run.returncode == 0, run.stderr
     assert "sampling" in run.stderr  # the progress bar
@@ -57,7 +80,9 @@ def test_generate_writes_images_masks_and_manifest(tmp_path, astronaut):
 def test_generate_bad_input_is_one_line(tmp_path, astronaut, capsys, extra, message):
     reference = tmp_path / "a.png"
     Image.fromarray(astronaut).save(reference)
-    code = main(["generate", "--tiny", "--reference", str(reference), "--out", str(tmp_path / "o"), "--steps", "2", *extra])
+    code = main(
+        ["generate", "--tiny", "--reference", str(reference), "--out", str(tmp_path / "o"), "--steps", "2", *extra]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("facediffuser generate: error:") and message in err[-1]
@@ -66,8 +91,19 @@ def test_generate_bad_input_is_one_line(tmp_path, astronaut, capsys, extra, mess
 def test_generate_rejects_a_non_image_reference_before_loading_models(tmp_path, capsys):
     fake = tmp_path / "face.jpg"
     fake.write_bytes(b"\x00" * 64)
-    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a man <|image|>",
-                 "--reference", str(fake), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "missing"),
+            "--prompt",
+            "a man <|image|>",
+            "--reference",
+            str(fake),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "face.jpg: not a decodable image" in capsys.readouterr().err
 
@@ -75,8 +111,19 @@ def test_generate_rejects_a_non_image_reference_before_loading_models(tmp_path, 
 def test_generate_missing_model_directory(tmp_path, astronaut, capsys):
     reference = tmp_path / "a.png"
     Image.fromarray(astronaut).save(reference)
-    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a man <|image|>",
-                 "--reference", str(reference), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "missing"),
+            "--prompt",
+            "a man <|image|>",
+            "--reference",
+            str(reference),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "model directory not found" in capsys.readouterr().err
 
 
@@ -108,8 +155,25 @@ def test_generate_takes_a_training_run_directory(tmp_path, astronaut, capsys):
     (run / "final" / "export.json").write_text(json.dumps({"sdm": {"trained": True}, "tdm": {"trained": True}}))
     reference = tmp_path / "a.png"
     Image.fromarray(astronaut).save(reference)
-    code = main(["generate", "--model", str(run), "--prompt", "a woman <|image|> on the moon", "--reference",
-                 str(reference), "--out", str(tmp_path / "o"), "--steps", "2", "--width", "64", "--height", "64"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(run),
+            "--prompt",
+            "a woman <|image|> on the moon",
+            "--reference",
+            str(reference),
+            "--out",
+            str(tmp_path / "o"),
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ]
+    )
     assert code == 0
     assert f"--model {run}: a training run; using its final models in {run / 'final'}" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["files"]["images"]
@@ -124,15 +188,33 @@ def test_generate_several_photos_per_person_boxes_and_scales(tmp_path, astronaut
     Image.fromarray(astronaut).save(first)
     Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(mirrored)
     out = tmp_path / "out"
-    code = main(["generate", "--tiny", "--prompt", "a woman <|image|> on the moon", "--reference", f"{first},{mirrored}",
-                 "--box", "0,0,0.5,1", "--subject-scales", "0.8", "--out", str(out), "--steps", "6", "--seed", "2",
-                 "--no-identity-scores"])
+    code = main(
+        [
+            "generate",
+            "--tiny",
+            "--prompt",
+            "a woman <|image|> on the moon",
+            "--reference",
+            f"{first},{mirrored}",
+            "--box",
+            "0,0,0.5,1",
+            "--subject-scales",
+            "0.8",
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--seed",
+            "2",
+            "--no-identity-scores",
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["references"] == [[str(first.resolve()), str(mirrored.resolve())]]
     assert manifest["boxes"] == [[0.0, 0.0, 0.5, 1.0]] and manifest["subject_scales"] == [0.8]
     grid = np.asarray(Image.open(out / "fusion_masks.png"))
     steps = len(manifest["boundaries"]["fusion_steps"])
-    assert steps and all((grid[:64, c * 66 + 32: c * 66 + 64] == 0).all() for c in range(steps))
+    assert steps and all((grid[:64, c * 66 + 32 : c * 66 + 64] == 0).all() for c in range(steps))
     overlay = np.asarray(Image.open(out / manifest["files"]["overlays"][0]))
     assert tuple(overlay[64, 0]) == (40, 200, 255)  # box 1's left edge, in its colour

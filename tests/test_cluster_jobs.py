@@ -14,9 +14,9 @@ from pathlib import Path
 
 import boto3
 import pytest
+from conftest import free_port
 from PIL import Image
 
-from conftest import free_port
 from cluster.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +45,31 @@ def ray_head():
 
 
 def submit(address: str, *command: str) -> subprocess.CompletedProcess:
-    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    env_vars = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     deadline = time.time() + 360
     while True:  # the head's job agent comes up after the dashboard answers (minutes on a busy 2-core machine)
         done = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-             "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *command],
-            capture_output=True, text=True, timeout=1200, cwd=ROOT, env=TOKEN_ENV,
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps({"env_vars": env_vars}),
+                "--",
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            cwd=ROOT,
+            env=TOKEN_ENV,
         )
         if "No available agent" not in done.stderr or time.time() > deadline:
             return done
@@ -69,8 +87,18 @@ def test_preprocess_then_train_as_ray_jobs_on_s3(ray_head, s3_endpoint, astronau
         client.put_object(Bucket="lake", Key=f"raw/{name}", Body=buffer.getvalue())
     client.put_object(Bucket="lake", Key="raw/broken.jpg", Body=b"not a jpeg")
 
-    pre = submit(ray_head, "python", "-m", "pipelines.preprocess", "--input", "s3://lake/raw",
-                 "--output", "s3://lake/prepared", "--batch-size", "2")
+    pre = submit(
+        ray_head,
+        "python",
+        "-m",
+        "pipelines.preprocess",
+        "--input",
+        "s3://lake/raw",
+        "--output",
+        "s3://lake/prepared",
+        "--batch-size",
+        "2",
+    )
     assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
     assert "succeeded" in pre.stdout
     manifest = json.loads(client.get_object(Bucket="lake", Key="prepared/manifest.json")["Body"].read())
@@ -78,10 +106,33 @@ def test_preprocess_then_train_as_ray_jobs_on_s3(ray_head, s3_endpoint, astronau
     assert any(k.endswith(".parquet") for k in keys(client, "lake", "prepared/rejects/"))
     assert json.dumps(manifest).count("broken.jpg") <= 1  # the bad file is accounted for as a reject, once
 
-    train = submit(ray_head, "python", "-m", "pipelines.train", "--model", "both", "--tiny",
-                   "--data", "s3://lake/prepared/shards", "--storage", "s3://lake/runs", "--name", "job",
-                   "--max-steps", "2", "--checkpoint-every", "1", "--batch-size", "1", "--resolution", "64",
-                   "--cpus-per-worker", "0.25", "--data-cpus", "0.25")
+    train = submit(
+        ray_head,
+        "python",
+        "-m",
+        "pipelines.train",
+        "--model",
+        "both",
+        "--tiny",
+        "--data",
+        "s3://lake/prepared/shards",
+        "--storage",
+        "s3://lake/runs",
+        "--name",
+        "job",
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "64",
+        "--cpus-per-worker",
+        "0.25",
+        "--data-cpus",
+        "0.25",
+    )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     stored = keys(client, "lake", "runs/job/")
     for model in ("sdm", "tdm"):
@@ -104,14 +155,34 @@ def test_bad_s3_configuration_fails_fast_with_one_line(s3_endpoint, tmp_path):
     assert missing_bucket.stderr.strip().splitlines()[-1].startswith("facediffuser preprocess: error:")
     assert "no-such-bucket" in missing_bucket.stderr and "does not exist" in missing_bucket.stderr
 
-    unreachable = run_cli("train", "--model", "tdm", "--tiny", "--data", "s3://exists/shards", "--storage", str(tmp_path),
-                          "--name", "x", env_extra={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    unreachable = run_cli(
+        "train",
+        "--model",
+        "tdm",
+        "--tiny",
+        "--data",
+        "s3://exists/shards",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "x",
+        env_extra={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+    )
     assert unreachable.returncode == 2
     last = unreachable.stderr.strip().splitlines()[-1]
     assert last.startswith("facediffuser train: error: --data s3://exists/shards") and "reach" in last
 
-    generate = run_cli("generate", "--model", "s3://exists/no-model", "--prompt", "a man <|image|>",
-                       "--reference", str(ROOT / "facediffuser/assets/astronaut.jpg"), "--out", str(tmp_path / "o"))
+    generate = run_cli(
+        "generate",
+        "--model",
+        "s3://exists/no-model",
+        "--prompt",
+        "a man <|image|>",
+        "--reference",
+        str(ROOT / "facediffuser/assets/astronaut.jpg"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert generate.returncode == 2 and "model directory not found: s3://exists/no-model" in generate.stderr
 
 
@@ -119,14 +190,27 @@ def test_bad_s3_configuration_fails_fast_with_one_line(s3_endpoint, tmp_path):
 def test_wrong_credentials_are_refused(tmp_path):
     """moto with authentication on (INITIAL_NO_AUTH_ACTION_COUNT=0) rejects unknown keys, like real S3."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(4)
-        result = run_cli("preprocess", "--input", "s3://any/raw", "--output", str(tmp_path / "o"),
-                         env_extra={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIAWRONG",
-                                    "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1"})
+        result = run_cli(
+            "preprocess",
+            "--input",
+            "s3://any/raw",
+            "--output",
+            str(tmp_path / "o"),
+            env_extra={
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                "AWS_ACCESS_KEY_ID": "AKIAWRONG",
+                "AWS_SECRET_ACCESS_KEY": "wrong",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)

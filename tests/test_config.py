@@ -39,12 +39,15 @@ def test_flags_defaults_types_and_help_come_from_the_dataclass():
     assert Example(storage="s", data=[]).extras is not Example(storage="s", data=[]).extras  # no shared default
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "a"], "--storage"),                                       # required: no default
-    (["--storage", "s", "--data", "a", "--base", "b", "--tiny"], "not allowed with"),  # one group
-    (["--storage", "s", "--data", "a", "--precision", "fp8"], "invalid choice"),
-    (["--storage", "s", "--data", "a", "--max-steps", "many"], "invalid int value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "a"], "--storage"),  # required: no default
+        (["--storage", "s", "--data", "a", "--base", "b", "--tiny"], "not allowed with"),  # one group
+        (["--storage", "s", "--data", "a", "--precision", "fp8"], "invalid choice"),
+        (["--storage", "s", "--data", "a", "--max-steps", "many"], "invalid int value"),
+    ],
+)
 def test_bad_command_lines_name_the_flag(argv, message):
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser, Example)

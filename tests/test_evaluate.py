@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_metrics import save_random_facenet, save_tiny_clip
 
 from facediffuser import faults
 from facediffuser.cli import main
 from facediffuser.metrics.subjects import load_eval_subjects, make_tasks
 from pipelines.evaluate import EvaluateConfig
-from test_metrics import save_random_facenet, save_tiny_clip
 
 METHODS = ("snf", "sdm-only", "tdm-only", "average")
 
@@ -82,7 +82,9 @@ def forgiving_subjects(root: Path, astronaut: np.ndarray) -> Path:
 def test_subjects_need_no_noun_file_and_take_every_photo(tmp_path, astronaut):
     subjects = load_eval_subjects(forgiving_subjects(tmp_path / "subjects", astronaut))
     assert [(s.id, s.noun, s.noun_given, [Path(p).name for p in s.photos]) for s in subjects] == [
-        ("astro", "person", False, ["IMG 0001.JPEG", "side view.webp"]), ("mirror", "woman", True, ["portrait.png"])]
+        ("astro", "person", False, ["IMG 0001.JPEG", "side view.webp"]),
+        ("mirror", "woman", True, ["portrait.png"]),
+    ]
     config = EvaluateConfig(subjects="", out="", tiny=True, methods=["snf"], prompts_per_kind=1, images_per_prompt=2)
     tasks = make_tasks(subjects, config)
     assert [t["task"] for t in tasks] == list(range(len(tasks))) and len(tasks) == 2 * 4 + 4
@@ -120,9 +122,34 @@ def test_evaluate_on_ray_writes_report_grids_and_distinguishes_methods(ray_sessi
     clip = save_tiny_clip(tmp_path / "clip")
     facenet = save_random_facenet(tmp_path / "facenet.safetensors")
     out = tmp_path / "eval"
-    code = main(["evaluate", "--tiny", "--subjects", str(subjects), "--out", str(out), "--protocol", "both",
-                 "--images-per-prompt", "2", "--prompts-per-kind", "1", "--steps", "4", "--resolution", "64",
-                 "--clip", str(clip), "--facenet-weights", str(facenet), "--num-gpus", "0", "--showcase", "2"])
+    code = main(
+        [
+            "evaluate",
+            "--tiny",
+            "--subjects",
+            str(subjects),
+            "--out",
+            str(out),
+            "--protocol",
+            "both",
+            "--images-per-prompt",
+            "2",
+            "--prompts-per-kind",
+            "1",
+            "--steps",
+            "4",
+            "--resolution",
+            "64",
+            "--clip",
+            str(clip),
+            "--facenet-weights",
+            str(facenet),
+            "--num-gpus",
+            "0",
+            "--showcase",
+            "2",
+        ]
+    )
     assert code == 0
 
     # every requested image came back and was written: (2 subjects + 1 pair) × 4 prompts × 4 methods × 2
@@ -143,13 +170,19 @@ def test_evaluate_on_ray_writes_report_grids_and_distinguishes_methods(ray_sessi
             assert set(summary["by_kind"]) == {"accessory", "style", "action", "context"}
     multi = report["results"]["multi"]["snf"]
     assert 0 <= multi["missing_faces_dlib"] <= 8 and 0 <= multi["duplicates_facenet"] <= 8
-    assert all(0 <= r["identity_facenet"] <= 1 and len(json.loads(r["similarities_dlib"])) == len(r["subjects"].split("+"))
-               for r in rows)
+    assert all(
+        0 <= r["identity_facenet"] <= 1 and len(json.loads(r["similarities_dlib"])) == len(r["subjects"].split("+"))
+        for r in rows
+    )
 
     # methods start from the same seeds and differ where they should
     def pixels(protocol, method, subjects, position=0, index=0):
-        (row,) = [r for r in rows if (r["protocol"], r["method"], r["subjects"], r["prompt_position"],
-                                       r["image_index"]) == (protocol, method, subjects, position, index)]
+        (row,) = [
+            r
+            for r in rows
+            if (r["protocol"], r["method"], r["subjects"], r["prompt_position"], r["image_index"])
+            == (protocol, method, subjects, position, index)
+        ]
         return row["image_seed"], np.asarray(Image.open(out / row["file"]), dtype=np.int16)
 
     seeds = {pixels("single", m, "astro")[0] for m in METHODS} | {pixels("single", m, "mirror")[0] for m in METHODS}
@@ -178,19 +211,44 @@ def test_evaluate_on_ray_writes_report_grids_and_distinguishes_methods(ray_sessi
 
 
 @pytest.mark.slow
-def test_killed_run_continues_to_the_report_of_an_uninterrupted_one(ray_session, tmp_path, astronaut, capsys,
-                                                                     monkeypatch):
+def test_killed_run_continues_to_the_report_of_an_uninterrupted_one(
+    ray_session, tmp_path, astronaut, capsys, monkeypatch
+):
     subjects = forgiving_subjects(tmp_path / "subjects", astronaut)
 
     def evaluate(out: Path, *extra: str) -> int:
-        return main(["evaluate", "--tiny", "--subjects", str(subjects), "--out", str(out), "--protocol", "both",
-                     "--methods", "snf,tdm-only", "--prompts-per-kind", "1", "--images-per-prompt", "2",
-                     "--steps", "4", "--resolution", "64", "--showcase", "2", *extra])
+        return main(
+            [
+                "evaluate",
+                "--tiny",
+                "--subjects",
+                str(subjects),
+                "--out",
+                str(out),
+                "--protocol",
+                "both",
+                "--methods",
+                "snf,tdm-only",
+                "--prompts-per-kind",
+                "1",
+                "--images-per-prompt",
+                "2",
+                "--steps",
+                "4",
+                "--resolution",
+                "64",
+                "--showcase",
+                "2",
+                *extra,
+            ]
+        )
 
     def rows(out: Path) -> dict:
         lines = (out / "results.jsonl").read_text().splitlines()
-        return {(r["protocol"], r["method"], r["subjects"], r["prompt_position"], r["image_index"]): r
-                for r in map(json.loads, lines)}
+        return {
+            (r["protocol"], r["method"], r["subjects"], r["prompt_position"], r["image_index"]): r
+            for r in map(json.loads, lines)
+        }
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert evaluate(whole) == 0
@@ -235,12 +293,32 @@ def test_quick_preset_runs_a_small_benchmark(ray_session, tmp_path, astronaut, t
 
     subjects = forgiving_subjects(tmp_path / "subjects", astronaut)
     out = tmp_path / "quick"
-    assert main(["evaluate", "--tiny", "--quick", "--subjects", str(subjects), "--out", str(out),
-                 "--reference-mode", "face"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--tiny",
+                "--quick",
+                "--subjects",
+                str(subjects),
+                "--out",
+                str(out),
+                "--reference-mode",
+                "face",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     config = report["config"]
-    assert (config["quick"], config["steps"], config["images_per_prompt"], config["prompts_per_kind"],
-            config["max_pairs"], config["reference_mode"]) == (True, 10, 1, 2, 1, "face")
+    assert (
+        config["quick"],
+        config["steps"],
+        config["images_per_prompt"],
+        config["prompts_per_kind"],
+        config["max_pairs"],
+        config["reference_mode"],
+    ) == (True, 10, 1, 2, 1, "face")
     assert "reference mode face" in (out / "report.md").read_text()
     references = {s.id: s.reference for s in load_eval_subjects(str(subjects))}
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -27,7 +27,10 @@ def test_off_unless_named(monkeypatch):
 
 def test_the_variable_names_points_and_values(monkeypatch):
     assert faults.parse(" train.step=3, train.marker=/tmp/m ,preprocess.segment=faulty.jpg,") == {
-        "train.step": "3", "train.marker": "/tmp/m", "preprocess.segment": "faulty.jpg"}
+        "train.step": "3",
+        "train.marker": "/tmp/m",
+        "preprocess.segment": "faulty.jpg",
+    }
     monkeypatch.setenv(faults.ENV, "preprocess.segment=faulty.jpg,evaluate.stop_after=10")
     assert faults.armed("preprocess.segment") == "faulty.jpg" and faults.armed_int("evaluate.stop_after") == 10
     assert faults.armed("preprocess.detect") is None
@@ -40,13 +43,16 @@ def test_the_variable_names_points_and_values(monkeypatch):
     assert faults.forwarded_env() == {faults.ENV: "preprocess.segment=faulty.jpg,evaluate.stop_after=10"}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("train.step", "'train.step' is not point=value"),
-    ("train.step=", "'train.step=' is not point=value"),
-    ("=3", "'=3' is not point=value"),
-    ("train.steps=3", "unknown fault point 'train.steps'; the points are preprocess.STAGE, train.step"),
-    ("preprocess.=x", "unknown fault point 'preprocess.'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train.step", "'train.step' is not point=value"),
+        ("train.step=", "'train.step=' is not point=value"),
+        ("=3", "'=3' is not point=value"),
+        ("train.steps=3", "unknown fault point 'train.steps'; the points are preprocess.STAGE, train.step"),
+        ("preprocess.=x", "unknown fault point 'preprocess.'"),
+    ],
+)
 def test_a_malformed_variable_is_a_clear_error(monkeypatch, text, message):
     with pytest.raises(ValueError, match=f"^FACEDIFFUSER_FAULTS: {message}"):
         faults.parse(text)

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import submit
 
-from cluster_fixtures import gpu_cluster, submit  # noqa: F401  (gpu_cluster is a fixture)
 from facediffuser import devices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,9 @@ def names_by_id(cluster) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-photos")
-    done = subprocess.run([str(BIN / "facediffuser"), "sample-photos", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "facediffuser"), "sample-photos", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return out
 
@@ -80,9 +81,21 @@ def test_preprocess_gpu_stages_run_as_actor_pools_on_both_gpu_nodes(gpu_cluster,
     out = tmp_path_factory.mktemp("gpu-prep") / "data"
     # the test makes the GPU pool wait for both its actors before the first block, so each gets a share of
     # 12 photos (left alone, Ray Data starts them asynchronously and a fast first actor may take every block)
-    done = submit(gpu_cluster, "python", "-m", "pipelines.preprocess", "--input", str(photos), "--output", str(out),
-                  "--num-gpus-per-stage", "1", "--detector", "mtcnn",
-                  env_vars={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"})
+    done = submit(
+        gpu_cluster,
+        "python",
+        "-m",
+        "pipelines.preprocess",
+        "--input",
+        str(photos),
+        "--output",
+        str(out),
+        "--num-gpus-per-stage",
+        "1",
+        "--detector",
+        "mtcnn",
+        env_vars={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
@@ -107,15 +120,43 @@ def test_train_use_gpu_places_one_worker_per_gpu_node(gpu_cluster, tmp_path_fact
     if data is None:
         pytest.skip("needs the preprocessing test's shards")
     storage = tmp_path_factory.mktemp("gpu-runs")
-    done = submit(gpu_cluster, "python", "-m", "pipelines.train", "--model", "tdm", "--tiny", "--data", str(data),
-                  "--storage", str(storage), "--name", "gpu", "--use-gpu", "--workers", "2", "--max-steps", "2",
-                  "--checkpoint-every", "2", "--batch-size", "1", "--resolution", "64", "--cpus-per-worker", "0.5",
-                  "--data-cpus", "0.25", "--max-failures", "0")
+    done = submit(
+        gpu_cluster,
+        "python",
+        "-m",
+        "pipelines.train",
+        "--model",
+        "tdm",
+        "--tiny",
+        "--data",
+        str(data),
+        "--storage",
+        str(storage),
+        "--name",
+        "gpu",
+        "--use-gpu",
+        "--workers",
+        "2",
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "64",
+        "--cpus-per-worker",
+        "0.5",
+        "--data-cpus",
+        "0.25",
+        "--max-failures",
+        "0",
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "resources per model: 2 worker(s) × 0.5 CPU, 1 GPU" in output
     assert "DDP backend gloo" in output  # FACEDIFFUSER_CPU_UNDER_GPU=1: NCCL cannot start without CUDA
-    line = next(l for l in output.splitlines() if l.startswith("tdm: 2 worker(s) on node(s)"))
+    line = next(text for text in output.splitlines() if text.startswith("tdm: 2 worker(s) on node(s)"))
     nodes = line.split("on node(s) ")[1].split(";")[0].split(", ")
     assert sorted(nodes) == ["gpu_node_a", "gpu_node_b"], line
     assert (storage / "gpu" / "final" / "tdm" / "unet").is_dir()
@@ -124,11 +165,25 @@ def test_train_use_gpu_places_one_worker_per_gpu_node(gpu_cluster, tmp_path_fact
 @pytest.mark.slow
 def test_without_the_rehearsal_setting_a_gpu_stage_fails_with_one_line(gpu_cluster, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-fail") / "data"
-    done = submit(gpu_cluster, "python", "-m", "pipelines.preprocess", "--input", str(photos), "--output", str(out),
-                  "--num-gpus-per-stage", "1", "--detector", "mtcnn",
-                  env_vars={devices.CPU_UNDER_GPU_ENV: "0"})  # the job's setting wins over the nodes'
+    done = submit(
+        gpu_cluster,
+        "python",
+        "-m",
+        "pipelines.preprocess",
+        "--input",
+        str(photos),
+        "--output",
+        str(out),
+        "--num-gpus-per-stage",
+        "1",
+        "--detector",
+        "mtcnn",
+        env_vars={devices.CPU_UNDER_GPU_ENV: "0"},
+    )  # the job's setting wins over the nodes'
     assert done.returncode != 0
-    errors = [l for l in (done.stdout + done.stderr).splitlines() if l.startswith("facediffuser preprocess: error:")]
+    errors = [
+        text for text in (done.stdout + done.stderr).splitlines() if text.startswith("facediffuser preprocess: error:")
+    ]
     # one line (`ray job submit` may echo the job's output twice: its log stream and its failure summary)
     assert len(set(errors)) == 1, (done.stdout + done.stderr)[-3000:]
     assert devices.NO_GPU_MARK in errors[0] and "given 1 GPU" in errors[0]

@@ -26,7 +26,11 @@ def strict(schema: dict) -> dict:
 
     def walk(node):
         if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -66,8 +70,11 @@ def test_manifest_validates_against_the_crd(path):
     cluster = cluster_specs(manifest)
     assert cluster["rayVersion"] == RAY_VERSION
     assert cluster["enableInTreeAutoscaling"] is True
-    images = {c["image"] for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-              for c in group["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for c in group["template"]["spec"]["containers"]
+    }
     assert len(images) == 1 and images.pop().endswith("/facediffuser:0.1.0")
 
 
@@ -115,7 +122,9 @@ def test_entrypoints_exist_and_answer_help(path):
     entrypoint = shlex.split(yaml.safe_load(path.read_text())["spec"]["entrypoint"])
     assert entrypoint[:2] == ["python", "-m"]
     module = entrypoint[2]
-    run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert run.returncode == 0, run.stderr
     flags = [a.split("=")[0] for a in entrypoint[3:] if a.startswith("--")]
     for flag in flags:
@@ -135,7 +144,8 @@ def pod_groups(manifest: dict) -> list[tuple[str, dict]]:
     """(group name, pod spec) of the head and every worker group."""
     cluster = cluster_specs(manifest)
     return [("head", cluster["headGroupSpec"]["template"]["spec"])] + [
-        (g["groupName"], g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
+        (g["groupName"], g["template"]["spec"]) for g in cluster["workerGroupSpecs"]
+    ]
 
 
 def env_of(container: dict) -> dict:
@@ -247,8 +257,9 @@ def test_rayservice_yaml_is_generated_from_the_serve_config():
         import make_rayservice
     finally:
         sys.path.pop(0)
-    assert (ROOT / "infra/kuberay/rayservice.yaml").read_text() == make_rayservice.render(), \
+    assert (ROOT / "infra/kuberay/rayservice.yaml").read_text() == make_rayservice.render(), (
         "run python infra/kuberay/make_rayservice.py"
+    )
 
 
 DASHBOARD = ROOT / "infra" / "grafana" / "facediffuser.json"
@@ -265,8 +276,11 @@ def dashboard_series() -> set[str]:
 
 
 def _defined(name: str, known: set[str]) -> bool:
-    return name in known or any(name.endswith(s) and name[: -len(s)] in known for s in HISTOGRAM_SUFFIXES) or (
-        name.endswith("_total") and name[: -len("_total")] in known)
+    return (
+        name in known
+        or any(name.endswith(s) and name[: -len(s)] in known for s in HISTOGRAM_SUFFIXES)
+        or (name.endswith("_total") and name[: -len("_total")] in known)
+    )
 
 
 def test_the_grafana_dashboard_reads_only_series_that_exist():
@@ -282,8 +296,10 @@ def test_the_grafana_dashboard_reads_only_series_that_exist():
                 ours.add("ray_" + node.args[0].value)
     serve_source = "\n".join(p.read_text() for p in Path(__import__("ray.serve").serve.__file__).parent.rglob("*.py"))
     theirs = {"ray_" + n for n in re.findall(r'"(serve_[a-z_]+)"', serve_source)}
-    theirs |= {"ray_" + n.replace("{protocol_name}", "http")
-               for n in re.findall(r'f"(serve_[a-z_]*\{protocol_name\}[a-z_]*)"', serve_source)}
+    theirs |= {
+        "ray_" + n.replace("{protocol_name}", "http")
+        for n in re.findall(r'f"(serve_[a-z_]*\{protocol_name\}[a-z_]*)"', serve_source)
+    }
     series = dashboard_series()
     assert any(s.startswith("ray_facediffuser_") for s in series) and any(s.startswith("ray_serve_") for s in series)
     unknown = [s for s in sorted(series) if not _defined(s, ours | theirs)]

@@ -77,14 +77,17 @@ def test_scale_zero_is_the_prompt_without_the_subject_fused(tiny_pipe, refs):
     assert not torch.equal(zero.images, tiny_pipe(PROMPT2, refs, **FAST).images)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"boxes": [[0, 0, 0.5, 1.2], [0.5, 0, 1, 1]]}, "must lie in [0, 1]"),
-    ({"boxes": [[0.5, 0, 0.5, 1], [0.5, 0, 1, 1]]}, "needs x0 < x1"),
-    ({"boxes": [[0, 0, 1, 1]]}, "1 box(es) given for 2"),
-    ({"boxes": [[0, 0, 1], [0, 0, 1, 1]]}, "box 1: expected [x0, y0, x1, y1]"),
-    ({"subject_scales": [1.0, -0.1]}, "subject scale 2: must be >= 0"),
-    ({"subject_scales": [1.0]}, "1 subject scale(s) given for 2"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"boxes": [[0, 0, 0.5, 1.2], [0.5, 0, 1, 1]]}, "must lie in [0, 1]"),
+        ({"boxes": [[0.5, 0, 0.5, 1], [0.5, 0, 1, 1]]}, "needs x0 < x1"),
+        ({"boxes": [[0, 0, 1, 1]]}, "1 box(es) given for 2"),
+        ({"boxes": [[0, 0, 1], [0, 0, 1, 1]]}, "box 1: expected [x0, y0, x1, y1]"),
+        ({"subject_scales": [1.0, -0.1]}, "subject scale 2: must be >= 0"),
+        ({"subject_scales": [1.0]}, "1 subject scale(s) given for 2"),
+    ],
+)
 def test_bad_boxes_and_scales_are_clear_errors(tiny_pipe, refs, options, message):
     with pytest.raises(ValueError) as error:
         tiny_pipe(PROMPT2, refs, **options, **FAST)

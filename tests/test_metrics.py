@@ -12,13 +12,19 @@ import torch
 from PIL import Image
 
 from facediffuser.metrics.identity import (
-    DlibEmbedder, FacenetEmbedder, IdentityScorer, greedy_match, has_duplicate, identity_score,
-    identity_similarities, load_state_dict, subject_similarities,
+    DlibEmbedder,
+    FacenetEmbedder,
+    IdentityScorer,
+    greedy_match,
+    has_duplicate,
+    identity_score,
+    identity_similarities,
+    load_state_dict,
+    subject_similarities,
 )
 from facediffuser.metrics.protocol import KINDS, build_tasks, load_prompts, method_arguments
 from facediffuser.metrics.subjects import load_eval_subjects
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
-
 
 # ------------------------------------------------------------------ test models (also used by test_evaluate)
 
@@ -42,10 +48,22 @@ def save_tiny_clip(folder: Path) -> Path:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(folder)
@@ -70,7 +88,9 @@ def dlib_scorer():
 
 @pytest.fixture(scope="module")
 def facenet_scorer(tmp_path_factory):
-    return IdentityScorer(FacenetEmbedder(save_random_facenet(tmp_path_factory.mktemp("facenet") / "facenet.safetensors")))
+    return IdentityScorer(
+        FacenetEmbedder(save_random_facenet(tmp_path_factory.mktemp("facenet") / "facenet.safetensors"))
+    )
 
 
 # ------------------------------------------------------------------------------------------ real faces
@@ -229,8 +249,9 @@ def test_pipeline_returns_identity_scores_only_when_asked(tiny_pipe, astronaut):
     common = dict(num_images_per_prompt=2, seed=1, num_inference_steps=2, height=64, width=64)
     plain = tiny_pipe(f"a man {IMAGE_TOKEN} and a woman {IMAGE_TOKEN}", [reference, reference], **common)
     assert plain.identity_scores is None
-    scored = tiny_pipe(f"a man {IMAGE_TOKEN} and a woman {IMAGE_TOKEN}", [reference, reference],
-                       identity_scores=True, **common)
+    scored = tiny_pipe(
+        f"a man {IMAGE_TOKEN} and a woman {IMAGE_TOKEN}", [reference, reference], identity_scores=True, **common
+    )
     assert len(scored.identity_scores) == 2 and all(len(s) == 2 for s in scored.identity_scores)
     # tiny random models draw no faces: every subject is reported missing rather than scored
     assert scored.identity_scores == [[None, None], [None, None]]
@@ -242,9 +263,26 @@ def test_generate_writes_identity_scores_to_the_manifest(tmp_path, astronaut):
 
     reference = tmp_path / "astronaut.jpg"
     Image.fromarray(astronaut).save(reference)
-    code = main(["generate", "--tiny", "--prompt", f"a woman {IMAGE_TOKEN} on the moon", "--reference",
-                 str(reference), "--out", str(tmp_path / "out"), "--steps", "2", "--num-images", "2",
-                 "--width", "64", "--height", "64"])
+    code = main(
+        [
+            "generate",
+            "--tiny",
+            "--prompt",
+            f"a woman {IMAGE_TOKEN} on the moon",
+            "--reference",
+            str(reference),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "2",
+            "--num-images",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ]
+    )
     assert code == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["identity_scores"] == [[None], [None]]

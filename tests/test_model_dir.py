@@ -12,17 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import serve_fixtures
 
 from facediffuser import model_dir, model_loading, model_mirror
-import serve_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 service = serve_fixtures.service  # the session's running Serve app (tiny models)
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,16 @@ def saved_model(tmp_path_factory, tiny_pipe) -> Path:
     """A Face-diffuser model as training exports it: final/sdm and final/tdm, written by model_dir.save."""
     final = tmp_path_factory.mktemp("run") / "final"
     for which in model_dir.MODELS:
-        model_dir.save(final / which, which, unet=getattr(tiny_pipe, f"{which}_unet"), vae=tiny_pipe.vae,
-                       text_encoder=tiny_pipe.text_encoder, tokenizer=tiny_pipe.tokenizer,
-                       scheduler=tiny_pipe.scheduler, subject_encoder=tiny_pipe.subject_encoder)
+        model_dir.save(
+            final / which,
+            which,
+            unet=getattr(tiny_pipe, f"{which}_unet"),
+            vae=tiny_pipe.vae,
+            text_encoder=tiny_pipe.text_encoder,
+            tokenizer=tiny_pipe.tokenizer,
+            scheduler=tiny_pipe.scheduler,
+            subject_encoder=tiny_pipe.subject_encoder,
+        )
     return final
 
 
@@ -60,17 +70,36 @@ def s3_client():
 
 # ------------------------------------------------------------------------------------------ local contract
 def test_save_writes_the_layout_and_the_pipeline_method_is_the_same_writer(saved_model, tiny_pipe, tmp_path):
-    assert {p.name for p in (saved_model / "sdm").iterdir()} == {"unet", "vae", "text_encoder", "tokenizer",
-                                                                  "scheduler", "subject_encoder"}
-    assert {p.name for p in (saved_model / "tdm").iterdir()} == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert {p.name for p in (saved_model / "sdm").iterdir()} == {
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "subject_encoder",
+    }
+    assert {p.name for p in (saved_model / "tdm").iterdir()} == {
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+    }
     assert not [p for p in saved_model.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
     tiny_pipe.save_model_dir(tmp_path / "sdm", "sdm")  # FaceDiffuserPipeline's method goes through model_dir.save
     assert file_hashes(tmp_path / "sdm") == file_hashes(saved_model / "sdm")
     with pytest.raises(ValueError, match="which must be 'sdm' or 'tdm'"):
         tiny_pipe.save_model_dir(tmp_path / "x", "both")
     with pytest.raises(ValueError, match="needs its subject_encoder"):
-        model_dir.save(tmp_path / "y", "sdm", unet=tiny_pipe.sdm_unet, vae=tiny_pipe.vae, text_encoder=tiny_pipe.text_encoder,
-                       tokenizer=tiny_pipe.tokenizer, scheduler=tiny_pipe.scheduler)
+        model_dir.save(
+            tmp_path / "y",
+            "sdm",
+            unet=tiny_pipe.sdm_unet,
+            vae=tiny_pipe.vae,
+            text_encoder=tiny_pipe.text_encoder,
+            tokenizer=tiny_pipe.tokenizer,
+            scheduler=tiny_pipe.scheduler,
+        )
 
 
 def test_resolve_turns_a_run_directory_into_its_final(saved_model, capsys):
@@ -94,15 +123,19 @@ def test_identity_names_the_parts_and_its_version_follows_the_content(saved_mode
     pipe = model_loading.load_pipeline(str(saved_model))
     seen = model_loading.identity(pipe, str(saved_model))
     assert set(seen["hashes"]) == {"final/sdm", "final/tdm"} and len(seen["model_version"]) == 64
-    assert seen["model_version"] == model_dir.content_version({"sdm": seen["hashes"]["final/sdm"],
-                                                                "tdm": seen["hashes"]["final/tdm"]})
+    assert seen["model_version"] == model_dir.content_version(
+        {"sdm": seen["hashes"]["final/sdm"], "tdm": seen["hashes"]["final/tdm"]}
+    )
     copy = tmp_path / "elsewhere" / "final"
     shutil.copytree(saved_model, copy)
     assert model_loading.identity(pipe, str(copy))["model_version"] == seen["model_version"]  # content, not place
     config = copy / "tdm" / "scheduler" / "scheduler_config.json"
     config.write_text(config.read_text() + " ")
     changed = model_loading.identity(pipe, str(copy))
-    assert changed["model_version"] != seen["model_version"] and changed["hashes"]["final/sdm"] == seen["hashes"]["final/sdm"]
+    assert (
+        changed["model_version"] != seen["model_version"]
+        and changed["hashes"]["final/sdm"] == seen["hashes"]["final/sdm"]
+    )
     tiny = model_loading.identity(tiny_pipe, None)
     assert tiny["model"] == "tiny" and tiny["model_version"] == tiny["hashes"]["tiny"]
 
@@ -122,7 +155,10 @@ def test_check_key_refuses_anything_but_a_plain_relative_path(key, tmp_path):
 
 
 def test_check_key_keeps_plain_keys_inside(tmp_path):
-    assert model_mirror.check_key("sdm/unet/config.json", "s3://b/m", tmp_path) == (tmp_path / "sdm/unet/config.json").resolve()
+    assert (
+        model_mirror.check_key("sdm/unet/config.json", "s3://b/m", tmp_path)
+        == (tmp_path / "sdm/unet/config.json").resolve()
+    )
     assert model_mirror.check_key("a..b/c.json", "s3://b/m", tmp_path).name == "c.json"  # dots inside a name are fine
 
 
@@ -149,8 +185,17 @@ def test_two_processes_mirror_the_same_model_at_once(s3_endpoint, saved_model, c
     uri = upload(client, "models-race", "runs/a/final", saved_model)
     gate = tmp_path / "gate"
     gate.mkdir()
-    children = [subprocess.Popen([sys.executable, "-c", CHILD, uri, str(gate), name], cwd=ROOT, env=os.environ.copy(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("one", "two")]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, uri, str(gate), name],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("one", "two")
+    ]
     results = []
     for child in children:
         out, err = child.communicate(timeout=300)
@@ -176,7 +221,9 @@ def test_a_new_version_never_replaces_one_being_read(s3_endpoint, saved_model, c
         second = model_mirror.mirror(uri)
         assert second != first.root and second.parent == first.root.parent
         assert first.root.is_dir() and file_hashes(first.root) == before  # kept, untouched, while read
-        assert file_hashes(second)["tdm/scheduler/scheduler_config.json"] != before["tdm/scheduler/scheduler_config.json"]
+        assert (
+            file_hashes(second)["tdm/scheduler/scheduler_config.json"] != before["tdm/scheduler/scheduler_config.json"]
+        )
     (first.root.parent / ".incoming-crashed").mkdir()  # what a killed download leaves
     assert model_mirror.mirror(uri) == second
     assert not first.root.exists() and not (first.root.parent / ".incoming-crashed").exists()
@@ -197,8 +244,9 @@ def test_mirrored_and_local_copies_of_one_model_have_one_version(s3_endpoint, sa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["m/../escape.txt", "m/sdm/../../../escape.txt", "m//escape.txt"])
-def test_a_key_that_leaves_the_prefix_is_refused_before_anything_is_written(s3_endpoint, saved_model, cache, tmp_path,
-                                                                             key):
+def test_a_key_that_leaves_the_prefix_is_refused_before_anything_is_written(
+    s3_endpoint, saved_model, cache, tmp_path, key
+):
     client = s3_client()
     bucket = "hostile-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     upload(client, bucket, "m", saved_model)
@@ -236,8 +284,13 @@ def test_info_and_health_refuse_when_encoder_and_sampler_loaded_different_models
     def ingress(encoder_version: str, sampler_version: str):
         cls = FaceDiffuserAPI.func_or_class.__wrapped__  # our class, without Serve's ASGI replica wrapper
         obj = cls.__new__(cls)  # the route methods alone; no Serve replica needed
-        sampler = {"model": "m", "hashes": {"m": sampler_version}, "model_version": sampler_version,
-                   "default_size": 64, "batches_served": 0}
+        sampler = {
+            "model": "m",
+            "hashes": {"m": sampler_version},
+            "model_version": sampler_version,
+            "default_size": 64,
+            "batches_served": 0,
+        }
         obj.encoder = _Handle(ready={"hits": 0}, model={"model": "m", "model_version": encoder_version})
         obj.sampler = _Handle(ready=sampler)
         obj.config, obj.token, obj.limits = ServeConfig(tiny=True), None, Limits()

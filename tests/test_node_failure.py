@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from cluster_fixtures import submit
+
 from cluster.local import LocalCluster, NodeSpec
 
 BIN = Path(sys.executable).parent
@@ -93,8 +93,9 @@ def test_sweep_leaves_only_the_counted_shard_files(tmp_path):
 def photos(tmp_path_factory):
     """48 photos: the 12 of `facediffuser sample-photos`, four times under other names (ids are relative paths)."""
     one = tmp_path_factory.mktemp("one")
-    done = subprocess.run([str(BIN / "facediffuser"), "sample-photos", "--out", str(one)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "facediffuser"), "sample-photos", "--out", str(one)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     out = tmp_path_factory.mktemp("photos")
     for copy in range(4):
@@ -109,11 +110,31 @@ def test_preprocess_node_dies_mid_run_every_input_once(cluster, photos, tmp_path
     shards = out / "shards"
     result: dict = {}
     # two rows per block: 24 blocks over the five CPUs of the cluster, one shard file each
-    thread = job(cluster, ["python", "-m", "pipelines.preprocess", "--input", str(photos), "--output", str(out),
-                           "--rows-per-shard", "2", "--batch-size", "2"], result)
+    thread = job(
+        cluster,
+        [
+            "python",
+            "-m",
+            "pipelines.preprocess",
+            "--input",
+            str(photos),
+            "--output",
+            str(out),
+            "--rows-per-shard",
+            "2",
+            "--batch-size",
+            "2",
+        ],
+        result,
+    )
     try:
-        wait_until(lambda: shards.is_dir() and any(p.suffix == ".parquet" for p in shards.iterdir()),
-                   "the first shard file", 600, thread, result)
+        wait_until(
+            lambda: shards.is_dir() and any(p.suffix == ".parquet" for p in shards.iterdir()),
+            "the first shard file",
+            600,
+            thread,
+            result,
+        )
         cluster.kill_node("gpu_node_a")
         killed = time.monotonic()
     finally:
@@ -151,17 +172,52 @@ def test_train_node_dies_run_resumes_from_last_checkpoint_and_finishes(cluster, 
     every, steps = 2, 16
     run_dir = storage / "nf" / "tdm"
     result: dict = {}
-    thread = job(cluster, ["python", "-m", "pipelines.train", "--model", "tdm", "--tiny", "--data", str(data),
-                           "--storage", str(storage), "--name", "nf", "--use-gpu", "--workers", "2",
-                           "--max-steps", str(steps), "--checkpoint-every", str(every), "--batch-size", "1",
-                           "--resolution", "64", "--cpus-per-worker", "0.5", "--data-cpus", "0.25",
-                           "--max-failures", "1"], result)
+    thread = job(
+        cluster,
+        [
+            "python",
+            "-m",
+            "pipelines.train",
+            "--model",
+            "tdm",
+            "--tiny",
+            "--data",
+            str(data),
+            "--storage",
+            str(storage),
+            "--name",
+            "nf",
+            "--use-gpu",
+            "--workers",
+            "2",
+            "--max-steps",
+            str(steps),
+            "--checkpoint-every",
+            str(every),
+            "--batch-size",
+            "1",
+            "--resolution",
+            "64",
+            "--cpus-per-worker",
+            "0.5",
+            "--data-cpus",
+            "0.25",
+            "--max-failures",
+            "1",
+        ],
+        result,
+    )
     try:
         # where a worker runs is asked first (the state API takes seconds here), so the kill follows the checkpoint
         nodes: list = []
         wait_until(lambda: nodes.extend(worker_nodes(cluster)) or nodes, "the train workers", 900, thread, result)
-        wait_until(lambda: run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()),
-                   "the first checkpoint", 900, thread, result)
+        wait_until(
+            lambda: run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()),
+            "the first checkpoint",
+            900,
+            thread,
+            result,
+        )
         checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
         before = int(checkpoints[-1].split("_")[1])
         # Ray Train's controller registers a reported checkpoint at its next poll (every 2 s): a node lost before
@@ -174,8 +230,11 @@ def test_train_node_dies_run_resumes_from_last_checkpoint_and_finishes(cluster, 
     done = result["done"]
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    resumed = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines()
-               if "tdm: resuming from the checkpoint at step" in line]
+    resumed = [
+        int(line.rsplit(" ", 1)[1])
+        for line in output.splitlines()
+        if "tdm: resuming from the checkpoint at step" in line
+    ]
     # from the last checkpoint (at least the one seen on disk when the node died): at most `every` steps lost
     assert resumed and resumed[0] >= before and resumed[0] % every == 0 and resumed[0] < steps, output[-4000:]
     assert "restarts 1" in output, output[-3000:]
@@ -184,7 +243,7 @@ def test_train_node_dies_run_resumes_from_last_checkpoint_and_finishes(cluster, 
     assert [int(float(r["step"])) for r in rows] == list(range(1, steps + 1)), "a step missing or repeated"
     # the steps after the checkpoint the run resumed from were done again by the restarted attempt
     assert {int(float(r["attempt"])) for r in rows if int(float(r["step"])) > resumed[0]} == {1}
-    line = next(l for l in output.splitlines() if l.startswith("tdm: 2 worker(s) on node(s)"))
+    line = next(text for text in output.splitlines() if text.startswith("tdm: 2 worker(s) on node(s)"))
     assert victim not in line, line  # the restarted group ran on the nodes left
     assert (storage / "nf" / "final" / "tdm" / "unet").is_dir()
     print(f"killed {victim} after checkpoint {before}; resumed from {resumed[0]}; {line}")
@@ -194,10 +253,27 @@ def test_train_node_dies_run_resumes_from_last_checkpoint_and_finishes(cluster, 
 def worker_nodes(cluster: LocalCluster) -> list[str]:
     """The names of the nodes running a Ray Train worker (a RayTrainWorker actor)."""
     names = {node_id: name for name, node_id in cluster.node_ids().items()}
-    done = cluster._ray("list", "actors", "--address", cluster.dashboard_url, "--format", "json", "--detail",
-                        "--filter", "state=ALIVE", "--limit", "1000")
-    return sorted({names.get(a["node_id"]) for a in json.loads(done.stdout or "[]")
-                   if "RayTrainWorker" in (a.get("class_name") or "")} - {None, "head"})
+    done = cluster._ray(
+        "list",
+        "actors",
+        "--address",
+        cluster.dashboard_url,
+        "--format",
+        "json",
+        "--detail",
+        "--filter",
+        "state=ALIVE",
+        "--limit",
+        "1000",
+    )
+    return sorted(
+        {
+            names.get(a["node_id"])
+            for a in json.loads(done.stdout or "[]")
+            if "RayTrainWorker" in (a.get("class_name") or "")
+        }
+        - {None, "head"}
+    )
 
 
 # ----------------------------------------------------------------------------------------------- serve
@@ -207,8 +283,16 @@ def worker_nodes(cluster: LocalCluster) -> list[str]:
 def test_serve_sampler_node_dies_under_load_503_with_retry_after_and_replica_back(cluster, tmp_path):
     from benchmarks.node_failure import node_failure, table
 
-    figures = node_failure(cluster, tmp_path, concurrency=4, kill_after_s=10, after_s=8, request_timeout_s=120,
-                           recovery_limit_s=240, log=print)
+    figures = node_failure(
+        cluster,
+        tmp_path,
+        concurrency=4,
+        kill_after_s=10,
+        after_s=8,
+        request_timeout_s=120,
+        recovery_limit_s=240,
+        log=print,
+    )
     answers = figures.pop("answers")
     serve_output = figures.pop("serve_output")
     print(table(figures))

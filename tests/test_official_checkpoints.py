@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from official_env import official_state_dict, write_checkpoint, write_hub_sd15
 from PIL import Image
 
 from facediffuser.cli import main as cli_main
 from facediffuser.models.tiny import tiny_pipeline
 from facediffuser.pipeline import FaceDiffuserPipeline
 from facediffuser.training.checkpoint import load_components
-from official_env import official_state_dict, write_checkpoint, write_hub_sd15
 
 FAST = dict(num_inference_steps=4, height=64, width=64)
 
@@ -42,10 +42,12 @@ def assert_same_weights(module, reference, cast=None):
         assert torch.equal(own[key].float(), expected.float()), key
 
 
-@pytest.mark.parametrize("suffix, dtype", [(".bin", None), (".safetensors", None), (".bin", torch.float16),
-                                           (".safetensors", torch.bfloat16)])
-def test_released_checkpoints_load_as_the_official_environment_wrote_them(tmp_path, source, base_pipe, hub_base,
-                                                                          astronaut, suffix, dtype):
+@pytest.mark.parametrize(
+    "suffix, dtype", [(".bin", None), (".safetensors", None), (".bin", torch.float16), (".safetensors", torch.bfloat16)]
+)
+def test_released_checkpoints_load_as_the_official_environment_wrote_them(
+    tmp_path, source, base_pipe, hub_base, astronaut, suffix, dtype
+):
     """Trained parts fp32, frozen ones bf16, CLIP position ids as persistent buffers, old VAE names, the whole
     training wrapper in the file; or the same converted to safetensors and/or fp16/bf16."""
     sdm = write_checkpoint(official_state_dict(source, "sdm", dtype=dtype), tmp_path / f"sdm{suffix}")
@@ -65,8 +67,9 @@ def test_checkpoint_directories_and_half_precision_loading(tmp_path, source, hub
     """A checkpoint given as its accelerate folder (pytorch_model.bin inside); the pipeline built in fp16."""
     for which in ("sdm", "tdm"):
         write_checkpoint(official_state_dict(source, which), tmp_path / which / "pytorch_model.bin")
-    imported = FaceDiffuserPipeline.from_official_checkpoints(hub_base, tmp_path / "sdm", tmp_path / "tdm",
-                                                              vision_config=vision(source), torch_dtype=torch.float16)
+    imported = FaceDiffuserPipeline.from_official_checkpoints(
+        hub_base, tmp_path / "sdm", tmp_path / "tdm", vision_config=vision(source), torch_dtype=torch.float16
+    )
     assert {p.dtype for p in imported.sdm_unet.parameters()} == {torch.float16}
     assert {p.dtype for p in imported.subject_encoder.parameters()} == {torch.float16}
     assert_same_weights(imported.tdm_unet, source.tdm_unet, cast=torch.float16)
@@ -81,8 +84,9 @@ def test_other_architectures_and_unsafe_files_are_refused(tmp_path, source, hub_
     sdm = write_checkpoint(official_state_dict(source, "sdm"), tmp_path / "sdm.bin")
 
     def load(sdm_path, tdm_path=good, config=None):
-        return FaceDiffuserPipeline.from_official_checkpoints(hub_base, sdm_path, tdm_path,
-                                                              vision_config=config or vision(source))
+        return FaceDiffuserPipeline.from_official_checkpoints(
+            hub_base, sdm_path, tdm_path, vision_config=config or vision(source)
+        )
 
     torch.save({"unet.x": NotATensor()}, tmp_path / "evil.bin")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
@@ -102,7 +106,8 @@ def test_other_architectures_and_unsafe_files_are_refused(tmp_path, source, hub_
     # position ids that are not what the buffer holds, and an unknown extra key, are both refused
     state = official_state_dict(source, "sdm")
     state["image_encoder.vision_model.embeddings.position_ids"] = state[
-        "image_encoder.vision_model.embeddings.position_ids"].flip(-1)
+        "image_encoder.vision_model.embeddings.position_ids"
+    ].flip(-1)
     with pytest.raises(ValueError, match="position_ids"):
         load(write_checkpoint(state, tmp_path / "shuffled.bin"))
     state = official_state_dict(source, "sdm")
@@ -127,8 +132,9 @@ def test_hub_sd15_directories_as_base(tmp_path, source, base_pipe, weights):
     sdm = write_checkpoint(official_state_dict(source, "sdm"), tmp_path / "sdm.bin")
     tdm = write_checkpoint(official_state_dict(source, "tdm"), tmp_path / "tdm.bin")
     only_fp16 = write_hub_sd15(tmp_path / "fp16", base_pipe, weights=weights, plain=False, fp16_variant=True)
-    imported = FaceDiffuserPipeline.from_official_checkpoints(only_fp16, sdm, tdm, vision_config=vision(source),
-                                                              variant="fp16")
+    imported = FaceDiffuserPipeline.from_official_checkpoints(
+        only_fp16, sdm, tdm, vision_config=vision(source), variant="fp16"
+    )
     assert_same_weights(imported.text_encoder, base_pipe.text_encoder, cast=torch.float16)
     assert_same_weights(imported.vae, base_pipe.vae, cast=torch.float16)
     assert {p.dtype for p in imported.vae.parameters()} == {torch.float32}
@@ -151,8 +157,22 @@ def test_import_official_command_writes_a_model_directory(tmp_path, capsys, sour
     sdm = write_checkpoint(official_state_dict(source, "sdm"), tmp_path / "sdm.bin")
     tdm = write_checkpoint(official_state_dict(source, "tdm"), tmp_path / "tdm.safetensors")
     # the default vision tower is ViT-L/14, which does not fit a tiny base's text width: refused, saying why
-    assert cli_main(["import-official", "--base", str(hub_base), "--sdm", str(sdm), "--tdm", str(tdm),
-                     "--out", str(tmp_path / "model")]) == 2
+    assert (
+        cli_main(
+            [
+                "import-official",
+                "--base",
+                str(hub_base),
+                "--sdm",
+                str(sdm),
+                "--tdm",
+                str(tdm),
+                "--out",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 2
+    )
     assert "error: CLIP projection_dim 768 must equal the text width 32" in capsys.readouterr().err
     for args, message in [
         (["--sdm", str(tmp_path / "missing.bin"), "--tdm", str(tdm)], "--sdm: checkpoint not found"),
@@ -163,8 +183,22 @@ def test_import_official_command_writes_a_model_directory(tmp_path, capsys, sour
         assert message in err and len(err.strip().splitlines()) == 1, err
     # generate refuses a Stable Diffusion directory as --model, saying what to do with it
     Image.fromarray(astronaut).save(tmp_path / "face.png")
-    assert cli_main(["generate", "--model", str(hub_base), "--prompt", "a man <|image|>",
-                     "--reference", str(tmp_path / "face.png"), "--out", str(tmp_path / "g")]) == 2
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--model",
+                str(hub_base),
+                "--prompt",
+                "a man <|image|>",
+                "--reference",
+                str(tmp_path / "face.png"),
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     assert "is a Stable Diffusion directory" in capsys.readouterr().err
 
 
@@ -176,14 +210,36 @@ def test_import_official_round_trip_through_generate(tmp_path, monkeypatch, sour
     tdm = write_checkpoint(official_state_dict(source, "tdm"), tmp_path / "tdm.bin")
     monkeypatch.setattr(official, "CLIP_VIT_L14", vision(source))  # tiny vision tower in place of ViT-L/14
     out = tmp_path / "model"
-    assert cli_main(["import-official", "--base", str(hub_base), "--sdm", str(sdm), "--tdm", str(tdm),
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(["import-official", "--base", str(hub_base), "--sdm", str(sdm), "--tdm", str(tdm), "--out", str(out)])
+        == 0
+    )
     loaded = FaceDiffuserPipeline.from_sdm_and_tdm(out / "sdm", out / "tdm")
     assert_same_weights(loaded.sdm_unet, source.sdm_unet)
     assert_same_weights(loaded.subject_encoder, source.subject_encoder)
     assert not list(out.rglob("*.bin")), "the imported model is written in safetensors"
     photo = tmp_path / "face.png"
     Image.fromarray(astronaut).save(photo)
-    assert cli_main(["generate", "--model", str(out), "--prompt", "a man <|image|> on the moon", "--reference",
-                     str(photo), "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "g")]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--prompt",
+                "a man <|image|> on the moon",
+                "--reference",
+                str(photo),
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "g" / "image_0.png").is_file()

@@ -31,8 +31,10 @@ def tile(photo: np.ndarray, count: int) -> np.ndarray:
 
 def expected_faces(count: int) -> list[tuple[int, int, int, int]]:
     x1, y1, x2, y2 = ASTRONAUT_FACE
-    return [(x1 + 512 * i, y1, x2 + 512 * i, y2) if i % 2 == 0 else (512 * i + 512 - x2, y1, 512 * i + 512 - x1, y2)
-            for i in range(count)]
+    return [
+        (x1 + 512 * i, y1, x2 + 512 * i, y2) if i % 2 == 0 else (512 * i + 512 - x2, y1, 512 * i + 512 - x1, y2)
+        for i in range(count)
+    ]
 
 
 def center_inside(box, target, slack=10) -> bool:
@@ -142,8 +144,10 @@ def _malformed_samples(root, photo: np.ndarray) -> dict[str, str]:
         "00010": ([{k: v for k, v in right.items() if k != "end"}, left], "person segment 0 has no end"),
         "00011": ([{**right, "end": "17"}, left], "segment 3: end '17' does not follow a word"),
         "00012": ([{**right, "id": [3]}, left], "person segment 0: id [3] is not an integer"),
-        "00013": ([{**right, "bbox": [520, 40, 1990, 512]}, left],
-                  "segment 3: bbox [520, 40, 1990, 512] is empty or outside the 1000x512 image"),
+        "00013": (
+            [{**right, "bbox": [520, 40, 1990, 512]}, left],
+            "segment 3: bbox [520, 40, 1990, 512] is empty or outside the 1000x512 image",
+        ),
         "00014": ([{**right, "bbox": [520, 40, 990]}, left], "segment 3: bbox [520, 40, 990] is not [x1, y1, x2, y2]"),
         "00015": ("{not json", "json is not valid JSON"),
         "00016": (["person", left], "segment 0 is a str, expected an object"),
@@ -164,8 +168,9 @@ def _malformed_samples(root, photo: np.ndarray) -> dict[str, str]:
 
 def test_fastcomposer_conversion(tmp_path, astronaut):
     _fastcomposer_tree(tmp_path, astronaut)
-    config = preprocess_config.PreprocessConfig(input=str(tmp_path), output=str(tmp_path / "out"), source="fastcomposer",
-                                     resolution=256)
+    config = preprocess_config.PreprocessConfig(
+        input=str(tmp_path), output=str(tmp_path / "out"), source="fastcomposer", resolution=256
+    )
     items = [convert_stage(item, config) for item in list_fastcomposer_items(str(tmp_path))]
     assert [i["id"] for i in items] == ["00001", "00002", "00003"]
     assert items[1]["stage"] == "read" and "00002.npy" in items[1]["reason"]
@@ -222,27 +227,34 @@ def test_a_stage_raising_on_one_image_rejects_that_image(tmp_path, astronaut, me
 
     monkeypatch.setenv(faults.ENV, "preprocess.detect=mirror.jpg")
     done = {i["id"]: i for i in stages.process_locally(items, config, detector, segment, caption, progress=False)}
-    expected = {"line.png": ("detect", "no face found"),
-                "mirror.jpg": ("detect", "raised InjectedFault: injected test fault at preprocess.detect=mirror.jpg"),
-                "two.jpg": ("segment", "raised ValueError: segmentation backend failed"),
-                "small.jpg": ("caption", "raised RuntimeError: captioner: input too small")}
+    expected = {
+        "line.png": ("detect", "no face found"),
+        "mirror.jpg": ("detect", "raised InjectedFault: injected test fault at preprocess.detect=mirror.jpg"),
+        "two.jpg": ("segment", "raised ValueError: segmentation backend failed"),
+        "small.jpg": ("caption", "raised RuntimeError: captioner: input too small"),
+    }
     for name, (stage, reason) in expected.items():
         assert done[name]["stage"] == stage and done[name]["reason"].startswith(reason), done[name]
         assert "\n" not in done[name]["reason"]
     assert done["one.jpg"]["stage"] is None and done["one.jpg"]["caption"] == "a photo of a man"
-    assert work_items.shard_table(list(done.values())).num_rows == 1 and work_items.reject_table(list(done.values())).num_rows == 4
+    assert (
+        work_items.shard_table(list(done.values())).num_rows == 1
+        and work_items.reject_table(list(done.values())).num_rows == 4
+    )
 
     def broken(image):
         raise OSError("CUDA error: device lost")
 
     guard = stages.StageGuard(limit=3)
-    item = stages.apply_stages(work_items.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
-                               guard=guard)
+    item = stages.apply_stages(
+        work_items.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken, guard=guard
+    )
     assert item["stage"] == "detect" and item["reason"] == "raised OSError: CUDA error: device lost"
     with pytest.raises(stages.StageError, match="stage detect raised on 3 items in a row"):
         for _ in range(2):
-            stages.apply_stages(work_items.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken,
-                                guard=guard)
+            stages.apply_stages(
+                work_items.new_item("one.jpg", str(tmp_path / "one.jpg")), config, detector=broken, guard=guard
+            )
 
     def out_of_memory(image):
         raise MemoryError("no memory left")
@@ -252,9 +264,24 @@ def test_a_stage_raising_on_one_image_rejects_that_image(tmp_path, astronaut, me
 
 
 def test_rows_that_do_not_fit_the_schema_are_rejects_of_their_stage(astronaut):
-    good = {**work_items.new_item("good", "good.jpg"), "image": b"x", "width": 1, "height": 1, "caption": "a man",
-            "subjects": [{"face_box": [0, 0, 1, 1], "score": 1.0, "person_box": [0, 0, 1, 1], "mask_png": b"m",
-                          "face_mask_png": None, "noun": "man", "noun_end": 5}]}
+    good = {
+        **work_items.new_item("good", "good.jpg"),
+        "image": b"x",
+        "width": 1,
+        "height": 1,
+        "caption": "a man",
+        "subjects": [
+            {
+                "face_box": [0, 0, 1, 1],
+                "score": 1.0,
+                "person_box": [0, 0, 1, 1],
+                "mask_png": b"m",
+                "face_mask_png": None,
+                "noun": "man",
+                "noun_end": 5,
+            }
+        ],
+    }
     odd = {**good, "id": "odd", "caption": ["not", "text"]}  # a model returned a list
     three = {**good, "id": "three", "subjects": [{**good["subjects"][0], "person_box": [0, 0, 1]}]}
     table = work_items.checked_work_table([good, odd, three], "caption")
@@ -275,9 +302,9 @@ def test_a_run_removes_the_manifest_first_and_writes_it_last(tmp_path):
     import pyarrow.parquet as pq
 
     from facediffuser.data import output_dir
+    from facediffuser.data.resume import OUTPUT_SETTINGS, previous_work
     from facediffuser.data.schema import to_table
     from facediffuser.training.sample_rows import sample_records
-    from facediffuser.data.resume import OUTPUT_SETTINGS, previous_work
 
     (tmp_path / "in").mkdir()
     out = tmp_path / "out"
@@ -306,7 +333,8 @@ def test_unusual_images_decode_and_bad_ones_are_rejected_with_reasons(astronaut)
     config = preprocess_config.PreprocessConfig(input="-", output="-", resolution=256, max_pixels=600 * 600)
 
     def read(data: bytes, name="x.png"):
-        import tempfile, os
+        import os
+        import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, name)
@@ -345,8 +373,10 @@ def test_cli_rejects_wrong_input_or_output_in_one_line_before_work(tmp_path, cap
         (["--input", str(a_file), "--output", str(tmp_path / "o")], "is a file"),
         (["--input", str(images), "--output", str(a_file)], "is an existing file"),
         (["--input", str(tmp_path / "o"), "--output", str(tmp_path / "o2")], "no such directory"),
-        (["--input", str(images), "--output", str(tmp_path / "o"), "--captioner", str(tmp_path / "nomodel")],
-         "--captioner"),
+        (
+            ["--input", str(images), "--output", str(tmp_path / "o"), "--captioner", str(tmp_path / "nomodel")],
+            "--captioner",
+        ),
         (["--input", str(images), "--output", str(tmp_path / "o"), "--max-subjects", "0"], "--max-subjects"),
         (["--input", "http://example.com/x", "--output", str(tmp_path / "o")], "only local paths and s3://"),
     ]
@@ -361,9 +391,21 @@ def test_cli_rejects_wrong_input_or_output_in_one_line_before_work(tmp_path, cap
     import sys
     from pathlib import Path
 
-    result = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--input", str(tmp_path / "missing"),
-                             "--output", str(tmp_path / "o")], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.preprocess",
+            "--input",
+            str(tmp_path / "missing"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("facediffuser preprocess: error: --input")
 
@@ -372,18 +414,35 @@ def test_cli_rejects_wrong_input_or_output_in_one_line_before_work(tmp_path, cap
 def test_model_captioner_loads_from_a_directory(tmp_path, astronaut):
     """A tiny random BLIP saved to disk (no downloads): the path the real BLIP takes, end to end."""
     import torch
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     from facediffuser.data.captions import check_captioner, make_captioner
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "man", "woman", "beach"]
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                              tokenizer=BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}))
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}),
+    )
     layers = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, hidden_size=32)
-    config = BlipConfig(text_config=dict(vocab_size=len(vocab), encoder_hidden_size=32, bos_token_id=2,
-                                         sep_token_id=3, pad_token_id=0, eos_token_id=3, **layers),
-                        vision_config=dict(image_size=32, patch_size=8, projection_dim=32, **layers), projection_dim=32)
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            encoder_hidden_size=32,
+            bos_token_id=2,
+            sep_token_id=3,
+            pad_token_id=0,
+            eos_token_id=3,
+            **layers,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, projection_dim=32, **layers),
+        projection_dim=32,
+    )
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(tmp_path / "blip")
     processor.save_pretrained(tmp_path / "blip")
@@ -392,8 +451,11 @@ def test_model_captioner_loads_from_a_directory(tmp_path, astronaut):
     captioner = make_captioner(str(tmp_path / "blip"))
     with torch.no_grad():  # make the loaded random decoder say "man" every time, so the caption is known
         captioner.model.text_decoder.cls.predictions.decoder.bias[vocab.index("man")] = 1e4
-    item = {**work_items.new_item("a.jpg", "a.jpg"), "image": stages.encode_jpeg(Image.fromarray(astronaut)),
-            "subjects": [{"face_box": [0, 0, 1, 1], "score": 1.0}]}
+    item = {
+        **work_items.new_item("a.jpg", "a.jpg"),
+        "image": stages.encode_jpeg(Image.fromarray(astronaut)),
+        "subjects": [{"face_box": [0, 0, 1, 1], "score": 1.0}],
+    }
     captioned = stages.caption_stage(item, captioner)
     words = captioned["caption"].split()
     assert words and set(words) == {"man"}

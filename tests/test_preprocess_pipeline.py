@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_preprocess_library import _fastcomposer_tree, _malformed_samples, center_inside, expected_faces, tile
 
 from facediffuser import faults
 from facediffuser.data import io as dataio
 from facediffuser.data.schema import REJECT_SCHEMA, Record, check_schema, decode_mask, to_table
-from test_preprocess_library import _fastcomposer_tree, _malformed_samples, center_inside, expected_faces, tile
 
 pytestmark = pytest.mark.slow
 
@@ -95,14 +95,20 @@ EXPECTED_REJECTS = {
 
 
 def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch):
+    from facediffuser.data.preprocess_config import PreprocessConfig
     from pipelines.preprocess import preprocess
     from pipelines.train_inputs import resolve_data
-    from facediffuser.data.preprocess_config import PreprocessConfig
 
     monkeypatch.setenv(faults.ENV, "preprocess.segment=faulty.jpg")  # reaches the Ray workers through the runtime env
     output = tmp_path / "out"
-    config = PreprocessConfig(input=str(photo_dir), output=str(output), max_pixels=2_000_000, batch_size=4,
-                              workers_per_stage=1, rows_per_shard=5)
+    config = PreprocessConfig(
+        input=str(photo_dir),
+        output=str(output),
+        max_pixels=2_000_000,
+        batch_size=4,
+        workers_per_stage=1,
+        rows_per_shard=5,
+    )
     manifest = preprocess(config)
 
     records, schemas = _shard_records(str(output))
@@ -118,8 +124,16 @@ def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch)
     assert len(schemas) >= 2  # 8 rows, at most 5 per shard file (checked below)
 
     by_id = {r.id: r for r in records}
-    assert set(by_id) == {"one.jpg", "two.jpg", "sub/three.png", "grey.jpg", "cmyk.jpg", "alpha.png",
-                          "deep16.png", "rotated.jpg"}
+    assert set(by_id) == {
+        "one.jpg",
+        "two.jpg",
+        "sub/three.png",
+        "grey.jpg",
+        "cmyk.jpg",
+        "alpha.png",
+        "deep16.png",
+        "rotated.jpg",
+    }
     for name, count in (("one.jpg", 1), ("two.jpg", 2), ("sub/three.png", 3)):
         record = by_id[name]
         assert record.source == str(photo_dir / name)
@@ -146,8 +160,13 @@ def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch)
 
     counts = manifest["counts"]
     assert counts["input"] == len(inputs) == counts["written"] + counts["rejected"]
-    assert (counts["written"], counts["decode"]["rejected"], counts["detect"]["rejected"],
-            counts["segment"]["rejected"], counts["link"]["rejected"]) == (8, 4, 3, 1, 1)
+    assert (
+        counts["written"],
+        counts["decode"]["rejected"],
+        counts["detect"]["rejected"],
+        counts["segment"]["rejected"],
+        counts["link"]["rejected"],
+    ) == (8, 4, 3, 1, 1)
     # operators see the progress at Ray's metrics endpoint (pipelines/progress_metrics.py)
     from conftest import scrape_metrics
 
@@ -193,12 +212,26 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
     for path in sorted((tmp_path / "tree").rglob("*.*")):
         s3.upload_file(str(path), "faces", f"ffhq/{path.relative_to(tmp_path / 'tree').as_posix()}")
     for suffix in ("json", "npy"):  # a sample whose jpg cannot be read back (archived to Glacier)
-        s3.copy_object(Bucket="faces", Key=f"ffhq/00000/00004.{suffix}",
-                       CopySource={"Bucket": "faces", "Key": f"ffhq/00000/00001.{suffix}"})
+        s3.copy_object(
+            Bucket="faces",
+            Key=f"ffhq/00000/00004.{suffix}",
+            CopySource={"Bucket": "faces", "Key": f"ffhq/00000/00001.{suffix}"},
+        )
     s3.put_object(Bucket="faces", Key="ffhq/00000/00004.jpg", Body=b"x", StorageClass="GLACIER")
 
-    arguments = ["preprocess", "--source", "fastcomposer", "--input", "s3://faces/ffhq", "--output",
-                 "s3://faces/out", "--resolution", "256", "--batch-size", "2"]
+    arguments = [
+        "preprocess",
+        "--source",
+        "fastcomposer",
+        "--input",
+        "s3://faces/ffhq",
+        "--output",
+        "s3://faces/out",
+        "--resolution",
+        "256",
+        "--batch-size",
+        "2",
+    ]
     for attempt in range(2):  # a rerun over the same input and output must not duplicate rows
         assert main(arguments) == 0
         records, _ = _shard_records("s3://faces/out")
@@ -222,16 +255,22 @@ def test_fastcomposer_tree_on_s3_via_cli_twice(ray_session, s3_endpoint, tmp_pat
     assert sum(key.endswith(".parquet") for key in keys) == 2  # one shard file + the rejects file
 
 
-@pytest.mark.parametrize("cluster_cpus, gpus, config", [
-    (1, 0, {}), (2, 0, {}), (16, 0, {}), (2, 0, {"workers_per_stage": 3}),
-    (8, 2, {"detector": "mtcnn", "num_gpus_per_stage": 1}),
-])
+@pytest.mark.parametrize(
+    "cluster_cpus, gpus, config",
+    [
+        (1, 0, {}),
+        (2, 0, {}),
+        (16, 0, {}),
+        (2, 0, {"workers_per_stage": 3}),
+        (8, 2, {"detector": "mtcnn", "num_gpus_per_stage": 1}),
+    ],
+)
 def test_the_stage_pools_fit_the_cluster(cluster_cpus, gpus, config):
     """The pools hold their CPUs for the whole run and the last one writes the shards itself: together they fit
     the cluster (more would leave a worker unscheduled) and, by default, a CPU-only run has one task per CPU
     with a whole CPU each (nothing kept back for write tasks that no longer exist)."""
-    from pipelines.preprocess_plan import block_rows, plan_stages
     from facediffuser.data.preprocess_config import PreprocessConfig
+    from pipelines.preprocess_plan import block_rows, plan_stages
 
     plans = plan_stages(PreprocessConfig(input="in", output="out", **config), cluster_cpus, gpus)
     assert sum(plan.workers * plan.num_cpus for plan in plans) <= cluster_cpus + 1e-9
@@ -250,10 +289,10 @@ def test_split_pools_hand_rows_on_and_the_last_one_writes(photo_dir, tmp_path):
     """The layout with several pools (what `--num-gpus-per-stage` gives), its actor classes called in order
     without Ray: a first pool's work rows feed the last pool, which writes one shard file per call and returns
     every row's status; a rerun of the same block rewrites its file instead of adding one."""
-    from pipelines.preprocess_workers import RunStages, ShardWriter
     from facediffuser.data.preprocess_config import PreprocessConfig
     from facediffuser.data.stages import list_image_items
     from facediffuser.data.work_items import work_table
+    from pipelines.preprocess_workers import RunStages, ShardWriter
 
     config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path), max_pixels=2_000_000)
     items = [i for i in list_image_items(str(photo_dir)) if i["id"] in ("one.jpg", "two.jpg", "zero.jpg")]
@@ -279,10 +318,10 @@ def test_a_worker_process_keeps_its_stage_objects_for_the_run(photo_dir, tmp_pat
     the same object serves the run's later tasks, each pool has its own, and a new run frees the old ones."""
     import functools
 
-    from pipelines import preprocess_workers as pipeline
     from facediffuser.data.preprocess_config import PreprocessConfig
     from facediffuser.data.stages import list_image_items
     from facediffuser.data.work_items import work_table
+    from pipelines import preprocess_workers as pipeline
 
     config = PreprocessConfig(input=str(photo_dir), output=str(tmp_path))
     block = work_table([i for i in list_image_items(str(photo_dir)) if i["id"] == "one.jpg"])

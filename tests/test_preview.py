@@ -48,7 +48,9 @@ def test_mask_so_far_and_its_png():
     masks = [torch.zeros(1, 4, 4), torch.ones(1, 4, 4), torch.zeros(1, 4, 4)]
     masks[2][0, 0, 0] = 1.0
     mean = mask_so_far(masks)
-    assert mean.shape == (4, 4) and mean[0, 0].item() == pytest.approx(2 / 3) and mean[1, 1].item() == pytest.approx(1 / 3)
+    assert (
+        mean.shape == (4, 4) and mean[0, 0].item() == pytest.approx(2 / 3) and mean[1, 1].item() == pytest.approx(1 / 3)
+    )
     assert torch.equal(mask_so_far(torch.stack(masks)), mean)
     image = mask_image(mean)
     assert image.mode == "L" and image.size == (8, 8)

@@ -44,7 +44,7 @@ def readme_blocks(text: str) -> list[Block]:
             start, body = i, []
             i += 1
             while not lines[i].strip().startswith("```"):
-                body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+                body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
                 i += 1
             blocks.append(Block(start + 1, language, "\n".join(body) + "\n", reason))
             reason = None
@@ -72,21 +72,37 @@ def test_every_readme_block_either_runs_here_or_says_why_not():
     blocks = readme_blocks((ROOT / "README.md").read_text())
     for block in blocks:
         assert block.skip_reason != "", f"README.md line {block.line}: a skip marker without a reason"
-        assert block.language in {*RUNNABLE, "text", "yaml", "json", ""}, \
+        assert block.language in {*RUNNABLE, "text", "yaml", "json", ""}, (
             f"README.md line {block.line}: ```{block.language} is neither run nor a display language"
+        )
     script = readme_script(blocks)
     # the walkthrough covers every stage; marking them all as skipped would not pass unnoticed
-    for stage in ("facediffuser sample-photos", "facediffuser preprocess", "facediffuser train",
-                  "facediffuser generate", "facediffuser serve", "curl", "facediffuser evaluate",
-                  "FaceDiffuserPipeline"):
+    for stage in (
+        "facediffuser sample-photos",
+        "facediffuser preprocess",
+        "facediffuser train",
+        "facediffuser generate",
+        "facediffuser serve",
+        "curl",
+        "facediffuser evaluate",
+        "FaceDiffuserPipeline",
+    ):
         assert stage in script, f"no README block that runs here contains {stage!r}"
     assert sum(b.skip_reason is None and b.language in RUNNABLE for b in blocks) >= 6
 
 
 def _repository_copy(target: Path) -> None:
     """The working tree's files as a fresh clone would have them (tracked and new, not ignored ones)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
@@ -106,8 +122,9 @@ def test_readme_commands_run_as_written(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the project's environment, active
     log = tmp_path / "readme.log"
     with log.open("w") as out:
-        done = subprocess.run(["bash", "-c", script], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=1800)
+        done = subprocess.run(
+            ["bash", "-c", script], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1800
+        )
     output = log.read_text()
     assert done.returncode == 0, f"a README block failed (exit {done.returncode}):\n{output[-6000:]}"
 

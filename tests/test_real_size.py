@@ -20,10 +20,24 @@ import torch
 pytestmark = pytest.mark.slow
 
 # query tokens of each UNet level's attention at a 32×32 latent (256² images); keys: the same (attn1) or 77 (attn2)
-QUERIES_AT_256 = {"down_blocks.0": 1024, "down_blocks.1": 256, "down_blocks.2": 64, "mid_block": 16,
-                  "up_blocks.1": 64, "up_blocks.2": 256, "up_blocks.3": 1024}
-LAYERS = {"down_blocks.0": 2, "down_blocks.1": 2, "down_blocks.2": 2, "mid_block": 1,
-          "up_blocks.1": 3, "up_blocks.2": 3, "up_blocks.3": 3}  # transformer layers per level
+QUERIES_AT_256 = {
+    "down_blocks.0": 1024,
+    "down_blocks.1": 256,
+    "down_blocks.2": 64,
+    "mid_block": 16,
+    "up_blocks.1": 64,
+    "up_blocks.2": 256,
+    "up_blocks.3": 1024,
+}
+LAYERS = {
+    "down_blocks.0": 2,
+    "down_blocks.1": 2,
+    "down_blocks.2": 2,
+    "mid_block": 1,
+    "up_blocks.1": 3,
+    "up_blocks.2": 3,
+    "up_blocks.3": 3,
+}  # transformer layers per level
 HEADS = 8  # SD1.5: attention_head_dim=8 is, in diffusers' naming, the number of heads
 
 
@@ -39,7 +53,7 @@ def real_pipe():
 
 
 def _block(module_name: str) -> str:
-    """"up_blocks.3.attentions.1.transformer_blocks.0.attn2" → "up_blocks.3"."""
+    """ "up_blocks.3.attentions.1.transformer_blocks.0.attn2" → "up_blocks.3"."""
     return module_name.split(".attentions")[0]
 
 
@@ -82,12 +96,22 @@ def test_real_size_pipeline_shapes_and_attention_maps(real_pipe, astronaut, monk
     hooks = [
         pipe.text_encoder.register_forward_hook(lambda m, i, out: text_shapes.append(tuple(out[0].shape))),
         pipe.subject_encoder.image_encoder.vision_model.register_forward_hook(
-            lambda m, i, out: vision_shapes.append(tuple(out.last_hidden_state.shape))),
+            lambda m, i, out: vision_shapes.append(tuple(out.last_hidden_state.shape))
+        ),
     ]
     try:
-        result = pipe("a woman <|image|> on the moon", [Image.fromarray(astronaut)], num_inference_steps=2,
-                      start_merge_step=0, final_step=1, height=256, width=256, seed=0, output_type="pt",
-                      return_masks=True)
+        result = pipe(
+            "a woman <|image|> on the moon",
+            [Image.fromarray(astronaut)],
+            num_inference_steps=2,
+            start_merge_step=0,
+            final_step=1,
+            height=256,
+            width=256,
+            seed=0,
+            output_type="pt",
+            return_masks=True,
+        )
     finally:
         for hook in hooks:
             hook.remove()
@@ -117,13 +141,17 @@ def test_real_size_sdm_training_step(real_pipe, astronaut, monkeypatch):
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep
 
     pipe = real_pipe
-    builder = ExampleBuilder(DataConfig("sdm", resolution=128, object_resolution=224, subject_keep_prob=1.0,
-                                        uncondition_prob=0.0), pipe.tokenizer, seed=0)
+    builder = ExampleBuilder(
+        DataConfig("sdm", resolution=128, object_resolution=224, subject_keep_prob=1.0, uncondition_prob=0.0),
+        pipe.tokenizer,
+        seed=0,
+    )
     batch = {k: torch.from_numpy(v) for k, v in builder(to_table(sample_records(1, astronaut))).items()}
     assert tuple(batch["object_pixel_values"].shape[-3:]) == (3, 224, 224)
     config = OptimConfig(masked_loss_prob=1.0)
-    model = TrainingModel("sdm", pipe.sdm_unet, pipe.vae, pipe.text_encoder, pipe.scheduler.config,
-                          pipe.subject_encoder, config, seed=0).train()
+    model = TrainingModel(
+        "sdm", pipe.sdm_unet, pipe.vae, pipe.text_encoder, pipe.scheduler.config, pipe.subject_encoder, config, seed=0
+    ).train()
     trainable = sum(p.numel() for p in model.trainable_parameters())
     assert trainable == pytest.approx(887.7e6, abs=0.1e6)  # UNet + post-fuse + last 2 CLIP layers (METHOD.md §3)
 
@@ -146,6 +174,7 @@ def test_real_size_sdm_training_step(real_pipe, astronaut, monkeypatch):
             parameter.grad = None
     assert all(math.isfinite(losses[k]) for k in ("loss", "loss_den", "loss_loc", "grad_norm"))
     assert losses["grad_norm"] > 0 and not torch.equal(probe.detach(), before)
-    expected = [(HEADS, 64, 77)] * 2 + [(HEADS, 16, 77)] * 2 + [(HEADS, 4, 77)] + [(HEADS, 16, 77)] * 3 \
-        + [(HEADS, 64, 77)] * 3
+    expected = (
+        [(HEADS, 64, 77)] * 2 + [(HEADS, 16, 77)] * 2 + [(HEADS, 4, 77)] + [(HEADS, 16, 77)] * 3 + [(HEADS, 64, 77)] * 3
+    )
     assert seen == expected  # 11 maps: down_blocks.1, .2, mid, up_blocks.1, .2 (METHOD.md §3)

@@ -1,4 +1,5 @@
-"""facediffuser.reference: the one function from a reference photo to the subject encoder's input, in its three modes."""
+"""facediffuser.reference: the one function from a reference photo to the subject encoder's input, in its three
+modes."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ ASTRONAUT = str(Path(reference.__file__).parent / "assets" / "astronaut.jpg")
 def official_transform(photo) -> torch.Tensor:
     """METHOD.md §1, written out: pad square with black, bilinear antialiased resize to 224."""
     square = pad_to_square(pil_to_tensor(load_image(photo)))
-    return torch.nn.functional.interpolate(square[None], size=(224, 224), mode="bilinear", align_corners=False,
-                                           antialias=True)[0]
+    return torch.nn.functional.interpolate(
+        square[None], size=(224, 224), mode="bilinear", align_corners=False, antialias=True
+    )[0]
 
 
 def test_whole_is_the_default_and_the_official_transform_without_any_detector(monkeypatch):
@@ -51,7 +53,9 @@ def test_a_photo_without_a_face_is_a_clear_error_naming_it(tmp_path):
 
     Image.fromarray((np.random.default_rng(0).random((160, 160, 3)) * 255).astype(np.uint8)).save(noise)
     for mode in ("face", "person"):
-        with pytest.raises(reference.SubjectNotFound, match=f"noise.png: no face found.*reference mode {mode}") as caught:
+        with pytest.raises(
+            reference.SubjectNotFound, match=f"noise.png: no face found.*reference mode {mode}"
+        ) as caught:
             reference.reference_tensor(str(noise), mode)
         assert caught.value.code == "no_face_found" and isinstance(caught.value, ValueError)
     assert reference.reference_tensor(str(noise), "whole").shape == (3, 224, 224)  # the whole photo needs no face

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from torchvision.transforms import Resize
 
 from facediffuser.models.tiny import SD15_SCHEDULE, tiny_unet
-from facediffuser.schedulers import SCHEDULERS
 from facediffuser.sampling import FusionOptions, boundaries_from_fractions, snf_denoise, snf_mask
+from facediffuser.schedulers import SCHEDULERS
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +136,23 @@ def test_default_mode_reproduces_the_official_loop(unets, scheduler_cls):
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(5))
     kwargs = dict(skip_prk_steps=True) if scheduler_cls is PNDMScheduler else {}
     steps, w, s, f = 8, 5.0, 2, 5
-    ours = snf_denoise(tdm, sdm, scheduler_cls.from_config(SD15_SCHEDULE, **kwargs), latents, null, text, aug,
-                       num_inference_steps=steps, guidance_scale=w, start_merge_step=s, final_step=f, return_masks=True)
-    reference = official_style_loop(tdm, sdm, scheduler_cls.from_config(SD15_SCHEDULE, **kwargs), latents, null, text, aug, steps, w, s, f)
+    ours = snf_denoise(
+        tdm,
+        sdm,
+        scheduler_cls.from_config(SD15_SCHEDULE, **kwargs),
+        latents,
+        null,
+        text,
+        aug,
+        num_inference_steps=steps,
+        guidance_scale=w,
+        start_merge_step=s,
+        final_step=f,
+        return_masks=True,
+    )
+    reference = official_style_loop(
+        tdm, sdm, scheduler_cls.from_config(SD15_SCHEDULE, **kwargs), latents, null, text, aug, steps, w, s, f
+    )
     assert (ours.latents - reference).abs().max().item() < 1e-4
     assert ours.fusion_steps == list(range(s + 1, f + 1))
     assert len(ours.masks) == f - s
@@ -150,8 +163,20 @@ def test_no_scene_stage_and_no_fusion_is_plain_cfg_of_the_sdm(unets):
     tdm, sdm = unets
     null, text, aug = embeds(2)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
-    ours = snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, aug,
-                       num_inference_steps=6, guidance_scale=5.0, start_merge_step=-1, final_step=-1, return_masks=True)
+    ours = snf_denoise(
+        tdm,
+        sdm,
+        DDIMScheduler(**SD15_SCHEDULE),
+        latents,
+        null,
+        text,
+        aug,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        start_merge_step=-1,
+        final_step=-1,
+        return_masks=True,
+    )
     plain = plain_cfg_loop(sdm, DDIMScheduler(**SD15_SCHEDULE), latents, text, aug, 6, 5.0)
     assert torch.allclose(ours.latents, plain, rtol=1e-4, atol=1e-4)
     assert ours.masks == []
@@ -161,8 +186,19 @@ def test_all_tdm_is_plain_cfg_of_the_tdm(unets):
     tdm, sdm = unets
     null, text, aug = embeds(2)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
-    ours = snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, aug,
-                       num_inference_steps=6, guidance_scale=5.0, start_merge_step=5, final_step=5)
+    ours = snf_denoise(
+        tdm,
+        sdm,
+        DDIMScheduler(**SD15_SCHEDULE),
+        latents,
+        null,
+        text,
+        aug,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        start_merge_step=5,
+        final_step=5,
+    )
     plain = plain_cfg_loop(tdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, 6, 5.0)
     assert torch.allclose(ours.latents, plain, rtol=1e-4, atol=1e-4)
     # and it is not accidentally the SDM
@@ -177,8 +213,16 @@ def test_batch_members_are_independent(unets):
     run = dict(num_inference_steps=6, guidance_scale=5.0, start_merge_step=1, final_step=4, return_masks=True)
     batched = snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, aug, **run)
     for i in range(3):
-        alone = snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents[i : i + 1], null[i : i + 1],
-                            text[i : i + 1], aug[i : i + 1], **run)
+        alone = snf_denoise(
+            tdm,
+            sdm,
+            DDIMScheduler(**SD15_SCHEDULE),
+            latents[i : i + 1],
+            null[i : i + 1],
+            text[i : i + 1],
+            aug[i : i + 1],
+            **run,
+        )
         assert torch.allclose(batched.latents[i], alone.latents[0], rtol=1e-4, atol=1e-4)
         for m_batch, m_alone in zip(batched.masks, alone.masks):
             assert torch.equal(m_batch[i], m_alone[0])
@@ -189,8 +233,20 @@ def test_non_square_and_non_64_latents(unets, shape):
     tdm, sdm = unets
     null, text, aug = embeds(1)
     latents = torch.randn(1, 4, *shape)
-    out = snf_denoise(tdm, sdm, DPMSolverMultistepScheduler.from_config(SD15_SCHEDULE), latents, null, text, aug,
-                      num_inference_steps=5, guidance_scale=3.0, start_merge_step=0, final_step=3, return_masks=True)
+    out = snf_denoise(
+        tdm,
+        sdm,
+        DPMSolverMultistepScheduler.from_config(SD15_SCHEDULE),
+        latents,
+        null,
+        text,
+        aug,
+        num_inference_steps=5,
+        guidance_scale=3.0,
+        start_merge_step=0,
+        final_step=3,
+        return_masks=True,
+    )
     assert out.latents.shape == latents.shape and torch.isfinite(out.latents).all()
     assert all(m.shape == (1, 1, *shape) for m in out.masks)
 
@@ -199,8 +255,20 @@ def test_average_fusion_is_the_mean_of_the_two_guided_noises(unets):
     tdm, sdm = unets
     null, text, aug = embeds(1)
     latents = torch.randn(1, 4, 16, 16)
-    avg = snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, aug, num_inference_steps=4,
-                      guidance_scale=5.0, start_merge_step=-1, final_step=3, fusion=FusionOptions(mode="average"))
+    avg = snf_denoise(
+        tdm,
+        sdm,
+        DDIMScheduler(**SD15_SCHEDULE),
+        latents,
+        null,
+        text,
+        aug,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        start_merge_step=-1,
+        final_step=3,
+        fusion=FusionOptions(mode="average"),
+    )
     # by hand: one step each, ε = (ε_tdm + ε_sdm)/2 at every iteration
     sched = DDIMScheduler(**SD15_SCHEDULE)
     sched.set_timesteps(4)
@@ -223,13 +291,27 @@ def test_stage1_computes_no_saliency_and_calls_each_unet_once_per_step(unets, mo
         def call(*args, **kwargs):
             calls[name] += 1
             return unet(*args, **kwargs)
+
         return call
 
     real_mask = sampling.snf_mask
-    monkeypatch.setattr(sampling, "snf_mask", lambda *a, **k: (calls.__setitem__("mask", calls["mask"] + 1), real_mask(*a, **k))[1])
+    monkeypatch.setattr(
+        sampling, "snf_mask", lambda *a, **k: (calls.__setitem__("mask", calls["mask"] + 1), real_mask(*a, **k))[1]
+    )
     null, text, aug = embeds(1)
-    snf_denoise(counting(tdm, "tdm"), counting(sdm, "sdm"), DDIMScheduler(**SD15_SCHEDULE), torch.randn(1, 4, 8, 8),
-                null, text, aug, num_inference_steps=10, guidance_scale=5.0, start_merge_step=3, final_step=6)
+    snf_denoise(
+        counting(tdm, "tdm"),
+        counting(sdm, "sdm"),
+        DDIMScheduler(**SD15_SCHEDULE),
+        torch.randn(1, 4, 8, 8),
+        null,
+        text,
+        aug,
+        num_inference_steps=10,
+        guidance_scale=5.0,
+        start_merge_step=3,
+        final_step=6,
+    )
     assert calls == {"tdm": 7, "sdm": 6, "mask": 3}  # N + (f - s) UNet calls: 2N + 2(f - s) evaluations
 
 
@@ -240,11 +322,31 @@ def test_boundary_validation(unets):
     base = dict(num_inference_steps=5, guidance_scale=5.0)
     for s, f, message in [(-2, 2, "start_merge_step"), (1, 5, "final_step"), (3, 2, "before")]:
         with pytest.raises(ValueError, match=message):
-            snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), torch.randn(1, 4, 8, 8), null, text, aug,
-                        start_merge_step=s, final_step=f, **base)
+            snf_denoise(
+                tdm,
+                sdm,
+                DDIMScheduler(**SD15_SCHEDULE),
+                torch.randn(1, 4, 8, 8),
+                null,
+                text,
+                aug,
+                start_merge_step=s,
+                final_step=f,
+                **base,
+            )
     with pytest.raises(ValueError, match="batch size"):
-        snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), torch.randn(2, 4, 8, 8), null, text, aug,
-                    start_merge_step=1, final_step=2, **base)
+        snf_denoise(
+            tdm,
+            sdm,
+            DDIMScheduler(**SD15_SCHEDULE),
+            torch.randn(2, 4, 8, 8),
+            null,
+            text,
+            aug,
+            start_merge_step=1,
+            final_step=2,
+            **base,
+        )
 
 
 def test_fractions_give_the_official_indices():
@@ -277,9 +379,11 @@ def one_thread():
 
 def recording(unet, sizes: list):
     """The UNet, noting the batch size of every call (to see a dropped row's work stop)."""
+
     def call(sample, *args, **kwargs):
         sizes.append(sample.shape[0])
         return unet(sample, *args, **kwargs)
+
     return call
 
 
@@ -295,8 +399,19 @@ def run_three(unets, name, keep_rows=..., regions=None, sizes=None):
     latents, generators = seeded_latents((4, 16, 16), [11, 12, 13])
     null, text, aug = embeds(3, seed=10)
     extra = {} if keep_rows is ... else {"keep_rows": keep_rows}
-    return snf_denoise(tdm, sdm, scheduler, latents * scheduler.init_noise_sigma, null, text, aug,
-                       generator=generators, regions=regions, **DROP, **extra)
+    return snf_denoise(
+        tdm,
+        sdm,
+        scheduler,
+        latents * scheduler.init_noise_sigma,
+        null,
+        text,
+        aug,
+        generator=generators,
+        regions=regions,
+        **DROP,
+        **extra,
+    )
 
 
 def drop_row_1_at_2(i):
@@ -375,9 +490,19 @@ def test_stage_of_matches_the_loop_and_on_step_reports_every_step(unets):
     tdm, sdm = unets
     latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(12))
     null, text, aug = embeds(3, seed=10)
-    result = snf_denoise(tdm, sdm, DDIMScheduler(**SD15_SCHEDULE), latents, null, text, aug, **DROP,
-                         keep_rows=drop_row_1_at_2, callback=lambda i, n: calls.append((i, n)),
-                         on_step=lambda i, n, x, m: steps.append((i, n, x.clone(), m)))
+    result = snf_denoise(
+        tdm,
+        sdm,
+        DDIMScheduler(**SD15_SCHEDULE),
+        latents,
+        null,
+        text,
+        aug,
+        **DROP,
+        keep_rows=drop_row_1_at_2,
+        callback=lambda i, n: calls.append((i, n)),
+        on_step=lambda i, n, x, m: steps.append((i, n, x.clone(), m)),
+    )
     assert calls == [(i, 6) for i in range(6)]
     assert [(i, n, x.shape[0]) for i, n, x, _ in steps] == [(0, 6, 3), (1, 6, 3)] + [(i, 6, 2) for i in range(2, 6)]
     fusion = [i for i, _, _, m in steps if m is not None]

@@ -1,7 +1,8 @@
 """The Serve app over real HTTP on 127.0.0.1, tiny models, one real local Ray.
 
 serve.run costs ~24 s (much more on a busy machine), so the app starts once per test session (tests/serve_fixtures.py)
-and every test checks several things against it. Tests run in file order; the replica-kill test is last because it disrupts service.
+and every test checks several things against it. Tests run in file order; the replica-kill test is last because it
+disrupts service.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
-from serve_fixtures import MAIN_APP, STEPS, decode_png, generate, png_b64, service  # noqa: F401
+from serve_fixtures import MAIN_APP, STEPS, decode_png, generate, png_b64
 
 pytestmark = pytest.mark.slow
 ASTRONAUT_JPG = Path(__file__).resolve().parents[1] / "facediffuser" / "assets" / "astronaut.jpg"
@@ -64,17 +64,35 @@ def test_generate_end_to_end(service, astronaut):
 
     # Two subjects, the second given as two photos of the same person (embeddings averaged); other schedulers.
     mirrored = png_b64(np.ascontiguousarray(astronaut[:, ::-1]))
-    two = client.post("/v1/generate", json={
-        "prompt": "a man <|image|> and a woman <|image|> in a park", "references": [reference, [reference, mirrored]],
-        "steps": 3, "seed": 1, "scheduler": "euler-a", "negative_prompt": "blurry", "width": 64, "height": 96,
-    })
+    two = client.post(
+        "/v1/generate",
+        json={
+            "prompt": "a man <|image|> and a woman <|image|> in a park",
+            "references": [reference, [reference, mirrored]],
+            "steps": 3,
+            "seed": 1,
+            "scheduler": "euler-a",
+            "negative_prompt": "blurry",
+            "width": 64,
+            "height": 96,
+        },
+    )
     assert two.status_code == 200, two.text
     assert decode_png(two.json()["images"][0]).shape == (96, 64, 3)
     assert len(two.json()["manifest"]["references"][1]) == 2
-    stochastic_again = client.post("/v1/generate", json={
-        "prompt": "a man <|image|> and a woman <|image|> in a park", "references": [reference, [reference, mirrored]],
-        "steps": 3, "seed": 1, "scheduler": "euler-a", "negative_prompt": "blurry", "width": 64, "height": 96,
-    })
+    stochastic_again = client.post(
+        "/v1/generate",
+        json={
+            "prompt": "a man <|image|> and a woman <|image|> in a park",
+            "references": [reference, [reference, mirrored]],
+            "steps": 3,
+            "seed": 1,
+            "scheduler": "euler-a",
+            "negative_prompt": "blurry",
+            "width": 64,
+            "height": 96,
+        },
+    )
     assert stochastic_again.json()["images"] == two.json()["images"]  # ancestral noise is seeded per image too
 
 
@@ -84,8 +102,16 @@ def test_layout_boxes_and_subject_scales_over_http(service, astronaut):
     client, reference = service["client"], service["reference"]
     mirrored = png_b64(np.ascontiguousarray(astronaut[:, ::-1]))
     left_half = [[0.0, 0.0, 0.5, 1.0]]
-    boxed = generate(client, reference, references=[[reference, mirrored]], boxes=left_half, subject_scales=[0.7],
-                     return_masks=True, num_images=2, seed=3)
+    boxed = generate(
+        client,
+        reference,
+        references=[[reference, mirrored]],
+        boxes=left_half,
+        subject_scales=[0.7],
+        return_masks=True,
+        num_images=2,
+        seed=3,
+    )
     assert boxed.status_code == 200, boxed.text
     body = boxed.json()
     manifest = body["manifest"]
@@ -96,11 +122,11 @@ def test_layout_boxes_and_subject_scales_over_http(service, astronaut):
     assert steps and grid.shape == (2 * 64 + 2, steps * 66 - 2)
     for column in range(steps):
         for row in range(2):  # the 2-px gaps between cells are grey
-            cell = grid[row * 66: row * 66 + 64, column * 66: column * 66 + 64]
+            cell = grid[row * 66 : row * 66 + 64, column * 66 : column * 66 + 64]
             assert (cell[:, 32:] == 0).all(), "the SDM won a pixel outside the box"
     plain = generate(client, reference, references=[[reference, mirrored]], return_masks=True, num_images=2, seed=3)
     plain_grid = decode_png(plain.json()["fusion_masks"])
-    assert any(plain_grid[:64, c * 66 + 32: c * 66 + 64].any() for c in range(steps))  # else the check is moot
+    assert any(plain_grid[:64, c * 66 + 32 : c * 66 + 64].any() for c in range(steps))  # else the check is moot
     overlays = [decode_png(o) for o in body["overlays"]]
     assert len(overlays) == 2 and (overlays[0][64, 0] == (40, 200, 255)).all()  # box 1's left edge, its colour
     assert not any((decode_png(o)[64, 0] == (40, 200, 255)).all() for o in plain.json()["overlays"])
@@ -125,9 +151,27 @@ def test_one_photo_gives_one_embedding_through_the_library_the_cli_and_http(serv
     for mode in REFERENCE_MODES:
         library = embedding_sha256(tiny_pipe.encode_references([str(ASTRONAUT_JPG)], mode)[0])
         out = tmp_path / mode
-        code = main(["generate", "--tiny", "--prompt", "a woman <|image|> on the moon", "--reference", str(ASTRONAUT_JPG),
-                     "--reference-mode", mode, "--steps", "2", "--width", "64", "--height", "64",
-                     "--no-identity-scores", "--out", str(out)])
+        code = main(
+            [
+                "generate",
+                "--tiny",
+                "--prompt",
+                "a woman <|image|> on the moon",
+                "--reference",
+                str(ASTRONAUT_JPG),
+                "--reference-mode",
+                mode,
+                "--steps",
+                "2",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--no-identity-scores",
+                "--out",
+                str(out),
+            ]
+        )
         assert code == 0
         cli = json.loads((out / "manifest.json").read_text())
         response = generate(client, photo, reference_mode=mode, **small)
@@ -200,8 +244,11 @@ def test_bad_input_is_4xx_json_naming_the_problem(service, astronaut, name):
         body = {"prompt": "a man <|image|> on a beach", "references": [reference], "steps": STEPS, **payload}
         if body["prompt"].count("<|image|>") == 5:
             body["references"] = [reference] * 4
-        swap = {"NOISE": _noise_png(), "HUGE": png_b64(np.zeros((1100, 1000, 3), np.uint8)),
-                "TIFF": _tiff_b64(astronaut)}
+        swap = {
+            "NOISE": _noise_png(),
+            "HUGE": png_b64(np.zeros((1100, 1000, 3), np.uint8)),
+            "TIFF": _tiff_b64(astronaut),
+        }
         body["references"] = [swap.get(r, r) if isinstance(r, str) else r for r in body["references"]]
         response = client.post("/v1/generate", json=body)
     assert response.status_code == status, response.text
@@ -283,8 +330,13 @@ def test_openapi_and_schemathesis_find_no_server_errors(service):
             generation_mode=GenerationMode.NEGATIVE
         )
 
-        @settings(max_examples=25 if method == "POST" else 5, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=25 if method == "POST" else 5,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=strategy)
         def check(case):
             response = case.call(base_url=service["url"], timeout=120)
@@ -373,34 +425,53 @@ def test_token_auth_on_and_off(service, monkeypatch):
     # same loaded models.
     monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
     budget = 128 * 128 * 2  # one 128x128 image at 2 steps
-    secured_config = ServeConfig(**{
-        **service["config"].__dict__, "app_name": "facediffuser-secured", "route_prefix": "/secured", "api_token": None,
-        "limits": {**service["config"].limits, "compute_budget": budget},
-    })
+    secured_config = ServeConfig(
+        **{
+            **service["config"].__dict__,
+            "app_name": "facediffuser-secured",
+            "route_prefix": "/secured",
+            "api_token": None,
+            "limits": {**service["config"].limits, "compute_budget": budget},
+        }
+    )
     assert secured_config.api_token == "s3cret-token"
     url = start(secured_config, upstream_app=MAIN_APP)
     try:
         with httpx.Client(base_url=url, timeout=120) as secured:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
-                response = secured.post("/v1/generate", headers=headers,
-                                        json={"prompt": "a man <|image|>", "references": [reference], "steps": 2})
+                response = secured.post(
+                    "/v1/generate",
+                    headers=headers,
+                    json={"prompt": "a man <|image|>", "references": [reference], "steps": 2},
+                )
                 assert response.status_code == 401 and response.json()["error"] == "unauthorized", response.text
                 assert secured.get("/v1/info", headers=headers).status_code == 401
                 assert secured.get("/v1/stats", headers=headers).status_code == 401
                 # authorised before the body is read: a malformed body, a chunked 30 MB one or a 4 MB one (over
                 # the 3 MB limit) is 401 too, never its validation details or a 413
                 for content in (b'{"prompt": "a man <|image|>", ', _chunks(30 * 2**20), b"A" * 4_000_000):
-                    response = secured.post("/v1/generate", content=content,
-                                            headers={**headers, "content-type": "application/json"})
+                    response = secured.post(
+                        "/v1/generate", content=content, headers={**headers, "content-type": "application/json"}
+                    )
                     assert response.status_code == 401 and response.json()["error"] == "unauthorized", response.text
             good = {"Authorization": "Bearer s3cret-token"}
-            malformed = secured.post("/v1/generate", content=b'{"prompt": ', headers={**good, "content-type": "application/json"})
-            assert malformed.status_code == 400 and malformed.json()["error"] == "invalid_json"  # parsed once authorised
-            ok = secured.post("/v1/generate", headers=good, json={"prompt": "a man <|image|>", "references": [reference],
-                                                                   "steps": 2, "seed": 3})
+            malformed = secured.post(
+                "/v1/generate", content=b'{"prompt": ', headers={**good, "content-type": "application/json"}
+            )
+            assert (
+                malformed.status_code == 400 and malformed.json()["error"] == "invalid_json"
+            )  # parsed once authorised
+            ok = secured.post(
+                "/v1/generate",
+                headers=good,
+                json={"prompt": "a man <|image|>", "references": [reference], "steps": 2, "seed": 3},
+            )
             assert ok.status_code == 200 and len(ok.json()["images"]) == 1
-            over = secured.post("/v1/generate", headers=good, json={"prompt": "a man <|image|>", "references": [reference],
-                                                                     "steps": 2, "num_images": 2})
+            over = secured.post(
+                "/v1/generate",
+                headers=good,
+                json={"prompt": "a man <|image|>", "references": [reference], "steps": 2, "num_images": 2},
+            )
             assert over.status_code == 422 and over.json()["error"] == "over_compute_budget", over.text
             assert str(budget) in over.json()["message"]
             info = secured.get("/v1/info", headers=good).json()
@@ -416,8 +487,11 @@ def test_killed_sampler_replica_recovers(service):
     client, reference = service["client"], service["reference"]
 
     def sampler_replicas() -> list[str]:
-        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a["name"].startswith(f"SERVE_REPLICA::{MAIN_APP}#Sampler#"))
+        return sorted(
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{MAIN_APP}#Sampler#")
+        )
 
     before = sampler_replicas()
     assert len(before) == 1

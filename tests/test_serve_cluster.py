@@ -22,9 +22,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
-from cluster_fixtures import gpu_cluster  # noqa: F401 (the fixture)
 from conftest import free_port
+
 from benchmarks.loadtest import generate_payload, run_profile
 
 pytestmark = pytest.mark.slow
@@ -50,9 +49,25 @@ print("deployed", flush=True)
 # Small, fast-reacting autoscaling; the sampler asks for one (logical) GPU, so two replicas need both GPU nodes.
 # Its CPU share is small so that it still fits a GPU node (1 CPU) that already holds an encoder (0.5) and the
 # ingress (0.1).
-SCALING = ["--tiny", "--num-gpus", "1", "--num-cpus", "0.25", "--target-ongoing-requests", "1",
-           "--upscale-delay-s", "1", "--downscale-delay-s", "5", "--max-batch-size", "2", "--max-steps", "4",
-           "--max-side", "64"]
+SCALING = [
+    "--tiny",
+    "--num-gpus",
+    "1",
+    "--num-cpus",
+    "0.25",
+    "--target-ongoing-requests",
+    "1",
+    "--upscale-delay-s",
+    "1",
+    "--downscale-delay-s",
+    "5",
+    "--max-batch-size",
+    "2",
+    "--max-steps",
+    "4",
+    "--max-side",
+    "64",
+]
 
 
 class ServeCommand:
@@ -63,9 +78,16 @@ class ServeCommand:
         # background: started as `cmd &` starts it, with SIGINT ignored (the command must set its own handler)
         ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
         with open(log, "w") as handle:
-            self.process = subprocess.Popen([str(BIN / "facediffuser"), "serve", *flags], stdout=handle,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                                            env=cluster.env, start_new_session=True, preexec_fn=ignore_sigint)
+            self.process = subprocess.Popen(
+                [str(BIN / "facediffuser"), "serve", *flags],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env=cluster.env,
+                start_new_session=True,
+                preexec_fn=ignore_sigint,
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -126,20 +148,41 @@ def no_server_errors(answers) -> None:
 
 def test_serve_joins_the_cluster_autoscales_across_gpu_nodes_and_leaves_other_apps(gpu_cluster, tmp_path):
     port = free_port()
-    deployed = subprocess.run([sys.executable, "-c", OTHER_APP, str(port)], capture_output=True, text=True,
-                              env=gpu_cluster.env, timeout=600, cwd=tmp_path)
+    deployed = subprocess.run(
+        [sys.executable, "-c", OTHER_APP, str(port)],
+        capture_output=True,
+        text=True,
+        env=gpu_cluster.env,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert deployed.returncode == 0 and "deployed" in deployed.stdout, deployed.stderr[-3000:]
     other = f"http://127.0.0.1:{port}/other"
     assert httpx.get(other, timeout=30).text == "other app"
 
     # An application of our name already there is refused, not replaced (and nothing else is touched).
-    clash = subprocess.run([str(BIN / "facediffuser"), "serve", "--tiny", "--app-name", "other", "--route-prefix",
-                            "/x"], capture_output=True, text=True, env=gpu_cluster.env, timeout=600, cwd=ROOT)
+    clash = subprocess.run(
+        [str(BIN / "facediffuser"), "serve", "--tiny", "--app-name", "other", "--route-prefix", "/x"],
+        capture_output=True,
+        text=True,
+        env=gpu_cluster.env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert clash.returncode == 2 and "an application named 'other' already runs" in clash.stderr, clash.stderr[-2000:]
     assert httpx.get(other, timeout=30).text == "other app"
 
-    with ServeCommand(gpu_cluster, tmp_path / "serve.log", *SCALING, "--port", str(free_port()),
-                      "--min-replicas", "1", "--max-replicas", "2") as server:
+    with ServeCommand(
+        gpu_cluster,
+        tmp_path / "serve.log",
+        *SCALING,
+        "--port",
+        str(free_port()),
+        "--min-replicas",
+        "1",
+        "--max-replicas",
+        "2",
+    ) as server:
         url = server.wait_serving()
         assert url == f"http://127.0.0.1:{port}", url  # the running Serve's address, not our --port
         assert f"(application facediffuser on cluster {gpu_cluster.address})" in server.output(), server.output()
@@ -153,9 +196,16 @@ def test_serve_joins_the_cluster_autoscales_across_gpu_nodes_and_leaves_other_ap
         # Load at concurrency 8 (target 1 request per replica): a second replica, on the other GPU node.
         stop = threading.Event()
         result: dict = {}
-        load = threading.Thread(target=lambda: result.update(answers=run_profile(
-            f"{url}/v1/generate", generate_payload(REFERENCE, steps=2, width=64, height=64, identity_scores=False),
-            [(900, 8)], stop=stop.is_set)))
+        load = threading.Thread(
+            target=lambda: result.update(
+                answers=run_profile(
+                    f"{url}/v1/generate",
+                    generate_payload(REFERENCE, steps=2, width=64, height=64, identity_scores=False),
+                    [(900, 8)],
+                    stop=stop.is_set,
+                )
+            )
+        )
         load.start()
         try:
             view, up_s = wait_for(client, lambda d: d["Sampler"]["running"] == 2, "two sampler replicas", 300)
@@ -178,8 +228,15 @@ def test_serve_joins_the_cluster_autoscales_across_gpu_nodes_and_leaves_other_ap
 
 
 def generate_ok(client: httpx.Client) -> bool:
-    body = {"prompt": "a man <|image|> on a beach", "references": [REFERENCE], "steps": 2, "width": 64,
-            "height": 64, "seed": 1, "identity_scores": False}
+    body = {
+        "prompt": "a man <|image|> on a beach",
+        "references": [REFERENCE],
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 1,
+        "identity_scores": False,
+    }
     response = client.post("/v1/generate", json=body, timeout=300)
     assert response.status_code == 200, response.text
     return True
@@ -187,8 +244,18 @@ def generate_ok(client: httpx.Client) -> bool:
 
 def test_scale_to_zero_cold_start_and_back_stopped_by_sigint(gpu_cluster, tmp_path):
     """Started like a background job (SIGINT ignored), stopped by SIGINT all the same."""
-    with ServeCommand(gpu_cluster, tmp_path / "serve.log", *SCALING, "--port", str(free_port()),
-                      "--min-replicas", "0", "--max-replicas", "1", background=True) as server:
+    with ServeCommand(
+        gpu_cluster,
+        tmp_path / "serve.log",
+        *SCALING,
+        "--port",
+        str(free_port()),
+        "--min-replicas",
+        "0",
+        "--max-replicas",
+        "1",
+        background=True,
+    ) as server:
         url = server.wait_serving()
         client = httpx.Client(base_url=url, timeout=120)
         view, _ = wait_for(client, lambda d: all(x["running"] == 0 for x in d.values()), "zero replicas", 120)

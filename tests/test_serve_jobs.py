@@ -12,8 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-
-from serve_fixtures import MAIN_APP, decode_png, service  # noqa: F401
+from serve_fixtures import MAIN_APP, decode_png
 
 pytestmark = pytest.mark.slow
 TOKEN, OTHER_TOKEN = "jobs-token", "other-token"
@@ -32,8 +31,15 @@ def routes(service):
     limits = {**service["config"].limits, "max_steps": 100, "max_side": 256}
     clients, names = {}, []
     for name, token in (("jobs-a", TOKEN), ("jobs-b", TOKEN), ("jobs-other", OTHER_TOKEN)):
-        config = ServeConfig(**{**service["config"].__dict__, "app_name": name, "route_prefix": f"/{name}",
-                                "api_token": token, "limits": limits})
+        config = ServeConfig(
+            **{
+                **service["config"].__dict__,
+                "app_name": name,
+                "route_prefix": f"/{name}",
+                "api_token": token,
+                "limits": limits,
+            }
+        )
         url = start(config, upstream_app=MAIN_APP)
         clients[name] = httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"})
         names.append(name)
@@ -56,9 +62,9 @@ def events(client: httpx.Client, job_id: str, after: int = 0, stop=None) -> list
         name = data = None
         for line in stream.iter_lines():
             if line.startswith("event: "):
-                name = line[len("event: "):]
+                name = line[len("event: ") :]
             elif line.startswith("data: "):
-                data = json.loads(line[len("data: "):])
+                data = json.loads(line[len("data: ") :])
             elif line == "" and name is not None:
                 seen.append((name, data))
                 if name in ("succeeded", "failed", "cancelled") or (stop and stop(name, data)):
@@ -136,8 +142,11 @@ def test_cancelling_a_running_job_stops_its_rows_and_its_batch_mate_is_unchanged
     blocker = client.post("/v1/jobs", json=body(reference, seed=19, **LONG)).json()
     events(client, blocker["id"], stop=lambda name, data: name == "step")
     mate: dict = {}
-    thread = threading.Thread(target=lambda: mate.update(
-        response=routes["jobs-b"].post("/v1/generate", json=body(reference, seed=21, **SHORTER))))
+    thread = threading.Thread(
+        target=lambda: mate.update(
+            response=routes["jobs-b"].post("/v1/generate", json=body(reference, seed=21, **SHORTER))
+        )
+    )
     job = client.post("/v1/jobs", json=body(reference, seed=20, num_images=2, **SHORTER)).json()
     thread.start()
     wait_for(lambda: sampler_stats(service)["queued"] == 2, "the job and its mate queue behind the blocker")
@@ -180,8 +189,10 @@ def test_a_queued_job_is_removed_from_the_queue(service, routes):
     assert client.delete(f"/v1/jobs/{running['id']}").json()["state"] == "cancelled"
     # the cancelled queued job never reached the sampler: no `started` in its stream
     assert [name for name, _ in events(client, queued["id"])] == ["queued", "cancelled"]
-    wait_for(lambda: sampler_stats(service)["cancelled_requests"] >= before["cancelled_requests"] + 2,
-             "the sampler heard of both cancellations")
+    wait_for(
+        lambda: sampler_stats(service)["cancelled_requests"] >= before["cancelled_requests"] + 2,
+        "the sampler heard of both cancellations",
+    )
     wait_for(lambda: sampler_stats(service)["batches_served"] > before["batches_served"], "the running batch ends")
     stats = sampler_stats(service)
     assert stats["batches_served"] == before["batches_served"] + 1 and stats["queued"] == 0  # the queued one never ran
@@ -196,10 +207,17 @@ def test_a_client_that_hangs_up_on_generate_stops_its_work(service, routes):
     before = sampler_stats(service)
     with pytest.raises(httpx.ReadTimeout):
         routes["jobs-a"].post("/v1/generate", json=body(reference, seed=40, num_images=2, **LONG), timeout=3.0)
-    wait_for(lambda: sampler_stats(service)["cancelled_requests"] > before["cancelled_requests"],
-             "the sampler hears that the client left")
-    wait_for(lambda: len(sampler_stats(service)["recent_batches"]) > len(before["recent_batches"])
-             or sampler_stats(service)["batches_served"] > before["batches_served"], "its batch ends")
+    wait_for(
+        lambda: sampler_stats(service)["cancelled_requests"] > before["cancelled_requests"],
+        "the sampler hears that the client left",
+    )
+    wait_for(
+        lambda: (
+            len(sampler_stats(service)["recent_batches"]) > len(before["recent_batches"])
+            or sampler_stats(service)["batches_served"] > before["batches_served"]
+        ),
+        "its batch ends",
+    )
     after = sampler_stats(service)
     assert after["recent_batches"][-1]["cancelled"] == 1
     assert after["recent_batches"][-1]["image_steps"] < 2 * 100  # it stopped before its 100 steps
@@ -213,8 +231,11 @@ def test_more_jobs_than_the_sampler_holds_wait_their_turn_instead_of_failing(ser
     that finds the model tiers full stays queued and tries again, where /v1/generate would answer 503."""
     client, reference = routes["jobs-a"], service["reference"]
     jobs = [client.post("/v1/jobs", json=body(reference, seed=100 + k, steps=2)).json()["id"] for k in range(20)]
-    wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["state"] in ("succeeded", "failed") for j in jobs),
-             "every job ends", timeout_s=300)
+    wait_for(
+        lambda: all(client.get(f"/v1/jobs/{j}").json()["state"] in ("succeeded", "failed") for j in jobs),
+        "every job ends",
+        timeout_s=300,
+    )
     states = [client.get(f"/v1/jobs/{j}").json() for j in jobs]
     assert [s["state"] for s in states] == ["succeeded"] * 20, [s.get("error") for s in states]
     assert sorted(s["result"]["seeds"][0] for s in states) == list(range(100, 120))
@@ -232,11 +253,20 @@ def test_operators_scrape_the_app_metrics_from_ray(service, routes):
 
     # Every series the Grafana dashboard charts for the service is live (preprocessing and training ones are
     # checked by their own tests; the identity-score histogram needs faces, which tiny random models never draw).
-    charted = {s for s in dashboard_series()
-               if not any(part in s for part in ("preprocess", "train_", "identity_score"))}
-    series = scrape_metrics(sorted(charted | {
-        "ray_facediffuser_requests_total", "ray_facediffuser_jobs_finished_total",
-        "ray_facediffuser_identity_faces_total", "ray_serve_num_http_requests_total"}))
+    charted = {
+        s for s in dashboard_series() if not any(part in s for part in ("preprocess", "train_", "identity_score"))
+    }
+    series = scrape_metrics(
+        sorted(
+            charted
+            | {
+                "ray_facediffuser_requests_total",
+                "ray_facediffuser_jobs_finished_total",
+                "ray_facediffuser_identity_faces_total",
+                "ray_serve_num_http_requests_total",
+            }
+        )
+    )
     requests = "\n".join(series["ray_facediffuser_requests_total"])
     assert 'route="/v1/jobs"' in requests and 'status="202"' in requests and 'route="/v1/jobs/{id}/events"' in requests
     assert 'route="other"' in requests and 'status="404"' in requests  # unknown paths share one label

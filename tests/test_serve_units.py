@@ -88,8 +88,11 @@ def test_check_request_compute_budget():
     check_request(request(num_images=4), limits, default_size=512)  # steps default to 50
     check_request(request(width=1024, height=1024, steps=50), limits, default_size=512)
     check_request(request(num_images=4, steps=8, width=128, height=128), Limits(max_steps=8, max_side=128), 128)
-    for fields, size in ((dict(num_images=4, steps=100, width=1024, height=1024), 512),
-                         (dict(num_images=4, steps=51), 512), (dict(steps=51), 1024)):
+    for fields, size in (
+        (dict(num_images=4, steps=100, width=1024, height=1024), 512),
+        (dict(num_images=4, steps=51), 512),
+        (dict(steps=51), 1024),
+    ):
         with pytest.raises(RequestError) as caught:
             check_request(request(**fields), limits, default_size=size)
         assert caught.value.status == 422 and caught.value.code == "over_compute_budget"
@@ -130,7 +133,6 @@ def test_reference_decoding_accepts_only_common_photo_formats(astronaut):
 def test_identity_scoring_uses_bounded_copies_and_a_bounded_cache(astronaut):
     """References are shrunk before face detection and their descriptors kept in an LRU of cache_size."""
     from facediffuser.metrics.identity import IdentityScorer
-
     from serving.references import IDENTITY_MAX_SIDE, IdentityScoring
 
     class RecordingEmbedder:  # stands in for dlib: records what it was given
@@ -204,8 +206,14 @@ def test_gate_authorises_before_reading_and_stops_a_chunked_body_at_the_limit():
 
     def call(path, body_size, headers=(), token=None, limit=3_000_000, admit=None):
         app = SimpleNamespace(state=SimpleNamespace(token=token, limits=Limits(max_payload_bytes=limit), admit=admit))
-        scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "app": app,
-                 "headers": [(k.encode(), v.encode()) for k, v in headers]}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "root_path": "",
+            "app": app,
+            "headers": [(k.encode(), v.encode()) for k, v in headers],
+        }
         pulled, sent = [0], []
 
         async def receive():
@@ -314,11 +322,25 @@ def test_autoscaling_settings_reach_both_model_deployments_and_scale_to_zero_val
     from serving.app import build_app
     from serving.settings import ServeConfig
 
-    config = ServeConfig(tiny=True, min_replicas=0, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=4,
-                         downscale_delay_s=30, downscale_to_zero_delay_s=120)
+    config = ServeConfig(
+        tiny=True,
+        min_replicas=0,
+        max_replicas=3,
+        target_ongoing_requests=2,
+        upscale_delay_s=4,
+        downscale_delay_s=30,
+        downscale_to_zero_delay_s=120,
+    )
     scaling = config.autoscaling_config()
-    assert scaling == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 4,
-                       "downscale_delay_s": 30, "look_back_period_s": 15.0, "downscale_to_zero_delay_s": 120}
+    assert scaling == {
+        "min_replicas": 0,
+        "max_replicas": 3,
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 4,
+        "downscale_delay_s": 30,
+        "look_back_period_s": 15.0,
+        "downscale_to_zero_delay_s": 120,
+    }
     AutoscalingConfig(**scaling)  # Ray accepts it as it is
     app = build_app(config)
     encoder, sampler = (bound._bound_deployment for bound in app._bound_deployment.init_args[:2])
@@ -327,9 +349,12 @@ def test_autoscaling_settings_reach_both_model_deployments_and_scale_to_zero_val
         bound = deployment._deployment_config.autoscaling_config
         assert bound.min_replicas == 0 and bound.max_replicas == 3 and bound.downscale_to_zero_delay_s == 120
     assert "downscale_to_zero_delay_s" not in ServeConfig(tiny=True).autoscaling_config()
-    for bad, message in (({"min_replicas": -1}, "0 <= min_replicas"), ({"min_replicas": 0, "max_replicas": 0},
-                         "max_replicas >= 1"), ({"downscale_delay_s": -1}, "downscale_delay_s must be >= 0"),
-                         ({"target_ongoing_requests": 0}, "target_ongoing_requests")):
+    for bad, message in (
+        ({"min_replicas": -1}, "0 <= min_replicas"),
+        ({"min_replicas": 0, "max_replicas": 0}, "max_replicas >= 1"),
+        ({"downscale_delay_s": -1}, "downscale_delay_s must be >= 0"),
+        ({"target_ongoing_requests": 0}, "target_ongoing_requests"),
+    ):
         with pytest.raises(ValueError, match=message):
             ServeConfig(tiny=True, **bad)
 
@@ -338,14 +363,31 @@ def test_replica_view_counts_running_replicas_per_node():
     import serving.scaling as scaling
 
     scaling._node_names.update({"n1": "gpu_node_a", "n2": "gpu_node_b"})
-    details = {"applications": {"fd": {"deployments": {
-        "Sampler": {"status": "UPSCALING", "target_num_replicas": 2,
-                    "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "policy": {}}},
-                    "replicas": [{"state": "RUNNING", "node_id": "n1"}, {"state": "STARTING", "node_id": None}]},
-    }}}}
+    details = {
+        "applications": {
+            "fd": {
+                "deployments": {
+                    "Sampler": {
+                        "status": "UPSCALING",
+                        "target_num_replicas": 2,
+                        "deployment_config": {
+                            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "policy": {}}
+                        },
+                        "replicas": [{"state": "RUNNING", "node_id": "n1"}, {"state": "STARTING", "node_id": None}],
+                    },
+                }
+            }
+        }
+    }
     view = scaling.summarize(details, "fd", ("SubjectEncoder", "Sampler"))
-    assert view["Sampler"] == {"status": "UPSCALING", "target": 2, "running": 1, "starting": 1,
-                               "nodes": {"gpu_node_a": 1}, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}
+    assert view["Sampler"] == {
+        "status": "UPSCALING",
+        "target": 2,
+        "running": 1,
+        "starting": 1,
+        "nodes": {"gpu_node_a": 1},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2},
+    }
     assert view["SubjectEncoder"]["status"] == "MISSING" and view["SubjectEncoder"]["running"] == 0
 
 
@@ -354,7 +396,9 @@ def test_check_request_limits_and_base64():
 
     photo = base64.b64encode(b"\x89PNG fake").decode()
     limits = Limits(max_steps=10, max_side=256)
-    checked = check_request(GenerateRequest(prompt="a man <|image|>", references=[[photo, "data:image/png;base64," + photo]]), limits)
+    checked = check_request(
+        GenerateRequest(prompt="a man <|image|>", references=[[photo, "data:image/png;base64," + photo]]), limits
+    )
     assert checked.references == [[b"\x89PNG fake", b"\x89PNG fake"]] and checked.request.steps == 10
     cases = [
         (dict(prompt="a man", references=[photo]), "no_subjects"),
@@ -429,7 +473,9 @@ def test_coalescer_runs_what_waits_as_one_call_per_key_up_to_the_limit():
         first = asyncio.create_task(coalescer(["a0"]))
         await asyncio.sleep(0)
         # Six formed batches arrive while "a0" runs, as @serve.batch would hand them over one by one.
-        later = [asyncio.create_task(coalescer(batch)) for batch in (["a1"], ["a2", "b1"], ["a3"], ["a4"], ["a5"], ["b2"])]
+        later = [
+            asyncio.create_task(coalescer(batch)) for batch in (["a1"], ["a2", "b1"], ["a3"], ["a4"], ["a5"], ["b2"])
+        ]
         await asyncio.sleep(0.01)
         release.set()
         return await first, await asyncio.gather(*later)

@@ -31,8 +31,13 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-DUMPS = ("*** SIGTERM received", "*** SIGINT received", "PC: @", "Traceback (most recent call last)",
-         "Fatal Python error")
+DUMPS = (
+    "*** SIGTERM received",
+    "*** SIGINT received",
+    "PC: @",
+    "Traceback (most recent call last)",
+    "Fatal Python error",
+)
 
 
 @dataclass
@@ -53,13 +58,15 @@ class Command:
         command = [str(BIN / "facediffuser"), *self.args]
         if self.background:  # `cmd &` in a script: the shell starts it with SIGINT ignored
             script = f"{shlex.join(command)} >{self.out} 2>{self.err} & echo $!; wait $!"
-            self.process = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True, env=env,
-                                            cwd=ROOT, start_new_session=True)
+            self.process = subprocess.Popen(
+                ["bash", "-c", script], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
+            )
             self.pid = int(self.process.stdout.readline())
         else:
             with open(self.out, "w") as out, open(self.err, "w") as err:
-                self.process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=ROOT,
-                                                start_new_session=True)
+                self.process = subprocess.Popen(
+                    command, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True
+                )
             self.pid = self.process.pid
         return self
 
@@ -197,8 +204,17 @@ def preprocessed(photos, tmp_path_factory) -> dict:
     → what each start left (checked in test_preprocess_...; the finished output feeds the train test)."""
     root = tmp_path_factory.mktemp("preprocess")
     data = root / "data"
-    args = ["preprocess", "--input", str(photos), "--output", str(data), "--workers-per-stage", "1",
-            "--rows-per-shard", "2"]
+    args = [
+        "preprocess",
+        "--input",
+        str(photos),
+        "--output",
+        str(data),
+        "--workers-per-stage",
+        "1",
+        "--rows-per-shard",
+        "2",
+    ]
     shards = data / "shards"
     result: dict = {"data": data}
     commands = []
@@ -212,12 +228,19 @@ def preprocessed(photos, tmp_path_factory) -> dict:
 
         second = Command(args, root / "second", background=True).start()
         commands.append(second)
-        second.wait_for(lambda: "already done there" in second.text() and "(Ray's own messages" in second.text(),
-                        "the resume line")
+        second.wait_for(
+            lambda: "already done there" in second.text() and "(Ray's own messages" in second.text(), "the resume line"
+        )
         result["second"] = stop_and_check(second, signal.SIGINT)
 
-        third = subprocess.run([str(BIN / "facediffuser"), *args], capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "RAY_ADDRESS": "local"}, cwd=ROOT)
+        third = subprocess.run(
+            [str(BIN / "facediffuser"), *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "RAY_ADDRESS": "local"},
+            cwd=ROOT,
+        )
         result["third"] = (third.returncode, third.stdout + third.stderr)
     finally:
         for command in commands:
@@ -243,9 +266,28 @@ def test_preprocess_stops_keeping_its_shards_and_resumes(preprocessed):
 def test_train_stops_keeping_its_checkpoint_and_resumes(preprocessed, tmp_path, cleanup):
     assert preprocessed["third"][0] == 0
     runs = tmp_path / "runs"
-    args = ["train", "--model", "tdm", "--tiny", "--data", str(preprocessed["data"]), "--storage", str(runs),
-            "--name", "stop", "--max-steps", "10000", "--checkpoint-every", "1", "--batch-size", "1",
-            "--resolution", "64", "--max-failures", "0"]
+    args = [
+        "train",
+        "--model",
+        "tdm",
+        "--tiny",
+        "--data",
+        str(preprocessed["data"]),
+        "--storage",
+        str(runs),
+        "--name",
+        "stop",
+        "--max-steps",
+        "10000",
+        "--checkpoint-every",
+        "1",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "64",
+        "--max-failures",
+        "0",
+    ]
     checkpoints = runs / "stop" / "tdm"
 
     def saved() -> list[Path]:
@@ -265,8 +307,7 @@ def test_train_stops_keeping_its_checkpoint_and_resumes(preprocessed, tmp_path, 
 
     second = Command(args, tmp_path / "second", background=True).start()
     cleanup(second)
-    second.wait_for(lambda: "resuming from the checkpoint at step" in second.text(), "the resume line",
-                    timeout=600)
+    second.wait_for(lambda: "resuming from the checkpoint at step" in second.text(), "the resume line", timeout=600)
     output = stop_and_check(second, signal.SIGINT)
     step = int(re.search(r"resuming from the checkpoint at step (\d+)", output).group(1))
     assert step >= int(kept[-1].name.split("_")[-1])
@@ -281,8 +322,21 @@ def test_evaluate_stops_keeping_its_finished_rows(tmp_path, astronaut, cleanup):
         Image.fromarray(image).save(subjects / name / "ref.jpg")
         (subjects / name / "noun.txt").write_text("woman")
     out = tmp_path / "eval"
-    args = ["evaluate", "--tiny", "--subjects", str(subjects), "--out", str(out), "--quick", "--steps", "4",
-            "--resolution", "64", "--images-per-prompt", "2"]
+    args = [
+        "evaluate",
+        "--tiny",
+        "--subjects",
+        str(subjects),
+        "--out",
+        str(out),
+        "--quick",
+        "--steps",
+        "4",
+        "--resolution",
+        "64",
+        "--images-per-prompt",
+        "2",
+    ]
     results = out / "results.jsonl"
     command = Command(args, tmp_path / "run", background=True).start()
     cleanup(command)
@@ -298,35 +352,42 @@ def test_demo_stops_and_says_it_starts_over(tmp_path, cleanup):
 
     command = Command(["demo", "--out", str(tmp_path / "demo"), "--steps", "2"], tmp_path / "run").start()
     cleanup(command)
-    command.wait_for(lambda: "[demo 2/5]" in command.text() and "(Ray's own messages" in command.text(),
-                     "preprocessing")
+    command.wait_for(
+        lambda: "[demo 2/5]" in command.text() and "(Ray's own messages" in command.text(), "preprocessing"
+    )
     stop_and_check(command, signal.SIGTERM, STOPPED_LINE)
 
 
 # ------------------------------------------------------------------------------------------------ serve
 
 
-GENERATE = {"prompt": "a woman <|image|> on the moon", "steps": 100, "width": 128, "height": 128,
-            "identity_scores": False}
+GENERATE = {
+    "prompt": "a woman <|image|> on the moon",
+    "steps": 100,
+    "width": 128,
+    "height": 128,
+    "identity_scores": False,
+}
 
 
-@pytest.mark.parametrize("sig, background", [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGINT-background"])
+@pytest.mark.parametrize(
+    "sig, background", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["SIGTERM", "SIGINT-background"]
+)
 def test_serve_drains_then_stops(tmp_path, cleanup, sig, background):
     """On the signal: /healthz and new requests get 503 `draining` with Retry-After at once, the request in flight
     still gets its 200, then Serve and Ray go down, exit 0, nothing of the session left."""
     import base64
     import concurrent.futures
+    import socket
 
     import httpx
-
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = Command(["serve", "--tiny", "--port", str(port), "--drain-timeout-s", "300"], tmp_path / "run",
-                      background=background).start()
+    command = Command(
+        ["serve", "--tiny", "--port", str(port), "--drain-timeout-s", "300"], tmp_path / "run", background=background
+    ).start()
     cleanup(command)
     command.wait_for(lambda: "serving on" in command.text(), "serving", timeout=400)
     url = f"http://127.0.0.1:{port}"

@@ -84,8 +84,9 @@ def test_session_processes_refuses_a_path_that_would_match_everything():
 def test_a_background_job_starts_with_sigint_ignored():
     """The premise of the background tests: `cmd &` in a script ignores SIGINT in cmd (so Ctrl-C's clean-up
     never ran for `facediffuser serve ... &`)."""
-    shell = subprocess.Popen(["bash", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    shell = subprocess.Popen(
+        ["bash", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         child = int(shell.stdout.readline())
         deadline = time.time() + 10
@@ -102,7 +103,8 @@ def test_a_background_job_starts_with_sigint_ignored():
 def test_the_cli_prints_one_line_and_exits_128_plus_the_signal(tmp_path, sig):
     """Through facediffuser.cli.main, started in the background by a shell (SIGINT ignored at start)."""
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys, time
         from facediffuser import cli
         from cluster import stopping
@@ -119,11 +121,16 @@ def test_the_cli_prints_one_line_and_exits_128_plus_the_signal(tmp_path, sig):
                 import argparse
                 return argparse.Namespace(command="job", _run=run)
         sys.exit(cli.main(["job"]))
-    """))
+    """)
+    )
     log = tmp_path / "out.txt"
-    shell = subprocess.Popen(["bash", "-c", f"{sys.executable} {script} >{log} 2>&1 & echo $!; wait $!"],
-                             stdout=subprocess.PIPE, text=True, start_new_session=True,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shell = subprocess.Popen(
+        ["bash", "-c", f"{sys.executable} {script} >{log} 2>&1 & echo $!; wait $!"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     try:
         pid = int(shell.stdout.readline())
         deadline = time.time() + 60

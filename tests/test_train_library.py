@@ -11,7 +11,11 @@ from facediffuser.data.schema import to_table
 from facediffuser.training.checkpoint import load_components, load_training_state, save_model_dir, save_training_state
 from facediffuser.training.data import DataConfig, ExampleBuilder, transform_target
 from facediffuser.training.losses import (
-    CrossAttentionCapture, denoising_loss, localization_loss, localization_loss_one_map, union_mask,
+    CrossAttentionCapture,
+    denoising_loss,
+    localization_loss,
+    localization_loss_one_map,
+    union_mask,
 )
 from facediffuser.training.sample_rows import sample_records
 from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
@@ -78,8 +82,11 @@ def test_capture_hooks_the_eleven_middle_cross_attention_layers():
 def test_examples_from_rows(astronaut):
     records = sample_records(4, astronaut)
     tokenizer = load_components(None, "tdm", tiny=True)["tokenizer"]
-    builder = ExampleBuilder(DataConfig("sdm", resolution=64, object_resolution=32, subject_keep_prob=1.0,
-                                        uncondition_prob=0.0), tokenizer, seed=0)
+    builder = ExampleBuilder(
+        DataConfig("sdm", resolution=64, object_resolution=32, subject_keep_prob=1.0, uncondition_prob=0.0),
+        tokenizer,
+        seed=0,
+    )
     batch = builder(to_table(records))
     assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["pixel_values"].min() >= -1
     assert batch["object_pixel_values"].shape == (4, 4, 3, 32, 32)
@@ -123,10 +130,20 @@ def test_plain_torch_training_lowers_the_loss(astronaut, tmp_path):
     torch.manual_seed(0)
     parts = load_components(None, "sdm", tiny=True)
     config = OptimConfig(lr=1e-3, masked_loss_prob=0.0)
-    model = TrainingModel("sdm", parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
-                          parts["subject_encoder"], config)
-    builder = ExampleBuilder(DataConfig("sdm", resolution=64, object_resolution=32, uncondition_prob=0.0,
-                                        subject_keep_prob=1.0), parts["tokenizer"], seed=0)
+    model = TrainingModel(
+        "sdm",
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoder"],
+        parts["scheduler"].config,
+        parts["subject_encoder"],
+        config,
+    )
+    builder = ExampleBuilder(
+        DataConfig("sdm", resolution=64, object_resolution=32, uncondition_prob=0.0, subject_keep_prob=1.0),
+        parts["tokenizer"],
+        seed=0,
+    )
     batch = {k: torch.from_numpy(v) for k, v in builder(to_table(sample_records(4, astronaut))).items()}
 
     def evaluate() -> float:  # the same noise and timesteps every time
@@ -141,7 +158,10 @@ def test_plain_torch_training_lowers_the_loss(astronaut, tmp_path):
     frozen_vae = {k: v.clone() for k, v in model.vae.state_dict().items()}
     frozen_vision = model.subject_encoder.image_encoder.vision_model.encoder.layers[0].state_dict()
     frozen_vision = {k: v.clone() for k, v in frozen_vision.items()}
-    trained_vision = {k: v.clone() for k, v in model.subject_encoder.image_encoder.vision_model.encoder.layers[-1].state_dict().items()}
+    trained_vision = {
+        k: v.clone()
+        for k, v in model.subject_encoder.image_encoder.vision_model.encoder.layers[-1].state_dict().items()
+    }
     model.train()
     history = [step(batch) for _ in range(30)]
     after = evaluate()
@@ -156,15 +176,30 @@ def test_plain_torch_training_lowers_the_loss(astronaut, tmp_path):
     assert any(not torch.equal(v, last[k]) for k, v in trained_vision.items())
 
     # checkpoint round trip: the model dir loads as a pipeline part; the optimizer state restores exactly
-    save_model_dir(tmp_path / "model", "sdm", unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
-                   tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], subject_encoder=model.subject_encoder)
+    save_model_dir(
+        tmp_path / "model",
+        "sdm",
+        unet=model.unet,
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=parts["tokenizer"],
+        scheduler=parts["scheduler"],
+        subject_encoder=model.subject_encoder,
+    )
     save_training_state(tmp_path / "state.safetensors", optimizer, 30, {"attempt": 0})
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
     reloaded = load_components(tmp_path / "model", "sdm")
     torch.testing.assert_close(reloaded["unet"].state_dict(), model.unet.state_dict())
     torch.testing.assert_close(reloaded["subject_encoder"].state_dict(), model.subject_encoder.state_dict())
-    fresh = TrainingModel("sdm", reloaded["unet"], reloaded["vae"], reloaded["text_encoder"],
-                          reloaded["scheduler"].config, reloaded["subject_encoder"], config)
+    fresh = TrainingModel(
+        "sdm",
+        reloaded["unet"],
+        reloaded["vae"],
+        reloaded["text_encoder"],
+        reloaded["scheduler"].config,
+        reloaded["subject_encoder"],
+        config,
+    )
     fresh_optimizer = make_optimizer(fresh, config)
     assert load_training_state(tmp_path / "state.safetensors", fresh_optimizer) == (30, {"attempt": 0})
     old, new = optimizer.state_dict(), fresh_optimizer.state_dict()
@@ -184,10 +219,20 @@ def test_gradient_checkpointing_gives_the_same_step(astronaut):
         if checkpointing:
             parts["unet"].enable_gradient_checkpointing()
         config = OptimConfig(lr=1e-3, masked_loss_prob=0.0)
-        model = TrainingModel("sdm", parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"].config,
-                              parts["subject_encoder"], config)
-        builder = ExampleBuilder(DataConfig("sdm", resolution=64, object_resolution=32, uncondition_prob=0.0,
-                                            subject_keep_prob=1.0), parts["tokenizer"], seed=0)
+        model = TrainingModel(
+            "sdm",
+            parts["unet"],
+            parts["vae"],
+            parts["text_encoder"],
+            parts["scheduler"].config,
+            parts["subject_encoder"],
+            config,
+        )
+        builder = ExampleBuilder(
+            DataConfig("sdm", resolution=64, object_resolution=32, uncondition_prob=0.0, subject_keep_prob=1.0),
+            parts["tokenizer"],
+            seed=0,
+        )
         batch = {k: torch.from_numpy(v) for k, v in builder(to_table(sample_records(2, astronaut))).items()}
         model.train()
         torch.manual_seed(1)

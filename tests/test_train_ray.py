@@ -29,8 +29,13 @@ SMALL = [*TINY, "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
 def finished_output(root: Path, input_rows: int | None = None) -> Path:
     """Make `root` (holding shards/) look like a finished preprocess run: the manifest preprocess writes last."""
     rows = sum(pq.read_metadata(f).num_rows for f in (root / "shards").glob("*.parquet"))
-    write_manifest(str(root), {"schema_version": 1, "counts": {"input": input_rows or rows, "written": rows,
-                                                                "rejected": (input_rows or rows) - rows}})
+    write_manifest(
+        str(root),
+        {
+            "schema_version": 1,
+            "counts": {"input": input_rows or rows, "written": rows, "rejected": (input_rows or rows) - rows},
+        },
+    )
     return root
 
 
@@ -49,8 +54,9 @@ def shards(tmp_path_factory, astronaut) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.train", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_bad_input_fails_in_one_line_before_work(tmp_path, shards):
@@ -66,18 +72,44 @@ def test_bad_input_fails_in_one_line_before_work(tmp_path, shards):
     cases = {
         "not a preprocess output (no manifest.json)": ["--model", "sdm", "--data", str(tmp_path / "empty"), "--tiny"],
         "missing columns: caption": ["--model", "tdm", "--data", str(wrong), "--tiny"],
-        f"no {unfinished / 'manifest.json'}: the preprocess run there is in progress or was cut short":
-            ["--model", "tdm", "--data", str(unfinished / "shards"), "--tiny"],
+        f"no {unfinished / 'manifest.json'}: the preprocess run there is in progress or was cut short": [
+            "--model",
+            "tdm",
+            "--data",
+            str(unfinished / "shards"),
+            "--tiny",
+        ],
         "no such file": ["--model", "tdm", "--data", str(tmp_path / "absent"), "--tiny"],
-        "--base: base model directory not found": ["--model", "sdm", "--data", str(shards), "--base", str(tmp_path / "nobase")],
-        "fewer than one batch": ["--model", "both", "--data", str(shards), "--tiny", "--batch-size", "16", "--workers", "2"],
+        "--base: base model directory not found": [
+            "--model",
+            "sdm",
+            "--data",
+            str(shards),
+            "--base",
+            str(tmp_path / "nobase"),
+        ],
+        "fewer than one batch": [
+            "--model",
+            "both",
+            "--data",
+            str(shards),
+            "--tiny",
+            "--batch-size",
+            "16",
+            "--workers",
+            "2",
+        ],
     }
     for expected, args in cases.items():
         done = _cli(*args, "--storage", storage, "--name", "bad")
         lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("facediffuser train: error:"), done.stderr
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("facediffuser train: error:"), (
+            done.stderr
+        )
         assert expected in lines[0]
-    done = _cli("--model", "sdm", "--data", str(shards), "--tiny", "--storage", storage, "--name", "bad", "--epochs", "3")
+    done = _cli(
+        "--model", "sdm", "--data", str(shards), "--tiny", "--storage", storage, "--name", "bad", "--epochs", "3"
+    )
     assert done.returncode == 2 and "unrecognized arguments: --epochs 3" in done.stderr
     assert not Path(storage).exists()  # nothing was started or written
 
@@ -91,8 +123,10 @@ def test_data_resolves_a_preprocess_output_a_shards_dir_or_a_list(tmp_path, shar
     finished_output(output, input_rows=18)
     resolved = resolve_data([str(output), str(shards)])
     assert resolved == [str(output / "shards"), str(shards)]
-    assert f"--data {output}: preprocess output; reading {output / 'shards'} (16 rows written, 2 rejected" in \
-        capsys.readouterr().out
+    assert (
+        f"--data {output}: preprocess output; reading {output / 'shards'} (16 rows written, 2 rejected"
+        in capsys.readouterr().out
+    )
     assert check_data(resolved) == 32 and check_data(str(shards)) == 16
     with pytest.raises(ValueError, match="either local directories or s3:// prefixes"):
         resolve_data([str(shards), "s3://bucket/shards"])
@@ -124,7 +158,9 @@ def test_data_refuses_shards_without_a_complete_manifest(tmp_path, shards):
     (broken / "manifest.json").write_text('{"counts": ')
     refused(broken, f"{broken / 'manifest.json'} is not valid JSON")
     short = copy("short")  # counts that do not add up: in != written + rejected
-    (short / "manifest.json").write_text(json.dumps({**manifest, "counts": {"input": 20, "written": 16, "rejected": 2}}))
+    (short / "manifest.json").write_text(
+        json.dumps({**manifest, "counts": {"input": 20, "written": 16, "rejected": 2}})
+    )
     refused(short, f"{short / 'manifest.json'} is incomplete: 20 in, 16 written, 2 rejected")
     old = copy("old")  # a manifest without the shard list
     (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
@@ -176,8 +212,21 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
     s3.upload_file(str(shards.parent / "manifest.json"), "train", "manifest.json")  # a finished preprocess run
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("FACEDIFFUSER_FAULTS", f"train.step=3,train.marker={marker}")  # facediffuser/faults.py
-    common = ["--model", "sdm", "--data", "s3://train/shards", "--storage", "s3://train/runs", "--name", "ft",
-              "--workers", "2", "--checkpoint-every", "2", *SMALL]
+    common = [
+        "--model",
+        "sdm",
+        "--data",
+        "s3://train/shards",
+        "--storage",
+        "s3://train/runs",
+        "--name",
+        "ft",
+        "--workers",
+        "2",
+        "--checkpoint-every",
+        "2",
+        *SMALL,
+    ]
 
     # run 1: rank 1 raises before step 3 → the group restarts from the step-2 checkpoint → finishes at 4
     assert cli_main(["train", *common, "--max-steps", "4", "--max-failures", "1"]) == 0
@@ -222,8 +271,29 @@ def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, t
     output = tmp_path / "data"  # a preprocess output directory, given as is
     shutil.copytree(shards.parent, output)
     # no resource flags: the runs are sized from the 2-CPU cluster (the README's CPU try-out command)
-    assert cli_main(["train", "--model", "both", "--data", str(output), "--storage", str(storage), "--name", "pair",
-                     "--max-steps", "2", "--checkpoint-every", "2", "--lr", "1e-4", *TINY]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--model",
+                "both",
+                "--data",
+                str(output),
+                "--storage",
+                str(storage),
+                "--name",
+                "pair",
+                "--max-steps",
+                "2",
+                "--checkpoint-every",
+                "2",
+                "--lr",
+                "1e-4",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "resources per model: 1 worker(s) × 0.44 CPU, Ray Data reads 0.06 CPU (cluster: 2 CPUs" in out
     final = storage / "pair" / "final"
@@ -246,8 +316,7 @@ def test_both_models_side_by_side_give_a_working_pipeline(ray_session, shards, t
     for trained, base in ((pipe.sdm_unet, untrained["sdm_unet"]), (pipe.tdm_unet, untrained["tdm_unet"])):
         assert any(not (a == b).all() for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
     pipe.set_progress_bar_config(disable=True)
-    result = pipe("a man <|image|> at the beach", [astronaut],
-                  num_inference_steps=3, seed=0)
+    result = pipe("a man <|image|> at the beach", [astronaut], num_inference_steps=3, seed=0)
     image = result.images[0]
     assert image.size == (128, 128) and len(image.getcolors(maxcolors=128 * 128)) > 10
 
@@ -265,12 +334,45 @@ def test_train_from_a_hub_sd15_directory_with_fp16_variant_files(ray_session, sh
     base_pipe = tiny_pipeline(seed=8)
     hub = write_hub_sd15(tmp_path / "sd15", base_pipe, weights="safetensors", plain=False, fp16_variant=True)
     base_pipe.subject_encoder.image_encoder.save_pretrained(tmp_path / "clip-vision")
-    common = ["--data", str(shards.parent), "--storage", str(tmp_path / "runs"), "--name", "hub", "--base", str(hub),
-              "--resolution", "64", "--batch-size", "2", "--cpus-per-worker", "0.25", "--data-cpus", "0.1"]
+    common = [
+        "--data",
+        str(shards.parent),
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "hub",
+        "--base",
+        str(hub),
+        "--resolution",
+        "64",
+        "--batch-size",
+        "2",
+        "--cpus-per-worker",
+        "0.25",
+        "--data-cpus",
+        "0.1",
+    ]
     done = _cli("--model", "sdm", *common)  # the variant is not guessed: the error says which to pass
     assert done.returncode == 2 and "no plain weights" in done.stderr and "pass --variant fp16" in done.stderr
-    assert cli_main(["train", "--model", "sdm", *common, "--variant", "fp16", "--image-encoder",
-                     str(tmp_path / "clip-vision"), "--max-steps", "1", "--checkpoint-every", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--model",
+                "sdm",
+                *common,
+                "--variant",
+                "fp16",
+                "--image-encoder",
+                str(tmp_path / "clip-vision"),
+                "--max-steps",
+                "1",
+                "--checkpoint-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "sdm: 1 steps" in out and "tdm: untrained base, paired" in out
     pipe = load_pipeline(str(tmp_path / "runs" / "hub" / "final"))

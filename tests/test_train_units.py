@@ -19,10 +19,33 @@ from pipelines.train import add_arguments, worker_env
 from pipelines.train_config import TrainConfig
 from pipelines.train_worker import injected_fault
 
-INFRA_FLAGS = ["--model", "both", "--data", "s3://b/shards", "--base", "runwayml/stable-diffusion-v1-5",
-               "--image-encoder", "openai/clip-vit-large-patch14", "--storage", "s3://b/runs", "--name", "ffhq",
-               "--workers", "4", "--use-gpu", "--mixed-precision", "bf16", "--batch-size", "8", "--lr", "1e-5",
-               "--max-steps", "150000", "--checkpoint-every", "1000"]
+INFRA_FLAGS = [
+    "--model",
+    "both",
+    "--data",
+    "s3://b/shards",
+    "--base",
+    "runwayml/stable-diffusion-v1-5",
+    "--image-encoder",
+    "openai/clip-vit-large-patch14",
+    "--storage",
+    "s3://b/runs",
+    "--name",
+    "ffhq",
+    "--workers",
+    "4",
+    "--use-gpu",
+    "--mixed-precision",
+    "bf16",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-5",
+    "--max-steps",
+    "150000",
+    "--checkpoint-every",
+    "1000",
+]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,8 +60,13 @@ def parser() -> argparse.ArgumentParser:
 def test_the_command_line_comes_from_the_config_and_faults_stay_out_of_it():
     args = parser().parse_args(INFRA_FLAGS)
     config = from_args(TrainConfig, args, model="sdm")
-    assert (config.workers, config.use_gpu, config.batch_size, config.max_steps, config.checkpoint_every) == \
-        (4, True, 8, 150000, 1000)
+    assert (config.workers, config.use_gpu, config.batch_size, config.max_steps, config.checkpoint_every) == (
+        4,
+        True,
+        8,
+        150000,
+        1000,
+    )
     assert config.data == ["s3://b/shards"] and config.keep_checkpoints == 2 and config.resolution is None
     assert args.model == "both" and not args.verbose
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -49,17 +77,20 @@ def test_the_command_line_comes_from_the_config_and_faults_stay_out_of_it():
         parser().parse_args([*INFRA_FLAGS, "--tiny"])  # --base and --tiny exclude each other
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": "both"}, "--model must be sdm or tdm"),
-    ({"name": "a b"}, "--name 'a b'"),
-    ({"tiny": False}, "give --base MODEL_DIR"),
-    ({"base": "/models/sd"}, "--base and --tiny exclude each other"),
-    ({"batch_size": 0}, "--batch-size must be >= 1"),
-    ({"data_cpus": 0.0}, "--data-cpus must be > 0"),
-    ({"lr": 0.0}, "--lr must be > 0"),
-    ({"mixed_precision": "fp8"}, "--mixed-precision must be bf16, fp16 or no"),
-    ({"resolution": 100}, "--resolution must be a multiple of 64"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "both"}, "--model must be sdm or tdm"),
+        ({"name": "a b"}, "--name 'a b'"),
+        ({"tiny": False}, "give --base MODEL_DIR"),
+        ({"base": "/models/sd"}, "--base and --tiny exclude each other"),
+        ({"batch_size": 0}, "--batch-size must be >= 1"),
+        ({"data_cpus": 0.0}, "--data-cpus must be > 0"),
+        ({"lr": 0.0}, "--lr must be > 0"),
+        ({"mixed_precision": "fp8"}, "--mixed-precision must be bf16, fp16 or no"),
+        ({"resolution": 100}, "--resolution must be a multiple of 64"),
+    ],
+)
 def test_validate_names_the_setting_before_reading_anything(tmp_path, change, message):
     config = TrainConfig(model="tdm", data=str(tmp_path / "absent"), storage=str(tmp_path), name="n", tiny=True)
     with pytest.raises(ValueError, match=message):
@@ -135,8 +166,11 @@ def test_s3_export_replaces_the_old_model_only_once_the_new_one_is_complete(s3_e
 
     def listing() -> dict[str, str]:
         objects = s3.list_objects_v2(Bucket="export", Prefix="runs/x/final/").get("Contents", [])
-        return {o["Key"][len("runs/x/final/"):]: s3.get_object(Bucket="export", Key=o["Key"])["Body"].read().decode()
-                for o in objects if not o["Key"].endswith("/")}  # pyarrow keeps empty directory markers
+        return {
+            o["Key"][len("runs/x/final/") :]: s3.get_object(Bucket="export", Key=o["Key"])["Body"].read().decode()
+            for o in objects
+            if not o["Key"].endswith("/")
+        }  # pyarrow keeps empty directory markers
 
     restore = _failing_copy(monkeypatch)
     with pytest.raises(OSError, match="connection lost"):

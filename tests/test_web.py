@@ -15,8 +15,6 @@ import shutil
 import pytest
 from PIL import Image
 
-from serve_fixtures import service  # noqa: F401
-
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -31,10 +29,19 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1200,1000",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -57,8 +64,9 @@ def _set(driver, field: str, value: str) -> None:
     box.send_keys(value)
 
 
-def _fill_and_submit(driver, url: str, photo_path: str, prompt: str = "a man <|image|> on the moon",
-                     steps: int = 8, seed: int = 5) -> None:
+def _fill_and_submit(
+    driver, url: str, photo_path: str, prompt: str = "a man <|image|> on the moon", steps: int = 8, seed: int = 5
+) -> None:
     from selenium.webdriver.common.by import By
 
     driver.get(url + "/")
@@ -176,14 +184,15 @@ def test_boxes_dragged_on_the_canvas_fill_the_coordinates(service, browser):
         width, height = canvas.size["width"], canvas.size["height"]
         at = lambda f: (round((f[0] - 0.5) * width), round((f[1] - 0.5) * height))  # noqa: E731
         (x0, y0), (x1, y1) = at(start), at(end)
-        ActionChains(browser).move_to_element_with_offset(canvas, x0, y0).click_and_hold() \
-            .move_by_offset((x1 - x0) // 2, (y1 - y0) // 2).move_by_offset(x1 - x0 - (x1 - x0) // 2,
-                                                                            y1 - y0 - (y1 - y0) // 2) \
-            .release().perform()
+        ActionChains(browser).move_to_element_with_offset(canvas, x0, y0).click_and_hold().move_by_offset(
+            (x1 - x0) // 2, (y1 - y0) // 2
+        ).move_by_offset(x1 - x0 - (x1 - x0) // 2, y1 - y0 - (y1 - y0) // 2).release().perform()
 
     def boxes():
-        return [[float(v) for v in field.get_attribute("value").split(",")] if field.get_attribute("value") else None
-                for field in browser.find_elements(By.CSS_SELECTOR, "input.box")]
+        return [
+            [float(v) for v in field.get_attribute("value").split(",")] if field.get_attribute("value") else None
+            for field in browser.find_elements(By.CSS_SELECTOR, "input.box")
+        ]
 
     drag((0.1, 0.2), (0.6, 0.9))
     first = boxes()[0]
@@ -195,7 +204,11 @@ def test_boxes_dragged_on_the_canvas_fill_the_coordinates(service, browser):
         return browser.execute_script(
             "const c = arguments[0]; const x = Math.min(c.width - 1, Math.round(arguments[1] * c.width));"
             "const y = Math.min(c.height - 1, Math.round(arguments[2] * c.height));"
-            "return c.getContext('2d').getImageData(x, y, 1, 1).data[3];", canvas, fx, fy)
+            "return c.getContext('2d').getImageData(x, y, 1, 1).data[3];",
+            canvas,
+            fx,
+            fy,
+        )
 
     assert painted(0.1, 0.5) > 0 and painted(0.3, 0.5) == 0  # person 1's left edge is drawn, inside is empty
     # Typed coordinates still work and show on the canvas.
@@ -216,8 +229,16 @@ def test_cancel_ends_a_queued_or_running_job(service, browser, photo):
     blockers = []
     try:
         for seed in range(4):
-            answer = client.post("/v1/jobs", json={"prompt": "a man <|image|> on a beach", "seed": 100 + seed,
-                                                   "references": [service["reference"]], "steps": 8, "num_images": 4})
+            answer = client.post(
+                "/v1/jobs",
+                json={
+                    "prompt": "a man <|image|> on a beach",
+                    "seed": 100 + seed,
+                    "references": [service["reference"]],
+                    "steps": 8,
+                    "num_images": 4,
+                },
+            )
             assert answer.status_code == 202, answer.text
             blockers.append(answer.json()["id"])
         _fill_and_submit(browser, url, str(photo), steps=8, seed=9)

@@ -14,7 +14,7 @@ _POSITIONS = {
 
 
 def template_caption(num_subjects: int) -> str:
-    """"a photo of a person on the left and a person on the right": exactly one person noun per subject,
+    """ "a photo of a person on the left and a person on the right": exactly one person noun per subject,
     in left-to-right order (the linking order), so linking a template caption always succeeds."""
     if num_subjects < 1:
         raise ValueError("a template caption needs at least one subject")
@@ -38,7 +38,9 @@ def check_captioner(name_or_path: str) -> None:
     try:
         AutoConfig.from_pretrained(name_or_path)
     except Exception as exc:  # OSError (not found / offline), ValueError (not a model dir)
-        raise ValueError(f"--captioner {name_or_path}: cannot load a model config ({str(exc).splitlines()[0]})") from None
+        raise ValueError(
+            f"--captioner {name_or_path}: cannot load a model config ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 class ModelCaptioner:

@@ -69,8 +69,12 @@ class MediapipeFaceDetector:
         faces = []
         for detection in result.detections or []:
             rel = detection.location_data.relative_bounding_box
-            box = [rel.xmin * width + x0, rel.ymin * height + y0,
-                   (rel.xmin + rel.width) * width + x0, (rel.ymin + rel.height) * height + y0]
+            box = [
+                rel.xmin * width + x0,
+                rel.ymin * height + y0,
+                (rel.xmin + rel.width) * width + x0,
+                (rel.ymin + rel.height) * height + y0,
+            ]
             faces.append(Face(box=box, score=float(detection.score[0])))
         return faces
 

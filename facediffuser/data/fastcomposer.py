@@ -22,9 +22,9 @@ from PIL import Image
 
 from facediffuser.data import io as dataio
 from facediffuser.data.preprocess_config import PreprocessConfig
+from facediffuser.data.schema import encode_mask
 from facediffuser.data.stages import encode_jpeg, resize_short_side
 from facediffuser.data.work_items import new_item, reject
-from facediffuser.data.schema import encode_mask
 from facediffuser.images import ImageDecodeError, decode_image
 
 PERSON_LABEL = "person"
@@ -119,7 +119,9 @@ def convert_stage(item: dict, config: PreprocessConfig) -> dict:
     try:
         jpg, meta_bytes, npy = (dataio.read_bytes(u) for u in (item["source"], json_uri, npy_uri))
     except OSError as exc:
-        return reject(item, "read", f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return reject(
+            item, "read", f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )
     try:
         image = decode_image(jpg, max_pixels=config.max_pixels, name=posixpath.basename(item["source"]))
     except ImageDecodeError as exc:
@@ -132,7 +134,9 @@ def convert_stage(item: dict, config: PreprocessConfig) -> dict:
     if not segments:
         return reject(item, "convert", "no person segment")
     if len(segments) > config.max_subjects:
-        return reject(item, "convert", f"{len(segments)} person segments, more than --max-subjects {config.max_subjects}")
+        return reject(
+            item, "convert", f"{len(segments)} person segments, more than --max-subjects {config.max_subjects}"
+        )
     if len({s["end"] for s in segments}) != len(segments):
         return reject(item, "convert", "two person segments share one noun end")
 
@@ -147,7 +151,22 @@ def convert_stage(item: dict, config: PreprocessConfig) -> dict:
         x1, y1, x2, y2 = segment["bbox"]
         box = [x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
         word = _LAST_WORD.search(caption[: segment["end"]])
-        subjects.append({"face_box": box, "score": 0.0, "person_box": box, "mask_png": encode_mask(mask),
-                         "face_mask_png": None, "noun": word.group(1), "noun_end": segment["end"]})
-    return {**item, "image": encode_jpeg(stored), "width": stored.width, "height": stored.height,
-            "caption": caption, "subjects": subjects}
+        subjects.append(
+            {
+                "face_box": box,
+                "score": 0.0,
+                "person_box": box,
+                "mask_png": encode_mask(mask),
+                "face_mask_png": None,
+                "noun": word.group(1),
+                "noun_end": segment["end"],
+            }
+        )
+    return {
+        **item,
+        "image": encode_jpeg(stored),
+        "width": stored.width,
+        "height": stored.height,
+        "caption": caption,
+        "subjects": subjects,
+    }

@@ -12,18 +12,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PERSON_NOUNS = frozenset("""
+PERSON_NOUNS = frozenset(
+    """
     person man woman boy girl child kid baby toddler infant teenager teen lady gentleman guy gal dude
     adult bride groom husband wife mother father mom dad son daughter brother sister grandmother grandfather
     grandma grandpa player athlete actor actress singer musician dancer model student teacher doctor nurse
     officer soldier policeman policewoman chef worker businessman businesswoman astronaut pilot cowboy
     surfer skier skateboarder snowboarder biker cyclist runner rider climber swimmer golfer boxer
-    """.split())
+    """.split()
+)
 # plural or collective nouns: they name several people with one word, which cannot be linked per subject
-GROUP_NOUNS = frozenset("""
+GROUP_NOUNS = frozenset(
+    """
     people persons men women boys girls children kids babies ladies gentlemen guys adults couple family
     group crowd team friends players students twins
-    """.split())
+    """.split()
+)
 
 _WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 

@@ -39,10 +39,12 @@ def split_foreground(probabilities: list[np.ndarray], faces: list[Face]) -> list
     height, width = probabilities[0].shape
     columns = np.arange(width, dtype=np.float32)
     # distance of every pixel column to each face centre, in that face's widths; +inf where not foreground
-    distance = np.stack([
-        np.where(p > FOREGROUND_THRESHOLD, np.abs(columns - f.center_x)[None, :] / max(f.width, 1.0), np.inf)
-        for p, f in zip(probabilities, faces)
-    ])
+    distance = np.stack(
+        [
+            np.where(p > FOREGROUND_THRESHOLD, np.abs(columns - f.center_x)[None, :] / max(f.width, 1.0), np.inf)
+            for p, f in zip(probabilities, faces)
+        ]
+    )
     owner = np.argmin(distance, axis=0)
     claimed = np.isfinite(distance.min(axis=0))
     return [claimed & (owner == k) for k in range(len(faces))]

@@ -73,8 +73,10 @@ def write_manifest(output_uri: str, manifest: dict) -> dict:
     rows = sum(entry["rows"] for entry in listing)
     written = manifest["counts"]["written"]
     if rows != written:
-        raise RuntimeError(f"{dataio.join(output_uri, SHARDS_DIR)}: the shard files hold {rows} rows, "
-                           f"the run wrote {written}; no manifest written")
+        raise RuntimeError(
+            f"{dataio.join(output_uri, SHARDS_DIR)}: the shard files hold {rows} rows, "
+            f"the run wrote {written}; no manifest written"
+        )
     manifest = {**manifest, "shards": listing}
     dataio.write_bytes(dataio.join(output_uri, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     return manifest
@@ -90,7 +92,9 @@ def check_complete(output_uri: str, what: str) -> dict:
     manifest_uri = dataio.join(output_uri, MANIFEST_FILE)
     rerun = "rerun `facediffuser preprocess` with the same --input and --output to finish it"
     if not dataio.exists(manifest_uri):
-        raise IncompleteOutput(f"{what}: no {manifest_uri}: the preprocess run there is in progress or was cut short; {rerun}")
+        raise IncompleteOutput(
+            f"{what}: no {manifest_uri}: the preprocess run there is in progress or was cut short; {rerun}"
+        )
     try:
         manifest = json.loads(dataio.read_bytes(manifest_uri))
     except ValueError as exc:
@@ -100,25 +104,40 @@ def check_complete(output_uri: str, what: str) -> dict:
     if not numbers or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers.values()):
         raise IncompleteOutput(f"{what}: {manifest_uri} has no input/written/rejected counts; {rerun}")
     if numbers["input"] != numbers["written"] + numbers["rejected"]:
-        raise IncompleteOutput(f"{what}: {manifest_uri} is incomplete: {numbers['input']} in, {numbers['written']} written, "
-                      f"{numbers['rejected']} rejected; {rerun}")
+        raise IncompleteOutput(
+            f"{what}: {manifest_uri} is incomplete: {numbers['input']} in, {numbers['written']} written, "
+            f"{numbers['rejected']} rejected; {rerun}"
+        )
     listing = manifest.get("shards")
-    if not isinstance(listing, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
-                                                and isinstance(e.get("rows"), int) for e in listing):
-        raise IncompleteOutput(f"{what}: {manifest_uri} lists no shard files (written by an older preprocess?); {rerun}")
+    if not isinstance(listing, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("rows"), int) for e in listing
+    ):
+        raise IncompleteOutput(
+            f"{what}: {manifest_uri} lists no shard files (written by an older preprocess?); {rerun}"
+        )
     listed_rows = sum(e["rows"] for e in listing)
     if listed_rows != numbers["written"]:
-        raise IncompleteOutput(f"{what}: {manifest_uri} is incomplete: its shard files hold {listed_rows} rows, "
-                      f"{numbers['written']} written; {rerun}")
+        raise IncompleteOutput(
+            f"{what}: {manifest_uri} is incomplete: its shard files hold {listed_rows} rows, "
+            f"{numbers['written']} written; {rerun}"
+        )
     listed = {e["file"]: e.get("bytes") for e in listing}
     present = shard_sizes(dataio.join(output_uri, SHARDS_DIR))
     missing = sorted(set(listed) - set(present))
     extra = sorted(set(present) - set(listed))
     changed = sorted(name for name in set(listed) & set(present) if listed[name] != present[name])
     if missing or extra or changed:
-        problems = [f"{len(names)} {kind}: {_names(names)}" for kind, names in
-                    (("listed shard files missing", missing), ("shard files not listed", extra),
-                     ("shard files changed", changed)) if names]
-        raise IncompleteOutput(f"{what}: the shards differ from {manifest_uri} ({'; '.join(problems)}): changed after "
-                      f"the run finished, or another run is writing there; {rerun}")
+        problems = [
+            f"{len(names)} {kind}: {_names(names)}"
+            for kind, names in (
+                ("listed shard files missing", missing),
+                ("shard files not listed", extra),
+                ("shard files changed", changed),
+            )
+            if names
+        ]
+        raise IncompleteOutput(
+            f"{what}: the shards differ from {manifest_uri} ({'; '.join(problems)}): changed after "
+            f"the run finished, or another run is writing there; {rerun}"
+        )
     return manifest

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from facediffuser.config import arg
 from facediffuser.data import io as dataio
 from facediffuser.data.captions import TEMPLATE, check_captioner
-from facediffuser.data.faces import DETECTORS, DEFAULT_MIN_SCORE
+from facediffuser.data.faces import DEFAULT_MIN_SCORE, DETECTORS
 from facediffuser.images import DEFAULT_MAX_PIXELS
 
 SOURCES = ("images", "fastcomposer")
@@ -17,17 +17,24 @@ SOURCES = ("images", "fastcomposer")
 class PreprocessConfig:
     input: str = arg(help="directory or s3:// prefix of photos (or a FastComposer tree)")
     output: str = arg(help="directory or s3:// prefix for shards/, rejects/, manifest.json")
-    source: str = arg("images", "images: run the models; fastcomposer: convert jpg+json+npy without models",
-                      choices=SOURCES)
+    source: str = arg(
+        "images", "images: run the models; fastcomposer: convert jpg+json+npy without models", choices=SOURCES
+    )
     detector: str = arg("mediapipe", "face detector", choices=DETECTORS)
     captioner: str = arg(TEMPLATE, "'template' or a transformers image-to-text model directory / hub id")
     max_subjects: int = arg(4, "images with more faces are rejected")
     resolution: int = arg(512, "short side of stored images (downscale only)")
     num_gpus_per_stage: float = arg(0.0, "GPUs per actor of the stages that use one (MTCNN, a captioner model)")
-    batch_size: int = arg(8, "images per map_batches call of a pool before the last (the last pool takes one "
-                                "block, written as one shard file, per call)")
-    workers_per_stage: int | None = arg(None, "concurrent workers of each stage pool: tasks on CPUs, actors on GPUs "
-                                              "(default: what the cluster's CPUs and GPUs hold)")
+    batch_size: int = arg(
+        8,
+        "images per map_batches call of a pool before the last (the last pool takes one "
+        "block, written as one shard file, per call)",
+    )
+    workers_per_stage: int | None = arg(
+        None,
+        "concurrent workers of each stage pool: tasks on CPUs, actors on GPUs "
+        "(default: what the cluster's CPUs and GPUs hold)",
+    )
     rows_per_shard: int = arg(1000, "rows per Parquet shard file")
     max_pixels: int = arg(DEFAULT_MAX_PIXELS, "larger images are rejected before decoding")
     min_face_score: float = arg(DEFAULT_MIN_SCORE, cli=False)  # detector confidence; library callers set it

@@ -9,12 +9,20 @@ import pyarrow.fs as pafs
 
 from facediffuser.data import io as dataio
 from facediffuser.data import output_dir
-from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.preprocess_config import PreprocessConfig
+from facediffuser.data.schema import SCHEMA_VERSION
 
 # What decides the rows written: a rerun with the same values continues the previous output, other values replace it.
-OUTPUT_SETTINGS = ("input", "source", "detector", "captioner", "max_subjects", "resolution", "max_pixels",
-                   "min_face_score")
+OUTPUT_SETTINGS = (
+    "input",
+    "source",
+    "detector",
+    "captioner",
+    "max_subjects",
+    "resolution",
+    "max_pixels",
+    "min_face_score",
+)
 
 
 def previous_work(config: PreprocessConfig, ids: set[str]) -> tuple[set[str], list[dict]]:
@@ -39,8 +47,11 @@ def previous_work(config: PreprocessConfig, ids: set[str]) -> tuple[set[str], li
     if before != settings:
         if before is not None or dataio.exists(shards_uri):
             changed = sorted(k for k in settings if (before or {}).get(k) != settings[k]) if before else ["(unknown)"]
-            print(f"--output {config.output}: replacing the previous output (made with other settings: "
-                  f"{', '.join(changed)})", flush=True)
+            print(
+                f"--output {config.output}: replacing the previous output (made with other settings: "
+                f"{', '.join(changed)})",
+                flush=True,
+            )
         dataio.remove_dir(shards_uri)
         dataio.remove_dir(rejects_uri)
         dataio.write_bytes(run_uri, json.dumps(settings, indent=2).encode())

@@ -18,15 +18,17 @@ from PIL import Image
 SCHEMA_VERSION = 1
 VERSION_KEY = b"facediffuser_schema_version"
 
-SUBJECT_TYPE = pa.struct([
-    pa.field("person_box", pa.list_(pa.float32(), 4), nullable=False),
-    pa.field("face_box", pa.list_(pa.float32(), 4), nullable=False),
-    pa.field("score", pa.float32(), nullable=False),  # face detection score in [0, 1]
-    pa.field("mask_png", pa.binary(), nullable=False),  # person mask
-    pa.field("face_mask_png", pa.binary()),  # face region mask, when the producer made one
-    pa.field("noun", pa.string(), nullable=False),  # the linked noun phrase's head word, e.g. "man"
-    pa.field("noun_end", pa.int32(), nullable=False),  # character offset in caption where the phrase ends
-])
+SUBJECT_TYPE = pa.struct(
+    [
+        pa.field("person_box", pa.list_(pa.float32(), 4), nullable=False),
+        pa.field("face_box", pa.list_(pa.float32(), 4), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # face detection score in [0, 1]
+        pa.field("mask_png", pa.binary(), nullable=False),  # person mask
+        pa.field("face_mask_png", pa.binary()),  # face region mask, when the producer made one
+        pa.field("noun", pa.string(), nullable=False),  # the linked noun phrase's head word, e.g. "man"
+        pa.field("noun_end", pa.int32(), nullable=False),  # character offset in caption where the phrase ends
+    ]
+)
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -78,8 +80,12 @@ class Record:
 
     @classmethod
     def from_row(cls, row: dict) -> "Record":
-        subjects = [Subject(**{k: (list(v) if k.endswith("box") else v) for k, v in s.items()}) for s in row["subjects"]]
-        return cls(**{**{k: row[k] for k in ("id", "source", "image", "width", "height", "caption")}, "subjects": subjects})
+        subjects = [
+            Subject(**{k: (list(v) if k.endswith("box") else v) for k, v in s.items()}) for s in row["subjects"]
+        ]
+        return cls(
+            **{**{k: row[k] for k in ("id", "source", "image", "width", "height", "caption")}, "subjects": subjects}
+        )
 
 
 def to_table(records: list[Record]) -> pa.Table:
@@ -96,7 +102,10 @@ def check_schema(schema: pa.Schema, what: str = "data") -> None:
         raise ValueError(f"{what}: not Face-diffuser shards (missing columns: {', '.join(missing)})")
     for expected in SHARD_SCHEMA:
         if not schema.field(expected.name).type.equals(expected.type):
-            raise ValueError(f"{what}: column {expected.name!r} has type {schema.field(expected.name).type}, expected {expected.type}")
+            raise ValueError(
+                f"{what}: column {expected.name!r} has type {schema.field(expected.name).type}, "
+                f"expected {expected.type}"
+            )
 
 
 def encode_mask(mask: np.ndarray) -> bytes:

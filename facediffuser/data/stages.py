@@ -37,8 +37,10 @@ def list_image_items(input_uri: str) -> list[dict]:
     """Every image file under the input (sorted, so ids and output are deterministic). The id is the path
     relative to the input; a `<name>.txt` beside an image is its existing caption."""
     captions = {posixpath.splitext(rel)[0]: uri for rel, uri in dataio.list_files(input_uri, (".txt",))}
-    return [new_item(rel, uri, captions.get(posixpath.splitext(rel)[0]))
-            for rel, uri in dataio.list_files(input_uri, dataio.IMAGE_EXTENSIONS)]
+    return [
+        new_item(rel, uri, captions.get(posixpath.splitext(rel)[0]))
+        for rel, uri in dataio.list_files(input_uri, dataio.IMAGE_EXTENSIONS)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -70,14 +72,21 @@ def read_stage(item: dict, config: PreprocessConfig) -> dict:
         data = dataio.read_bytes(item["source"])
         caption = dataio.read_bytes(item["caption_source"]).decode("utf-8").strip() if item["caption_source"] else None
     except (OSError, UnicodeDecodeError) as exc:
-        return reject(item, "read", f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return reject(
+            item, "read", f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )
     try:
         image = decode_image(data, max_pixels=config.max_pixels, name=posixpath.basename(item["source"]))
     except ImageDecodeError as exc:
         return reject(item, "decode", str(exc))
     image = resize_short_side(image, config.resolution)
-    return {**item, "image": encode_jpeg(image), "width": image.width, "height": image.height,
-            "caption": caption or None}
+    return {
+        **item,
+        "image": encode_jpeg(image),
+        "width": image.width,
+        "height": image.height,
+        "caption": caption or None,
+    }
 
 
 def detect_stage(item: dict, detector, config: PreprocessConfig) -> dict:
@@ -100,8 +109,14 @@ def segment_stage(item: dict, segmenter) -> dict:
     for index, (subject, face, mask) in enumerate(zip(item["subjects"], faces, masks)):
         if not mask.any():
             return reject(item, "segment", f"no person mask around face {index} at {[round(v) for v in face.box]}")
-        subjects.append({**subject, "person_box": mask_box(mask), "mask_png": encode_mask(mask),
-                         "face_mask_png": encode_mask(face_ellipse(face, width, height))})
+        subjects.append(
+            {
+                **subject,
+                "person_box": mask_box(mask),
+                "mask_png": encode_mask(mask),
+                "face_mask_png": encode_mask(face_ellipse(face, width, height)),
+            }
+        )
     return {**item, "subjects": subjects}
 
 
@@ -154,8 +169,10 @@ class StageGuard:
                 raise
             self.in_a_row[name] = self.in_a_row.get(name, 0) + 1
             if self.in_a_row[name] >= self.limit:
-                raise StageError(f"stage {name} raised on {self.limit} items in a row (the last, {item['id']}: "
-                                 f"{one_line(exc)}): stopping, this is not one bad row") from exc
+                raise StageError(
+                    f"stage {name} raised on {self.limit} items in a row (the last, {item['id']}: "
+                    f"{one_line(exc)}): stopping, this is not one bad row"
+                ) from exc
             return reject(item, name, f"raised {one_line(exc)}")
         self.in_a_row[name] = 0
         return result
@@ -166,15 +183,27 @@ class StageGuard:
 IMAGE_STAGES = ("read", "detect", "segment", "caption", "link")  # `read` covers read + decode
 
 
-def apply_stages(item: dict, config: PreprocessConfig, names=IMAGE_STAGES, *, detector=None, segmenter=None,
-                 captioner=None, guard: StageGuard | None = None) -> dict:
+def apply_stages(
+    item: dict,
+    config: PreprocessConfig,
+    names=IMAGE_STAGES,
+    *,
+    detector=None,
+    segmenter=None,
+    captioner=None,
+    guard: StageGuard | None = None,
+) -> dict:
     """Runs the named stages in order on one item, stopping at the first that rejects it (`caption` with
     captioner None writes the template). A stage that raises rejects the item (see StageGuard; pass one guard
     per loop so that a broken model stops it). The plain loop and every Ray stage go through here."""
     guard = guard or StageGuard()
-    functions = {"read": lambda i: read_stage(i, config), "detect": lambda i: detect_stage(i, detector, config),
-                 "segment": lambda i: segment_stage(i, segmenter), "caption": lambda i: caption_stage(i, captioner),
-                 "link": link_stage}
+    functions = {
+        "read": lambda i: read_stage(i, config),
+        "detect": lambda i: detect_stage(i, detector, config),
+        "segment": lambda i: segment_stage(i, segmenter),
+        "caption": lambda i: caption_stage(i, captioner),
+        "link": link_stage,
+    }
     for name in names:
         if name not in functions:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(IMAGE_STAGES)}")
@@ -185,11 +214,14 @@ def apply_stages(item: dict, config: PreprocessConfig, names=IMAGE_STAGES, *, de
     return item
 
 
-def process_locally(items: list[dict], config: PreprocessConfig, detector, segmenter, captioner=None,
-                    progress: bool = True) -> list[dict]:
+def process_locally(
+    items: list[dict], config: PreprocessConfig, detector, segmenter, captioner=None, progress: bool = True
+) -> list[dict]:
     """All stages, one image at a time, in this process: the same functions the Ray pipeline runs."""
     from tqdm.auto import tqdm
 
     guard = StageGuard()
-    return [apply_stages(item, config, detector=detector, segmenter=segmenter, captioner=captioner, guard=guard)
-            for item in tqdm(items, desc="preprocess (plain loop)", disable=not progress)]
+    return [
+        apply_stages(item, config, detector=detector, segmenter=segmenter, captioner=captioner, guard=guard)
+        for item in tqdm(items, desc="preprocess (plain loop)", disable=not progress)
+    ]

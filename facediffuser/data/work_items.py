@@ -12,32 +12,46 @@ import pyarrow as pa
 from facediffuser.data.schema import REJECT_SCHEMA, SHARD_SCHEMA, Record, Subject
 
 # The row type between stages: the shard columns, all nullable, plus where and why an item was rejected.
-WORK_SUBJECT_TYPE = pa.struct([
-    pa.field("face_box", pa.list_(pa.float32())),
-    pa.field("score", pa.float32()),
-    pa.field("person_box", pa.list_(pa.float32())),
-    pa.field("mask_png", pa.binary()),
-    pa.field("face_mask_png", pa.binary()),
-    pa.field("noun", pa.string()),
-    pa.field("noun_end", pa.int32()),
-])
-WORK_SCHEMA = pa.schema([
-    pa.field("id", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("caption_source", pa.string()),  # sidecar caption file (.txt), when the input has one
-    pa.field("image", pa.binary()),  # the stored image (resized, JPEG), once read
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("caption", pa.string()),
-    pa.field("subjects", pa.list_(WORK_SUBJECT_TYPE)),
-    pa.field("stage", pa.string()),  # set when rejected: the stage that rejected it
-    pa.field("reason", pa.string()),
-])
+WORK_SUBJECT_TYPE = pa.struct(
+    [
+        pa.field("face_box", pa.list_(pa.float32())),
+        pa.field("score", pa.float32()),
+        pa.field("person_box", pa.list_(pa.float32())),
+        pa.field("mask_png", pa.binary()),
+        pa.field("face_mask_png", pa.binary()),
+        pa.field("noun", pa.string()),
+        pa.field("noun_end", pa.int32()),
+    ]
+)
+WORK_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("caption_source", pa.string()),  # sidecar caption file (.txt), when the input has one
+        pa.field("image", pa.binary()),  # the stored image (resized, JPEG), once read
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("subjects", pa.list_(WORK_SUBJECT_TYPE)),
+        pa.field("stage", pa.string()),  # set when rejected: the stage that rejected it
+        pa.field("reason", pa.string()),
+    ]
+)
 
 
 def new_item(item_id: str, source: str, caption_source: str | None = None) -> dict:
-    return {"id": item_id, "source": source, "caption_source": caption_source, "image": None, "width": None,
-            "height": None, "caption": None, "subjects": [], "stage": None, "reason": None}
+    return {
+        "id": item_id,
+        "source": source,
+        "caption_source": caption_source,
+        "image": None,
+        "width": None,
+        "height": None,
+        "caption": None,
+        "subjects": [],
+        "stage": None,
+        "reason": None,
+    }
 
 
 def reject(item: dict, stage: str, reason: str) -> dict:
@@ -45,11 +59,27 @@ def reject(item: dict, stage: str, reason: str) -> dict:
 
 
 def to_record(item: dict) -> Record:
-    subjects = [Subject(person_box=list(s["person_box"]), face_box=list(s["face_box"]), score=float(s["score"]),
-                        mask_png=s["mask_png"], noun=s["noun"], noun_end=int(s["noun_end"]),
-                        face_mask_png=s["face_mask_png"]) for s in item["subjects"]]
-    return Record(id=item["id"], source=item["source"], image=item["image"], width=int(item["width"]),
-                  height=int(item["height"]), caption=item["caption"], subjects=subjects)
+    subjects = [
+        Subject(
+            person_box=list(s["person_box"]),
+            face_box=list(s["face_box"]),
+            score=float(s["score"]),
+            mask_png=s["mask_png"],
+            noun=s["noun"],
+            noun_end=int(s["noun_end"]),
+            face_mask_png=s["face_mask_png"],
+        )
+        for s in item["subjects"]
+    ]
+    return Record(
+        id=item["id"],
+        source=item["source"],
+        image=item["image"],
+        width=int(item["width"]),
+        height=int(item["height"]),
+        caption=item["caption"],
+        subjects=subjects,
+    )
 
 
 def work_table(items: list[dict]) -> pa.Table:
@@ -71,8 +101,10 @@ def reject_table(items: list[dict]) -> pa.Table:
     return status_table([i for i in items if i["stage"]])
 
 
-STAGE_ORDER = {"images": ("read", "decode", "detect", "segment", "caption", "link", "write"),
-               "fastcomposer": ("read", "decode", "convert", "write")}
+STAGE_ORDER = {
+    "images": ("read", "decode", "detect", "segment", "caption", "link", "write"),
+    "fastcomposer": ("read", "decode", "convert", "write"),
+}
 
 
 def stage_counts(source: str, total: int, rejected_stages: list[str]) -> dict:
@@ -113,7 +145,9 @@ def checked_work_table(items: list[dict], stage: str) -> pa.Table:
             work_table([item])
         except Exception as exc:  # keep a reject's own stage and reason; drop the fields that do not fit
             bare = new_item(item["id"], item["source"], item.get("caption_source"))
-            item = reject(bare, item["stage"], item["reason"]) if item.get("stage") else reject(bare, stage, _misfit(exc))
+            item = (
+                reject(bare, item["stage"], item["reason"]) if item.get("stage") else reject(bare, stage, _misfit(exc))
+            )
         fixed.append(item)
     return work_table(fixed)
 

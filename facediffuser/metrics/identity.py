@@ -75,8 +75,15 @@ class FacenetEmbedder:
 
         self.device = device
         self._detector = MTCNN(
-            image_size=160, margin=0, min_face_size=20, thresholds=[0.6, 0.7, 0.7], factor=0.709,
-            post_process=True, keep_all=True, select_largest=True, device=device,
+            image_size=160,
+            margin=0,
+            min_face_size=20,
+            thresholds=[0.6, 0.7, 0.7],
+            factor=0.709,
+            post_process=True,
+            keep_all=True,
+            select_largest=True,
+            device=device,
         )
         self._model = InceptionResnetV1(classify=False).eval()
         state = load_state_dict(weights)
@@ -216,8 +223,9 @@ class IdentityScorer:
 _SHARED_DLIB: IdentityScorer | None = None
 
 
-def identity_similarities(images: Sequence[Image.Image], references: Sequence, scorer: IdentityScorer | None = None
-                          ) -> list[list[float | None]]:
+def identity_similarities(
+    images: Sequence[Image.Image], references: Sequence, scorer: IdentityScorer | None = None
+) -> list[list[float | None]]:
     """Per image, per subject: similarity of the subject's reference to its face (None when none is found).
 
     What `FaceDiffuserPipeline(..., identity_scores=True)` returns; `scorer` defaults to a shared dlib scorer.

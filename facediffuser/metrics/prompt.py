@@ -50,11 +50,19 @@ class ClipPromptScorer:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         pixels = torch.stack([clip_pixels(image, self.image_size) for image in images]).to(self.device)
-        tokens = self.tokenizer([strip_markers(p) for p in prompts], padding=True, truncation=True,
-                                max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
+        tokens = self.tokenizer(
+            [strip_markers(p) for p in prompts],
+            padding=True,
+            truncation=True,
+            max_length=self.model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        )
         image_features = _features(self.model.get_image_features(pixel_values=pixels))
-        text_features = _features(self.model.get_text_features(
-            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)))
+        text_features = _features(
+            self.model.get_text_features(
+                input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+            )
+        )
         cosine = torch.nn.functional.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
         return [float(c) for c in cosine.cpu()]
 

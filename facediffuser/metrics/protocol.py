@@ -38,8 +38,16 @@ def _take(prompts: list[str], per_kind: int | None) -> list[str]:
     return prompts if per_kind is None else prompts[:per_kind]
 
 
-def build_tasks(subjects: list, protocols: list[str], methods: list[str], *, images_per_prompt: int,
-                seed: int, prompts_per_kind: int | None = None, max_pairs: int | None = None) -> list[dict]:
+def build_tasks(
+    subjects: list,
+    protocols: list[str],
+    methods: list[str],
+    *,
+    images_per_prompt: int,
+    seed: int,
+    prompts_per_kind: int | None = None,
+    max_pairs: int | None = None,
+) -> list[dict]:
     """One task per (protocol, subjects, prompt, method): a pipeline call making `images_per_prompt` images.
 
     Image k of the prompt at position p of its protocol's list uses seed `seed + p * images_per_prompt + k`.
@@ -62,13 +70,19 @@ def build_tasks(subjects: list, protocols: list[str], methods: list[str], *, ima
                     texts = [t.format(a=group[0].noun, b=group[1].noun) for t in _take(prompts[kind], prompts_per_kind)]
                 for text in texts:
                     for method in methods:
-                        tasks.append({
-                            "task": len(tasks), "protocol": protocol, "method": method, "kind": kind,
-                            "prompt": text, "prompt_position": position,
-                            "subjects": "+".join(s.id for s in group),
-                            "references": json.dumps([s.reference for s in group]),
-                            "seed": seed + position * images_per_prompt,
-                        })
+                        tasks.append(
+                            {
+                                "task": len(tasks),
+                                "protocol": protocol,
+                                "method": method,
+                                "kind": kind,
+                                "prompt": text,
+                                "prompt_position": position,
+                                "subjects": "+".join(s.id for s in group),
+                                "references": json.dumps([s.reference for s in group]),
+                                "seed": seed + position * images_per_prompt,
+                            }
+                        )
                     position += 1
     return tasks
 

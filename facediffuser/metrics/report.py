@@ -37,8 +37,10 @@ def aggregate(rows: list[dict], identity_names: list[str], with_clip: bool) -> d
             if with_clip:
                 summary["prompt_clip"] = _mean(r["prompt_clip"] for r in chosen)
             summary["by_kind"] = {
-                kind: {key: _mean(r[key] for r in chosen if r["kind"] == kind)
-                       for key in [f"identity_{n}" for n in identity_names] + (["prompt_clip"] if with_clip else [])}
+                kind: {
+                    key: _mean(r[key] for r in chosen if r["kind"] == kind)
+                    for key in [f"identity_{n}" for n in identity_names] + (["prompt_clip"] if with_clip else [])
+                }
                 for kind in dict.fromkeys(r["kind"] for r in chosen)
             }
             table[protocol][method] = summary
@@ -52,19 +54,28 @@ def _mean(values) -> float:
 
 def write_reports(out_dir: Path, table: dict, meta: dict, pictures: dict) -> None:
     (out_dir / "report.json").write_text(json.dumps({"results": table, **meta, "pictures": pictures}, indent=2))
-    lines = ["# Face-diffuser evaluation", "",
-             f"Model: `{meta['model']}` · {meta['counts']['images']} images "
-             f"({meta['config']['images_per_prompt']} per prompt, {meta['config']['steps']} steps, "
-             f"scheduler {meta['config']['scheduler']}, w {meta['config']['guidance_scale']}, "
-             f"reference mode {meta['config'].get('reference_mode', 'whole')}) · "
-             f"{meta['wall_time_s']:.0f} s", "",
-             "Identity: cosine to the reference face, 0 when no face is found, clamped at 0; two subjects: greedy "
-             "face↔reference matching, minimum over the pair. `facenet` = FastComposer's metric (MTCNN + "
-             "InceptionResnetV1), `dlib` = dlib's face descriptor. Prompt: CLIP image–text cosine.", ""]
+    lines = [
+        "# Face-diffuser evaluation",
+        "",
+        f"Model: `{meta['model']}` · {meta['counts']['images']} images "
+        f"({meta['config']['images_per_prompt']} per prompt, {meta['config']['steps']} steps, "
+        f"scheduler {meta['config']['scheduler']}, w {meta['config']['guidance_scale']}, "
+        f"reference mode {meta['config'].get('reference_mode', 'whole')}) · "
+        f"{meta['wall_time_s']:.0f} s",
+        "",
+        "Identity: cosine to the reference face, 0 when no face is found, clamped at 0; two subjects: greedy "
+        "face↔reference matching, minimum over the pair. `facenet` = FastComposer's metric (MTCNN + "
+        "InceptionResnetV1), `dlib` = dlib's face descriptor. Prompt: CLIP image–text cosine.",
+        "",
+    ]
     for protocol, methods in table.items():
         columns = [k for k in next(iter(methods.values())) if k != "by_kind"]
-        lines += [f"## {protocol}-subject", "", "| method | " + " | ".join(columns) + " |",
-                  "|---" * (len(columns) + 1) + "|"]
+        lines += [
+            f"## {protocol}-subject",
+            "",
+            "| method | " + " | ".join(columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
         for method, summary in methods.items():
             lines.append(f"| {method} | " + " | ".join(_cell(summary[c]) for c in columns) + " |")
         lines.append("")
@@ -74,8 +85,12 @@ def write_reports(out_dir: Path, table: dict, meta: dict, pictures: dict) -> Non
     for name, path in pictures["grids"].items():
         lines += [f"### {name}", "", f"![{name}]({path})", ""]
     if pictures["overlays"]:
-        lines += ["### Fusion masks (red: the SDM's noise was used; mean over the fusion steps)", "",
-                  " ".join(f"![overlay]({p})" for p in pictures["overlays"]), ""]
+        lines += [
+            "### Fusion masks (red: the SDM's noise was used; mean over the fusion steps)",
+            "",
+            " ".join(f"![overlay]({p})" for p in pictures["overlays"]),
+            "",
+        ]
     (out_dir / "report.md").write_text("\n".join(lines))
 
 

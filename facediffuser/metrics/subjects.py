@@ -47,8 +47,9 @@ def _load_subject(folder: Path) -> EvalSubject:
     """Any image file in the folder is a photo of the person (any name; hidden files skipped); each must decode."""
     from facediffuser.images import ImageDecodeError, load_image
 
-    photos = sorted(p for p in folder.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
     if not photos:
         raise ValueError(f"subject {folder.name}: no image ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     for photo in photos:
@@ -60,8 +61,10 @@ def _load_subject(folder: Path) -> EvalSubject:
     noun_file = folder / "noun.txt"
     noun = noun_file.read_text(errors="replace").strip().lower() if noun_file.is_file() else ""
     if noun and noun not in nouns:
-        raise ValueError(f"subject {folder.name}: class noun {noun!r} in {noun_file}; use {', '.join(nouns)} "
-                         f"(or no noun.txt for {DEFAULT_NOUN!r})")
+        raise ValueError(
+            f"subject {folder.name}: class noun {noun!r} in {noun_file}; use {', '.join(nouns)} "
+            f"(or no noun.txt for {DEFAULT_NOUN!r})"
+        )
     return EvalSubject(folder.name, tuple(str(p) for p in photos), noun or DEFAULT_NOUN, bool(noun))
 
 
@@ -74,11 +77,19 @@ def make_tasks(subjects: list[EvalSubject], config) -> list[dict]:
     references = {s.photos[0]: s.reference for s in subjects}
     tasks: list[dict] = []
     for protocol in config.protocols:
-        stand_ins = [replace(s, photos=s.photos[:1], noun=s.noun if protocol != "single" or s.noun in listed
-                             else listed[0]) for s in subjects]
-        for task in build_tasks(stand_ins, [protocol], config.methods, images_per_prompt=config.images_per_prompt,
-                                seed=config.seed, prompts_per_kind=config.prompts_per_kind,
-                                max_pairs=config.max_pairs):
+        stand_ins = [
+            replace(s, photos=s.photos[:1], noun=s.noun if protocol != "single" or s.noun in listed else listed[0])
+            for s in subjects
+        ]
+        for task in build_tasks(
+            stand_ins,
+            [protocol],
+            config.methods,
+            images_per_prompt=config.images_per_prompt,
+            seed=config.seed,
+            prompts_per_kind=config.prompts_per_kind,
+            max_pairs=config.max_pairs,
+        ):
             task["references"] = json.dumps([references[path] for path in json.loads(task["references"])])
             noun = by_id[task["subjects"]].noun if protocol == "single" else None
             if noun is not None and noun not in listed:

@@ -84,8 +84,15 @@ SD15_PARAMETERS = {
 def sd15_components(seed: int = 0, torch_dtype=None, share_unet: bool = False) -> dict:
     """FaceDiffuserPipeline components at SD1.5's real sizes, random weights, deterministic for a seed (about 15 s
     on 2 CPU cores). `share_unet`: one UNet module in both roles (TDM and SDM), 3.4 GB less in fp32."""
-    return random_components(seed, unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT_ENCODER, vision=CLIP_VIT_L14,
-                             torch_dtype=torch_dtype, share_unet=share_unet)
+    return random_components(
+        seed,
+        unet=SD15_UNET,
+        vae=SD15_VAE,
+        text=SD15_TEXT_ENCODER,
+        vision=CLIP_VIT_L14,
+        torch_dtype=torch_dtype,
+        share_unet=share_unet,
+    )
 
 
 def sd15_pipeline(seed: int = 0, torch_dtype=None, share_unet: bool = False):

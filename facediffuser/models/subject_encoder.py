@@ -18,8 +18,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # openai/clip-vit-large-patch14, the vision tower the SDM uses.
 CLIP_VIT_L14 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
 )
 
 
@@ -58,9 +64,7 @@ class SubjectEncoder(ModelMixin, ConfigMixin):
         super().__init__()
         config = CLIPVisionConfig(**(vision_config or CLIP_VIT_L14))
         if config.projection_dim != text_embed_dim:
-            raise ValueError(
-                f"CLIP projection_dim {config.projection_dim} must equal the text width {text_embed_dim}"
-            )
+            raise ValueError(f"CLIP projection_dim {config.projection_dim} must equal the text width {text_embed_dim}")
         self.image_encoder = CLIPVisionModelWithProjection(config)
         self.postfuse_module = PostFuseModule(text_embed_dim)
 

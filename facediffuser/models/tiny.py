@@ -16,7 +16,6 @@ import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,15 +35,22 @@ TINY_OBJECT_SIZE = 32  # the tiny CLIP vision tower's input side
 
 # Stable Diffusion 1.5's noise schedule.
 SD15_SCHEDULE = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
 )
 CLIP_VOCAB_SIZE = 49408
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte → printable-unicode table used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -122,20 +128,34 @@ def tiny_vae_config(sample_size: int = TINY_IMAGE_SIZE) -> dict:
 
 def tiny_text_config(hidden: int = 32) -> dict:
     return dict(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
 
 
 def tiny_vision_config(text_hidden: int = 32) -> dict:
     return dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=TINY_OBJECT_SIZE, patch_size=8, projection_dim=text_hidden,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=TINY_OBJECT_SIZE,
+        patch_size=8,
+        projection_dim=text_hidden,
     )
 
 
-def tiny_unet(width: int = 32, cross_attention_dim: int = 32, sample_size: int = TINY_IMAGE_SIZE // 8) -> "UNet2DConditionModel":
+def tiny_unet(
+    width: int = 32, cross_attention_dim: int = 32, sample_size: int = TINY_IMAGE_SIZE // 8
+) -> "UNet2DConditionModel":
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**tiny_unet_config(width, cross_attention_dim, sample_size))
@@ -159,8 +179,9 @@ def tiny_subject_encoder(text_hidden: int = 32) -> "SubjectEncoder":
     return SubjectEncoder(vision_config=tiny_vision_config(text_hidden), text_embed_dim=text_hidden)
 
 
-def random_components(seed: int, *, unet: dict, vae: dict, text: dict, vision: dict, torch_dtype=None,
-                      share_unet: bool = False) -> dict:
+def random_components(
+    seed: int, *, unet: dict, vae: dict, text: dict, vision: dict, torch_dtype=None, share_unet: bool = False
+) -> dict:
     """All FaceDiffuserPipeline components from architecture configs at random init, deterministic for a seed.
 
     The one builder of both random stacks: the tiny one below and the real-size one (`facediffuser.models.sd15`).
@@ -192,8 +213,13 @@ def random_components(seed: int, *, unet: dict, vae: dict, text: dict, vision: d
 
 def tiny_components(seed: int = 0, unet_width: int = 32) -> dict:
     """All pipeline components, deterministic for a seed. Default images are 128×128 (16×16 latents)."""
-    return random_components(seed, unet=tiny_unet_config(unet_width), vae=tiny_vae_config(), text=tiny_text_config(),
-                             vision=tiny_vision_config())
+    return random_components(
+        seed,
+        unet=tiny_unet_config(unet_width),
+        vae=tiny_vae_config(),
+        text=tiny_text_config(),
+        vision=tiny_vision_config(),
+    )
 
 
 def tiny_pipeline(seed: int = 0, unet_width: int = 32):

@@ -39,12 +39,20 @@ def check_base_dir(base: str | Path, which: str, variant: str | None = None) -> 
         model_dir.check_weights(shared / part, variant)
 
 
-def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
-                    image_encoder: str | Path | None = None, variant: str | None = None, log=print) -> dict:
+def load_components(
+    base: str | Path | None,
+    which: str,
+    *,
+    tiny: bool = False,
+    image_encoder: str | Path | None = None,
+    variant: str | None = None,
+    log=print,
+) -> dict:
     """→ dict(unet, vae, text_encoder, tokenizer, scheduler, subject_encoder) for training `which`, in float32
     whatever the files hold (training keeps fp32 master weights).
 
-    `tiny`: the random CPU test stack. Otherwise `base` is a local directory (see `model_dir.model_root`): one of ours, or
+    `tiny`: the random CPU test stack. Otherwise `base` is a local directory (see `model_dir.model_root`): one of
+    ours, or
     a Stable Diffusion directory as users have it from the hub (`.bin` or `.safetensors`; `variant="fp16"` reads
     its `*.fp16.*` files). When an SDM is trained from a base without `subject_encoder/`, a SubjectEncoder with
     the CLIP ViT-L/14 layout is created; its vision tower comes from `image_encoder` (a
@@ -70,12 +78,17 @@ def load_components(base: str | Path | None, which: str, *, tiny: bool = False,
     parts = model_dir.load_shared_parts(shared, torch_dtype=torch.float32, variant=variant)
     ensure_image_token(parts["tokenizer"])
     parts["unet"] = UNet2DConditionModel.from_pretrained(
-        str(root), subfolder=unet_folder, torch_dtype=torch.float32, variant=variant,
-        use_safetensors=model_dir.has_safetensors(root / unet_folder, variant))
+        str(root),
+        subfolder=unet_folder,
+        torch_dtype=torch.float32,
+        variant=variant,
+        use_safetensors=model_dir.has_safetensors(root / unet_folder, variant),
+    )
     parts["subject_encoder"] = None
     if which == model_dir.SDM:
-        parts["subject_encoder"] = _subject_encoder(base, which, parts["text_encoder"].config.hidden_size,
-                                                    image_encoder, log)
+        parts["subject_encoder"] = _subject_encoder(
+            base, which, parts["text_encoder"].config.hidden_size, image_encoder, log
+        )
     return parts
 
 
@@ -96,12 +109,16 @@ def _subject_encoder(base: Path, which: str, text_embed_dim: int, image_encoder:
         encoder.image_encoder.load_state_dict(vision.state_dict())
         log(f"base {base} has no subject_encoder/: new SubjectEncoder, CLIP vision tower from {image_encoder}")
         return encoder
-    log(f"base {base} has no subject_encoder/: new SubjectEncoder (CLIP ViT-L/14 layout, random init; "
-        "give --image-encoder DIR to start from pretrained CLIP)")
+    log(
+        f"base {base} has no subject_encoder/: new SubjectEncoder (CLIP ViT-L/14 layout, random init; "
+        "give --image-encoder DIR to start from pretrained CLIP)"
+    )
     return SubjectEncoder(vision_config=CLIP_VIT_L14, text_embed_dim=text_embed_dim)
 
 
-def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
+def save_training_state(
+    path: str | Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
+) -> None:
     state = optimizer.state_dict()
     tensors = {}
     for index, values in state["state"].items():

@@ -45,14 +45,16 @@ class DataConfig:
 
 
 def _object_augmentation(size: int) -> T.Compose:
-    return T.Compose([
-        T.RandomApply([T.RandomAffine(degrees=30, interpolation=T.InterpolationMode.BILINEAR)], p=0.75),
-        T.RandomApply([T.ColorJitter(0.5, 0.5, 0.5, 0.5)], p=0.5),
-        T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5),
-        T.RandomGrayscale(p=0.1),
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ElasticTransform()], p=0.5),
-    ])
+    return T.Compose(
+        [
+            T.RandomApply([T.RandomAffine(degrees=30, interpolation=T.InterpolationMode.BILINEAR)], p=0.75),
+            T.RandomApply([T.ColorJitter(0.5, 0.5, 0.5, 0.5)], p=0.5),
+            T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5),
+            T.RandomGrayscale(p=0.1),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ElasticTransform()], p=0.5),
+        ]
+    )
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -48,9 +48,11 @@ def load_tokenizer(model: str, base: str | None, tiny: bool = False):
     return tokenizer
 
 
-def example_builder(model: str, base: str | None, tiny: bool = False, resolution: int | None = None,
-                    seed: int | None = None) -> ExampleBuilder:
+def example_builder(
+    model: str, base: str | None, tiny: bool = False, resolution: int | None = None, seed: int | None = None
+) -> ExampleBuilder:
     """Shard rows (pyarrow) → training arrays for `model` at the base's sizes, augmentation seeded by `seed`."""
     target, objects = model_sizes(model, base, tiny, resolution)
-    return ExampleBuilder(DataConfig(model, resolution=target, object_resolution=objects),
-                          load_tokenizer(model, base, tiny), seed=seed)
+    return ExampleBuilder(
+        DataConfig(model, resolution=target, object_resolution=objects), load_tokenizer(model, base, tiny), seed=seed
+    )

@@ -90,7 +90,12 @@ class CapturingCrossAttnProcessor:
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is None or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+        if (
+            encoder_hidden_states is None
+            or hidden_states.ndim != 3
+            or attn.spatial_norm is not None
+            or attn.group_norm is not None
+        ):
             raise ValueError("CapturingCrossAttnProcessor handles SD-style attn2 cross-attention only")
         batch_size, text_length, _ = encoder_hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, text_length, batch_size)

@@ -33,12 +33,13 @@ _LOSS_LABELS = {"loss_den": ("denoising loss", "L_den"), "loss_loc": ("localizat
 
 
 def loss_line(summary: dict) -> str:
-    """"loss_den 0.1234, loss_loc 0.0012": the last values of the losses `summary["model"]` trains with."""
+    """ "loss_den 0.1234, loss_loc 0.0012": the last values of the losses `summary["model"]` trains with."""
     return ", ".join(f"{name} {summary[name]:.4f}" for name in TRAINED_LOSSES[summary["model"]])
 
 
-def plot_losses(rows: list[dict], out: str | Path, title: str = "",
-                losses: tuple[str, ...] = TRAINED_LOSSES["sdm"]) -> None:
+def plot_losses(
+    rows: list[dict], out: str | Path, title: str = "", losses: tuple[str, ...] = TRAINED_LOSSES["sdm"]
+) -> None:
     """Each of `losses` (a model's TRAINED_LOSSES) against the step, side by side; a dashed line where a restart
     resumed the run."""
     import matplotlib

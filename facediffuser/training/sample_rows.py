@@ -38,8 +38,15 @@ def photo_record(photo: np.ndarray, record_id: str = "astronaut") -> Record:
     height, width = photo.shape[:2]
     mask = _ellipse(height, width, cy=0.6 * height, cx=0.45 * width, ry=0.45 * height, rx=0.3 * width)
     caption = "a woman in a space suit"
-    return Record(id=record_id, source=f"sample://{record_id}", image=_jpeg(photo), width=width, height=height,
-                  caption=caption, subjects=[_subject(mask, "woman", len("a woman"))])
+    return Record(
+        id=record_id,
+        source=f"sample://{record_id}",
+        image=_jpeg(photo),
+        width=width,
+        height=height,
+        caption=caption,
+        subjects=[_subject(mask, "woman", len("a woman"))],
+    )
 
 
 def synthetic_record(index: int, size: tuple[int, int] = (160, 200)) -> Record:
@@ -60,8 +67,15 @@ def synthetic_record(index: int, size: tuple[int, int] = (160, 200)) -> Record:
         image[mask] = rng.integers(120, 255, 3, dtype=np.uint8)
         subjects.append(_subject(mask, nouns[k], ends[k]))
     caption += " standing in a field" if index % 3 else " at the beach"
-    return Record(id=f"synthetic-{index}", source=f"sample://synthetic/{index}", image=_jpeg(image), width=width,
-                  height=height, caption=caption, subjects=subjects)
+    return Record(
+        id=f"synthetic-{index}",
+        source=f"sample://synthetic/{index}",
+        image=_jpeg(image),
+        width=width,
+        height=height,
+        caption=caption,
+        subjects=subjects,
+    )
 
 
 def sample_records(count: int, photo: np.ndarray | None = None) -> list[Record]:

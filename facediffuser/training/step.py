@@ -19,7 +19,12 @@ import torch.nn as nn
 from diffusers import DDPMScheduler
 
 from facediffuser.training.losses import (
-    LOCALIZATION_WEIGHT, MASKED_LOSS_PROB, CrossAttentionCapture, denoising_loss, localization_loss, union_mask,
+    LOCALIZATION_WEIGHT,
+    MASKED_LOSS_PROB,
+    CrossAttentionCapture,
+    denoising_loss,
+    localization_loss,
+    union_mask,
 )
 
 TRAINED_VISION_LAYERS = 2
@@ -46,8 +51,17 @@ class OptimConfig:
 class TrainingModel(nn.Module):
     """Frozen VAE + text encoder, trained UNet (+ subject encoder for the SDM); `forward(batch)` → losses."""
 
-    def __init__(self, which: str, unet, vae, text_encoder, scheduler_config, subject_encoder=None,
-                 config: OptimConfig = OptimConfig(), seed: int = 0):
+    def __init__(
+        self,
+        which: str,
+        unet,
+        vae,
+        text_encoder,
+        scheduler_config,
+        subject_encoder=None,
+        config: OptimConfig = OptimConfig(),
+        seed: int = 0,
+    ):
         super().__init__()
         if which not in ("sdm", "tdm"):
             raise ValueError(f"model must be 'sdm' or 'tdm', got {which!r}")
@@ -85,8 +99,9 @@ class TrainingModel(nn.Module):
             latents = latents * self.vae.config.scaling_factor
             text_embeds = self.text_encoder(batch["input_ids"])[0]
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -127,8 +142,9 @@ class TrainingModel(nn.Module):
 
 
 def make_optimizer(model: TrainingModel, config: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, betas=config.betas,
-                             weight_decay=config.weight_decay, eps=config.eps)
+    return torch.optim.AdamW(
+        model.trainable_parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps
+    )
 
 
 class TrainStep:
@@ -138,7 +154,9 @@ class TrainStep:
         self.model, self.optimizer, self.config, self.device = model, optimizer, config, torch.device(device)
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         use_amp = config.mixed_precision != "no" and self.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision) if use_amp else None
+        self.amp_dtype = (
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision) if use_amp else None
+        )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -160,6 +178,9 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
-            "loss": float(loss.detach()), "loss_den": float(losses["loss_den"]), "loss_loc": float(losses["loss_loc"]),
-            "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
+            "loss": float(loss.detach()),
+            "loss_den": float(losses["loss_den"]),
+            "loss_loc": float(losses["loss_loc"]),
+            "grad_norm": float(grad_norm),
+            "lr": self.optimizer.param_groups[0]["lr"],
         }

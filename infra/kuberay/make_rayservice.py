@@ -1,6 +1,6 @@
 """Regenerate rayservice.yaml so that its serveConfigV2 is serving/config/serve.yaml, verbatim.
 
-    python infra/kuberay/make_rayservice.py      (run after editing serving/config/serve.yaml; a test checks it)
+python infra/kuberay/make_rayservice.py      (run after editing serving/config/serve.yaml; a test checks it)
 """
 
 import json
@@ -108,27 +108,36 @@ def probes(port: int, route_prefix: str, head: bool) -> str:
     Liveness: the raylet answers (restarting a pod whose models are still loading would never let it finish).
     Readiness: the raylet (and on the head the GCS); on a worker also the node's Serve proxy (which fails while its
     node drains) and the app's own GET /healthz (200 only when the encoder and sampler models are loaded)."""
+
     def check(url: str, grep: str = "", seconds: int = 2) -> str:
         return f"curl -fsS --max-time {seconds} {url}" + (f" | grep -q {grep}" if grep else " > /dev/null")
 
     raylet = check("http://localhost:52365/api/local_raylet_healthz", "success")
-    ready = [raylet, check("http://localhost:8265/api/gcs_healthz", "success")] if head else [
-        raylet, check(f"http://localhost:{port}/-/healthz"),  # the app's /healthz asks both models: up to 5 s
-        check(f"http://localhost:{port}{route_prefix.rstrip('/')}/healthz", seconds=6)]
-    return "\n".join([
-        "livenessProbe:",
-        f"  exec: {{command: [bash, -c, {json.dumps(raylet)}]}}",
-        "  initialDelaySeconds: 30",
-        "  periodSeconds: 5",
-        "  timeoutSeconds: 3",
-        "  failureThreshold: 120",
-        "readinessProbe:",
-        f"  exec: {{command: [bash, -c, {json.dumps(' && '.join(ready))}]}}",
-        "  initialDelaySeconds: 10",
-        "  periodSeconds: 5",
-        "  timeoutSeconds: 12",
-        "  failureThreshold: 1",
-    ])
+    ready = (
+        [raylet, check("http://localhost:8265/api/gcs_healthz", "success")]
+        if head
+        else [
+            raylet,
+            check(f"http://localhost:{port}/-/healthz"),  # the app's /healthz asks both models: up to 5 s
+            check(f"http://localhost:{port}{route_prefix.rstrip('/')}/healthz", seconds=6),
+        ]
+    )
+    return "\n".join(
+        [
+            "livenessProbe:",
+            f"  exec: {{command: [bash, -c, {json.dumps(raylet)}]}}",
+            "  initialDelaySeconds: 30",
+            "  periodSeconds: 5",
+            "  timeoutSeconds: 3",
+            "  failureThreshold: 120",
+            "readinessProbe:",
+            f"  exec: {{command: [bash, -c, {json.dumps(' && '.join(ready))}]}}",
+            "  initialDelaySeconds: 10",
+            "  periodSeconds: 5",
+            "  timeoutSeconds: 12",
+            "  failureThreshold: 1",
+        ]
+    )
 
 
 def render() -> str:
@@ -141,12 +150,17 @@ def render() -> str:
     port, prefix = config["http_options"]["port"], app["route_prefix"]
     body = "\n".join(("    " + line) if line.strip() else "" for line in text.rstrip("\n").splitlines())
     return TEMPLATE.format(
-        serve_config=body, head_image_and_secrets=textwrap.indent(IMAGE_AND_SECRETS, " " * 14),
+        serve_config=body,
+        head_image_and_secrets=textwrap.indent(IMAGE_AND_SECRETS, " " * 14),
         worker_image_and_secrets=textwrap.indent(IMAGE_AND_SECRETS, " " * 16),
         head_probes=textwrap.indent(probes(port, prefix, head=True), " " * 14),
         worker_probes=textwrap.indent(probes(port, prefix, head=False), " " * 16),
-        drain=drain, node_drain=node_drain, pre_stop=PRE_STOP_S, grace=PRE_STOP_S + node_drain + GRACE_MARGIN_S,
-        deletion_delay=max(60, drain))
+        drain=drain,
+        node_drain=node_drain,
+        pre_stop=PRE_STOP_S,
+        grace=PRE_STOP_S + node_drain + GRACE_MARGIN_S,
+        deletion_delay=max(60, drain),
+    )
 
 
 def main() -> None:
