@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PostFuseModule": "facediffuser.models.subject_encoder",
     "SubjectEncoder": "facediffuser.models.subject_encoder",
-    "FaceDiffuserOutput": "facediffuser.pipeline",
+    "FaceDiffuserOutput": "facediffuser.pipeline_output",
     "FaceDiffuserPipeline": "facediffuser.pipeline",
     "FusionOptions": "facediffuser.sampling",
     "SNFOutput": "facediffuser.sampling",

@@ -1,13 +1,13 @@
 """FaceDiffuserPipeline: prompt with subject markers + one reference photo per subject → images.
 
 Encoders run once (the encoding half: facediffuser/pipeline_encoding.py); the denoising loop is
-`facediffuser.sampling.snf_denoise` (the only one in the project).
+`facediffuser.sampling.snf_denoise` (the only one in the project); its result becomes the output in
+facediffuser/pipeline_output.py, the initial noise comes from facediffuser/noise.py.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,12 +16,13 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediffuser import model_dir
-from facediffuser.images import tensor_to_pil
 from facediffuser.layout import check_boxes
 from facediffuser.models.subject_encoder import SubjectEncoder
+from facediffuser.noise import seeded_latents
 from facediffuser.pipeline_encoding import PromptEncoding
+from facediffuser.pipeline_output import FaceDiffuserOutput, PipelineOutput
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, count_markers, ensure_image_token
-from facediffuser.reference import DEFAULT_REFERENCE_MODE, check_mode, embedding_sha256
+from facediffuser.reference import DEFAULT_REFERENCE_MODE, check_mode
 from facediffuser.sampling import (
     OFFICIAL_FUSION,
     FusionOptions,
@@ -33,22 +34,7 @@ from facediffuser.sampling import (
 DEFAULT_ALPHA, DEFAULT_BETA = 0.3, 0.6  # s = 15, f = 30 at 50 steps: the official inference script
 
 
-@dataclass
-class FaceDiffuserOutput:
-    images: list  # PIL images (a [B, 3, H, W] tensor in [0, 1] with output_type="pt", the latents with "latent")
-    seeds: list[int | None]
-    start_merge_step: int
-    final_step: int
-    num_iterations: int
-    masks: torch.Tensor | None = None  # [fusion steps, B, h, w] float32, 1 = SDM chose the pixel
-    fusion_steps: list[int] = field(default_factory=list)
-    # with identity_scores: per image, per subject, dlib similarity of its face to the reference (None: no face)
-    identity_scores: list[list[float | None]] | None = None
-    # per subject: sha256 of the embedding its photos gave (facediffuser.reference.embedding_sha256)
-    embedding_sha256: list[str] = field(default_factory=list)
-
-
-class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
+class FaceDiffuserPipeline(PromptEncoding, PipelineOutput, DiffusionPipeline):
     """TDM (scene) + SDM (subjects) with Saliency-adaptive Noise Fusion, diffusers-style.
 
     `sdm_unet` and `subject_encoder` form the SDM; `tdm_unet` is a plain SD UNet. The VAE, text encoder and
@@ -200,34 +186,42 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         its reference (dlib by default), for filtering or regenerating. `reference_mode` says what the subject
         encoder sees of each photo: whole (default; the official transform), face or person
         (facediffuser.reference); the output's `embedding_sha256` fingerprints each subject's embedding."""
-        height, width, (num_iterations, s, f) = self._checked_call(
-            prompt,
-            reference_images,
-            boxes,
-            reference_mode,
-            height,
-            width,
-            num_images_per_prompt,
-            num_inference_steps,
-            output_type,
-            identity_scores,
-            (alpha, beta, start_merge_step, final_step),
+        height, width = self._checked_size(height, width)
+        self._check_options(num_images_per_prompt, num_inference_steps, output_type, identity_scores)
+        stages = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
+        self._check_subjects(prompt, reference_images, boxes, reference_mode)
+        embeds, conditions = self._encode(prompt, reference_images, negative_prompt, subject_scales, reference_mode)
+        start = self._start_latents(prompt, boxes, num_images_per_prompt, height, width, seed, generator)
+        result = self._denoise(
+            start, conditions, stages, num_inference_steps, guidance_scale, return_masks, fusion, generator, callback
         )
+        seeds = start[1]
+        return self._finish(result, seeds, stages, embeds, output_type, return_masks, identity_scores, reference_images)
+
+    def _encode(self, prompt, reference_images, negative_prompt, subject_scales, reference_mode):
+        """→ (the subjects' embeddings, (null, text, augmented) prompt embeddings)."""
         subject_embeds = self.encode_references(reference_images, reference_mode)
-        null, text, augmented = self.encode_prompt(
+        conditions = self.encode_prompt(
             prompt, reference_images, negative_prompt, subject_embeds=subject_embeds, subject_scales=subject_scales
         )
-        count, dtype = num_images_per_prompt, self.sdm_unet.dtype
-        latents, seeds, regions = self._start_latents(prompt, boxes, count, height, width, seed, generator)
-        result = snf_denoise(
+        return subject_embeds, conditions
+
+    def _denoise(self, start, conditions, stages, steps, guidance_scale, return_masks, fusion, generator, callback):
+        """`snf_denoise` from `start` = (latents, seeds, regions), each of the (null, text, augmented) `conditions`
+        repeated per image; `stages` = (iterations, s, f)."""
+        latents, seeds, regions = start
+        count, dtype = len(seeds), self.sdm_unet.dtype
+        null, text, augmented = (c.repeat(count, 1, 1).to(dtype) for c in conditions)
+        _, s, f = stages
+        return snf_denoise(
             self.tdm_unet,
             self.sdm_unet,
             self.scheduler,
             latents,
-            null.repeat(count, 1, 1).to(dtype),
-            text.repeat(count, 1, 1).to(dtype),
-            augmented.repeat(count, 1, 1).to(dtype),
-            num_inference_steps=num_inference_steps,
+            null,
+            text,
+            augmented,
+            num_inference_steps=steps,
             guidance_scale=guidance_scale,
             start_merge_step=s,
             final_step=f,
@@ -236,16 +230,6 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
             generator=generator,
             callback=callback,
             regions=regions,
-        )
-        return self._finish(
-            result,
-            seeds,
-            (num_iterations, s, f),
-            subject_embeds,
-            output_type,
-            return_masks,
-            identity_scores,
-            reference_images,
         )
 
     def _start_latents(self, prompt, boxes, count, height, width, seed, generator):
@@ -256,70 +240,18 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
         latents = (latents * self.scheduler.init_noise_sigma).to(self.sdm_unet.device, dtype)
         return latents, seeds, self.subject_regions(prompt, boxes, count, latents.shape[-2:])
 
-    def _finish(
-        self,
-        result,
-        seeds: list,
-        stages: tuple[int, int, int],
-        subject_embeds: torch.Tensor,
-        output_type: str,
-        return_masks: bool,
-        identity_scores,
-        reference_images: Sequence,
-    ) -> FaceDiffuserOutput:
-        """snf_denoise's `result` → the output: images (decoded unless output_type is 'latent'), fusion steps and
-        masks, when asked each image's identity scores against the references, and the embeddings' fingerprints.
-        `stages` = (iterations, s, f)."""
-        num_iterations, s, f = stages
-        output = FaceDiffuserOutput(
-            images=[],
-            seeds=seeds,
-            start_merge_step=s,
-            final_step=f,
-            num_iterations=num_iterations,
-            fusion_steps=result.fusion_steps,
-            embedding_sha256=[embedding_sha256(e) for e in subject_embeds],
-        )
-        count = len(seeds)
-        images = result.latents if output_type == "latent" else self.decode_latents(result.latents)
-        if return_masks:
-            output.masks = (
-                torch.stack(result.masks)[:, :, 0].cpu()
-                if result.masks
-                else torch.zeros(0, count, *result.latents.shape[-2:])
-            )
-        want_scores = identity_scores is not False and identity_scores is not None
-        pil_images = tensor_to_pil(images) if output_type == "pil" or want_scores else None
-        if want_scores:
-            from facediffuser.metrics.identity import identity_similarities  # dlib loads only when asked
-
-            scorer = None if identity_scores is True else identity_scores
-            output.identity_scores = identity_similarities(pil_images, reference_images, scorer)
-        output.images = images if output_type in ("pt", "latent") else pil_images
-        return output
-
-    def _checked_call(
-        self,
-        prompt,
-        references,
-        boxes,
-        reference_mode,
-        height,
-        width,
-        num_images,
-        num_inference_steps,
-        output_type,
-        identity_scores,
-        stages,
-    ):
-        """The call's arguments, checked before any model runs; → (height, width) with the model's default, and
-        (iterations, s, f) from `stages` = (alpha, beta, start_merge_step, final_step)."""
+    def _checked_size(self, height, width):
+        """The call's height and width (the model's default where None), checked before any model runs."""
         default_size = self.sdm_unet.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
         multiple = self.vae_scale_factor
         if height % multiple or width % multiple or height < multiple or width < multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        return height, width
+
+    def _check_options(self, num_images, num_inference_steps, output_type, identity_scores):
+        """The call's counts and output options, checked before any model runs."""
         if not 1 <= num_images <= 64:
             raise ValueError(f"num_images_per_prompt must be in 1..64, got {num_images}")
         if num_inference_steps < 1:
@@ -328,21 +260,9 @@ class FaceDiffuserPipeline(PromptEncoding, DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if output_type == "latent" and identity_scores not in (False, None):
             raise ValueError("identity_scores need images: use output_type 'pil' or 'pt'")
-        boundaries = self.resolve_boundaries(num_inference_steps, *stages)
+
+    def _check_subjects(self, prompt, references, boxes, reference_mode):
+        """Layout boxes, the reference mode and the prompt's markers vs the references, before any model runs."""
         check_boxes(boxes, count_markers(prompt))
         check_mode(reference_mode)
         self.check_markers(prompt, len(references))
-        return height, width, boundaries
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
-
-
-def seeded_latents(shape: tuple[int, ...], seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Initial noise [len(seeds), *shape] (float32, CPU), image i drawn from its own generator seeded with seeds[i],
-    so an image does not depend on the others drawn with it (the pipeline's images, and each request in a served
-    batch). → (latents, the generators after the draw: they can go on feeding a stochastic scheduler)."""
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-    return latents, generators

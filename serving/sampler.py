@@ -17,7 +17,7 @@ from facediffuser.images import png_bytes, tensor_to_pil
 from facediffuser.layout import SubjectRegions
 from facediffuser.manifest import package_versions, sampling_record
 from facediffuser.model_dir import version_mismatch
-from facediffuser.pipeline import seeded_latents
+from facediffuser.noise import seeded_latents
 from facediffuser.sampling import boundaries_from_fractions, snf_denoise
 from facediffuser.schedulers import make_scheduler, scheduler_name
 from facediffuser.visualize import mask_pictures
