@@ -145,13 +145,24 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(cfg.model, cfg.tiny)
     pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    result = _sample(cfg, pipe, references)
+    out_dir = Path(cfg.out)
+    files = write_results(out_dir, result, boxes=cfg.boxes)
+    manifest = _manifest(cfg, pipe, result, files, started)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    print(f"wrote {len(files['images'])} image(s), fusion masks and manifest.json to {out_dir}")
+    return 0
+
+
+def _sample(cfg: GenerateConfig, pipe, references: list[list]):
+    """The pipeline's call for `cfg`, with a progress bar over the steps."""
     with tqdm(total=None, desc="sampling", unit="step") as bar:  # closed before any error is printed
 
         def progress(i: int, total: int) -> None:
             bar.total = total
             bar.update(1)
 
-        result = pipe(
+        return pipe(
             cfg.prompt,
             [photos[0] if len(photos) == 1 else photos for photos in references],
             negative_prompt=cfg.negative_prompt,
@@ -172,8 +183,11 @@ def run(args: argparse.Namespace) -> int:
             identity_scores=not cfg.no_identity_scores,
             reference_mode=cfg.reference_mode,
         )
-    out_dir = Path(cfg.out)
-    files = write_results(out_dir, result, boxes=cfg.boxes)
+
+
+def _manifest(cfg: GenerateConfig, pipe, result, files: dict, started: float) -> dict:
+    """What manifest.json records: the prompt, references, seeds, sampling settings, model and scores; the
+    seconds since `started` (time.perf_counter())."""
     sampling = sampling_record(
         scheduler=scheduler_name(pipe.scheduler),
         steps=cfg.steps,
@@ -187,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         beta=cfg.beta,
         fusion_steps=result.fusion_steps,
     )
-    manifest = generation_manifest(
+    return generation_manifest(
         prompt=cfg.prompt,
         negative_prompt=cfg.negative_prompt,
         references=[[str(Path(p).resolve()) for p in photos] for photos in cfg.photos],
@@ -199,6 +213,3 @@ def run(args: argparse.Namespace) -> int:
         seconds=time.perf_counter() - started,
         files=files,
     )
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"wrote {len(files['images'])} image(s), fusion masks and manifest.json to {out_dir}")
-    return 0
