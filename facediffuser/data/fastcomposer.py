@@ -131,23 +131,45 @@ def convert_stage(item: dict, config: PreprocessConfig) -> dict:
         id_map = load_id_map(npy, image.width, image.height)
     except BadSample as exc:
         return reject(item, "convert", str(exc))
-    if not segments:
-        return reject(item, "convert", "no person segment")
-    if len(segments) > config.max_subjects:
-        return reject(
-            item, "convert", f"{len(segments)} person segments, more than --max-subjects {config.max_subjects}"
-        )
-    if len({s["end"] for s in segments}) != len(segments):
-        return reject(item, "convert", "two person segments share one noun end")
-
+    problem = _segments_problem(segments, config)
+    if problem:
+        return reject(item, "convert", problem)
     stored = resize_short_side(image, config.resolution)
+    try:
+        subjects = _subjects(caption, segments, id_map, image, stored)
+    except BadSample as exc:
+        return reject(item, "convert", str(exc))
+    return {
+        **item,
+        "image": encode_jpeg(stored),
+        "width": stored.width,
+        "height": stored.height,
+        "caption": caption,
+        "subjects": subjects,
+    }
+
+
+def _segments_problem(segments: list[dict], config: PreprocessConfig) -> str | None:
+    """Why the person segments make the sample a reject (none, too many, two on one noun), or None."""
+    if not segments:
+        return "no person segment"
+    if len(segments) > config.max_subjects:
+        return f"{len(segments)} person segments, more than --max-subjects {config.max_subjects}"
+    if len({s["end"] for s in segments}) != len(segments):
+        return "two person segments share one noun end"
+    return None
+
+
+def _subjects(caption: str, segments: list[dict], id_map: np.ndarray, image, stored) -> list[dict]:
+    """Each segment → a subject row at the stored size: its box, mask and noun; BadSample when a segment's id is
+    not in the id map."""
     scale_x, scale_y = stored.width / image.width, stored.height / image.height
     ids = np.asarray(Image.fromarray(id_map, mode="I").resize(stored.size, Image.Resampling.NEAREST))
     subjects = []
     for segment in segments:
         mask = ids == segment["id"]
         if not mask.any():
-            return reject(item, "convert", f"segment {segment['id']} is not in the id map")
+            raise BadSample(f"segment {segment['id']} is not in the id map")
         x1, y1, x2, y2 = segment["bbox"]
         box = [x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
         word = _LAST_WORD.search(caption[: segment["end"]])
@@ -162,11 +184,4 @@ def convert_stage(item: dict, config: PreprocessConfig) -> dict:
                 "noun_end": segment["end"],
             }
         )
-    return {
-        **item,
-        "image": encode_jpeg(stored),
-        "width": stored.width,
-        "height": stored.height,
-        "caption": caption,
-        "subjects": subjects,
-    }
+    return subjects

@@ -91,6 +91,14 @@ def check_complete(output_uri: str, what: str) -> dict:
     Else IncompleteOutput: one line starting with `what`, naming the manifest and what is wrong."""
     manifest_uri = dataio.join(output_uri, MANIFEST_FILE)
     rerun = "rerun `facediffuser preprocess` with the same --input and --output to finish it"
+    manifest = _finished_manifest(manifest_uri, what, rerun)
+    _check_shard_files(output_uri, manifest["shards"], manifest_uri, what, rerun)
+    return manifest
+
+
+def _finished_manifest(manifest_uri: str, what: str, rerun: str) -> dict:
+    """The manifest at `manifest_uri`, checked on its own: there, JSON, its counts adding up, and a listing of
+    shard files that holds the rows written. Else IncompleteOutput."""
     if not dataio.exists(manifest_uri):
         raise IncompleteOutput(
             f"{what}: no {manifest_uri}: the preprocess run there is in progress or was cut short; {rerun}"
@@ -121,6 +129,12 @@ def check_complete(output_uri: str, what: str) -> dict:
             f"{what}: {manifest_uri} is incomplete: its shard files hold {listed_rows} rows, "
             f"{numbers['written']} written; {rerun}"
         )
+    return manifest
+
+
+def _check_shard_files(output_uri: str, listing: list[dict], manifest_uri: str, what: str, rerun: str) -> None:
+    """The shard files under `output_uri` are those `listing` names, at the sizes it records. Else
+    IncompleteOutput naming the missing, unlisted and changed files."""
     listed = {e["file"]: e.get("bytes") for e in listing}
     present = shard_sizes(dataio.join(output_uri, SHARDS_DIR))
     missing = sorted(set(listed) - set(present))
@@ -140,4 +154,3 @@ def check_complete(output_uri: str, what: str) -> dict:
             f"{what}: the shards differ from {manifest_uri} ({'; '.join(problems)}): changed after "
             f"the run finished, or another run is writing there; {rerun}"
         )
-    return manifest
