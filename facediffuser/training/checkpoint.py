@@ -65,12 +65,7 @@ def load_components(
     from facediffuser.prompts import ensure_image_token
 
     if tiny:
-        from facediffuser.models.tiny import tiny_components
-
-        parts = tiny_components(seed=0)
-        unet = parts.pop("sdm_unet" if which == "sdm" else "tdm_unet")
-        parts.pop("tdm_unet" if which == "sdm" else "sdm_unet")
-        return {**parts, "unet": unet}
+        return _tiny_components(which)
     check_base_dir(base, which, variant)
     base = Path(base)
     root, unet_folder = model_dir.model_root(base, which)
@@ -90,6 +85,16 @@ def load_components(
             base, which, parts["text_encoder"].config.hidden_size, image_encoder, log
         )
     return parts
+
+
+def _tiny_components(which: str) -> dict:
+    """The random CPU test stack with `which`'s UNet as `unet`."""
+    from facediffuser.models.tiny import tiny_components
+
+    parts = tiny_components(seed=0)
+    unet = parts.pop("sdm_unet" if which == "sdm" else "tdm_unet")
+    parts.pop("tdm_unet" if which == "sdm" else "sdm_unet")
+    return {**parts, "unet": unet}
 
 
 def _subject_encoder(base: Path, which: str, text_embed_dim: int, image_encoder: str | Path | None, log):
