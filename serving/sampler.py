@@ -7,21 +7,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from ray import serve
 
 from facediffuser import faults
 from facediffuser.images import png_bytes, tensor_to_pil
-from facediffuser.layout import SubjectRegions
 from facediffuser.manifest import package_versions, sampling_record
 from facediffuser.model_dir import version_mismatch
 from facediffuser.noise import seeded_latents
 from facediffuser.sampling import boundaries_from_fractions, snf_denoise
 from facediffuser.schedulers import make_scheduler, scheduler_name
-from facediffuser.visualize import mask_pictures
 from serving.api import internal_error
+from serving.batch_jobs import BatchJob, add_mask_pictures, group_regions, stacked_embeddings
 from serving.coalescer import Coalescer, histogram, no_concurrent_batches_warning
 from serving.metrics import sampler_metrics
 from serving.models import load_models
@@ -29,44 +27,6 @@ from serving.progress import JobReporter, Progress
 from serving.settings import ServeConfig
 
 MAX_CONSECUTIVE_FAILURES = 3
-
-
-@dataclass
-class _Job:
-    """One request inside a batch; `key` groups requests that can share one snf_denoise call."""
-
-    request: dict
-    embeds: dict
-    arrived: float
-    key: tuple = ()
-    iterations: int = 0
-    boundaries: tuple[int, int] = (0, 0)
-    job_id: str | None = None  # an asynchronous job (POST /v1/jobs): its steps and previews go to the JobStore
-    cancelled: bool = False  # its caller went away: it leaves the queue, or its rows leave the batch at the next step
-
-    @property
-    def seeds(self) -> list[int]:
-        """Image k of a request always uses seed + k."""
-        return [self.request["seed"] + k for k in range(self.request["num_images"])]
-
-
-def _regions(group: list[_Job], latent_size) -> SubjectRegions:
-    """Each image of a boxed batch: its request's subject tokens and boxes."""
-    per_image = [job for job in group for _ in range(job.request["num_images"])]
-    return SubjectRegions(
-        tokens=[job.embeds["subject_tokens"] for job in per_image],
-        boxes=[[tuple(b) for b in job.request["boxes"]] for job in per_image],
-        latent_size=tuple(latent_size),
-    )
-
-
-def _mask_pictures(output: dict, job: _Job, images: list, masks: torch.Tensor | None, latent_size) -> None:
-    """Adds the job's fusion mask grid and, when fusion ran, each image's overlay (PNG bytes) to `output`."""
-    job_masks = masks if masks is not None else torch.zeros(0, len(images), *latent_size)
-    grid, overlays = mask_pictures(images, job_masks, boxes=job.request["boxes"])
-    output["fusion_masks"] = png_bytes(grid)
-    if overlays:
-        output["overlays"] = [png_bytes(overlay) for overlay in overlays]
 
 
 @serve.deployment(name="Sampler")
@@ -134,7 +94,7 @@ class SamplerDeployment:
         if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
             raise RuntimeError(f"{self.consecutive_failures} batches in a row failed")
 
-    def _plan(self, job: _Job) -> None:
+    def _plan(self, job: BatchJob) -> None:
         r = job.request
         scheduler = make_scheduler(r["scheduler"], self.pipe.scheduler.config)
         scheduler.set_timesteps(r["steps"])
@@ -145,11 +105,11 @@ class SamplerDeployment:
         job.key = (r["scheduler"], r["steps"], size, float(r["guidance_scale"]), job.boundaries, r["boxes"] is not None)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05, max_concurrent_batches=1024)
-    async def generate(self, jobs: list[_Job]) -> list[dict]:
+    async def generate(self, jobs: list[BatchJob]) -> list[dict]:
         """Requests that arrived within batch_wait_timeout_s of each other; the coalescer runs them (see Coalescer)."""
         return await self.coalescer(jobs)
 
-    async def _run_group(self, group: list[_Job]) -> list[dict]:
+    async def _run_group(self, group: list[BatchJob]) -> list[dict]:
         reporter = JobReporter(self.store, asyncio.get_running_loop(), group, self.preview_every, self.progress)
         self.metrics["queue"].set(len(self.coalescer.waiting))
         self.metrics["batch"].observe(len(group))
@@ -173,11 +133,10 @@ class SamplerDeployment:
 
     async def submit(self, request: dict, embeds: dict, job_id: str | None = None) -> dict:
         mismatch = version_mismatch({"encoder": embeds, "sampler": self.model_info})
-        if (
-            mismatch
-        ):  # the embeddings come from another model than these UNets (checked per request, not only in /healthz)
+        # the embeddings come from another model than these UNets (checked per request, not only in /healthz)
+        if mismatch:
             return {"error": (503, "model_mismatch", mismatch)}
-        job = _Job(request=request, embeds=embeds, arrived=time.perf_counter(), job_id=job_id)
+        job = BatchJob(request=request, embeds=embeds, arrived=time.perf_counter(), job_id=job_id)
         try:
             self._plan(job)
         except ValueError as exc:
@@ -191,7 +150,7 @@ class SamplerDeployment:
             raise
 
     @torch.no_grad()
-    def _denoise_group(self, group: list[_Job], reporter: "JobReporter") -> list[dict | None]:
+    def _denoise_group(self, group: list[BatchJob], reporter: "JobReporter") -> list[dict | None]:
         """One snf_denoise call and one VAE decode for the group → each job's output (see _job_output); None for a
         job cancelled on the way (its rows left the batch at the step after it was cancelled)."""
         faults.fire("serve.sampler", once=True)  # tests only: off unless armed (arm_fault)
@@ -204,12 +163,6 @@ class SamplerDeployment:
         # scheduler: an image does not depend on who else is in the batch.
         latents, generators = seeded_latents(shape, [seed for job in group for seed in job.seeds])
         latents = (latents * scheduler.init_noise_sigma).to(device, dtype)
-
-        def stacked(name):
-            return torch.cat([job.embeds[name].repeat(job.request["num_images"], 1, 1) for job in group]).to(
-                device, dtype
-            )
-
         want_masks = any(job.request["return_masks"] for job in group)
         denoise_started = time.perf_counter()
         reporter.started((start_merge_step, final_step))
@@ -218,16 +171,14 @@ class SamplerDeployment:
             pipe.sdm_unet,
             scheduler,
             latents,
-            stacked("null"),
-            stacked("text"),
-            stacked("augmented"),
+            *stacked_embeddings(group, ("null", "text", "augmented"), device, dtype),
             num_inference_steps=steps,
             guidance_scale=guidance,
             start_merge_step=start_merge_step,
             final_step=final_step,
             return_masks=want_masks,
             generator=generators,
-            regions=_regions(group, shape[1:]) if boxed else None,
+            regions=group_regions(group, shape[1:]) if boxed else None,
             keep_rows=reporter.keep_rows,
             on_step=reporter.on_step,
         )
@@ -243,7 +194,14 @@ class SamplerDeployment:
             "scheduler": scheduler_name(scheduler),
             "fusion_steps": result.fusion_steps,
         }
-        position = {row: k for k, row in enumerate(result.rows)}  # original row → row of the result
+        outputs = self._outputs(group, result.rows, images, masks, batch, shape[1:])
+        self.progress.batch_done(len(group), len(latents), reporter.image_steps, outputs.count(None))
+        return outputs
+
+    def _outputs(self, group: list[BatchJob], rows_kept: list[int], images: list, masks, batch: dict, latent_size):
+        """The batch's images and masks → each job's output; None for a job cancelled, or whose rows left the
+        batch (`rows_kept`: the original rows the result still holds, in its order)."""
+        position = {row: k for k, row in enumerate(rows_kept)}  # original row → row of the result
         outputs, offset = [], 0
         for job in group:
             rows = list(range(offset, offset + job.request["num_images"]))
@@ -253,11 +211,10 @@ class SamplerDeployment:
                 continue
             kept = [position[row] for row in rows]
             job_masks = masks[:, kept] if masks is not None else None
-            outputs.append(self._job_output(job, [images[k] for k in kept], job_masks, batch, shape[1:]))
-        self.progress.batch_done(len(group), len(latents), reporter.image_steps, outputs.count(None))
+            outputs.append(self._job_output(job, [images[k] for k in kept], job_masks, batch, latent_size))
         return outputs
 
-    def _job_output(self, job: _Job, images: list, masks: torch.Tensor | None, batch: dict, latent_size) -> dict:
+    def _job_output(self, job: BatchJob, images: list, masks: torch.Tensor | None, batch: dict, latent_size) -> dict:
         """One request's answer: PNG images, seeds, batch and timing facts, the manifest, and mask pictures when
         it asked for them."""
         request = job.request
@@ -292,5 +249,5 @@ class SamplerDeployment:
             },
         }
         if request["return_masks"]:
-            _mask_pictures(output, job, images, masks, latent_size)
+            add_mask_pictures(output, job, images, masks, latent_size)
         return output
