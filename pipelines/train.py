@@ -86,7 +86,7 @@ def train(configs: list[TrainConfig], verbose: bool = False) -> list[dict]:
     import ray.util.scheduling_strategies
 
     from cluster.runtime import init_ray
-    from pipelines.train_worker import ProgressBoard, show_progress
+    from pipelines.train_progress import ProgressBoard, show_progress
 
     init_ray(verbose=verbose)
     resources = ray.cluster_resources()

@@ -8,7 +8,8 @@ all ranks report, rank 0 with a checkpoint: model directory + optimizer state (s
 At each checkpoint the ranks all-gather a checksum of their trainable parameters; its spread (0 when DDP kept them
 identical) goes into the metrics and the checkpoint. Test-only fault injection: the `train.step` point of
 facediffuser/faults.py (`FACEDIFFUSER_FAULTS`, forwarded by the driver to the workers), never the config.
-Progress: rank 0 writes its step and loss to a `ProgressBoard` actor, and the driver draws them (`show_progress`).
+Progress: rank 0 writes its step and loss to a `ProgressBoard` actor, and the driver draws them (`show_progress`;
+both in pipelines/train_progress.py). What the ranks report, and rank 0's checkpoint: pipelines/train_report.py.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from pathlib import Path
 from cluster.runtime import where
 from facediffuser import faults
 from facediffuser.devices import torch_device
-from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics, write_metrics
+from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics
 from pipelines.progress_metrics import train_metrics
 from pipelines.train_config import TrainConfig
+from pipelines.train_progress import progress_reporter
+from pipelines.train_report import report, worker_placement
 
 
 def injected_fault(step: int, rank: int, world: int, run_name: str) -> None:
@@ -45,51 +48,6 @@ def injected_fault(step: int, rank: int, world: int, run_name: str) -> None:
     # latest one).
     time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
     faults.fire("train.step")
-
-
-class ProgressBoard:
-    """A tiny actor (0 CPUs) that rank 0 of each run writes its step and loss to; the driver draws the bars."""
-
-    def __init__(self):
-        self.state: dict[str, dict] = {}
-
-    def update(self, model: str, **fields) -> None:
-        self.state.setdefault(model, {}).update(fields)
-
-    def read(self) -> dict[str, dict]:
-        return self.state
-
-
-def show_progress(board, configs: list[TrainConfig], futures: list) -> None:
-    """The driver's side of the board: one bar per model, fed by rank 0 of each run, until every run has finished."""
-    import concurrent.futures
-
-    import ray
-    from tqdm.auto import tqdm
-
-    bars = {
-        c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
-        for i, c in enumerate(configs)
-    }
-    said = set()
-    try:
-        while True:
-            finished = all(f.done() for f in futures)
-            for model, state in ray.get(board.read.remote()).items():
-                bar = bars[model]
-                if state.get("resumed_from") and model not in said:
-                    said.add(model)
-                    bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")
-                bar.n = state.get("step", 0)
-                if "loss" in state:
-                    bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
-                bar.refresh()
-            if finished:
-                break
-            concurrent.futures.wait(futures, timeout=1.0)
-    finally:  # also when stopped (SIGTERM/SIGINT): the bars end before the command's last line
-        for bar in bars.values():
-            bar.close()
 
 
 def example_collate(config: TrainConfig, seed: int):
@@ -227,11 +185,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     config = TrainConfig(**config_dict)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    report_progress = (
-        (lambda **fields: progress.update.remote(config.model, **fields))
-        if progress and rank == 0
-        else (lambda **fields: None)
-    )
+    report_progress = progress_reporter(progress, config.model, rank)
     exported = train_metrics() if rank == 0 else None  # Prometheus, through Ray (pipelines/progress_metrics.py)
     collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
@@ -268,85 +222,3 @@ def train_loop_per_worker(config_dict: dict) -> None:
             last = now
             if run.step >= config.max_steps:
                 break
-
-
-def report(config: TrainConfig, run: WorkerRun, rank: int) -> None:
-    """All ranks report; rank 0 attaches the checkpoint, written to a temp dir first (Ray uploads it whole)."""
-    import ray.train
-
-    from facediffuser.training import checkpoint as ckpt
-
-    spread = rank_spread(param_checksum(run.model))
-    latest = run.history[-1]
-    metrics = {
-        "step": run.step,
-        "attempt": run.attempt,
-        "loss": latest["loss"],
-        "loss_den": latest["loss_den"],
-        "loss_loc": latest["loss_loc"],
-        "param_rank_spread": spread,
-        **run.placement,
-    }
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    model = run.model
-    with tempfile.TemporaryDirectory(prefix=f"facediffuser-{config.model}-ckpt-") as tmp:
-        ckpt.save_model_dir(
-            Path(tmp) / ckpt.MODEL_SUBDIR,
-            config.model,
-            unet=model.unet,
-            vae=model.vae,
-            text_encoder=model.text_encoder,
-            tokenizer=run.parts["tokenizer"],
-            scheduler=run.parts["scheduler"],
-            subject_encoder=model.subject_encoder,
-        )
-        ckpt.save_training_state(
-            Path(tmp) / ckpt.STATE_FILE,
-            run.optimizer,
-            run.step,
-            {"attempt": run.attempt, "model": config.model, "param_rank_spread": spread},
-        )
-        write_metrics(run.history, Path(tmp) / "metrics.csv")
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_{run.step:08d}",
-        )
-
-
-def worker_placement() -> dict:
-    """{"worker_nodes": the Ray node id of every rank, in rank order, comma-separated; "ddp_backend": the
-    torch.distributed backend} — gathered from all ranks, so rank 0's report says where the run went."""
-    import torch.distributed as dist
-
-    from cluster.runtime import node_id
-
-    here = node_id()
-    if not (dist.is_available() and dist.is_initialized()):
-        return {"worker_nodes": here, "ddp_backend": "none"}
-    nodes = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, here)
-    return {"worker_nodes": ",".join(nodes), "ddp_backend": str(dist.get_backend())}
-
-
-def param_checksum(model) -> float:
-    import torch
-
-    with torch.no_grad():
-        return float(sum(p.detach().double().sum() for p in model.trainable_parameters()))
-
-
-def rank_spread(value: float) -> float:
-    """max − min of `value` over ranks: 0 when every rank holds the same parameters."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return 0.0
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, torch.tensor([value], dtype=torch.float64, device=device))
-    values = [float(v) for v in gathered]
-    return max(values) - min(values)
