@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import html
 import json
 import shutil
 import time
@@ -27,6 +26,7 @@ from facediffuser.config import add_arguments as add_config_arguments
 from facediffuser.config import arg, from_args
 from facediffuser.model_dir import final_dir
 from facediffuser.sample_photos import sample_photos
+from pipelines.demo_page import PhaseClock, write_index
 from pipelines.demo_serve import generate_over_http, serve_http_port
 
 PROMPT = "a person <|image|> walking on the moon"
@@ -57,63 +57,6 @@ class DemoConfig:
             raise ValueError(f"--out {self.out}: exists and is not a directory")
 
 
-PHASES = ("photos", "preprocess", "train", "serve", "page")
-
-
-class PhaseClock:
-    """Prints each phase's heading and, at its end, its time; keeps the times for the summary."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._current: tuple[str, float] | None = None
-
-    def start(self, name: str, text: str) -> None:
-        self.stop()
-        print(f"[demo {PHASES.index(name) + 1}/{len(PHASES)}] {text}", flush=True)
-        self._current = (name, time.perf_counter())
-
-    def stop(self) -> float:
-        if self._current is None:
-            return 0.0
-        name, started = self._current
-        self.seconds[name] = round(time.perf_counter() - started, 1)
-        self._current = None
-        return self.seconds[name]
-
-    def summary(self) -> str:
-        return "phase times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
-
-
-def write_index(out: Path, sections: list[tuple[str, list[Path], str]]) -> Path:
-    """OUT/index.html: one section per phase; images by relative path, so the folder can be moved or zipped."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Face-diffuser demo</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:auto;padding:1rem}"
-        "img{max-width:100%;margin:.2rem;border:1px solid #ddd;image-rendering:pixelated}"
-        ".row img{height:160px}pre{background:#f4f4f4;padding:.5rem;overflow:auto;max-height:20rem}"
-        "</style></head><body><h1>Face-diffuser demo</h1>"
-    ]
-    for title, images, text in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        if text:
-            parts.append(f"<pre>{html.escape(text)}</pre>")
-        if images:
-            cls = " class='row'" if len(images) > 2 else ""
-            parts.append(
-                f"<div{cls}>"
-                + "".join(
-                    f"<a href='{p.relative_to(out).as_posix()}'><img src='{p.relative_to(out).as_posix()}' "
-                    f"alt='{html.escape(p.stem)}' title='{html.escape(p.stem)}'></a>"
-                    for p in images
-                )
-                + "</div>"
-            )
-    parts.append("</body></html>")
-    path = out / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
-
-
 def demo(config: DemoConfig, verbose: bool = False) -> dict:
     """Run every phase; → paths of what was written and each phase's time. Validates first, cleans up Ray/Serve
     last."""
@@ -132,23 +75,7 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
         manifest = _preprocess(out)
         print(f"  ({clock.stop():.1f} s) → {out / 'preprocessed'}", flush=True)
         model_dir, curves = _models(config, out, clock)
-        clock.start("serve", "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
-        session.own_serve = serve_http_port() is None
-        images, masks, overlays, response_summary = generate_over_http(
-            config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME)),
-            out,
-            app_name,
-            f"/{NAME}",
-            config.port,
-            PROMPT,
-            config.num_images,
-            config.sample_steps,
-        )
-        print(
-            f"  {len(images)} image(s) in {response_summary['timings']['total_s']:.1f} s; identity scores "
-            f"{response_summary.get('identity_scores')} ({clock.stop():.1f} s) → {out / 'generated'}",
-            flush=True,
-        )
+        images, masks, overlays, response_summary = _serve(config, out, session, app_name, clock)
         clock.start("page", "writing index.html")
         index = write_index(
             out,
@@ -177,6 +104,29 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
         "phases": clock.seconds,
         "summary": clock.summary(),
     }
+
+
+def _serve(config: DemoConfig, out: Path, session, app_name: str, clock: PhaseClock):
+    """The serving phase: the Serve app up (Serve shut down at the end when the demo started it) and one HTTP
+    generate request; → (images, mask grids, overlays, the response's summary)."""
+    clock.start("serve", "serving on Ray Serve (127.0.0.1) and one HTTP generate request")
+    session.own_serve = serve_http_port() is None
+    images, masks, overlays, response_summary = generate_over_http(
+        config.model and str(Path(config.model).resolve()) or final_dir(str(out / "runs" / NAME)),
+        out,
+        app_name,
+        f"/{NAME}",
+        config.port,
+        PROMPT,
+        config.num_images,
+        config.sample_steps,
+    )
+    print(
+        f"  {len(images)} image(s) in {response_summary['timings']['total_s']:.1f} s; identity scores "
+        f"{response_summary.get('identity_scores')} ({clock.stop():.1f} s) → {out / 'generated'}",
+        flush=True,
+    )
+    return images, masks, overlays, response_summary
 
 
 def _fresh_output(directory: str) -> Path:

@@ -78,8 +78,12 @@ def generate_over_http(
     response = httpx.post(f"{url}/v1/generate", json=request, timeout=600)
     if response.status_code != 200:
         raise RuntimeError(f"generate answered {response.status_code}: {response.text[:300]}")
-    body = response.json()
-    generated = out / "generated"
+    return write_response(response.json(), out / "generated")
+
+
+def write_response(body: dict, generated: Path) -> tuple[list[Path], list[Path], list[Path], dict]:
+    """A generate response → its images, fusion masks and overlays as PNGs under `generated` (made here), and
+    response.json without the pictures; → (images, fusion masks, overlays, that summary)."""
     generated.mkdir()
     images = [
         write_png(b64, generated / f"image-{k}-seed{seed}.png")
