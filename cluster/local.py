@@ -11,9 +11,9 @@ prints its addresses and the environment a client needs, and stops it cleanly on
 
 Several nodes on one host need distinct ports: `ray start` has fixed defaults (dashboard agent 52365, client
 server 10001, ...) that a second node on the same host (or another cluster on it) collides with, and the raylet
-then aborts when its agent cannot bind. Every port of every node is picked free here. Each node is its own
-process group (`start_new_session=True`), so `stop()` ends exactly this cluster's processes (a `ray stop` would
-end every Ray on the machine) and checks with psutil that none is left.
+then aborts when its agent cannot bind. Every port of every node is picked free (cluster/ray_start.py). Each node
+is its own process group (`start_new_session=True`), so `stop()` ends exactly this cluster's processes (a `ray
+stop` would end every Ray on the machine) and checks with psutil that none is left.
 """
 
 from __future__ import annotations
@@ -23,35 +23,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.node_processes import cluster_processes, raylets_in_group, signal_group, stop_groups
+from cluster.ray_start import BIN, NodeSpec, free_port, start_command
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """One node: its name (also Ray's node name), logical CPUs and GPUs, custom resources."""
-
-    name: str
-    num_cpus: float = 1
-    num_gpus: float = 0
-    resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -99,49 +82,12 @@ class LocalCluster:
 
     # ------------------------------------------------------------------------------------------ start
 
-    def _ports(self) -> list[str]:
-        """Every port a node binds, free and distinct (Ray's fixed defaults collide between nodes of one host)."""
-        return [
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            # worker processes of this node: a random port each (Ray's own test clusters do the same)
-            "--min-worker-port=0",
-            "--max-worker-port=0",
-        ]
-
     def _launch(self, spec: NodeSpec, head: bool) -> _Node:
         if spec.name in self.nodes:
             raise ValueError(f"a node named {spec.name!r} is already in this cluster")
-        command = [
-            str(BIN / "ray"),
-            "start",
-            "--block",
-            f"--node-name={spec.name}",
-            f"--num-cpus={spec.num_cpus:g}",
-            f"--num-gpus={spec.num_gpus:g}",
-            f"--object-store-memory={self.object_store_bytes}",
-            "--node-ip-address=127.0.0.1",
-            f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats",
-            *self._ports(),
-        ]
-        if spec.resources:
-            command.append(f"--resources={json.dumps(spec.resources)}")
-        if head:
-            command += [
-                "--head",
-                f"--port={self.gcs_port}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port()}",
-            ]
-        else:
-            command.append(f"--address={self.address}")
+        command = start_command(
+            spec, head, self.object_store_bytes, self.temp_dir, (self.gcs_port, self.dashboard_port), self.address
+        )
         log = Path(self.temp_dir) / f"ray-start-{spec.name}.log"
         with open(log, "w") as handle:
             process = subprocess.Popen(
