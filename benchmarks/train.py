@@ -122,14 +122,27 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    import ray
-
-    from cluster.runtime import init_ray
-    from pipelines.train_config import TrainConfig
-
     work = Path(tempfile.mkdtemp(prefix="facediffuser-train-bench-"))
     data = args.data or make_shards(work / "shards", 16)
-    config = TrainConfig(
+    plain_before, ray_steps, ray_wall, plain_after = run_phases(args, bench_config(args, data, work))
+    keep = slice(args.warmup, None)
+    plain_with_data, plain_step = min((plain_before, plain_after), key=lambda run: statistics.median(run[0][keep]))
+    ray_median = statistics.median(ray_steps[keep])
+    plain_median = statistics.median(plain_with_data[keep])
+    step_median = statistics.median(plain_step[keep])
+    report = make_report(args, data, (ray_median, plain_median, step_median), ray_wall, (plain_before, plain_after))
+    print(json.dumps(report, indent=2))
+    print(
+        f"Ray Train {ray_median:.3f} s/step vs plain torch {plain_median:.3f} s/step (data inline; step alone "
+        f"{step_median:.3f}): ratio {report['ray_over_plain']:.3f} (target <= 1.10)"
+    )
+
+
+def bench_config(args: argparse.Namespace, data: str, work: Path):
+    """The Ray Train run's TrainConfig: one worker with --threads CPUs, one checkpoint at the end."""
+    from pipelines.train_config import TrainConfig
+
+    return TrainConfig(
         model=args.model,
         data=str(Path(data).resolve()),
         storage=str(work / "runs"),
@@ -148,6 +161,16 @@ def main() -> None:
         resolution=args.resolution,
         max_failures=0,
     )
+
+
+def run_phases(args: argparse.Namespace, config) -> tuple[tuple, list[float], float, tuple]:
+    """The plain loop, the Ray Train run on a local Ray started here, the plain loop again; → (plain before, Ray
+    seconds per step, the Ray run's wall seconds, plain after)."""
+    import ray
+
+    from cluster.runtime import init_ray
+    from pipelines.train_config import TrainConfig
+
     if Path(config.data).is_dir():  # the plain loop reads one file; the Ray loop reads the directory
         config_plain_data = sorted(Path(config.data).glob("*.parquet"))[0]
     plain_config = TrainConfig(**{**config.__dict__, "data": str(config_plain_data)})
@@ -158,12 +181,14 @@ def main() -> None:
     ray_wall = time.perf_counter() - started
     ray.shutdown()
     plain_after = plain_loop(plain_config, args.steps)  # the machine may have drifted: keep the faster baseline
+    return plain_before, ray_steps, ray_wall, plain_after
 
+
+def make_report(args: argparse.Namespace, data: str, medians: tuple, ray_wall: float, plains: tuple) -> dict:
+    """The inputs, the medians (Ray, plain with data inline, plain step alone) and their ratios, and both plain
+    runs' medians (`plains` = before, after)."""
+    ray_median, plain_median, step_median = medians
     keep = slice(args.warmup, None)
-    plain_with_data, plain_step = min((plain_before, plain_after), key=lambda run: statistics.median(run[0][keep]))
-    ray_median = statistics.median(ray_steps[keep])
-    plain_median = statistics.median(plain_with_data[keep])
-    step_median = statistics.median(plain_step[keep])
     report = {
         "inputs": {
             **{
@@ -193,15 +218,9 @@ def main() -> None:
         "ray_over_plain": round(ray_median / plain_median, 3),
         "ray_over_step_only": round(ray_median / step_median, 3),
         "ray_fit_wall_seconds": round(ray_wall, 1),
-        "plain_medians_before_after": [
-            round(statistics.median(run[0][keep]), 4) for run in (plain_before, plain_after)
-        ],
+        "plain_medians_before_after": [round(statistics.median(run[0][keep]), 4) for run in plains],
     }
-    print(json.dumps(report, indent=2))
-    print(
-        f"Ray Train {ray_median:.3f} s/step vs plain torch {plain_median:.3f} s/step (data inline; step alone "
-        f"{step_median:.3f}): ratio {report['ray_over_plain']:.3f} (target <= 1.10)"
-    )
+    return report
 
 
 if __name__ == "__main__":
