@@ -116,27 +116,10 @@ def measure(args: argparse.Namespace, reference_b64: str, size: int, bare) -> di
     import ray
     from ray import serve
 
-    from benchmarks.loadtest import generate_payload, run_load
+    from benchmarks.loadtest import run_load
     from serving.app import start
-    from serving.settings import ServeConfig
 
-    config = ServeConfig(
-        model=args.model,
-        tiny=args.tiny,
-        port=args.port,
-        app_name="facediffuser-bench",
-        num_gpus=args.num_gpus,
-        num_cpus=0,
-        encoder_num_cpus=0,
-        ingress_num_cpus=0,  # no reservations: the in-process side shares the cores
-        torch_threads=args.torch_threads,
-        min_replicas=1,
-        max_replicas=1,
-        max_batch_size=args.batch,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
-        max_ongoing_requests=2 * args.batch,
-        max_queued_requests=-1,
-    )
+    config = serve_config(args)
     ray.init(
         address="local",
         num_cpus=args.num_cpus,
@@ -150,25 +133,10 @@ def measure(args: argparse.Namespace, reference_b64: str, size: int, bare) -> di
         print(f"app ready in {time.perf_counter() - started:.1f} s at {url}", flush=True)
         sampler = serve.get_deployment_handle("Sampler", app_name=config.app_name)
         endpoint = url + "/v1/generate"
-        payload = generate_payload(
-            reference_b64,
-            steps=args.steps,
-            prompt=PROMPT,
-            seed_base=10_000,
-            width=size,
-            height=size,
-            guidance_scale=5.0,
-            alpha=0.3,
-            beta=0.6,
-            identity_scores=False,
-        )
+        payload, warm = payloads(reference_b64, args.steps, size)
 
         def stats() -> dict:
             return httpx.get(url + "/v1/stats", timeout=60).json()
-
-        warm = generate_payload(
-            reference_b64, steps=2, prompt=PROMPT, width=size, height=size, identity_scores=False
-        )  # warm-up rounds: same shapes, few steps
 
         def serve_load(batch_size: int, concurrency: int, requests: int) -> dict:
             sampler.configure_batching.remote(batch_size, args.batch_wait_timeout_s).result()
@@ -188,6 +156,50 @@ def measure(args: argparse.Namespace, reference_b64: str, size: int, bare) -> di
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def serve_config(args: argparse.Namespace):
+    """The app under test: one replica per deployment, no CPU reservations, batching as asked."""
+    from serving.settings import ServeConfig
+
+    return ServeConfig(
+        model=args.model,
+        tiny=args.tiny,
+        port=args.port,
+        app_name="facediffuser-bench",
+        num_gpus=args.num_gpus,
+        num_cpus=0,
+        encoder_num_cpus=0,
+        ingress_num_cpus=0,  # no reservations: the in-process side shares the cores
+        torch_threads=args.torch_threads,
+        min_replicas=1,
+        max_replicas=1,
+        max_batch_size=args.batch,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_ongoing_requests=2 * args.batch,
+        max_queued_requests=-1,
+    )
+
+
+def payloads(reference_b64: str, steps: int, size: int) -> tuple:
+    """→ (the measured requests, the warm-up requests: same shapes, few steps), each `i → request i`."""
+    from benchmarks.loadtest import generate_payload
+
+    payload = generate_payload(
+        reference_b64,
+        steps=steps,
+        prompt=PROMPT,
+        seed_base=10_000,
+        width=size,
+        height=size,
+        guidance_scale=5.0,
+        alpha=0.3,
+        beta=0.6,
+        identity_scores=False,
+    )
+    # warm-up rounds: same shapes, few steps
+    warm = generate_payload(reference_b64, steps=2, prompt=PROMPT, width=size, height=size, identity_scores=False)
+    return payload, warm
 
 
 def interleave(args: argparse.Namespace, bare, serve_load) -> dict:
