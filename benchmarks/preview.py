@@ -34,16 +34,32 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latent", type=int, default=64, help="latent side (512 px images: 64)")
     parser.add_argument("--steps", type=int, default=2, help="iterations per timed snf_denoise call (all fusion)")
     parser.add_argument("--width", type=int, default=32, help="UNet base channels (tiny: 32, SD1.5: 320)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    denoise, preview, decode, params = workloads(args)
+    denoise(), preview(), decode()  # warm-up
+    steps, previews, decodes = [], [], []
+    for _ in range(args.repeats):
+        steps.append(timed(denoise) / args.steps)
+        previews.append(timed(preview))
+        decodes.append(timed(decode))
+    report(args, *(statistics.median(x) for x in (steps, previews, decodes)), params)
+
+
+def workloads(args: argparse.Namespace):
+    """The three timed calls on tiny random models (seeded): → (denoise, preview, decode, the UNet's parameters
+    in millions)."""
     torch.manual_seed(0)
     tdm, sdm = (
         tiny_unet(args.width, sample_size=args.latent).eval(),
@@ -77,14 +93,11 @@ def main() -> None:
     def decode():
         vae.decode(latents / vae.config.scaling_factor)
 
-    denoise(), preview(), decode()  # warm-up
-    steps, previews, decodes = [], [], []
-    for _ in range(args.repeats):
-        steps.append(timed(denoise) / args.steps)
-        previews.append(timed(preview))
-        decodes.append(timed(decode))
-    step, cost, vae_cost = (statistics.median(x) for x in (steps, previews, decodes))
-    params = sum(p.numel() for p in sdm.parameters()) / 1e6
+    return denoise, preview, decode, sum(p.numel() for p in sdm.parameters()) / 1e6
+
+
+def report(args: argparse.Namespace, step: float, cost: float, vae_cost: float, params: float) -> None:
+    """The inputs, the medians and their ratios."""
     print(
         f"inputs: latent {args.latent}x{args.latent} (image {args.latent * 8}²), batch 1, UNet width {args.width} "
         f"({params:.1f}M params each), tiny VAE, DDIM, {args.steps} fusion iterations per call, "
