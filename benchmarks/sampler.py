@@ -30,7 +30,7 @@ def plain_cfg(unet, scheduler, latents, uncond, cond, steps, guidance_scale):
     return latents
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--start", type=int, default=15)
@@ -39,9 +39,26 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent side (512 px images: 64)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    run_plain, run_snf, params = workloads(args)
+    run_plain(), run_snf()  # warm-up
+    plain_times, snf_times = [], []
+    for _ in range(args.repeats):
+        for fn, times in ((run_plain, plain_times), (run_snf, snf_times)):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    report(args, statistics.median(plain_times), statistics.median(snf_times), params)
+
+
+def workloads(args: argparse.Namespace):
+    """Both samplers on the same tiny random UNets (seeded): → (plain CFG, snf_denoise, the UNet's parameters in
+    millions)."""
     torch.manual_seed(0)
     tdm, sdm = (
         tiny_unet(args.width, cross_attention_dim=64).eval(),
@@ -69,17 +86,13 @@ def main() -> None:
             final_step=args.final,
         )
 
-    run_plain(), run_snf()  # warm-up
-    plain_times, snf_times = [], []
-    for _ in range(args.repeats):
-        for fn, times in ((run_plain, plain_times), (run_snf, snf_times)):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-    plain, snf = statistics.median(plain_times), statistics.median(snf_times)
+    return run_plain, run_snf, sum(p.numel() for p in sdm.parameters()) / 1e6
+
+
+def report(args: argparse.Namespace, plain: float, snf: float, params: float) -> None:
+    """The inputs, both medians, and the measured ratio against 1 + (f − s)/N."""
     theory = 1 + (args.final - args.start) / args.steps
     ratio = snf / plain
-    params = sum(p.numel() for p in sdm.parameters()) / 1e6
     print(
         f"inputs: DDIM steps={args.steps} s={args.start} f={args.final} unet_width={args.width} "
         f"({params:.1f}M params) latent={args.latent}x{args.latent} repeats={args.repeats} threads={args.threads}"
