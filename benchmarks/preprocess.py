@@ -156,26 +156,44 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
+    runs = run_phases(args.images, args.workdir)
+    result = make_result(args.images, runs)
+    assert runs["ray1"][1]["counts"] == runs["ray2"][1]["counts"], "the two Ray runs disagree"
+    print(json.dumps(result, indent=2))
 
-    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+
+def run_phases(images: int, workdir: str | None) -> dict:
+    """The plain loop on 1 core, Ray on 1 core (twice on one cluster), Ray on 2 cores, the plain loop again; → the
+    seconds (with each Ray run's manifest) and the load average before and after."""
+    with tempfile.TemporaryDirectory(dir=workdir) as work:
         inputs = Path(work, "inputs")
         inputs.mkdir()
-        make_inputs(inputs, args.images)
+        make_inputs(inputs, images)
         load_before = os.getloadavg()[0]
         with pinned(1):
             plain_before = run_plain(str(inputs), str(Path(work, "plain")))
-            (ray1_s, manifest1), (warm1_s, _) = run_ray(
-                str(inputs), [str(Path(work, "ray1")), str(Path(work, "ray1-warm"))], 1
-            )
+            ray1, (warm1_s, _) = run_ray(str(inputs), [str(Path(work, "ray1")), str(Path(work, "ray1-warm"))], 1)
         with pinned(2):
-            ((ray2_s, manifest2),) = run_ray(str(inputs), [str(Path(work, "ray2"))], 2)
+            (ray2,) = run_ray(str(inputs), [str(Path(work, "ray2"))], 2)
         with pinned(1):
             plain_after = run_plain(str(inputs), str(Path(work, "plain")))
-        plain_s = min(plain_before, plain_after)  # the faster plain run: the ratio errs against Ray
         load_after = os.getloadavg()[0]
+    return {
+        "plain": (plain_before, plain_after),
+        "ray1": ray1,
+        "warm1_s": warm1_s,
+        "ray2": ray2,
+        "load": (load_before, load_after),
+    }
 
-    n = args.images
-    result = {
+
+def make_result(n: int, runs: dict) -> dict:
+    """Throughputs and ratios of `run_phases`' runs over `n` images, with the inputs and the targets."""
+    plain_before, plain_after = runs["plain"]
+    plain_s = min(plain_before, plain_after)  # the faster plain run: the ratio errs against Ray
+    (ray1_s, manifest1), (ray2_s, manifest2), warm1_s = runs["ray1"], runs["ray2"], runs["warm1_s"]
+    load_before, load_after = runs["load"]
+    return {
         "inputs": {
             "images": n,
             "source": "skimage astronaut, 1-3 people per image, ~470 px high",
@@ -201,8 +219,6 @@ def main() -> None:
         "ray_2cpu_vs_1cpu": round(ray1_s / ray2_s, 3),
         "targets": {"ray_1cpu_vs_plain": 0.85, "ray_2cpu_vs_1cpu": 1.7},
     }
-    assert manifest1["counts"] == manifest2["counts"], "the two Ray runs disagree"
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
