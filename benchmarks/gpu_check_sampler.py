@@ -111,12 +111,22 @@ def sampler_phase(check, pipe, size: int, steps: int, reps: int) -> None:
         )
 
     ours_rate, sd_rate = best_rates(ours, theirs, device, steps, reps)
+    sampler_rows(check, size, steps, (ours_rate, sd_rate), time.perf_counter() - started)
+    sd = None  # noqa: F841  (frees the pipeline object; the modules are shared with ours)
+    pipe.to("cpu")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sampler_rows(check, size: int, steps: int, rates: tuple[float, float], seconds: float) -> None:
+    """The sampler phase's rows: diffusers' images/s, ours (`rates` = ours, diffusers') and their ratio."""
+    ours_rate, sd_rate = rates
     what = f"{'fp32 CPU' if check.dry else 'fp16'} {size}², {steps} DDIM steps, batch 1"
     check.row(
         "sampler",
         f"StableDiffusionPipeline, same UNet ({what})",
         f"{sd_rate:.3f} images/s",
-        time.perf_counter() - started,
+        seconds,
         True,
     )
     check.row("sampler", "FaceDiffuserPipeline (SNF, both UNets in fusion)", f"{ours_rate:.3f} images/s", 0, True)
@@ -128,7 +138,3 @@ def sampler_phase(check, pipe, size: int, steps: int, reps: int) -> None:
         True,
         "dry run: not a figure" if check.dry else "",
     )
-    sd = None  # noqa: F841  (frees the pipeline object; the modules are shared with ours)
-    pipe.to("cpu")
-    if device == "cuda":
-        torch.cuda.empty_cache()
