@@ -39,7 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.real_size_phases import GIB, MEMORY_EXIT, run_phase  # noqa: E402
+from benchmarks.real_size_memory import GIB, MEMORY_EXIT  # noqa: E402
+from benchmarks.real_size_phases import run_phase  # noqa: E402
 
 PHASES = ("pipeline", "train-sdm", "train-tdm", "serve")
 

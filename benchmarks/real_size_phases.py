@@ -1,6 +1,6 @@
 """benchmarks/real_size.py's phases, each run in a fresh child process (`real_size.py --phase NAME`): the pipeline,
-a training step, saving the model directory, a Serve request; and the memory measurements they share (the
-process tree's RSS, the guard that stops a phase at the memory limit). The heavy imports are inside the functions.
+a training step, saving the model directory, a Serve request; the memory measurements they share are in
+benchmarks/real_size_memory.py. The heavy imports are inside the functions.
 """
 
 from __future__ import annotations
@@ -9,82 +9,17 @@ import base64
 import gc
 import io
 import json
-import os
 import socket
 import statistics
-import sys
-import threading
 import time
 from pathlib import Path
 
+from benchmarks.real_size_memory import GIB, MemoryGuard, max_rss, nbytes, rss_now, tree_rss
+
 PROMPT = "a woman <|image|> on the moon"
-GIB = 2**30
-MEMORY_EXIT = 75  # a phase's exit status when it stopped itself at the memory limit
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def tree_rss(process) -> int:
-    """RSS of a process and all its descendants, bytes (shared pages count once per process)."""
-    import psutil
-
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
-class MemoryGuard:
-    """Samples this process tree's RSS every 0.1 s (keeps the peak); over `limit_gb`, or when the machine has under
-    0.5 GiB available, it kills the tree's children (processes this phase started) and exits with MEMORY_EXIT."""
-
-    def __init__(self, limit_gb: float):
-        import psutil
-
-        self.limit, self.peak, self.process = limit_gb * GIB, 0, psutil.Process()
-        threading.Thread(target=self._watch, daemon=True).start()
-
-    def _watch(self):
-        import psutil
-
-        while True:
-            rss = tree_rss(self.process)
-            self.peak = max(self.peak, rss)
-            available = psutil.virtual_memory().available
-            if rss > self.limit or available < GIB // 2:
-                print(
-                    f"memory guard: tree RSS {rss / GIB:.1f} GiB (limit {self.limit / GIB:.1f}), machine has "
-                    f"{available / GIB:.1f} GiB available: stopping this phase",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                for child in self.process.children(recursive=True):
-                    try:
-                        child.kill()
-                    except psutil.NoSuchProcess:
-                        pass
-                os._exit(MEMORY_EXIT)
-            time.sleep(0.1)
-
-
-def max_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def rss_now() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def nbytes(parameters) -> int:
-    return sum(p.numel() * p.element_size() for p in parameters)
-
-
 def reference_photo():
     from PIL import Image
     from skimage.data import astronaut
@@ -107,18 +42,8 @@ def phase_pipeline(a: dict) -> dict:
         for name in ("sdm_unet", "tdm_unet", "vae", "text_encoder", "subject_encoder")
         for p in getattr(pipe, name).parameters()
     )
-    calls: list[tuple[float, float]] = []  # UNet forward (start, end)
+    calls = unet_calls(pipe)  # UNet forward (start, end)
     marks: list[float] = []  # end of each denoising iteration
-
-    def pre(module, args):
-        calls.append((time.perf_counter(), 0.0))
-
-    def post(module, args, output):
-        calls[-1] = (calls[-1][0], time.perf_counter())
-
-    for unet in (pipe.tdm_unet, pipe.sdm_unet):
-        unet.register_forward_pre_hook(pre)
-        unet.register_forward_hook(post)
     begin = time.perf_counter()
     result = pipe(
         PROMPT,
@@ -135,9 +60,8 @@ def phase_pipeline(a: dict) -> dict:
     )
     end = time.perf_counter()
     assert torch.isfinite(result.images).all(), "non-finite pixels"
-    steps = [
-        end_ - start_ for start_, end_ in zip([calls[0][0], *marks[:-1]], marks)
-    ]  # first iteration timed from its first call
+    # the first iteration timed from its first call
+    steps = [end_ - start_ for start_, end_ in zip([calls[0][0], *marks[:-1]], marks)]
     unet_s = [e - s for s, e in calls]
     return {
         "build_s": build_s,
@@ -155,14 +79,26 @@ def phase_pipeline(a: dict) -> dict:
     }
 
 
+def unet_calls(pipe) -> list[tuple[float, float]]:
+    """Hooks on both UNets; → the list each forward call appends its (start, end) perf_counter times to."""
+    calls: list[tuple[float, float]] = []
+
+    def pre(module, args):
+        calls.append((time.perf_counter(), 0.0))
+
+    def post(module, args, output):
+        calls[-1] = (calls[-1][0], time.perf_counter())
+
+    for unet in (pipe.tdm_unet, pipe.sdm_unet):
+        unet.register_forward_pre_hook(pre)
+        unet.register_forward_hook(post)
+    return calls
+
+
 def phase_train(a: dict) -> dict:
     import torch
-    from skimage.data import astronaut
 
-    from facediffuser.data.schema import to_table
     from facediffuser.models.sd15 import sd15_components
-    from facediffuser.training.data import DataConfig, ExampleBuilder
-    from facediffuser.training.sample_rows import sample_records
     from facediffuser.training.step import OptimConfig, TrainingModel, TrainStep, make_optimizer
 
     which = a["model"]
@@ -188,6 +124,25 @@ def phase_train(a: dict) -> dict:
     ).train()
     optimizer = make_optimizer(model, optim)
     step = TrainStep(model, optimizer, optim, torch.device("cpu"))
+    batch = train_batch(which, a, parts["tokenizer"])
+    rss_built = rss_now()
+    times, losses = [], []
+    for _ in range(a["steps"]):
+        begin = time.perf_counter()
+        losses.append(step(batch))
+        times.append(time.perf_counter() - begin)
+    return {"build_s": build_s, "step_s": times, "losses": losses, **train_memory(model, optimizer, rss_built)}
+
+
+def train_batch(which: str, a: dict, tokenizer) -> dict:
+    """One training batch of `a["batch_size"]` sample rows (the astronaut photo), every subject kept, no dropout."""
+    import torch
+    from skimage.data import astronaut
+
+    from facediffuser.data.schema import to_table
+    from facediffuser.training.data import DataConfig, ExampleBuilder
+    from facediffuser.training.sample_rows import sample_records
+
     builder = ExampleBuilder(
         DataConfig(
             which,
@@ -197,17 +152,11 @@ def phase_train(a: dict) -> dict:
             uncondition_prob=0.0,
             caption_dropout_prob=0.0,
         ),
-        parts["tokenizer"],
+        tokenizer,
         seed=0,
     )
     batch = {k: torch.from_numpy(v) for k, v in builder(to_table(sample_records(a["batch_size"], astronaut()))).items()}
-    rss_built = rss_now()
-    times, losses = [], []
-    for _ in range(a["steps"]):
-        begin = time.perf_counter()
-        losses.append(step(batch))
-        times.append(time.perf_counter() - begin)
-    return {"build_s": build_s, "step_s": times, "losses": losses, **train_memory(model, optimizer, rss_built)}
+    return batch
 
 
 def train_memory(model, optimizer, rss_built: int) -> dict:
@@ -265,26 +214,13 @@ def phase_serve(a: dict, guard: MemoryGuard) -> dict:
     from ray import serve
 
     from serving.app import start
-    from serving.settings import ServeConfig
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     buffer = io.BytesIO()
     reference_photo().save(buffer, format="PNG")
-    config = ServeConfig(
-        model=a["model_dir"],
-        port=port,
-        app_name="facediffuser-real-size",
-        dtype=a["dtype"],
-        num_cpus=0,
-        encoder_num_cpus=0,
-        ingress_num_cpus=0,
-        torch_threads=a["threads"],
-        min_replicas=1,
-        max_replicas=1,
-        max_batch_size=1,
-    )
+    config = serve_config(a, port)
     ray.init(address="local", num_cpus=a["threads"], num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
         started = time.perf_counter()
@@ -293,18 +229,7 @@ def phase_serve(a: dict, guard: MemoryGuard) -> dict:
         time.sleep(2)
         resident = tree_rss(guard.process)
         guard.peak = 0  # from here: the request's peak
-        body = {
-            "prompt": PROMPT,
-            "references": [base64.b64encode(buffer.getvalue()).decode()],
-            "seed": 0,
-            "steps": a["steps"],
-            "width": a["size"],
-            "height": a["size"],
-            "guidance_scale": 5.0,
-            "alpha": 0.3,
-            "beta": 0.6,
-            "identity_scores": False,
-        }
+        body = request_body(a, buffer.getvalue())
         started = time.perf_counter()
         response = httpx.post(url + "/v1/generate", json=body, timeout=None)
         request_s = time.perf_counter() - started
@@ -321,6 +246,41 @@ def phase_serve(a: dict, guard: MemoryGuard) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def serve_config(a: dict, port: int):
+    """One replica per deployment, no CPU reservations, no batching."""
+    from serving.settings import ServeConfig
+
+    return ServeConfig(
+        model=a["model_dir"],
+        port=port,
+        app_name="facediffuser-real-size",
+        dtype=a["dtype"],
+        num_cpus=0,
+        encoder_num_cpus=0,
+        ingress_num_cpus=0,
+        torch_threads=a["threads"],
+        min_replicas=1,
+        max_replicas=1,
+        max_batch_size=1,
+    )
+
+
+def request_body(a: dict, reference_png: bytes) -> dict:
+    """The one generate request: the reference photo, one image at the phase's size and steps."""
+    return {
+        "prompt": PROMPT,
+        "references": [base64.b64encode(reference_png).decode()],
+        "seed": 0,
+        "steps": a["steps"],
+        "width": a["size"],
+        "height": a["size"],
+        "guidance_scale": 5.0,
+        "alpha": 0.3,
+        "beta": 0.6,
+        "identity_scores": False,
+    }
 
 
 def run_phase(argv_phase: str, values: dict) -> int:
