@@ -28,9 +28,6 @@ import argparse
 import base64
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,66 +37,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.loadtest import generate_payload, run_profile, window_summary  # noqa: E402
+from benchmarks.serve_process import Server, replicas, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 REFERENCE = ROOT / "facediffuser" / "assets" / "astronaut.jpg"
-
-
-class Server:
-    """`facediffuser serve ...` joined to the cluster, in its own process group."""
-
-    def __init__(self, cluster, flags: list[str], log: Path):
-        self.log = log
-        with open(log, "w") as handle:
-            self.process = subprocess.Popen(
-                [str(BIN / "facediffuser"), "serve", *flags],
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                env=cluster.env,
-                start_new_session=True,
-            )
-
-    def wait_url(self, timeout: float = 600) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = re.search(r"serving on (\S+) ", self.log.read_text(errors="replace"))
-            if found:
-                return found.group(1)
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited {self.process.returncode}: {self.log.read_text()[-3000:]}")
-            time.sleep(1)
-        raise RuntimeError(f"serve not up after {timeout:.0f} s")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        return self.process.wait(timeout=60)
-
-
-def replicas(client) -> dict:
-    view = client.get("/v1/replicas").json()
-    return {
-        "t_wall": view["time"],
-        "ongoing": view["ongoing_requests"],
-        "sampler_nodes": view["deployments"]["Sampler"]["nodes"],
-        **{name: (d["running"], d["target"]) for name, d in view["deployments"].items()},
-    }
-
-
-def wait_until(client, ready, timeout: float) -> float:
-    started = time.monotonic()
-    while not ready(replicas(client)):
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"condition not reached in {timeout:.0f} s: {replicas(client)}")
-        time.sleep(1)
-    return time.monotonic() - started
 
 
 def draw(rows: list[dict], marks: dict, path: Path) -> None:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.autoscale import Server  # noqa: E402
 from benchmarks.loadtest import generate_payload, run_profile, window_summary  # noqa: E402
+from benchmarks.serve_process import Server  # noqa: E402
 from cluster.local import LocalCluster, NodeSpec, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
