@@ -171,9 +171,10 @@ def run_phases(args: argparse.Namespace, config) -> tuple[tuple, list[float], fl
     from cluster.runtime import init_ray
     from pipelines.train_config import TrainConfig
 
-    if Path(config.data).is_dir():  # the plain loop reads one file; the Ray loop reads the directory
-        config_plain_data = sorted(Path(config.data).glob("*.parquet"))[0]
-    plain_config = TrainConfig(**{**config.__dict__, "data": str(config_plain_data)})
+    plain_data = config.data  # the plain loop reads one file; the Ray loop reads the directory
+    if Path(config.data).is_dir():
+        plain_data = sorted(Path(config.data).glob("*.parquet"))[0]
+    plain_config = TrainConfig(**{**config.__dict__, "data": str(plain_data)})
     plain_before = plain_loop(plain_config, args.steps)
     init_ray(num_cpus=args.num_cpus or args.threads + 2)
     started = time.perf_counter()
