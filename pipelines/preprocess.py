@@ -47,8 +47,19 @@ from pipelines.preprocess_workers import (
     run_in_worker,
     sweep_shards,
 )
+from pipelines.progress_metrics import preprocess_items
 
 # ---------------------------------------------------------------------------------------- the pipeline
+
+
+def count_items(statuses: list[dict]) -> None:
+    """Photos accounted for, as Prometheus counters (the driver counts: a pool's worker may exit before Ray
+    exports what it recorded)."""
+    counter = preprocess_items()
+    for stage in {s["stage"] for s in statuses}:
+        outcome = "rejected" if stage else "written"
+        count = sum(1 for s in statuses if s["stage"] == stage)
+        counter.inc(count, tags={"stage": stage or "write", "outcome": outcome})
 
 
 def _runtime_env() -> dict:
@@ -224,6 +235,7 @@ def _run_pipeline(
                 for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                     statuses += block.to_pylist()
                     bar.update(block.num_rows)
+                    count_items(statuses[len(statuses) - block.num_rows :])
         finally:  # also when stopped: only the files of counted blocks stay
             removed = sweep_shards(shards_uri, run, {s[SHARD] for s in statuses if s.get(SHARD)})
             if removed:

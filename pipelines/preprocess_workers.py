@@ -16,7 +16,6 @@ from facediffuser.data.fastcomposer import convert_stage
 from facediffuser.data.masks import PersonSegmenter
 from facediffuser.data.preprocess_config import PreprocessConfig
 from facediffuser.devices import torch_device
-from pipelines.progress_metrics import preprocess_items
 
 
 class ShardWriter:
@@ -86,10 +85,6 @@ def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None
 
     trail = batch.column(RAN_ON).to_pylist() if RAN_ON in batch.column_names else [[]] * batch.num_rows
     items = [function(item) for item in batch.to_pylist()]
-    for outcome in ("ok", "rejected"):
-        count = sum(1 for item in items if bool(item["stage"]) == (outcome == "rejected"))
-        if count:
-            preprocess_items().inc(count, tags={"stage": stage, "outcome": outcome})
     table = writer(items) if writer else work_items.checked_work_table(items, stage)
     here = node_id()
     return table.append_column(RAN_ON, pa.array([list(t) + [here] for t in trail], pa.list_(pa.string())))

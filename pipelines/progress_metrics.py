@@ -13,7 +13,7 @@ from ray.util.metrics import Counter, Gauge
 def preprocess_items() -> Counter:
     return Counter(
         "facediffuser_preprocess_items_total",
-        "photos through a preprocessing pool, by the pool's last stage and outcome (ok, or rejected on the way)",
+        "photos accounted for by the preprocess driver: written, or rejected at a stage",
         tag_keys=("stage", "outcome"),
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from pipelines.progress_metrics import train_metrics
 from pipelines.train_config import TrainConfig
 
 
@@ -33,18 +34,23 @@ def show_progress(board, configs: list[TrainConfig], futures: list) -> None:
         c.model: tqdm(total=c.max_steps, desc=f"train {c.model}", position=i, mininterval=1.0, dynamic_ncols=True)
         for i, c in enumerate(configs)
     }
-    said = set()
+    said, exported = set(), train_metrics()  # Prometheus from the driver: workers may exit before Ray exports
     try:
         while True:
             finished = all(f.done() for f in futures)
             for model, state in ray.get(board.read.remote()).items():
                 bar = bars[model]
+                if state.get("step", 0) > bar.n:
+                    exported["steps"].inc(
+                        state["step"] - max(bar.n, state.get("resumed_from") or 0), tags={"model": model}
+                    )
                 if state.get("resumed_from") and model not in said:
                     said.add(model)
                     bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")
                 bar.n = state.get("step", 0)
                 if "loss" in state:
                     bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+                    exported["loss"].set(state["loss"], tags={"model": model})
                 bar.refresh()
             if finished:
                 break

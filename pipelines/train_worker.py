@@ -25,7 +25,6 @@ from cluster.runtime import where
 from facediffuser import faults
 from facediffuser.devices import torch_device
 from facediffuser.training.metrics import METRIC_COLUMNS, read_metrics
-from pipelines.progress_metrics import train_metrics
 from pipelines.train_config import TrainConfig
 from pipelines.train_progress import progress_reporter
 from pipelines.train_report import report, worker_placement
@@ -158,9 +157,8 @@ def record_step(
     seconds: float,
     world: int,
     report_progress,
-    exported: dict | None,
 ) -> None:
-    """One step's metrics: into the run's history, to the progress board and to Prometheus (rank 0)."""
+    """One step's metrics: into the run's history and to the progress board (rank 0)."""
     metrics.update(
         step=run.step,
         attempt=run.attempt,
@@ -169,9 +167,6 @@ def record_step(
     )
     run.history.append({k: metrics[k] for k in METRIC_COLUMNS})
     report_progress(step=run.step, loss=metrics["loss"])
-    if exported is not None:
-        exported["steps"].inc(tags={"model": config.model})
-        exported["loss"].set(metrics["loss"], tags={"model": config.model})
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
@@ -186,7 +181,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     report_progress = progress_reporter(progress, config.model, rank)
-    exported = train_metrics() if rank == 0 else None  # Prometheus, through Ray (pipelines/progress_metrics.py)
     collate = example_collate(config, seed=config.seed + 1000 * rank)  # seeds torch too: seed the worker after
     torch.manual_seed(config.seed + 1000 * rank)
     device = worker_device(config, rank)
@@ -215,7 +209,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             metrics = step_fn(batch)
             run.step += 1
             now = time.perf_counter()
-            record_step(config, run, metrics, now - last, world, report_progress, exported)
+            record_step(config, run, metrics, now - last, world, report_progress)
             if run.step % config.checkpoint_every == 0 or run.step == config.max_steps:
                 report(config, run, rank)
                 now = time.perf_counter()  # checkpoint time is not step time
