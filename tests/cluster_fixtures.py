@@ -29,12 +29,38 @@ GPU_WORKERS = (
 )
 
 
-@pytest.fixture(scope="module")
+_shared: dict = {}  # the running gpu_cluster ("cluster"), and whether it was stopped ("stopped")
+
+
+@pytest.fixture(scope="session")
 def gpu_cluster():
+    """Shared by tests/test_gpu_cluster.py and tests/test_gpu_cluster_serve.py, which run one after the other:
+    started once (a 3-node start costs ~25 s here) and stopped as soon as the next test does not use it
+    (pytest_runtest_teardown below), so it never runs beside the rest of the suite."""
     cluster = LocalCluster(head_cpus=2, workers=list(GPU_WORKERS), env={"FACEDIFFUSER_CPU_UNDER_GPU": "1"})
-    with cluster:
-        yield cluster
-    assert not cluster.processes(), "processes of the cluster left after stop"
+    cluster.start()
+    _shared["cluster"] = cluster
+    yield cluster
+    _stop_gpu_cluster()
+
+
+def _stop_gpu_cluster() -> None:
+    cluster = _shared.pop("cluster", None)
+    if cluster is not None:
+        _shared["stopped"] = True
+        cluster.stop()
+        assert not cluster.processes(), "processes of the cluster left after stop"
+
+
+def pytest_runtest_setup(item):
+    if "gpu_cluster" in item.fixturenames and _shared.get("stopped"):
+        raise RuntimeError("gpu_cluster was already stopped: keep the tests that use it next to each other")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if "cluster" in _shared and (nextitem is None or "gpu_cluster" not in nextitem.fixturenames):
+        _stop_gpu_cluster()
 
 
 def code_snapshot() -> Path:

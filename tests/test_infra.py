@@ -4,6 +4,7 @@ entrypoint modules exist and answer --help."""
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import shlex
 import subprocess
@@ -42,13 +43,19 @@ def strict(schema: dict) -> dict:
     return schema
 
 
+@functools.cache
+def crds() -> dict[str, dict]:
+    """kind → the CRD, parsed once (the files are megabytes of YAML; libyaml's loader when PyYAML has it)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    parsed = (yaml.load(file.read_text(), Loader=loader) for file in sorted(CRDS.glob("*.yaml")))
+    return {crd["spec"]["names"]["kind"]: crd for crd in parsed}
+
+
 def crd_schema(kind: str) -> dict:
-    for file in CRDS.glob("*.yaml"):
-        crd = yaml.safe_load(file.read_text())
-        if crd["spec"]["names"]["kind"] == kind:
-            version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-            return strict(version["schema"]["openAPIV3Schema"])
-    raise AssertionError(f"no CRD for {kind} in {CRDS}")
+    crd = crds().get(kind)
+    assert crd is not None, f"no CRD for {kind} in {CRDS}"
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return strict(version["schema"]["openAPIV3Schema"])
 
 
 def cluster_specs(manifest: dict) -> dict:

@@ -135,7 +135,7 @@ def test_default_mode_reproduces_the_official_loop(unets, scheduler_cls):
     null, text, aug = embeds(1)
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(5))
     kwargs = dict(skip_prk_steps=True) if scheduler_cls is PNDMScheduler else {}
-    steps, w, s, f = 8, 5.0, 2, 5
+    steps, w, s, f = 5, 5.0, 1, 3  # every stage runs: scene 0-1, fusion 2-3, subjects 4
     ours = snf_denoise(
         tdm,
         sdm,
