@@ -40,10 +40,9 @@ def show_progress(board, configs: list[TrainConfig], futures: list) -> None:
             finished = all(f.done() for f in futures)
             for model, state in ray.get(board.read.remote()).items():
                 bar = bars[model]
-                if state.get("step", 0) > bar.n:
-                    exported["steps"].inc(
-                        state["step"] - max(bar.n, state.get("resumed_from") or 0), tags={"model": model}
-                    )
+                new_steps = state.get("step", 0) - max(bar.n, state.get("resumed_from") or 0)
+                if new_steps > 0:  # Ray's counters take positive increments only
+                    exported["steps"].inc(new_steps, tags={"model": model})
                 if state.get("resumed_from") and model not in said:
                     said.add(model)
                     bar.write(f"{model}: resuming from the checkpoint at step {state['resumed_from']}")

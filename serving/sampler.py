@@ -127,7 +127,8 @@ class SamplerDeployment:
             outputs = [{"error": internal_error("sampling", exc).as_tuple()}] * len(group)
         self.batches_served += 1
         self.metrics["denoise"].observe(time.perf_counter() - started)
-        self.metrics["image_steps"].inc(reporter.image_steps or 0)
+        if reporter.image_steps:  # Ray's counters take positive increments only
+            self.metrics["image_steps"].inc(reporter.image_steps)
         self.metrics["queue"].set(len(self.coalescer.waiting))
         return outputs
 
