@@ -49,9 +49,10 @@ def ray_session():
     ray.shutdown()
 
 
-def scrape_metrics(names: list[str], timeout_s: float = 90.0) -> dict[str, list[str]]:
+def scrape_metrics(names: list[str], until=None, timeout_s: float = 90.0) -> dict[str, list[str]]:
     """The session Ray's Prometheus text, once every series in `names` (full names, e.g. ray_facediffuser_jobs) has
-    a sample → {name: its sample lines}. Ray exports what workers record every few seconds, hence the wait."""
+    a sample and `until(found)` holds (e.g. a given label has come out) → {name: its sample lines}. Ray exports
+    what a process records every few seconds, so a scrape can see part of it: hence the wait for what is asked."""
     import time
     import urllib.request
 
@@ -67,9 +68,13 @@ def scrape_metrics(names: list[str], timeout_s: float = 90.0) -> dict[str, list[
             for name in names
         }
         missing = [name for name, lines in found.items() if not lines]
-        if not missing:
+        if not missing and (until is None or until(found)):
             return found
-        assert time.monotonic() < deadline, f"no samples of {missing} at the metrics endpoint after {timeout_s:g} s"
+        assert time.monotonic() < deadline, (
+            f"after {timeout_s:g} s, no samples of {missing} at the metrics endpoint"
+            if missing
+            else f"after {timeout_s:g} s, the metrics endpoint still lacks what was asked: {found}"
+        )
         time.sleep(2)
 
 

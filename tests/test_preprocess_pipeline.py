@@ -170,9 +170,13 @@ def test_pipeline_on_local_photos(ray_session, photo_dir, tmp_path, monkeypatch)
     # operators see the progress at Ray's metrics endpoint (pipelines/progress_metrics.py)
     from conftest import scrape_metrics
 
-    exported = scrape_metrics(["ray_facediffuser_preprocess_items_total"])["ray_facediffuser_preprocess_items_total"]
-    assert any('outcome="written"' in line for line in exported)
-    assert any('outcome="rejected"' in line and 'stage="segment"' in line for line in exported)
+    def counted(found):  # written photos, and the one the segment stage rejected
+        lines = found["ray_facediffuser_preprocess_items_total"]
+        return any('outcome="written"' in line for line in lines) and any(
+            'outcome="rejected"' in line and 'stage="segment"' in line for line in lines
+        )
+
+    assert counted(scrape_metrics(["ray_facediffuser_preprocess_items_total"], until=counted))
     on_disk = json.loads((output / "manifest.json").read_text())
     assert on_disk["counts"] == counts and on_disk["config"]["max_pixels"] == 2_000_000
     assert sorted(e["file"] for e in on_disk["shards"]) == sorted(p.name for p in (output / "shards").iterdir())

@@ -244,34 +244,30 @@ def test_more_jobs_than_the_sampler_holds_wait_their_turn_instead_of_failing(ser
 def test_operators_scrape_the_app_metrics_from_ray(service, routes):
     """After the requests, jobs and cancellations above: every series the app exports is at Ray's endpoint."""
     from conftest import scrape_metrics
+    from test_infra import dashboard_series
 
     client = routes["jobs-a"]
     job = client.post("/v1/jobs", json=body(service["reference"], steps=2)).json()
     events(client, job["id"])
     assert client.get("/v1/nothing-here").status_code == 404
-    from test_infra import dashboard_series
+
+    def labelled(series) -> bool:
+        requests = "\n".join(series["ray_facediffuser_requests_total"])
+        finished = "\n".join(series["ray_facediffuser_jobs_finished_total"])
+        return (
+            all(label in requests for label in ('route="/v1/jobs"', 'status="202"', 'route="/v1/jobs/{id}/events"'))
+            and 'route="other"' in requests  # unknown paths share one label
+            and 'status="404"' in requests
+            # tiny random models draw no faces: the scoring ran and found none (the similarity histogram,
+            # facediffuser_identity_score, gets samples only from real models' faces)
+            and any('outcome="no_face"' in line for line in series["ray_facediffuser_identity_faces_total"])
+            and 'state="succeeded"' in finished
+            and 'state="cancelled"' in finished
+        )
 
     # Every series the Grafana dashboard charts for the service is live (preprocessing and training ones are
     # checked by their own tests; the identity-score histogram needs faces, which tiny random models never draw).
-    charted = {
-        s for s in dashboard_series() if not any(part in s for part in ("preprocess", "train_", "identity_score"))
-    }
-    series = scrape_metrics(
-        sorted(
-            charted
-            | {
-                "ray_facediffuser_requests_total",
-                "ray_facediffuser_jobs_finished_total",
-                "ray_facediffuser_identity_faces_total",
-                "ray_serve_num_http_requests_total",
-            }
-        )
-    )
-    requests = "\n".join(series["ray_facediffuser_requests_total"])
-    assert 'route="/v1/jobs"' in requests and 'status="202"' in requests and 'route="/v1/jobs/{id}/events"' in requests
-    assert 'route="other"' in requests and 'status="404"' in requests  # unknown paths share one label
-    # tiny random models draw no faces: the scoring ran and found none (facediffuser_identity_score, the histogram
-    # of similarities, gets samples only from real models' faces)
-    assert any('outcome="no_face"' in line for line in series["ray_facediffuser_identity_faces_total"])
-    finished = "\n".join(series["ray_facediffuser_jobs_finished_total"])
-    assert 'state="succeeded"' in finished and 'state="cancelled"' in finished
+    charted = {s for s in dashboard_series() if not any(p in s for p in ("preprocess", "train_", "identity_score"))}
+    ours = {"ray_facediffuser_requests_total", "ray_facediffuser_jobs_finished_total"}
+    ours |= {"ray_facediffuser_identity_faces_total", "ray_serve_num_http_requests_total"}
+    assert labelled(scrape_metrics(sorted(charted | ours), until=labelled))

@@ -261,8 +261,10 @@ def test_two_workers_fault_tolerance_resume_on_s3(ray_session, s3_endpoint, shar
     assert json.loads(metadata["extra"])["param_rank_spread"] == 0.0
     from conftest import scrape_metrics  # operators see the steps at Ray's metrics endpoint
 
-    exported = scrape_metrics(["ray_facediffuser_train_steps_total", "ray_facediffuser_train_loss"])
-    assert any('model="sdm"' in line for line in exported["ray_facediffuser_train_steps_total"])
+    def sdm_steps(found):
+        return any('model="sdm"' in line for line in found["ray_facediffuser_train_steps_total"])
+
+    assert sdm_steps(scrape_metrics(["ray_facediffuser_train_steps_total", "ray_facediffuser_train_loss"], sdm_steps))
 
 
 @pytest.mark.slow
