@@ -16,6 +16,7 @@ are matched greedily (highest similarity first) and the image scores the *minimu
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -49,18 +50,29 @@ class DlibEmbedder:
         import face_recognition_models as models
 
         self.upsample = upsample
+        self._lock = threading.Lock()
         self._detector = dlib.get_frontal_face_detector()
         self._landmarks = dlib.shape_predictor(models.pose_predictor_five_point_model_location())
         self._encoder = dlib.face_recognition_model_v1(models.face_recognition_model_location())
 
     def embed_faces(self, image: Image.Image) -> np.ndarray:
-        pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
-        boxes, scores, _ = self._detector.run(pixels, self.upsample, 0.0)
-        if not boxes:
+        pairs = self.embed_faces_with_boxes(image)
+        if not pairs:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        order = np.argsort(-np.asarray(scores), kind="stable")  # most confident detection first
-        shapes = [self._landmarks(pixels, boxes[int(i)]) for i in order]
-        return _normalise(np.stack([np.asarray(self._encoder.compute_face_descriptor(pixels, s)) for s in shapes]))
+        return np.stack([descriptor for _, descriptor in pairs])
+
+    def embed_faces_with_boxes(self, image: Image.Image) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+        """[(box [x1, y1, x2, y2] pixels, unit descriptor)], most confident detection first."""
+        pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        with self._lock:  # dlib's detector and models are not thread-safe
+            boxes, scores, _ = self._detector.run(pixels, self.upsample, 0.0)
+            order = np.argsort(-np.asarray(scores), kind="stable")  # most confident detection first
+            chosen = [boxes[int(i)] for i in order]
+            shapes = [self._landmarks(pixels, box) for box in chosen]
+            descriptors = [np.asarray(self._encoder.compute_face_descriptor(pixels, s)) for s in shapes]
+        return [
+            ((box.left(), box.top(), box.right(), box.bottom()), _normalise(d)) for box, d in zip(chosen, descriptors)
+        ]
 
 
 class FacenetEmbedder:
@@ -180,16 +192,50 @@ def has_duplicate(faces: np.ndarray, references: Sequence[np.ndarray | None]) ->
     return len(set(best.tolist())) < len(best)
 
 
+def blend_warnings(faces: np.ndarray, references: Sequence[np.ndarray | None]) -> list[str]:
+    """The failures people report most with several subjects, found from the identity descriptors alone:
+    - a copied face: two or more faces whose most similar subject is the same one (one person pasted twice);
+    - merged subjects: two or more subjects whose most similar face is the same one (one face for two people,
+      or a blend of them).
+    Faces are numbered in detection order (most confident first), subjects in marker order, from 1."""
+    known = [i for i, ref in enumerate(references) if ref is not None]
+    if len(known) < 2 or len(faces) == 0:
+        return []
+    similarity = faces @ np.stack([references[i] for i in known]).T  # [faces, known subjects]
+    warnings = []
+    nearest_subject = np.argmax(similarity, axis=1)
+    for column in range(len(known)):
+        copies = np.flatnonzero(nearest_subject == column) + 1
+        if len(copies) > 1:
+            listed = ", ".join(str(f) for f in copies)
+            warnings.append(f"copied face: subject {known[column] + 1} is the closest match of faces {listed}")
+    nearest_face = np.argmax(similarity, axis=0)
+    for face in sorted(set(nearest_face.tolist())):
+        subjects = [known[c] + 1 for c in np.flatnonzero(nearest_face == face)]
+        if len(subjects) > 1:
+            listed = " and ".join(str(s) for s in subjects)
+            warnings.append(f"merged subjects: subjects {listed} all match face {face + 1} best")
+    return warnings
+
+
 @dataclass
 class ImageIdentity:
     similarities: list[float | None]  # per subject, raw cosine; None when no face matched it
     num_faces: int
     score: float  # identity_score(similarities)
     duplicate: bool
+    warnings: list[str]  # blend_warnings: a copied face, merged subjects
 
     @property
     def missing_faces(self) -> int:
         return sum(s is None for s in self.similarities)
+
+
+def mean_reference(found: Sequence[np.ndarray]) -> np.ndarray | None:
+    """One subject's reference from the descriptors of its photos' faces (one per photo that shows one): their
+    mean, L2-normalised; None when no photo showed a face. Saved subjects (the HTTP service) keep the
+    descriptors and average them here, so they score as their photos would."""
+    return _normalise(np.mean(found, axis=0)) if len(found) else None
 
 
 class IdentityScorer:
@@ -209,7 +255,7 @@ class IdentityScorer:
             return self._references[key]
         photos = list(photos) if isinstance(photos, (list, tuple)) else [photos]
         found = [faces[0] for faces in (self.embedder.embed_faces(load_image(p)) for p in photos) if len(faces)]
-        embedding = _normalise(np.mean(found, axis=0)) if found else None
+        embedding = mean_reference(found)
         if key is not None:
             self._references[key] = embedding
         return embedding
@@ -217,25 +263,42 @@ class IdentityScorer:
     def score(self, image: Image.Image, references: Sequence[np.ndarray | None]) -> ImageIdentity:
         faces = self.embedder.embed_faces(image)
         similarities = subject_similarities(faces, references)
-        return ImageIdentity(similarities, len(faces), identity_score(similarities), has_duplicate(faces, references))
+        return ImageIdentity(
+            similarities,
+            len(faces),
+            identity_score(similarities),
+            has_duplicate(faces, references),
+            blend_warnings(faces, references),
+        )
 
 
 _SHARED_DLIB: IdentityScorer | None = None
 
 
+def shared_dlib_scorer() -> IdentityScorer:
+    """One dlib scorer per process (its models load in about a second)."""
+    global _SHARED_DLIB
+    if _SHARED_DLIB is None:
+        _SHARED_DLIB = IdentityScorer(DlibEmbedder())
+    return _SHARED_DLIB
+
+
+def identity_report(
+    images: Sequence[Image.Image], references: Sequence, scorer: IdentityScorer | None = None
+) -> list[ImageIdentity]:
+    """Per image: each subject's similarity (rounded to 4 places; None when no face is found for it), the
+    weakest subject's score and the blend warnings. What `FaceDiffuserPipeline(..., identity_scores=True)`
+    reports; `scorer` defaults to a shared dlib scorer."""
+    scorer = scorer or shared_dlib_scorer()
+    embedded = [scorer.reference(reference) for reference in references]
+    report = [scorer.score(image, embedded) for image in images]
+    for identity in report:
+        identity.similarities = [None if s is None else round(s, 4) for s in identity.similarities]
+    return report
+
+
 def identity_similarities(
     images: Sequence[Image.Image], references: Sequence, scorer: IdentityScorer | None = None
 ) -> list[list[float | None]]:
-    """Per image, per subject: similarity of the subject's reference to its face (None when none is found).
-
-    What `FaceDiffuserPipeline(..., identity_scores=True)` returns; `scorer` defaults to a shared dlib scorer.
-    """
-    global _SHARED_DLIB
-    if scorer is None:
-        if _SHARED_DLIB is None:
-            _SHARED_DLIB = IdentityScorer(DlibEmbedder())
-        scorer = _SHARED_DLIB
-    embedded = [scorer.reference(reference) for reference in references]
-    return [
-        [None if s is None else round(s, 4) for s in scorer.score(image, embedded).similarities] for image in images
-    ]
+    """Per image, per subject: similarity of the subject's reference to its face (None when none is found)."""
+    return [identity.similarities for identity in identity_report(images, references, scorer)]
