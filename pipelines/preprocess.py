@@ -28,8 +28,9 @@ from cluster.runtime import AWS_VARIABLES
 from facediffuser import faults
 from facediffuser.config import add_arguments as add_config_arguments
 from facediffuser.config import from_args
+from facediffuser.data import filters, output_dir, stages, work_items
 from facediffuser.data import io as dataio
-from facediffuser.data import output_dir, stages, work_items
+from facediffuser.data.dedup import written_hashes
 from facediffuser.data.fastcomposer import list_fastcomposer_items
 from facediffuser.data.preprocess_config import PreprocessConfig
 from facediffuser.data.resume import previous_work
@@ -37,6 +38,7 @@ from facediffuser.data.schema import SCHEMA_VERSION
 from facediffuser.data.work_items import work_table
 from facediffuser.devices import CPU_UNDER_GPU_ENV
 from facediffuser.manifest import package_versions
+from pipelines import preprocess_dedup
 from pipelines.preprocess_plan import TASKS_IN_FLIGHT, StagePlan, block_rows, plan_stages
 from pipelines.preprocess_workers import (
     RAN_ON,
@@ -75,10 +77,11 @@ def build_dataset(
     cluster_cpus: float,
     cluster_gpus: float = 0.0,
     run: str | None = None,
+    seen=None,
 ):
     """The lazy Ray Dataset over `items`: all stages applied, the last pool writing the accepted rows to
     `shards_uri` (file names prefixed `run`, a new random one by default); it holds every row's status
-    (REJECT_SCHEMA columns, SHARD and RAN_ON)."""
+    (REJECT_SCHEMA columns, SHARD and RAN_ON). `seen`: the run's near-duplicate index (preprocess_dedup)."""
     import functools
     import uuid
 
@@ -93,7 +96,8 @@ def build_dataset(
     run = run or uuid.uuid4().hex[:12]
     for plan in plans:
         last = plan is plans[-1]
-        arguments = (config, plan.names, plan.num_cpus, plan.num_gpus, ShardWriter(shards_uri, run) if last else None)
+        writer = ShardWriter(shards_uri, run) if last else None
+        arguments = (config, plan.names, plan.num_cpus, plan.num_gpus, writer, seen)
         if plan.kind == "actors":
             function, compute = (
                 stage_class,
@@ -151,6 +155,8 @@ def preprocess(config: PreprocessConfig, verbose: bool = False) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "counts": work_items.stage_counts(config.source, len(items), [r["stage"] for r in rejected]),
+        "rejects_by_reason": filters.reason_counts(rejected),  # {stage: {reason code: n}}; codes: filters.py
+        "filters": filters.filter_counts(rejected, config.to_dict()) if config.source == "images" else {},
         "resumed": len(items) - len(todo),
         "config": config.to_dict(),
         "cluster_cpus": cluster[0],
@@ -228,7 +234,11 @@ def _run_pipeline(
 
     run, shards_uri = uuid.uuid4().hex[:12], dataio.join(config.output, output_dir.SHARDS_DIR)
     if todo:
-        dataset = build_dataset(todo, config, shards_uri, cluster_cpus, cluster_gpus, run=run)
+        index = None
+        if config.source == "images" and config.duplicate_distance >= 0:  # seeded with the rows written before
+            index = preprocess_dedup.start_index(run, config.duplicate_distance, written_hashes(shards_uri))
+        seen = preprocess_dedup.AskSeenHashes(index) if index else None
+        dataset = build_dataset(todo, config, shards_uri, cluster_cpus, cluster_gpus, run=run, seen=seen)
         try:
             with tqdm(total=len(todo), desc="preprocess", unit="img", file=sys.stderr) as bar:
                 # no prefetching: a block's statuses are counted as soon as it is written, not when the next one is
@@ -237,6 +247,8 @@ def _run_pipeline(
                     bar.update(block.num_rows)
                     count_items(statuses[len(statuses) - block.num_rows :])
         finally:  # also when stopped: only the files of counted blocks stay
+            if index is not None:
+                preprocess_dedup.stop_index(index)
             removed = sweep_shards(shards_uri, run, {s[SHARD] for s in statuses if s.get(SHARD)})
             if removed:
                 print(

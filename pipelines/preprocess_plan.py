@@ -39,7 +39,8 @@ def _on_gpu(name: str, config: PreprocessConfig) -> bool:
 
 def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: float = 0.0) -> list[StagePlan]:
     """The stage layout: consecutive stages on the same device share one pool (fused, models loaded once per
-    worker). Template captions and noun linking are cheap and ride with the stage before them.
+    worker). Template captions, noun linking and the near-duplicate check are cheap and ride with the stage before
+    them.
 
     CPU pools get one CPU per task and, by default, as many concurrent tasks as the cluster has CPUs (less what
     the GPU pools reserve), split among the CPU pools; GPU pools get `--num-gpus-per-stage` per actor and at most
@@ -52,7 +53,7 @@ def plan_stages(config: PreprocessConfig, cluster_cpus: float, cluster_gpus: flo
         groups = []
         for name in stages.IMAGE_STAGES:
             gpu = _on_gpu(name, config)
-            rides_along = name == "link" or (name == "caption" and not gpu)
+            rides_along = name in ("link", "dedup") or (name == "caption" and not gpu)  # cheap: no pool of their own
             if groups and (rides_along or groups[-1][1] == gpu):
                 groups[-1][0].append(name)
             else:

@@ -11,6 +11,7 @@ import pyarrow as pa
 from facediffuser.data import io as dataio
 from facediffuser.data import stages, work_items
 from facediffuser.data.captions import make_captioner
+from facediffuser.data.dedup import hash_metadata
 from facediffuser.data.faces import make_detector
 from facediffuser.data.fastcomposer import convert_stage
 from facediffuser.data.masks import PersonSegmenter
@@ -46,6 +47,8 @@ class ShardWriter:
             block = hashlib.sha1(items[0]["id"].encode()).hexdigest()[:16]
             name = f"{self.prefix}_{block}.parquet"
             partial = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.partial"
+            # the rows' perceptual hashes go in the file's metadata: a resumed run's near-duplicate index reads them
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **hash_metadata(items)})
             pq.write_table(table, partial, filesystem=fs)
             fs.move(partial, f"{path}/{name}")
         statuses = work_items.status_table(items)
@@ -92,7 +95,8 @@ def _map_items(batch: pa.Table, function, stage: str, writer: ShardWriter | None
 
 class RunStages:
     """A map_batches class that runs a fused run of stages on each item of a batch (through
-    `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once."""
+    `stages.apply_stages`, the function the plain loop calls). It loads the models those stages need once;
+    `seen` is the run's near-duplicate index (pipelines/preprocess_dedup.py), for the `dedup` stage."""
 
     def __init__(
         self,
@@ -101,10 +105,12 @@ class RunStages:
         num_cpus: float,
         num_gpus: float,
         writer: ShardWriter | None = None,
+        seen=None,
     ):
         from cluster.runtime import where
 
         self.config, self.names, self.guard, self.writer = config, names, stages.StageGuard(), writer
+        self.seen = seen
         # given a GPU that torch cannot see: one line naming the node, unless FACEDIFFUSER_CPU_UNDER_GPU=1
         device = torch_device(num_gpus, f"preprocess stages {'+'.join(names)} on {where()}")
         self.detector = (
@@ -126,6 +132,7 @@ class RunStages:
                 segmenter=self.segmenter,
                 captioner=self.captioner,
                 guard=self.guard,
+                seen=self.seen,
             ),
             self.names[-1],
             self.writer,
@@ -142,6 +149,7 @@ class ConvertFastComposer:
         num_cpus: float,
         num_gpus: float,
         writer: ShardWriter | None = None,
+        seen=None,  # unused: the archive is converted, not filtered
     ):
         self.config, self.guard, self.writer = config, stages.StageGuard(), writer
 

@@ -212,7 +212,8 @@ def test_a_stage_raising_on_one_image_rejects_that_image(tmp_path, astronaut, me
     Image.new("RGB", (300, 1), (200, 150, 120)).save(tmp_path / "line.png")  # one pixel high
     Image.fromarray(astronaut[:, ::-1]).save(tmp_path / "mirror.jpg")
     Image.fromarray(astronaut[::2, ::2]).save(tmp_path / "small.jpg")
-    config = preprocess_config.PreprocessConfig(input=str(tmp_path), output="-")
+    # min_side 0: the degenerate image reaches the detector (by default it is a low-resolution reject first)
+    config = preprocess_config.PreprocessConfig(input=str(tmp_path), output="-", min_side=0)
     items = stages.list_image_items(str(tmp_path))
 
     def segment(image, faces):  # the real segmenter, failing on the picture of two people

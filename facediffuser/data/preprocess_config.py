@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from facediffuser.config import arg
 from facediffuser.data import io as dataio
 from facediffuser.data.captions import TEMPLATE, check_captioner
+from facediffuser.data.dedup import DEFAULT_DUPLICATE_DISTANCE, MAX_DUPLICATE_DISTANCE
 from facediffuser.data.faces import DEFAULT_MIN_SCORE, DETECTORS
+from facediffuser.data.filters import DEFAULT_MIN_FACE_FOCUS, DEFAULT_MIN_FACE_PERCENT, DEFAULT_MIN_SIDE
 from facediffuser.images import DEFAULT_MAX_PIXELS
 
 SOURCES = ("images", "fastcomposer")
@@ -22,7 +24,21 @@ class PreprocessConfig:
     )
     detector: str = arg("mediapipe", "face detector", choices=DETECTORS)
     captioner: str = arg(TEMPLATE, "'template' or a transformers image-to-text model directory / hub id")
-    max_subjects: int = arg(4, "images with more faces are rejected")
+    max_subjects: int = arg(3, "images with more faces are rejected")  # FaceID-6M keeps photos of at most 3 faces
+    # The filters (docs/preprocessing.md, "Filters"; --source images only); 0 turns one off (-1 for the distance)
+    min_side: int = arg(DEFAULT_MIN_SIDE, "photos whose short side (as given, before resizing) is under this go")
+    min_face_percent: float = arg(
+        DEFAULT_MIN_FACE_PERCENT, "photos with a face box under this percentage of the image area are rejected"
+    )
+    min_face_focus: float = arg(
+        DEFAULT_MIN_FACE_FOCUS,
+        "photos with a face whose focus (variance of the Laplacian at 64×64 px) is under this are rejected as blurry",
+    )
+    duplicate_distance: int = arg(
+        DEFAULT_DUPLICATE_DISTANCE,
+        "a photo whose perceptual hash is within this many of 64 bits of an earlier kept photo's is rejected as a "
+        "near duplicate, across the whole run (-1: keep duplicates)",
+    )
     resolution: int = arg(512, "short side of stored images (downscale only)")
     num_gpus_per_stage: float = arg(0.0, "GPUs per actor of the stages that use one (MTCNN, a captioner model)")
     batch_size: int = arg(
@@ -49,6 +65,15 @@ class PreprocessConfig:
         for name in ("max_subjects", "resolution", "batch_size", "rows_per_shard", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.min_side < 0 or self.min_face_focus < 0 or not 0 <= self.min_face_percent <= 100:
+            raise ValueError(
+                "--min-side and --min-face-focus must be >= 0 and --min-face-percent in 0..100, got "
+                f"{self.min_side}, {self.min_face_focus}, {self.min_face_percent}"
+            )
+        if not -1 <= self.duplicate_distance <= MAX_DUPLICATE_DISTANCE:
+            raise ValueError(
+                f"--duplicate-distance must be in -1..{MAX_DUPLICATE_DISTANCE}, got {self.duplicate_distance}"
+            )
         if self.num_gpus_per_stage < 0:
             raise ValueError(f"--num-gpus-per-stage must be >= 0, got {self.num_gpus_per_stage}")
         if self.workers_per_stage is not None and self.workers_per_stage < 1:

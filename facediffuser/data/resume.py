@@ -22,6 +22,10 @@ OUTPUT_SETTINGS = (
     "resolution",
     "max_pixels",
     "min_face_score",
+    "min_side",
+    "min_face_percent",
+    "min_face_focus",
+    "duplicate_distance",
 )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from facediffuser import faults
+from facediffuser.data import dedup, filters
 from facediffuser.data import io as dataio
 from facediffuser.data.captions import template_caption
 from facediffuser.data.faces import Face
@@ -79,6 +80,9 @@ def read_stage(item: dict, config: PreprocessConfig) -> dict:
         image = decode_image(data, max_pixels=config.max_pixels, name=posixpath.basename(item["source"]))
     except ImageDecodeError as exc:
         return reject(item, "decode", str(exc))
+    too_small = filters.low_resolution(image.width, image.height, config.min_side)
+    if too_small:
+        return reject(item, "decode", too_small)
     image = resize_short_side(image, config.resolution)
     return {
         **item,
@@ -95,7 +99,32 @@ def detect_stage(item: dict, detector, config: PreprocessConfig) -> dict:
         return reject(item, "detect", "no face found")
     if len(faces) > config.max_subjects:
         return reject(item, "detect", f"{len(faces)} faces, more than --max-subjects {config.max_subjects}")
+    too_small = filters.small_face([f.box for f in faces], item["width"], item["height"], config.min_face_percent)
+    if too_small:
+        return reject(item, "detect", too_small)
     return {**item, "subjects": [{"face_box": f.box, "score": f.score} for f in faces]}
+
+
+def blur_stage(item: dict, config: PreprocessConfig) -> dict:
+    """Rejects a photo with a blurry face (filters.face_focus under --min-face-focus)."""
+    if config.min_face_focus <= 0:
+        return item
+    blurry = filters.blurry_face(stored_array(item), [s["face_box"] for s in item["subjects"]], config.min_face_focus)
+    return reject(item, "blur", blurry) if blurry else item
+
+
+def dedup_stage(item: dict, config: PreprocessConfig, seen=None) -> dict:
+    """Hashes the stored image (item["phash"]) and rejects it when `seen(id, hash)` names a kept photo within
+    --duplicate-distance bits (a `dedup.HashIndex.check_and_add`, or the run's actor on Ray). Last of the stages,
+    so the photo kept of a near-duplicate group is one that every other stage accepted. With `seen` None, the hash
+    is only computed (nothing to compare it with)."""
+    if config.duplicate_distance < 0:
+        return item
+    item = {**item, "phash": dedup.perceptual_hash(stored_array(item))}
+    found = seen(item["id"], item["phash"]) if seen is not None else None
+    if found is None:
+        return item
+    return reject(item, "dedup", dedup.duplicate_reason(found[0], found[1], config.duplicate_distance))
 
 
 def segment_stage(item: dict, segmenter) -> dict:
@@ -180,7 +209,7 @@ class StageGuard:
 
 # ------------------------------------------------------------------------------------- the plain loop
 
-IMAGE_STAGES = ("read", "detect", "segment", "caption", "link")  # `read` covers read + decode
+IMAGE_STAGES = ("read", "detect", "blur", "segment", "caption", "link", "dedup")  # `read` covers read + decode
 
 
 def apply_stages(
@@ -192,17 +221,21 @@ def apply_stages(
     segmenter=None,
     captioner=None,
     guard: StageGuard | None = None,
+    seen=None,
 ) -> dict:
     """Runs the named stages in order on one item, stopping at the first that rejects it (`caption` with
-    captioner None writes the template). A stage that raises rejects the item (see StageGuard; pass one guard
-    per loop so that a broken model stops it). The plain loop and every Ray stage go through here."""
+    captioner None writes the template; `dedup` asks `seen`, see dedup_stage). A stage that raises rejects the
+    item (see StageGuard; pass one guard per loop so that a broken model stops it). The plain loop and every Ray
+    stage go through here."""
     guard = guard or StageGuard()
     functions = {
         "read": lambda i: read_stage(i, config),
         "detect": lambda i: detect_stage(i, detector, config),
+        "blur": lambda i: blur_stage(i, config),
         "segment": lambda i: segment_stage(i, segmenter),
         "caption": lambda i: caption_stage(i, captioner),
         "link": link_stage,
+        "dedup": lambda i: dedup_stage(i, config, seen),
     }
     for name in names:
         if name not in functions:
@@ -217,11 +250,13 @@ def apply_stages(
 def process_locally(
     items: list[dict], config: PreprocessConfig, detector, segmenter, captioner=None, progress: bool = True
 ) -> list[dict]:
-    """All stages, one image at a time, in this process: the same functions the Ray pipeline runs."""
+    """All stages, one image at a time, in this process: the same functions the Ray pipeline runs (near
+    duplicates against one index over all `items`)."""
     from tqdm.auto import tqdm
 
     guard = StageGuard()
+    seen = dedup.HashIndex(config.duplicate_distance).check_and_add if config.duplicate_distance >= 0 else None
     return [
-        apply_stages(item, config, detector=detector, segmenter=segmenter, captioner=captioner, guard=guard)
+        apply_stages(item, config, detector=detector, segmenter=segmenter, captioner=captioner, guard=guard, seen=seen)
         for item in tqdm(items, desc="preprocess (plain loop)", disable=not progress)
     ]

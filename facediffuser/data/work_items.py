@@ -33,6 +33,7 @@ WORK_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("caption", pa.string()),
         pa.field("subjects", pa.list_(WORK_SUBJECT_TYPE)),
+        pa.field("phash", pa.uint64()),  # the stored image's perceptual hash, once the near-duplicate filter ran
         pa.field("stage", pa.string()),  # set when rejected: the stage that rejected it
         pa.field("reason", pa.string()),
     ]
@@ -49,6 +50,7 @@ def new_item(item_id: str, source: str, caption_source: str | None = None) -> di
         "height": None,
         "caption": None,
         "subjects": [],
+        "phash": None,
         "stage": None,
         "reason": None,
     }
@@ -102,7 +104,7 @@ def reject_table(items: list[dict]) -> pa.Table:
 
 
 STAGE_ORDER = {
-    "images": ("read", "decode", "detect", "segment", "caption", "link", "write"),
+    "images": ("read", "decode", "detect", "blur", "segment", "caption", "link", "dedup", "write"),
     "fastcomposer": ("read", "decode", "convert", "write"),
 }
 
