@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from facediffuser import config
+from facediffuser.best_of import MAX_BEST_OF, MAX_RETRIES, Selection
 from facediffuser.config import arg
 from facediffuser.images import load_image
 from facediffuser.layout import check_boxes, check_scales
-from facediffuser.manifest import generation_manifest, package_versions, sampling_record
+from facediffuser.manifest import generation_manifest, guard_record, package_versions, sampling_record
 from facediffuser.model_loading import identity, load_pipeline
 from facediffuser.pipeline import DEFAULT_ALPHA, DEFAULT_BETA
 from facediffuser.prompts import IMAGE_TOKEN, count_markers
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode
+from facediffuser.reference_checks import DEFAULT_THRESHOLDS, ReferenceThresholds, check_references, warnings_of
 from facediffuser.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from facediffuser.visualize import mask_pictures
 
@@ -93,6 +96,14 @@ class GenerateConfig:
         choices=REFERENCE_MODES,
     )
     no_identity_scores: bool = arg(False, "skip the per-image dlib face similarity to each reference")
+    best_of: int = arg(1, f"sample this many candidates per image and keep the best (1..{MAX_BEST_OF})")
+    min_identity: float | None = arg(
+        None, "resample with new seeds until every image's weakest subject reaches this dlib similarity"
+    )
+    max_retries: int = arg(2, f"rounds sampled after the first, at most, to meet --min-identity (0..{MAX_RETRIES})")
+    no_reference_checks: bool = arg(False, "skip the reference photo checks (one clear face, size, sharpness)")
+    min_face_px: int = arg(DEFAULT_THRESHOLDS.min_face_px, "reference check: the smallest face, pixels across")
+    min_sharpness: float = arg(DEFAULT_THRESHOLDS.min_sharpness, "reference check: the lowest face sharpness")
 
     @property
     def photos(self) -> list[list[str]]:
@@ -128,9 +139,36 @@ class GenerateConfig:
         check_mode(self.reference_mode)
         check_boxes(self.boxes, markers)
         check_scales(self.subject_scales, markers)
+        _ = self.selection  # checks best_of, min_identity, max_retries
         out_dir = Path(self.out)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--out {out_dir} exists and is not a directory")
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.best_of, self.min_identity, self.max_retries)
+
+    @property
+    def thresholds(self) -> ReferenceThresholds | None:
+        """The reference checks' thresholds; None when --no-reference-checks."""
+        if self.no_reference_checks:
+            return None
+        weak_face = max(DEFAULT_THRESHOLDS.weak_face_px, self.min_face_px)
+        weak_sharpness = max(DEFAULT_THRESHOLDS.weak_sharpness, self.min_sharpness)
+        return replace(
+            DEFAULT_THRESHOLDS,
+            min_face_px=self.min_face_px,
+            weak_face_px=weak_face,
+            min_sharpness=self.min_sharpness,
+            weak_sharpness=weak_sharpness,
+        )
+
+    def check_references(self) -> list[str]:
+        """The photos checked at the door (ReferenceRefused names the one that cannot serve) → the warnings."""
+        if self.thresholds is None:
+            return []
+        names = [[f"--reference {path}" for path in photos] for photos in self.photos]
+        return warnings_of(check_references(self.photos, self.thresholds, names=names))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,16 +178,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config.from_args(GenerateConfig, args)
     cfg.validate()
+    reference_warnings = cfg.check_references()  # before any model loads
     references = [[load_image(path) for path in photos] for photos in cfg.photos]
     started = time.perf_counter()
     pipe = load_pipeline(cfg.model, cfg.tiny)
     pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     result = _sample(cfg, pipe, references)
+    result.warnings = reference_warnings + result.warnings
     out_dir = Path(cfg.out)
     files = write_results(out_dir, result, boxes=cfg.boxes)
     manifest = _manifest(cfg, pipe, result, files, started)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for line in result.warnings + [w for image in result.identity_warnings or [] for w in image]:
+        print(f"warning: {line}", file=sys.stderr)
     print(f"wrote {len(files['images'])} image(s), fusion masks and manifest.json to {out_dir}")
     return 0
 
@@ -182,6 +224,10 @@ def _sample(cfg: GenerateConfig, pipe, references: list[list]):
             callback=progress,
             identity_scores=not cfg.no_identity_scores,
             reference_mode=cfg.reference_mode,
+            check_references=False,  # checked by run(), before the models loaded
+            best_of=cfg.best_of,
+            min_identity=cfg.min_identity,
+            max_retries=cfg.max_retries,
         )
 
 
@@ -212,4 +258,11 @@ def _manifest(cfg: GenerateConfig, pipe, result, files: dict, started: float) ->
         identity_scores=result.identity_scores,
         seconds=time.perf_counter() - started,
         files=files,
+        **guard_record(
+            thresholds=cfg.thresholds,
+            selection=cfg.selection,
+            identity_warnings=result.identity_warnings,
+            candidates=result.candidates,
+            warnings=result.warnings,
+        ),
     )

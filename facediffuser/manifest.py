@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import platform
@@ -106,4 +107,17 @@ def generation_manifest(
         "identity_metric": "dlib cosine" if identity_scores is not None else None,
         **extra,
         "seconds": round(seconds, 3),
+    }
+
+
+def guard_record(*, thresholds, selection, identity_warnings, candidates, warnings: list[str]) -> dict:
+    """The identity guard's part of a generation manifest: the reference checks' thresholds (None: off), best_of /
+    min_identity, each image's blend warnings, every candidate sampled (seed, round, scores; so any of them can be
+    regenerated) and what went wrong without failing."""
+    return {
+        "reference_checks": None if thresholds is None else thresholds.as_dict(),
+        "selection": None if selection is None or not selection.active else dataclasses.asdict(selection),
+        "identity_warnings": identity_warnings,
+        "candidates": candidates,
+        "warnings": warnings,
     }

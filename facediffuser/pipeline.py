@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediffuser import model_dir
+from facediffuser.best_of import Selection, best_of_output
 from facediffuser.layout import check_boxes
 from facediffuser.models.subject_encoder import SubjectEncoder
 from facediffuser.noise import seeded_latents
@@ -23,6 +24,8 @@ from facediffuser.pipeline_encoding import PromptEncoding
 from facediffuser.pipeline_output import FaceDiffuserOutput, PipelineOutput
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, count_markers, ensure_image_token
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, check_mode
+from facediffuser.reference_checks import DEFAULT_THRESHOLDS, ReferenceThresholds, warnings_of
+from facediffuser.reference_checks import check_references as checked_references
 from facediffuser.sampling import (
     OFFICIAL_FUSION,
     FusionOptions,
@@ -178,6 +181,10 @@ class FaceDiffuserPipeline(PromptEncoding, PipelineOutput, DiffusionPipeline):
         callback: Callable[[int, int], None] | None = None,
         identity_scores: bool | Any = False,
         reference_mode: str = DEFAULT_REFERENCE_MODE,
+        check_references: bool | ReferenceThresholds = True,
+        best_of: int = 1,
+        min_identity: float | None = None,
+        max_retries: int = 2,
     ) -> FaceDiffuserOutput:
         """`boxes` ([x0, y0, x1, y1] fractions, one per marker) place each subject; `subject_scales` (one per
         marker, 1 = full strength, 0 = the noun alone) set how strongly each subject's photo counts. Both default
@@ -185,18 +192,45 @@ class FaceDiffuserPipeline(PromptEncoding, PipelineOutput, DiffusionPipeline):
         `facediffuser.metrics.identity.IdentityScorer`) also returns, per image, each subject's face similarity to
         its reference (dlib by default), for filtering or regenerating. `reference_mode` says what the subject
         encoder sees of each photo: whole (default; the official transform), face or person
-        (facediffuser.reference); the output's `embedding_sha256` fingerprints each subject's embedding."""
+        (facediffuser.reference); the output's `embedding_sha256` fingerprints each subject's embedding.
+
+        `check_references` (default on; or a `ReferenceThresholds`) checks every photo first
+        (facediffuser/reference_checks.py): one that cannot serve is a ReferenceRefused error, a weak one a line in
+        the output's `warnings`. `best_of` n samples n candidates per image and returns the best, ranked by their
+        weakest subject's identity similarity; `min_identity` resamples (new seeds, at most `max_retries` more
+        rounds) until every returned image reaches it (facediffuser/best_of.py). Both score identities (dlib
+        unless `identity_scores` is a scorer) and record every candidate in the output's `candidates`."""
         height, width = self._checked_size(height, width)
+        selection = Selection(best_of, min_identity, max_retries)
         self._check_options(num_images_per_prompt, num_inference_steps, output_type, identity_scores)
         stages = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
         self._check_subjects(prompt, reference_images, boxes, reference_mode)
+        if selection.active and (generator is not None or output_type == "latent"):
+            raise ValueError("best_of and min_identity need seeds (not a generator) and images (not latents)")
+        warnings = self._checked_references(reference_images, check_references)
         embeds, conditions = self._encode(prompt, reference_images, negative_prompt, subject_scales, reference_mode)
-        start = self._start_latents(prompt, boxes, num_images_per_prompt, height, width, seed, generator)
-        result = self._denoise(
-            start, conditions, stages, num_inference_steps, guidance_scale, return_masks, fusion, generator, callback
-        )
-        seeds = start[1]
-        return self._finish(result, seeds, stages, embeds, output_type, return_masks, identity_scores, reference_images)
+        denoise = (conditions, stages, num_inference_steps, guidance_scale, return_masks, fusion, generator, callback)
+        finish = (stages, embeds, output_type, return_masks, identity_scores or selection.active, reference_images)
+
+        def sample(first_seed, count):
+            start = self._start_latents(prompt, boxes, count, height, width, first_seed, generator)
+            return self._finish(self._denoise(start, *denoise), start[1], *finish)
+
+        if selection.active:
+            first_seed = random.randrange(2**31) if seed is None else int(seed)
+            output = best_of_output(sample, num_images_per_prompt, first_seed, selection)
+        else:
+            output = sample(seed, num_images_per_prompt)
+        output.warnings = warnings + output.warnings
+        return output
+
+    @staticmethod
+    def _checked_references(reference_images, check_references) -> list[str]:
+        """The reference checks' warnings (ReferenceRefused when a photo cannot serve); [] when turned off."""
+        if check_references is False:
+            return []
+        thresholds = check_references if isinstance(check_references, ReferenceThresholds) else DEFAULT_THRESHOLDS
+        return warnings_of(checked_references(reference_images, thresholds))
 
     def _encode(self, prompt, reference_images, negative_prompt, subject_scales, reference_mode):
         """→ (the subjects' embeddings, (null, text, augmented) prompt embeddings)."""

@@ -29,6 +29,13 @@ class FaceDiffuserOutput:
     identity_scores: list[list[float | None]] | None = None
     # per subject: sha256 of the embedding its photos gave (facediffuser.reference.embedding_sha256)
     embedding_sha256: list[str] = field(default_factory=list)
+    # with identity_scores: per image, the blend warnings (a copied face, merged subjects; metrics/identity.py)
+    identity_warnings: list[list[str]] | None = None
+    # what went wrong without failing the call: weak reference photos, a min_identity not met
+    warnings: list[str] = field(default_factory=list)
+    # with best_of or min_identity: every candidate sampled (seed, round, scores, chosen), in sampling order
+    candidates: list[dict] | None = None
+    identities: list | None = field(default=None, repr=False)  # ImageIdentity per image, when scored
 
 
 class PipelineOutput:
@@ -69,10 +76,12 @@ class PipelineOutput:
         want_scores = identity_scores is not False and identity_scores is not None
         pil_images = tensor_to_pil(images) if output_type == "pil" or want_scores else None
         if want_scores:
-            from facediffuser.metrics.identity import identity_similarities  # dlib loads only when asked
+            from facediffuser.metrics.identity import identity_report  # dlib loads only when asked
 
             scorer = None if identity_scores is True else identity_scores
-            output.identity_scores = identity_similarities(pil_images, reference_images, scorer)
+            output.identities = identity_report(pil_images, reference_images, scorer)
+            output.identity_scores = [identity.similarities for identity in output.identities]
+            output.identity_warnings = [identity.warnings for identity in output.identities]
         output.images = images if output_type in ("pt", "latent") else pil_images
         return output
 

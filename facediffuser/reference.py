@@ -124,7 +124,8 @@ def _shared_model(key: str, build):
         return _shared[key]
 
 
-def _detect(detector, array: np.ndarray) -> list:
+def detect_faces(array: np.ndarray, detector=DEFAULT_DETECTOR) -> list:
+    """Faces in an HxWx3 uint8 array by a detector's name (built once per process) or a detector itself."""
     if isinstance(detector, str):
         from facediffuser.data.faces import make_detector
 
@@ -135,7 +136,7 @@ def _detect(detector, array: np.ndarray) -> list:
 
 def _largest_face(array: np.ndarray, detector, name: str, mode: str):
     """→ (the largest face, every face found), or SubjectNotFound."""
-    faces = _detect(detector, array)
+    faces = detect_faces(array, detector)
     if not faces:
         raise SubjectNotFound(
             f"{name}: no face found in the photo (reference mode {mode} crops around one; "

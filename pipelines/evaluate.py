@@ -110,7 +110,8 @@ def _checked_inputs(config: EvaluateConfig) -> tuple[list[EvalSubject], list[dic
     defaulted = [s.id for s in subjects if not s.noun_given]
     if defaulted:
         print(f"evaluate: no noun.txt for {', '.join(defaulted)}: using the noun {DEFAULT_NOUN!r}", flush=True)
-    check_references(subjects)
+    for warning in check_references(subjects):
+        print(f"evaluate: warning: {warning}", flush=True)
     if config.facenet_weights:  # a wrong file fails here, in one line, not inside an actor
         from facediffuser.metrics.identity import FacenetEmbedder
 

@@ -62,6 +62,7 @@ class GenerateImages:
                 width=config.resolution,
                 return_masks=with_masks,
                 reference_mode=config.reference_mode,
+                check_references=False,  # checked once by the driver, before any actor started
                 **method_arguments(task["method"], self.num_iterations, config.alpha, config.beta),
             )
             for index, image in enumerate(result.images):
@@ -111,6 +112,8 @@ class ScoreImages:
                         f"faces_{name}": result.num_faces,
                         f"missing_{name}": result.missing_faces,
                         f"duplicate_{name}": result.duplicate,
+                        f"blend_{name}": bool(result.warnings),  # a copied face or merged subjects
+                        f"blend_warnings_{name}": json.dumps(result.warnings),
                         f"similarities_{name}": json.dumps(result.similarities),
                     }
                 )

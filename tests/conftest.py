@@ -114,6 +114,21 @@ def astronaut() -> np.ndarray:
     return photo()
 
 
+def hopper_photo() -> np.ndarray:
+    """A second real person: Grace Hopper (600x512 RGB, the sample photo shipped with matplotlib). Requests with two
+    subjects need two people: the reference checks refuse one person given for two markers."""
+    from matplotlib.cbook import get_sample_data
+    from PIL import Image
+
+    with Image.open(get_sample_data("grace_hopper.jpg")) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def hopper() -> np.ndarray:
+    return hopper_photo()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from facediffuser.models.tiny import tiny_pipeline

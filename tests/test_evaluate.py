@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hopper_photo
 from PIL import Image
 from test_metrics import save_random_facenet, save_tiny_clip
 
@@ -22,8 +23,9 @@ METHODS = ("snf", "sdm-only", "tdm-only", "average")
 
 
 def make_subjects(root: Path, astronaut: np.ndarray) -> Path:
-    """Two identities for the protocol: the astronaut and her mirror image (different references, same noun)."""
-    for name, image in [("astro", astronaut), ("mirror", np.ascontiguousarray(astronaut[:, ::-1]))]:
+    """Two identities for the protocol: the astronaut and Grace Hopper (two people: the reference checks refuse one
+    person given as two subjects)."""
+    for name, image in [("astro", astronaut), ("hopper", hopper_photo())]:
         (root / name).mkdir(parents=True)
         Image.fromarray(image).save(root / name / "ref.jpg")
         (root / name / "noun.txt").write_text("woman")
@@ -65,16 +67,16 @@ def test_evaluate_bad_input_is_one_line_before_any_work(tmp_path, astronaut, cap
 
 def forgiving_subjects(root: Path, astronaut: np.ndarray) -> Path:
     """astro: two photos under odd names (the astronaut and her mirror image), no noun.txt, junk beside them;
-    mirror: one .png photo with a noun.txt in capitals."""
+    hopper: one .png photo with a noun.txt in capitals."""
     mirrored = np.ascontiguousarray(astronaut[:, ::-1])
     (root / "astro").mkdir(parents=True)
     Image.fromarray(astronaut).save(root / "astro" / "IMG 0001.JPEG")
     Image.fromarray(mirrored).save(root / "astro" / "side view.webp")
     (root / "astro" / "notes.txt").write_text("taken in 1984")
     (root / "astro" / "._IMG 0001.JPEG").write_bytes(b"macOS resource fork, not an image")
-    (root / "mirror").mkdir()
-    Image.fromarray(mirrored).save(root / "mirror" / "portrait.png")
-    (root / "mirror" / "noun.txt").write_text("Woman\n")
+    (root / "hopper").mkdir()
+    Image.fromarray(hopper_photo()).save(root / "hopper" / "portrait.png")
+    (root / "hopper" / "noun.txt").write_text("Woman\n")
     (root / ".thumbnails").mkdir()  # hidden folders are not subjects
     return root
 
@@ -83,7 +85,7 @@ def test_subjects_need_no_noun_file_and_take_every_photo(tmp_path, astronaut):
     subjects = load_eval_subjects(forgiving_subjects(tmp_path / "subjects", astronaut))
     assert [(s.id, s.noun, s.noun_given, [Path(p).name for p in s.photos]) for s in subjects] == [
         ("astro", "person", False, ["IMG 0001.JPEG", "side view.webp"]),
-        ("mirror", "woman", True, ["portrait.png"]),
+        ("hopper", "woman", True, ["portrait.png"]),
     ]
     config = EvaluateConfig(subjects="", out="", tiny=True, methods=["snf"], prompts_per_kind=1, images_per_prompt=2)
     tasks = make_tasks(subjects, config)
@@ -91,11 +93,11 @@ def test_subjects_need_no_noun_file_and_take_every_photo(tmp_path, astronaut):
     single = {(t["subjects"], t["prompt_position"]): t for t in tasks if t["protocol"] == "single"}
     assert single["astro", 0]["prompt"] == "a person <|image|> wearing a red hat"
     assert single["astro", 1]["prompt"] == "a watercolor painting of a person <|image|>"
-    assert single["mirror", 0]["prompt"] == "a woman <|image|> wearing a red hat"
-    assert single["astro", 3]["seed"] == single["mirror", 3]["seed"] == 42 + 3 * 2
+    assert single["hopper", 0]["prompt"] == "a woman <|image|> wearing a red hat"
+    assert single["astro", 3]["seed"] == single["hopper", 3]["seed"] == 42 + 3 * 2
     # several photos of one person: one reference entry holding both (the pipeline averages their embeddings)
     assert json.loads(single["astro", 0]["references"]) == [list(subjects[0].photos)]
-    assert json.loads(single["mirror", 0]["references"]) == [subjects[1].photos[0]]
+    assert json.loads(single["hopper", 0]["references"]) == [subjects[1].photos[0]]
     multi = [t for t in tasks if t["protocol"] == "multi"]
     assert multi[0]["prompt"].startswith("a person <|image|> and a woman <|image|>")
     assert json.loads(multi[0]["references"]) == [list(subjects[0].photos), subjects[1].photos[0]]
@@ -185,15 +187,15 @@ def test_evaluate_on_ray_writes_report_grids_and_distinguishes_methods(ray_sessi
         ]
         return row["image_seed"], np.asarray(Image.open(out / row["file"]), dtype=np.int16)
 
-    seeds = {pixels("single", m, "astro")[0] for m in METHODS} | {pixels("single", m, "mirror")[0] for m in METHODS}
+    seeds = {pixels("single", m, "astro")[0] for m in METHODS} | {pixels("single", m, "hopper")[0] for m in METHODS}
     assert seeds == {42}
     images = {m: pixels("single", m, "astro")[1] for m in METHODS}
     for a, b in [("snf", "sdm-only"), ("snf", "tdm-only"), ("snf", "average"), ("sdm-only", "tdm-only")]:
         assert np.abs(images[a] - images[b]).max() > 0, f"{a} and {b} gave the same image"
     # the TDM never sees the reference: same prompt and seed → the same image for both subjects
-    assert np.array_equal(pixels("single", "tdm-only", "astro")[1], pixels("single", "tdm-only", "mirror")[1])
-    # the SDM does: the mirrored reference changes the image
-    assert np.abs(pixels("single", "sdm-only", "astro")[1] - pixels("single", "sdm-only", "mirror")[1]).max() > 0
+    assert np.array_equal(pixels("single", "tdm-only", "astro")[1], pixels("single", "tdm-only", "hopper")[1])
+    # the SDM does: the other person's reference changes the image
+    assert np.abs(pixels("single", "sdm-only", "astro")[1] - pixels("single", "sdm-only", "hopper")[1]).max() > 0
     assert pixels("single", "snf", "astro", index=1)[0] == 43  # one seed per image
 
     # the pictures: a grid per protocol and method, comparison grids, bar chart, mask overlays, report.md
@@ -253,7 +255,7 @@ def test_killed_run_continues_to_the_report_of_an_uninterrupted_one(
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert evaluate(whole) == 0
     said = capsys.readouterr().out
-    assert said.count("no noun.txt for astro: using the noun 'person'") == 1 and "mirror" not in said.split("\n")[0]
+    assert said.count("no noun.txt for astro: using the noun 'person'") == 1 and "hopper" not in said.split("\n")[0]
     expected = json.loads((whole / "report.json").read_text())
     assert expected["counts"] == {"tasks": 24, "images": 48} and expected["resumed_images"] == 0
     astro = next(r for r in rows(whole).values() if r["subjects"] == "astro")
@@ -322,7 +324,7 @@ def test_quick_preset_runs_a_small_benchmark(ray_session, tmp_path, astronaut, t
     assert "reference mode face" in (out / "report.md").read_text()
     references = {s.id: s.reference for s in load_eval_subjects(str(subjects))}
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    for name in ("astro", "mirror"):  # astro: two photos averaged
+    for name in ("astro", "hopper"):  # astro: two photos averaged
         (row, *_) = [r for r in rows if r["subjects"] == name]
         library = embedding_sha256(tiny_pipe.encode_references([references[name]], "face")[0])
         assert json.loads(row["embedding_sha256"]) == [library]

@@ -244,14 +244,12 @@ def test_subjects_tasks_seeds_and_methods(tmp_path, astronaut):
 # ------------------------------------------------------------------------------------------ in the product
 
 
-def test_pipeline_returns_identity_scores_only_when_asked(tiny_pipe, astronaut):
-    reference = Image.fromarray(astronaut)
+def test_pipeline_returns_identity_scores_only_when_asked(tiny_pipe, astronaut, hopper):
+    references = [Image.fromarray(astronaut), Image.fromarray(hopper)]
     common = dict(num_images_per_prompt=2, seed=1, num_inference_steps=2, height=64, width=64)
-    plain = tiny_pipe(f"a man {IMAGE_TOKEN} and a woman {IMAGE_TOKEN}", [reference, reference], **common)
+    plain = tiny_pipe(f"a man {IMAGE_TOKEN} and a woman {IMAGE_TOKEN}", references, **common)
     assert plain.identity_scores is None
-    scored = tiny_pipe(
-        f"a man {IMAGE_TOKEN} and a woman {IMAGE_TOKEN}", [reference, reference], identity_scores=True, **common
-    )
+    scored = tiny_pipe(f"a man {IMAGE_TOKEN} and a woman {IMAGE_TOKEN}", references, identity_scores=True, **common)
     assert len(scored.identity_scores) == 2 and all(len(s) == 2 for s in scored.identity_scores)
     # tiny random models draw no faces: every subject is reported missing rather than scored
     assert scored.identity_scores == [[None, None], [None, None]]

@@ -34,8 +34,8 @@ def test_augmented_embeds_differ_from_text_only_at_the_subject_nouns(tiny_pipe, 
     assert not torch.equal(null, text)
 
 
-def test_same_seed_same_images_and_seeds_per_image(tiny_pipe, astronaut):
-    refs = [astronaut, astronaut[:, ::-1]]
+def test_same_seed_same_images_and_seeds_per_image(tiny_pipe, astronaut, hopper):
+    refs = [astronaut, hopper]
     first = tiny_pipe(PROMPT2, refs, seed=11, num_images_per_prompt=2, return_masks=True, **FAST)
     again = tiny_pipe(PROMPT2, refs, seed=11, num_images_per_prompt=2, **FAST)
     other = tiny_pipe(PROMPT2, refs, seed=12, **FAST)
@@ -53,7 +53,7 @@ def test_same_seed_same_images_and_seeds_per_image(tiny_pipe, astronaut):
 def test_references_change_the_result(tiny_pipe, astronaut):
     noise = np.random.default_rng(0).integers(0, 255, astronaut.shape, dtype=np.uint8)
     a = tiny_pipe("a woman <|image|> reading", [astronaut], seed=3, **FAST)
-    b = tiny_pipe("a woman <|image|> reading", [noise], seed=3, **FAST)
+    b = tiny_pipe("a woman <|image|> reading", [noise], seed=3, check_references=False, **FAST)  # no face: unchecked
     assert not np.array_equal(arrays(a)[0], arrays(b)[0])
 
 

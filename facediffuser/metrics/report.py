@@ -17,8 +17,9 @@ def aggregate(rows: list[dict], identity_names: list[str], with_clip: bool) -> d
     """{protocol: {method: {metric: value}}}. Identity: mean of per-image scores (0 when no face, negatives 0).
 
     face_rate_<name>: fraction of images where every subject got a face. For two subjects also
-    missing_faces_<name> (images where some subject got no face) and duplicates_<name> (images where two faces
-    resemble the same reference most).
+    missing_faces_<name> (images where some subject got no face), duplicates_<name> (images where two faces
+    resemble the same reference most) and blend_rate_<name>: the fraction of images the blend guard flags (a copied
+    face or merged subjects; facediffuser/metrics/identity.py blend_warnings).
     """
     table: dict[str, dict[str, dict]] = {}
     present = {r["protocol"] for r in rows}
@@ -34,6 +35,7 @@ def aggregate(rows: list[dict], identity_names: list[str], with_clip: bool) -> d
                 if protocol == "multi":
                     summary[f"missing_faces_{name}"] = sum(int(r[f"missing_{name}"] > 0) for r in chosen)
                     summary[f"duplicates_{name}"] = sum(int(r[f"duplicate_{name}"]) for r in chosen)
+                    summary[f"blend_rate_{name}"] = _mean(float(r[f"blend_{name}"]) for r in chosen)
             if with_clip:
                 summary["prompt_clip"] = _mean(r["prompt_clip"] for r in chosen)
             summary["by_kind"] = {

@@ -103,13 +103,12 @@ def task_key(row: dict) -> tuple:
     return row["protocol"], row["method"], row["subjects"], row["prompt_position"], row["prompt"], row["seed"]
 
 
-def check_references(subjects: list[EvalSubject]) -> None:
-    """Every reference photo must show a face (else its identity scores would mean nothing)."""
-    from facediffuser.images import load_image
-    from facediffuser.metrics.identity import DlibEmbedder
+def check_references(subjects: list[EvalSubject], thresholds=None) -> list[str]:
+    """Every reference photo checked at the door (facediffuser/reference_checks.py: one clear face, large and sharp
+    enough) and no two subjects showing one person; → the warnings. ReferenceRefused names the subject and photo."""
+    from facediffuser.reference_checks import DEFAULT_THRESHOLDS, warnings_of
+    from facediffuser.reference_checks import check_references as check
 
-    embedder = DlibEmbedder()
-    for subject in subjects:
-        for photo in subject.photos:
-            if not len(embedder.embed_faces(load_image(photo))):
-                raise ValueError(f"subject {subject.id}: no face found in its reference photo {photo}")
+    names = [[f"subject {s.id}: {photo}" for photo in s.photos] for s in subjects]
+    checks = check([list(s.photos) for s in subjects], thresholds or DEFAULT_THRESHOLDS, names=names)
+    return warnings_of(checks)
