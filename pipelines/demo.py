@@ -26,7 +26,7 @@ from facediffuser.config import add_arguments as add_config_arguments
 from facediffuser.config import arg, from_args
 from facediffuser.model_dir import final_dir
 from facediffuser.sample_photos import sample_photos
-from pipelines.demo_page import PhaseClock, write_index
+from pipelines.demo_page import PhaseClock, filter_summary, write_index
 from pipelines.demo_serve import generate_over_http, serve_http_port
 
 PROMPT = "a person <|image|> walking on the moon"
@@ -81,7 +81,8 @@ def demo(config: DemoConfig, verbose: bool = False) -> dict:
             out,
             [
                 ("1. Sample photos (input of preprocessing)", photos, ""),
-                ("2. Preprocessing: the shards' manifest", [], json.dumps(manifest, indent=2)),
+                ("2. Preprocessing: rejects per filter", [], filter_summary(manifest)),
+                ("The shards' manifest", [], json.dumps(manifest, indent=2)),
                 ("3. Training: loss curves (TDM, SDM)", curves, "" if curves else f"training skipped: {model_dir}"),
                 (f"4. Generated: “{PROMPT}”", images + overlays, json.dumps(response_summary["timings"], indent=2)),
                 ("Fusion masks (a row per image, a column per fusion step)", masks, ""),

@@ -62,3 +62,16 @@ def write_index(out: Path, sections: list[tuple[str, list[Path], str]]) -> Path:
     path = out / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def filter_summary(manifest: dict) -> str:
+    """The preprocessing filters' counts (the manifest's "filters"), one line each: how many photos the filter
+    rejected, at which stage and under which setting; then how many photos went in and were written."""
+    lines = []
+    for code, entry in manifest.get("filters", {}).items():
+        setting = ", ".join(f"{flag} {value}" for flag, value in (entry["setting"] or {}).items())
+        where = f"at {entry['stage']}" + (f", {setting}" if setting else "")
+        lines.append(f"{code.replace('_', ' '):<16} {entry['rejected']:>4} rejected   ({where})")
+    counts = manifest["counts"]
+    lines.append(f"{counts['input']} photos in: {counts['written']} written, {counts['rejected']} rejected in all")
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ whose every link exists."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def test_demo_writes_every_phase_output(ray_session, tmp_path, capsys):
         for subject in row["subjects"]:
             assert row["caption"][: subject["noun_end"]].endswith(subject["noun"]), (row["caption"], subject)
     assert (out / "preprocessed" / "manifest.json").is_file()
+    # the sample photos hold three dimmer copies (P/p, M/m, MPM/mpm): the near-duplicate filter drops one of each
+    manifest = json.loads((out / "preprocessed" / "manifest.json").read_text())
+    assert manifest["filters"]["near_duplicate"]["rejected"] == 3, manifest["filters"]
 
     # Two trained model directories, with loss curves.
     final = Path(result["model"])
@@ -50,6 +54,7 @@ def test_demo_writes_every_phase_output(ray_session, tmp_path, capsys):
 
     # index.html references only files that exist, and shows every image.
     page = (out / "index.html").read_text()
+    assert re.search(r"near duplicate +3 rejected +\(at dedup, --duplicate-distance 6\)", page), page[:3000]
     sources = set(re.findall(r"(?:src|href)='([^']+)'", page))
     assert sources and all((out / s).is_file() for s in sources), [s for s in sources if not (out / s).is_file()]
     for path in result["images"] + result["curves"] + result["masks"]:
