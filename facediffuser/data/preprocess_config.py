@@ -26,7 +26,9 @@ class PreprocessConfig:
     captioner: str = arg(TEMPLATE, "'template' or a transformers image-to-text model directory / hub id")
     max_subjects: int = arg(3, "images with more faces are rejected")  # FaceID-6M keeps photos of at most 3 faces
     # The filters (docs/preprocessing.md, "Filters"; --source images only); 0 turns one off (-1 for the distance)
-    min_side: int = arg(DEFAULT_MIN_SIDE, "photos whose short side (as given, before resizing) is under this go")
+    min_side: int = arg(
+        DEFAULT_MIN_SIDE, "photos whose short side in pixels (as given, before resizing) is under this are rejected"
+    )
     min_face_percent: float = arg(
         DEFAULT_MIN_FACE_PERCENT, "photos with a face box under this percentage of the image area are rejected"
     )
