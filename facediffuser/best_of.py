@@ -67,37 +67,63 @@ def shortfall(chosen: list[Candidate], min_identity: float | None) -> int:
     return 0 if min_identity is None else sum(c.score < min_identity for c in chosen)
 
 
+class CandidatePool:
+    """The candidates of one call, round by round: `next_round()` says which seeds to sample next (None when done),
+    `add` takes a round's images and Candidates, `result()` picks. Round r uses the seeds that follow round r - 1's,
+    so every candidate has its own seed. Used as it is by async callers (the service); `select_best` drives it."""
+
+    def __init__(self, count: int, first_seed: int, selection: Selection):
+        self.count, self.selection = count, selection
+        self.per_round = count * selection.best_of
+        self.seed, self.rounds = first_seed, 0
+        self.pool: list[tuple[Candidate, object]] = []
+
+    def next_round(self) -> tuple[int, int] | None:
+        """(first seed, candidates) of the next round, or None when the chosen ones suffice or no retry is left."""
+        if self.rounds and (self.selection.min_identity is None or self._shortfall() == 0):
+            return None
+        if self.rounds > self.selection.max_retries:
+            return None
+        return self.seed, self.per_round
+
+    def add(self, images: list, candidates: list[Candidate]) -> None:
+        for image, candidate in zip(images, candidates):
+            candidate.round = self.rounds
+            self.pool.append((candidate, image))
+        self.rounds += 1
+        self.seed += self.per_round
+
+    def _chosen(self) -> list[Candidate]:
+        return rank([c for c, _ in self.pool])[: self.count]
+
+    def _shortfall(self) -> int:
+        return shortfall(self._chosen(), self.selection.min_identity)
+
+    def result(self):
+        """→ (the chosen images best first, their candidates, every candidate in sampling order, a warning or None)."""
+        chosen = self._chosen()
+        for candidate in chosen:
+            candidate.chosen = True
+        images = {id(c): image for c, image in self.pool}
+        missing, warning = self._shortfall(), None
+        if missing:
+            warning = (
+                f"min_identity {self.selection.min_identity:g} not met: after {self.rounds} round(s) of "
+                f"{self.per_round} candidates, {missing} of the {self.count} returned image(s) score under it (best "
+                f"weakest-subject similarity {chosen[0].score:.3f})"
+            )
+        return [images[id(c)] for c in chosen], chosen, [c for c, _ in self.pool], warning
+
+
 def select_best(
     sample: Callable[[int, int], tuple[list, list[Candidate]]], count: int, first_seed: int, selection: Selection
 ):
     """`sample(first_seed, n)` → (n images, their n Candidates) samples and scores one round (an "image" is whatever
-    the caller keeps per candidate); → (the chosen images best first, their candidates, every candidate in sampling
-    order, a warning or None).
-
-    Round r uses the seeds that follow round r - 1's, so every candidate has its own seed."""
-    pool: list[tuple[Candidate, object]] = []
-    seed, per_round = first_seed, count * selection.best_of
-    for round_index in range(1 + selection.max_retries):
-        images, candidates = sample(seed, per_round)
-        for image, candidate in zip(images, candidates):
-            candidate.round = round_index
-            pool.append((candidate, image))
-        seed += per_round
-        chosen = rank([c for c, _ in pool])[:count]
-        if shortfall(chosen, selection.min_identity) == 0 or selection.min_identity is None:
-            break
-    for candidate in chosen:
-        candidate.chosen = True
-    images = {id(c): image for c, image in pool}
-    missing = shortfall(chosen, selection.min_identity)
-    warning = None
-    if missing:
-        warning = (
-            f"min_identity {selection.min_identity:g} not met: after {round_index + 1} round(s) of {per_round} "
-            f"candidates, {missing} of the {count} returned image(s) score under it (best weakest-subject "
-            f"similarity {chosen[0].score:.3f})"
-        )
-    return [images[id(c)] for c in chosen], chosen, [c for c, _ in pool], warning
+    the caller keeps per candidate); → CandidatePool.result()."""
+    pool = CandidatePool(count, first_seed, selection)
+    while (round_ := pool.next_round()) is not None:
+        pool.add(*sample(*round_))
+    return pool.result()
 
 
 def best_of_output(sample: Callable, count: int, first_seed: int, selection: Selection):

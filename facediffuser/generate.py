@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -153,15 +153,7 @@ class GenerateConfig:
         """The reference checks' thresholds; None when --no-reference-checks."""
         if self.no_reference_checks:
             return None
-        weak_face = max(DEFAULT_THRESHOLDS.weak_face_px, self.min_face_px)
-        weak_sharpness = max(DEFAULT_THRESHOLDS.weak_sharpness, self.min_sharpness)
-        return replace(
-            DEFAULT_THRESHOLDS,
-            min_face_px=self.min_face_px,
-            weak_face_px=weak_face,
-            min_sharpness=self.min_sharpness,
-            weak_sharpness=weak_sharpness,
-        )
+        return DEFAULT_THRESHOLDS.with_minimums(self.min_face_px, self.min_sharpness)
 
     def check_references(self) -> list[str]:
         """The photos checked at the door (ReferenceRefused names the one that cannot serve) → the warnings."""

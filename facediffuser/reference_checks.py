@@ -20,7 +20,7 @@ Faces are found by the reference modes' detector (facediffuser/reference.py: med
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -56,6 +56,17 @@ class ReferenceThresholds:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def with_minimums(self, min_face_px: int, min_sharpness: float) -> ReferenceThresholds:
+        """These thresholds with other refusal lines (what the CLI and the service configure); a warning line below
+        its new refusal line moves up to it."""
+        return replace(
+            self,
+            min_face_px=min_face_px,
+            weak_face_px=max(self.weak_face_px, min_face_px),
+            min_sharpness=min_sharpness,
+            weak_sharpness=max(self.weak_sharpness, min_sharpness),
+        )
+
 
 DEFAULT_THRESHOLDS = ReferenceThresholds()
 
@@ -78,7 +89,11 @@ class PhotoCheck:
     face_px: float  # the face box's short side
     sharpness: float
     descriptor: np.ndarray | None = None  # dlib, unit length; None when dlib finds no face to describe
-    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what is weak about it, without the photo's name
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{self.name}: {note}" for note in self.notes]
 
 
 def focus_measure(image: Image.Image, box) -> float:
@@ -109,11 +124,11 @@ def _subject_face(faces: list, name: str, thresholds: ReferenceThresholds) -> tu
             f"{thresholds.dominance:g}x); use a photo of this person alone, or crop it to them",
             "several_faces",
         )
-    return ranked[0], [f"{name}: {len(faces)} faces; the largest ({ratio:.1f}x the next) is taken as the person"]
+    return ranked[0], [f"{len(faces)} faces; the largest ({ratio:.1f}x the next) is taken as the person"]
 
 
 def _measure(image: Image.Image, face, name: str, thresholds: ReferenceThresholds) -> tuple[float, float, list]:
-    """(face side, sharpness, warnings) of the subject's face; ReferenceRefused when either is too low."""
+    """(face side, sharpness, notes) of the subject's face; ReferenceRefused when either is too low."""
     side = min(face.box[2] - face.box[0], face.box[3] - face.box[1])
     if side < thresholds.min_face_px:
         raise ReferenceRefused(
@@ -128,12 +143,12 @@ def _measure(image: Image.Image, face, name: str, thresholds: ReferenceThreshold
             "use a photo in focus",
             "face_blurred",
         )
-    warnings = []
+    notes = []
     if side < thresholds.weak_face_px:
-        warnings.append(f"{name}: small face ({side:.0f} px across, under {thresholds.weak_face_px}); weak likeness")
+        notes.append(f"small face ({side:.0f} px across, under {thresholds.weak_face_px}); weak likeness")
     if sharpness < thresholds.weak_sharpness:
-        warnings.append(f"{name}: soft face (sharpness {sharpness:.1f}, under {thresholds.weak_sharpness:g})")
-    return side, sharpness, warnings
+        notes.append(f"soft face (sharpness {sharpness:.1f}, under {thresholds.weak_sharpness:g})")
+    return side, sharpness, notes
 
 
 def _descriptor(image: Image.Image, box, embedder) -> np.ndarray | None:
@@ -159,13 +174,13 @@ def check_photo(
     except ImageDecodeError as exc:
         raise ReferenceRefused(f"{name}: {exc}", "invalid_image") from None
     faces = detect_faces(np.asarray(image), detector)
-    face, warnings = _subject_face(faces, name, thresholds)
+    face, notes = _subject_face(faces, name, thresholds)
     side, sharpness, weak = _measure(image, face, name, thresholds)
-    check = PhotoCheck(name, len(faces), [float(v) for v in face.box], side, sharpness, warnings=warnings + weak)
+    check = PhotoCheck(name, len(faces), [float(v) for v in face.box], side, sharpness, notes=notes + weak)
     if embedder is not None:
         check.descriptor = _descriptor(image, face.box, embedder)
         if check.descriptor is None:
-            check.warnings.append(f"{name}: no frontal face for the identity descriptor; identity scores may be null")
+            check.notes.append("no frontal face for the identity descriptor; identity scores may be null")
     return check
 
 

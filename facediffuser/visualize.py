@@ -67,3 +67,14 @@ def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None
         if labels:
             draw.text((x + 2, y + 1), labels[index][: max(4, width // 6)], fill="black")
     return grid
+
+
+def grid_rows(picks: list[tuple[Image.Image, int]], cell: int = 64, gap: int = 2) -> Image.Image:
+    """Rows of mask_grid pictures as one grid, in the order given: `picks` holds (a grid, the row to take), e.g.
+    the chosen candidates of several best_of rounds. The grids are alike in width (the same fusion steps)."""
+    width = max(grid.width for grid, _ in picks)
+    out = Image.new("L", (width, len(picks) * (cell + gap) - gap), 128)
+    for k, (grid, row) in enumerate(picks):
+        top = row * (cell + gap)
+        out.paste(grid.crop((0, top, grid.width, top + cell)), (0, k * (cell + gap)))
+    return out
