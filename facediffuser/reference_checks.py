@@ -8,8 +8,10 @@ and manifest. The checks, each threshold in `ReferenceThresholds`:
   faces      exactly one face. With several, the largest is used only when it clearly is the subject (at least
              `dominance` times the area of the next); otherwise the photo is refused, naming the count.
   size       the face's short side at least `min_face_px` pixels of the photo (warning below `weak_face_px`).
-  sharpness  the variance of the Laplacian of the face, resized to FOCUS_SIDE pixels so the measure does not depend
-             on the photo's resolution, at least `min_sharpness` (warning below `weak_sharpness`).
+  sharpness  the focus measure preprocessing filters training photos with (facediffuser/data/filters.py
+             `face_focus`: the variance of the Laplacian of the face at FOCUS_SIDE pixels, whatever the photo's
+             resolution), at least `min_sharpness` (warning below `weak_sharpness`). References are allowed softer
+             faces than training photos (whose filter refuses under 100): a reference only has to hold the identity.
   one person per subject: a photo whose identity descriptor (dlib) is at least `same_person` cosine-similar to a
              photo of another subject in the same request is refused; that is the user mixing people up.
 
@@ -26,23 +28,23 @@ import numpy as np
 from PIL import Image
 
 from facediffuser.data.faces import iou
+from facediffuser.data.filters import face_focus
 from facediffuser.images import ImageDecodeError, load_image
 from facediffuser.reference import DEFAULT_DETECTOR, detect_faces
 
-FOCUS_SIDE = 128  # the face is measured for sharpness at this side, whatever the photo's resolution
 DESCRIPTOR_MAX_SIDE = 1024  # identity descriptors are computed on a copy no larger than this per side
 
 
 @dataclass(frozen=True)
 class ReferenceThresholds:
-    """What a reference photo must clear. Defaults measured on the astronaut photo (a 104 px face, sharpness 211)
+    """What a reference photo must clear. Defaults measured on the astronaut photo (a 104 px face, sharpness 687)
     and Grace Hopper's (matplotlib's sample; a different person, dlib similarity 0.88 to the astronaut); the same
     person re-encoded, resized, cropped or mirrored scores at least 0.97. See docs/serving.md."""
 
     min_face_px: int = 64  # refuse: fewer pixels than this across the face hold too little identity
     weak_face_px: int = 96  # warn: below this the encoder's 224 px view of the photo holds a small face
-    min_sharpness: float = 10.0  # refuse: a Gaussian blur of sigma 2 on the astronaut's face measures 6
-    weak_sharpness: float = 40.0  # warn: a face upscaled from under 64 px, or a soft focus, measures 20-50
+    min_sharpness: float = 30.0  # refuse: a Gaussian blur of sigma 3 on the astronaut's face measures 22
+    weak_sharpness: float = 100.0  # warn: sigma 2 measures 56, sigma 1.5 106 (preprocessing's own line is 100)
     dominance: float = 2.0  # several faces: the largest must have this many times the next one's area
     same_person: float = 0.93  # dlib cosine similarity at or above which two photos show one person
 
@@ -96,16 +98,6 @@ class PhotoCheck:
         return [f"{self.name}: {note}" for note in self.notes]
 
 
-def focus_measure(image: Image.Image, box) -> float:
-    """Variance of the Laplacian of the box's grey pixels, resized to FOCUS_SIDE² (higher is sharper)."""
-    from scipy import ndimage
-
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    crop = image.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))).convert("L")
-    grey = np.asarray(crop.resize((FOCUS_SIDE, FOCUS_SIDE), Image.Resampling.BILINEAR), dtype=np.float32)
-    return float(ndimage.laplace(grey).var())
-
-
 def _area(box) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
@@ -136,7 +128,7 @@ def _measure(image: Image.Image, face, name: str, thresholds: ReferenceThreshold
             "use a larger or closer photo",
             "face_too_small",
         )
-    sharpness = focus_measure(image, face.box)
+    sharpness = face_focus(np.asarray(image), face.box)
     if sharpness < thresholds.min_sharpness:
         raise ReferenceRefused(
             f"{name}: the face is blurred (sharpness {sharpness:.1f}, under {thresholds.min_sharpness:g}); "
