@@ -120,16 +120,22 @@ def test_page_follows_a_job_to_its_result_and_keeps_a_strip(service, browser, ph
     assert "step 5" in browser.find_element(By.ID, "preview-caption").text
     assert browser.find_elements(By.CSS_SELECTOR, "#mask img")  # the fusion mask
     score_cells = browser.find_elements(By.CSS_SELECTOR, "#scores tr:nth-child(2) td")
-    assert len(score_cells) == 2  # image number + person 1
+    assert len(score_cells) == 3 and score_cells[2].text == "none"  # image number, person 1, the blend guard's
     assert "total" in browser.find_element(By.ID, "timings").text
     assert browser.find_element(By.ID, "cancel").get_attribute("disabled") is not None  # nothing left to cancel
 
-    # A second run with another seed: both are in the strip; the first is shown next to the newest.
+    # A second run with another seed, best of 2: both are in the strip; the first is shown next to the newest.
     _set(browser, "seed", "6")
+    _set(browser, "best_of", "2")
     browser.find_element(By.ID, "submit").click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#strip figure.run")) == 2)
     captions = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "#strip figure.run figcaption")]
     assert "seed 5 · 8 steps" in captions[0] and "seed 6 · 8 steps" in captions[1], captions
+    assert (
+        "best of 2" in captions[1]
+        and "best of 2 candidates (seeds 6, 7)" in browser.find_element(By.ID, "manifest").text
+    )
+    assert browser.find_element(By.CSS_SELECTOR, "#scores tr:nth-child(2) td:last-child").text == "none"
     assert "Run 2" in browser.find_element(By.ID, "images-title").text
     browser.find_elements(By.CSS_SELECTOR, "#strip figure.run")[0].click()
     compared = wait.until(ready.visibility_of_element_located((By.CSS_SELECTOR, "#compare img")))
