@@ -1,8 +1,9 @@
 """`facediffuser sample-photos`: photos to try the pipeline with on a machine that has none.
 
-The bundled astronaut photo (scikit-image's, public domain) as one, two and three people: the photo (P) and its
-mirror image (M) tiled side by side, four arrangements of each count, so that preprocessing finds 1-3 faces and
-training sees every subject count.
+Two real people, bundled: the astronaut (A; scikit-image's sample photo, public domain) and Grace Hopper (H; the
+US Navy portrait matplotlib ships as sample data, public domain, cropped square), as one, two and three people
+tiled side by side, four arrangements of each count, so that preprocessing finds 1-3 faces and training sees every
+subject count. Two different people, because a product that checks references refuses one person given as two.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import numpy as np
 from PIL import Image
 
 ASTRONAUT = Path(__file__).resolve().parent / "assets" / "astronaut.jpg"
-LAYOUTS = ["P", "M", "p", "m", "PM", "MP", "PP", "mm", "PMP", "MPM", "PPM", "mpm"]  # lower case: dimmer copy
+HOPPER = Path(__file__).resolve().parent / "assets" / "hopper.jpg"
+LAYOUTS = ["A", "H", "a", "h", "AH", "HA", "AA", "hh", "AHA", "HAH", "AAH", "hah"]  # lower case: dimmer copy
 
 
 def sample_photos(folder: str | Path) -> list[Path]:
     """Write the 12 sample photos into `folder`; → their paths. Dimmer copies keep the rows from being identical."""
     folder = Path(folder)
-    photo = np.asarray(Image.open(ASTRONAUT).convert("RGB"))
-    tiles = {"P": photo, "M": np.ascontiguousarray(photo[:, ::-1])}
+    tiles = {name: np.asarray(Image.open(path).convert("RGB")) for name, path in (("A", ASTRONAUT), ("H", HOPPER))}
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, layout in enumerate(LAYOUTS):

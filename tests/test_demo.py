@@ -35,7 +35,7 @@ def test_demo_writes_every_phase_output(ray_session, tmp_path, capsys):
         for subject in row["subjects"]:
             assert row["caption"][: subject["noun_end"]].endswith(subject["noun"]), (row["caption"], subject)
     assert (out / "preprocessed" / "manifest.json").is_file()
-    # the sample photos hold three dimmer copies (P/p, M/m, MPM/mpm): the near-duplicate filter drops one of each
+    # the sample photos hold three dimmer copies (A/a, H/h, HAH/hah): the near-duplicate filter drops one of each
     manifest = json.loads((out / "preprocessed" / "manifest.json").read_text())
     assert manifest["filters"]["near_duplicate"]["rejected"] == 3, manifest["filters"]
 
