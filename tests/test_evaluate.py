@@ -172,6 +172,12 @@ def test_evaluate_on_ray_writes_report_grids_and_distinguishes_methods(ray_sessi
             assert set(summary["by_kind"]) == {"accessory", "style", "action", "context"}
     multi = report["results"]["multi"]["snf"]
     assert 0 <= multi["missing_faces_dlib"] <= 8 and 0 <= multi["duplicates_facenet"] <= 8
+    for method in METHODS:  # the blend guard's rate, a column per method
+        summary = report["results"]["multi"][method]
+        flagged = [r for r in rows if r["protocol"] == "multi" and r["method"] == method and r["blend_dlib"]]
+        assert summary["blend_rate_dlib"] == pytest.approx(len(flagged) / 8, abs=1e-4)
+    assert all(bool(json.loads(r["blend_warnings_dlib"])) == r["blend_dlib"] for r in rows)
+    assert "blend_rate_dlib" in (out / "report.md").read_text()
     assert all(
         0 <= r["identity_facenet"] <= 1 and len(json.loads(r["similarities_dlib"])) == len(r["subjects"].split("+"))
         for r in rows
