@@ -27,6 +27,7 @@ SUBCOMMANDS = {
         "write photos of 1-3 people (the bundled astronaut) to try the pipeline",
     ),
     "demo": ("pipelines.demo", "the whole system end to end on a sample dataset"),
+    "subjects": ("facediffuser.subjects_cli", "a running service's saved subjects: add, list, rm (over HTTP)"),
 }
 # The subcommands that start or join Ray: each also takes --verbose (args.verbose), added here for all of them.
 RAY_COMMANDS = ("preprocess", "train", "serve", "evaluate", "demo")

@@ -58,7 +58,8 @@ __all__ = [
 
 @dataclass
 class CheckedRequest:
-    """A validated request, references decoded from base64 to bytes (one list of photos per subject)."""
+    """A validated request, references decoded from base64 to bytes (one list of photos per subject), or for
+    `subjects` the saved subjects (serving.subjects.SavedSubject) the ingress read."""
 
     request: GenerateRequest
     references: list[list[bytes]]
@@ -86,11 +87,28 @@ def check_request(request: GenerateRequest, limits: Limits, default_size: int = 
     """
     _check_subjects(request, limits)
     _check_work(request, limits, default_size)
-    return CheckedRequest(request=request, references=_decoded_references(request, limits))
+    # saved subjects (`subjects`) are read from the store by the ingress (serving/subject_routes.py)
+    references = [] if request.references is None else _decoded_references(request, limits)
+    return CheckedRequest(request=request, references=references)
+
+
+def _given_subjects(request: GenerateRequest) -> tuple[int, str]:
+    """(how many subjects, what they are called): exactly one of `references` and `subjects` gives them."""
+    if (request.references is None) == (request.subjects is None):
+        raise RequestError(
+            422,
+            "references_or_subjects",
+            "give either `references` (base64 photos) or `subjects` (ids of saved subjects), one per "
+            f"{IMAGE_TOKEN} marker; " + ("not both" if request.references is not None else "neither was given"),
+        )
+    if request.references is not None:
+        return len(request.references), "reference(s)"
+    return len(request.subjects), "subject(s)"
 
 
 def _check_subjects(request: GenerateRequest, limits: Limits) -> None:
     """Markers vs references, and the layout options (boxes, subject_scales) per subject."""
+    given, what = _given_subjects(request)
     markers = count_markers(request.prompt)
     if markers == 0:
         raise RequestError(
@@ -100,11 +118,11 @@ def _check_subjects(request: GenerateRequest, limits: Limits) -> None:
         raise RequestError(
             422, "too_many_subjects", f"the prompt has {markers} subjects; at most {limits.max_subjects} are allowed"
         )
-    if markers != len(request.references):
+    if markers != given:
         raise RequestError(
             422,
             "reference_count_mismatch",
-            f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(request.references)} reference(s) were given",
+            f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {given} {what} were given",
         )
     try:  # layout options: the library's own checks, worded for the client
         check_boxes(request.boxes, markers)

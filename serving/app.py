@@ -39,6 +39,7 @@ from serving.settings import (
     running_http_host,
     running_http_options,
 )
+from serving.subject_store import store_access
 
 
 def build_app(config: ServeConfig, upstream_app: str | None = None):
@@ -54,7 +55,7 @@ def build_app(config: ServeConfig, upstream_app: str | None = None):
     # bursts of new connections while they are handed over, so it is sized well above any burst the gate refuses.
     ingress = FaceDiffuserAPI.options(
         num_replicas=config.ingress_replicas,
-        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        ray_actor_options={"num_cpus": config.ingress_num_cpus, **store_access(config.subject_store)},
         max_ongoing_requests=ongoing + queued,
         max_queued_requests=4 * (ongoing + queued),
         graceful_shutdown_timeout_s=config.drain_timeout_s,

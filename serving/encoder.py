@@ -28,6 +28,7 @@ class SubjectEncoderDeployment:
         max_reference_pixels = Limits(**cfg.limits).max_reference_pixels
         # the face detector (face and person modes) is built by the library on the first request that needs it
         self.encoding = SubjectEncoding(pipe, cfg.face_detector, cfg.cache_size, max_reference_pixels)
+        self.encoding.model_version = self.model_info["model_version"]  # saved subjects of another model: refused
         # dlib: CPU, bundled CC0 weights; references shrunk to a bounded copy, descriptors in a bounded LRU cache
         self.identity_scoring = IdentityScoring(IdentityScorer(DlibEmbedder()), cfg.cache_size, max_reference_pixels)
         logging.getLogger("ray.serve").addFilter(no_concurrent_batches_warning)
@@ -64,6 +65,16 @@ class SubjectEncoderDeployment:
             return {"scores": await asyncio.to_thread(self.identity_scoring.scores, images, references)}
         except Exception as exc:
             return {"error_id": internal_error("identity scoring", exc).error_id}
+
+    async def subject_features(self, photos: list[bytes], reference_mode: str) -> dict:
+        """A subject to save (POST /v1/subjects): per photo its embedding and dlib descriptor, and this replica's
+        model_version; or {"error": ...}. Leaves the caches as they were (serving/subjects.py)."""
+        from serving.subjects import subject_features
+
+        features = await asyncio.to_thread(
+            subject_features, self.encoding, self.identity_scoring, photos, reference_mode
+        )
+        return features if "error" in features else {**features, "model_version": self.model_info["model_version"]}
 
     def arm_fault(self, point: str, value: str = "RuntimeError") -> None:
         """TESTS ONLY (tests/test_serve.py): arm a fault point in this replica (facediffuser/faults.py; here

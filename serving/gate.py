@@ -13,7 +13,7 @@ from serving.drain import GATE
 RETRY_AFTER_S = 2  # the Retry-After of every 503 (busy, restarting, not ready)
 # Paths served without a token (probes, the page, the API docs); every other path needs it when one is set.
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
-API_PATHS = frozenset({"/v1/generate", "/v1/jobs", "/v1/info", "/v1/stats", "/v1/replicas"})  # metric labels
+API_PATHS = frozenset({"/v1/generate", "/v1/jobs", "/v1/subjects", "/v1/info", "/v1/stats", "/v1/replicas"})  # metrics
 UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
 DRAINING = "the service is stopping: requests in flight finish, new ones are refused; retry shortly"
 BUSY = "the service is at capacity ({admit} requests in progress on this ingress); retry shortly"
@@ -127,6 +127,8 @@ def route_label(path: str) -> str:
     parts = path.rstrip("/").split("/")
     if parts[1:3] == ["v1", "jobs"] and len(parts) > 3:
         return "/v1/jobs/{id}" + ("/events" if parts[4:5] == ["events"] else "")
+    if parts[1:3] == ["v1", "subjects"] and len(parts) > 3:
+        return "/v1/subjects/{id}"
     return path if path in PUBLIC_PATHS or path in API_PATHS else "other"
 
 

@@ -37,6 +37,7 @@ from serving.job_routes import JobRoutes
 from serving.metrics import ingress_metrics
 from serving.scaling import replica_view
 from serving.settings import ServeConfig, auth_mode, ingress_capacity, is_loopback
+from serving.subject_routes import SubjectRoutes
 
 STATIC_PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -88,7 +89,7 @@ def _response(
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class FaceDiffuserAPI(JobRoutes):
+class FaceDiffuserAPI(JobRoutes, SubjectRoutes):
     """Validation, auth and limits; then encoder → sampler. Heavy work never runs here."""
 
     def __init__(self, encoder, sampler, store, config: dict):
@@ -204,6 +205,7 @@ class FaceDiffuserAPI(JobRoutes):
                 memory_mb=self.config.ingress_memory_mb,
             ),
             "auth": "bearer" if self.token else "none",
+            "subjects": self.subjects_info(),
             "versions": package_versions(),
         }
 
@@ -222,14 +224,17 @@ class FaceDiffuserAPI(JobRoutes):
         self._authorize(credentials)
         self.in_flight += 1
         try:
-            return await self._generate(body, started)
+            return await self._generate(body, started, await self._checked(body, credentials))
         finally:
             self.in_flight -= 1
 
-    async def _checked(self, body: GenerateRequest):
+    async def _checked(self, body: GenerateRequest, credentials: HTTPAuthorizationCredentials | None = None):
         if self.default_size is None:
             self.default_size = (await self._call(self.sampler.ready))["default_size"]
-        return check_request(body, self.limits, self.default_size)
+        checked = check_request(body, self.limits, self.default_size)
+        if body.subjects is not None:  # saved subjects in place of photos, read for the caller's token
+            checked.references = await self._saved_subjects(body, credentials)
+        return checked
 
     async def _generate(
         self, body: GenerateRequest, started: float, checked=None, job_id: str | None = None

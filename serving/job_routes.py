@@ -57,7 +57,7 @@ class JobRoutes:
         GET /v1/jobs/ID, stream GET /v1/jobs/ID/events, cancel with DELETE /v1/jobs/ID."""
         started = time.perf_counter()
         self._authorize(credentials)
-        checked = await self._checked(body)  # a bad request is a 4xx now, not a failed job later
+        checked = await self._checked(body, credentials)  # a bad request is a 4xx now, not a failed job later
         job = await self._call(self.store.create, _owner(credentials))
         task = asyncio.create_task(self._run_job(job["id"], body, checked, started))
         self.job_tasks.add(task)

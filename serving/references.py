@@ -26,6 +26,7 @@ from facediffuser.reference import (
     embedding_sha256,
 )
 from serving.api import RequestError, internal_error
+from serving.subjects import SavedSubject, reference_key
 
 # Pillow decoders a reference may use (Image.open(formats=...)): the common photo formats, nothing more exotic
 # (TIFF, PSD, EPS, ICO, ... are refused before any of their decoders runs).
@@ -66,6 +67,7 @@ class SubjectEncoding:
         self.cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
         self.lock = threading.Lock()  # the cache is not thread-safe
+        self.model_version: str | None = None  # set by the deployment: saved subjects of another model are refused
 
     def photo_embedding(self, data: bytes, where: str, mode: str = DEFAULT_REFERENCE_MODE) -> tuple[str, torch.Tensor]:
         """→ (the photo's sha256, its embedding [D] float32 on the CPU); RequestError 422 for a photo without a
@@ -109,6 +111,10 @@ class SubjectEncoding:
         with self.lock:
             hashes, subjects = [], []
             for index, photos in enumerate(references, start=1):
+                if isinstance(photos, SavedSubject):  # a saved subject: its stored embeddings stand for its photos
+                    hashes.append([photos.reference_id])
+                    subjects.append(photos.embedding(reference_mode, self.model_version))
+                    continue
                 named = len(photos) > 1
                 pairs = [
                     self.photo_embedding(
@@ -145,7 +151,7 @@ class SubjectEncoding:
             key = (
                 prompt,
                 negative_prompt,
-                tuple(tuple(hashlib.sha256(d).digest() for d in photos) for photos in references),
+                tuple(reference_key(photos) for photos in references),
                 tuple(scales or ()),
                 mode,
             )
@@ -186,6 +192,8 @@ class IdentityScoring:
         return image
 
     def reference(self, photos: list[bytes], where: str) -> np.ndarray | None:
+        if isinstance(photos, SavedSubject):  # its stored descriptors, averaged as its photos' faces would be
+            return photos.identity_reference()
         key = ",".join(hashlib.sha256(data).hexdigest() for data in photos)
         if key in self.cache:
             self.cache.move_to_end(key)

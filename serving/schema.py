@@ -7,7 +7,7 @@ Static bounds live in the models, so they appear in /openapi.json.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, Field
 
@@ -53,6 +53,7 @@ class Limits:
 
 
 Base64Image = str  # standard base64 of the image file's bytes; a "data:image/...;base64," prefix is accepted
+SubjectId = Annotated[str, Field(max_length=64)]  # a saved subject's id (POST /v1/subjects)
 
 
 class GenerateRequest(BaseModel):
@@ -63,11 +64,18 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(
         ..., min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a man <|image|> riding a horse on the moon"]
     )
-    references: list[Union[Base64Image, list[Base64Image]]] = Field(
-        ...,
+    references: list[Union[Base64Image, list[Base64Image]]] | None = Field(
+        None,
         min_length=1,
         max_length=DEFAULT_MAX_SUBJECTS,
-        description="base64 images, one per marker in order; an entry may be a list of several photos of that person",
+        description="base64 images, one per marker in order; an entry may be a list of several photos of that person. "
+        "Give this or `subjects`",
+    )
+    subjects: list[SubjectId] | None = Field(
+        None,
+        min_length=1,
+        max_length=DEFAULT_MAX_SUBJECTS,
+        description="ids of saved subjects (POST /v1/subjects), one per marker in order, in place of `references`",
     )
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     num_images: int = Field(1, ge=1, le=4)

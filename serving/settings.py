@@ -110,6 +110,13 @@ class ServeConfig:
     # Jobs (POST /v1/jobs): results kept this long after they finish; a preview every this many steps (0: none)
     job_ttl_s: float = arg(3600.0, "seconds a finished job's result is kept (GET /v1/jobs/ID), then deleted")
     preview_every: int = arg(5, "a job's event stream carries a cheap preview every this many steps (0: none)")
+    # Saved subjects (POST /v1/subjects): one store every ingress replica reads (s3:// for more than one machine)
+    subject_store: str | None = arg(
+        None,
+        "where saved subjects are kept: a directory or s3://bucket/prefix (default: subjects/ under the cache root, "
+        "$FACEDIFFUSER_CACHE or ~/.cache/facediffuser, of the machine the ingress runs on)",
+    )
+    max_subjects_per_token: int = arg(100, "saved subjects one token may keep")
 
     def __post_init__(self):
         if self.api_token is None:
@@ -136,6 +143,10 @@ class ServeConfig:
             )
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if self.subject_store and "://" in self.subject_store and not self.subject_store.startswith("s3://"):
+            raise ValueError(f"subject_store must be a directory or s3://bucket/prefix, got {self.subject_store!r}")
+        if self.max_subjects_per_token < 1:
+            raise ValueError(f"max_subjects_per_token must be >= 1, got {self.max_subjects_per_token}")
         if self.job_ttl_s <= 0 or self.preview_every < 0:
             raise ValueError(f"need job_ttl_s > 0 and preview_every >= 0, got {self.job_ttl_s}, {self.preview_every}")
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
