@@ -154,15 +154,20 @@ def _check_work(request: GenerateRequest, limits: Limits, default_size: int) -> 
             raise RequestError(
                 422, "dimensions_over_limit", f"{name}={value} exceeds this server's limit of {limits.max_side}"
             )
+    if request.best_of > limits.max_best_of:
+        raise RequestError(422, "best_of_out_of_range", f"best_of={request.best_of} exceeds {limits.max_best_of}")
     width, height = request.width or default_size, request.height or default_size
-    compute = width * height * request.num_images * request.steps
+    # every candidate counts: best_of per image, in each round that min_identity may take
+    rounds = 1 + request.max_retries if request.min_identity is not None else 1
+    images = request.num_images * request.best_of * rounds
+    compute = width * height * images * request.steps
     if compute > limits.compute_budget:
         raise RequestError(
             422,
             "over_compute_budget",
-            f"{width}x{height} pixels x {request.num_images} image(s) x {request.steps} steps = {compute} exceeds this "
-            f"server's compute budget of {limits.compute_budget} per request; ask for fewer images, fewer steps or a "
-            "smaller size",
+            f"{width}x{height} pixels x {images} image(s) (num_images x best_of x rounds) x {request.steps} steps = "
+            f"{compute} exceeds this server's compute budget of {limits.compute_budget} per request; ask for fewer "
+            "images or candidates, fewer steps or a smaller size",
         )
 
 

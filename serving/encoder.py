@@ -28,6 +28,7 @@ class SubjectEncoderDeployment:
         max_reference_pixels = Limits(**cfg.limits).max_reference_pixels
         # the face detector (face and person modes) is built by the library on the first request that needs it
         self.encoding = SubjectEncoding(pipe, cfg.face_detector, cfg.cache_size, max_reference_pixels)
+        self.encoding.thresholds = cfg.reference_thresholds()  # reference photos checked at the door
         self.encoding.model_version = self.model_info["model_version"]  # saved subjects of another model: refused
         # dlib: CPU, bundled CC0 weights; references shrunk to a bounded copy, descriptors in a bounded LRU cache
         self.identity_scoring = IdentityScoring(IdentityScorer(DlibEmbedder()), cfg.cache_size, max_reference_pixels)
@@ -57,12 +58,13 @@ class SubjectEncoderDeployment:
 
     async def identity_scores(self, images: list[bytes], references: list[list[bytes]]) -> dict:
         """→ {"scores": per image, per subject: dlib cosine similarity of the subject's reference to its face
-        (None: no face)}, or {"error_id": ...} when scoring failed (logged here under that id).
+        (None: no face); "weakest": per image, its weakest subject's; "warnings": per image, the blend guard's}, or
+        {"error_id": ...} when scoring failed (logged here under that id).
 
         Reference descriptors are cached by the sha256 of the subject's photos, like the CLIP embeddings."""
         try:
             faults.fire("serve.encoder", once=True)  # tests only: off unless armed (arm_fault)
-            return {"scores": await asyncio.to_thread(self.identity_scoring.scores, images, references)}
+            return await asyncio.to_thread(self.identity_scoring.scores, images, references)
         except Exception as exc:
             return {"error_id": internal_error("identity scoring", exc).error_id}
 

@@ -4,7 +4,6 @@ runs here; the gate (serving/gate.py) has already checked the token and the body
 # No `from __future__ import annotations`: FastAPI must see real types in the route signatures.
 
 import asyncio
-import base64
 import os
 import time
 from pathlib import Path
@@ -15,9 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from facediffuser.manifest import generation_manifest, package_versions
+from facediffuser.manifest import package_versions
 from facediffuser.model_dir import version_mismatch
-from facediffuser.prompts import strip_markers
 from facediffuser.reference import REFERENCE_MODES
 from facediffuser.schedulers import SCHEDULERS
 from serving.api import (
@@ -35,7 +33,9 @@ from serving.gate import UNAUTHORIZED, error_response, token_matches
 from serving.http_app import ERRORS, api, bearer
 from serving.job_routes import JobRoutes
 from serving.metrics import ingress_metrics
+from serving.responses import generate_response
 from serving.scaling import replica_view
+from serving.selection import sample_best, selection_of
 from serving.settings import ServeConfig, auth_mode, ingress_capacity, is_loopback
 from serving.subject_routes import SubjectRoutes
 
@@ -48,42 +48,6 @@ def _unavailable(exc: BaseException) -> bool:
 
     return isinstance(exc, (BackPressureError, rex.RayActorError, rex.ActorUnavailableError)) or (
         type(exc).__name__ in ("DeploymentUnavailableError", "ActorDiedError")
-    )
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _response(
-    body: GenerateRequest, embeds: dict, output: dict, identity_scores, warnings: list, started: float, encode_s: float
-) -> GenerateResponse:
-    """The answer to /v1/generate: base64 pictures, timings and the manifest of what was made and how."""
-    total_s = time.perf_counter() - started
-    timings = {"encode_s": encode_s, **output["timings"], "total_s": total_s}
-    manifest = generation_manifest(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        references=embeds["reference_sha256"],
-        reference_mode=body.reference_mode,
-        embedding_sha256=embeds["embedding_sha256"],
-        seeds=output["seeds"],
-        sampling=output["manifest"],
-        identity_scores=identity_scores,
-        seconds=total_s,
-        plain_prompt=strip_markers(body.prompt),
-    )
-    return GenerateResponse(
-        images=[_b64(png) for png in output["images"]],
-        seeds=output["seeds"],
-        fusion_masks=_b64(output["fusion_masks"]) if "fusion_masks" in output else None,
-        overlays=[_b64(png) for png in output["overlays"]] if "overlays" in output else None,
-        batch_size=output["batch_size"],
-        batch_requests=output["batch_requests"],
-        timings={k: round(v, 4) for k, v in timings.items()},
-        manifest=manifest,
-        identity_scores=identity_scores,
-        warnings=warnings,
     )
 
 
@@ -196,6 +160,7 @@ class FaceDiffuserAPI(JobRoutes, SubjectRoutes):
             "schedulers": sorted(SCHEDULERS),
             "reference_modes": {"default": self.config.reference_mode, "choices": list(REFERENCE_MODES)},
             "face_detector": self.config.face_detector,
+            "reference_checks": self.config.reference_thresholds().as_dict(),
             "batching": {
                 "max_batch_size": self.config.max_batch_size,
                 "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
@@ -256,31 +221,34 @@ class FaceDiffuserAPI(JobRoutes, SubjectRoutes):
         if "error" in embeds:
             raise RequestError(*embeds["error"])
         request = body.model_dump(exclude={"references"})  # the photos went to the encoder; no extra copy
-        output = await self._call(self.sampler.submit, request, embeds, job_id)
-        if "error" in output:
-            raise RequestError(*output["error"])
-        identity_scores, warnings = None, []
-        if body.identity_scores:
-            identity_scores, warnings = await self._identity_scores(output, checked.references)
-            for score in (s for row in identity_scores or [] for s in row):
-                self.metrics["faces"].inc(tags={"outcome": "no_face" if score is None else "scored"})
-                if score is not None:
-                    self.metrics["identity"].observe(score)
-        return _response(body, embeds, output, identity_scores, warnings, started, encode_s)
+        if selection_of(request).active:  # best_of / min_identity: rounds of scored candidates (serving/selection.py)
+            output, identity = await sample_best(
+                self._call, self.sampler, self.encoder, request, embeds, checked.references, job_id
+            )
+        else:
+            output = await self._call(self.sampler.submit, request, embeds, job_id)
+            if "error" in output:
+                raise RequestError(*output["error"])
+            identity = await self._identity_scores(output, checked.references) if body.identity_scores else {}
+        for score in (s for row in identity.get("scores") or [] for s in row):
+            self.metrics["faces"].inc(tags={"outcome": "no_face" if score is None else "scored"})
+            if score is not None:
+                self.metrics["identity"].observe(score)
+        thresholds = self.config.reference_thresholds()
+        return generate_response(body, embeds, output, identity, thresholds, started, encode_s)
 
-    async def _identity_scores(self, output: dict, references: list) -> tuple[list | None, list[str]]:
-        """(scores, warnings) for the generated images; the images exist: a failure here costs the scores, never
-        the answer. Adds the time taken to output["timings"]."""
+    async def _identity_scores(self, output: dict, references: list) -> dict:
+        """{"scores", "warnings": per image} for the generated images, or {"warning"} when scoring failed: the images
+        exist, so a failure here costs the scores, never the answer. Adds the time taken to output["timings"]."""
         started = time.perf_counter()
         try:
             scored = await self._call(self.encoder.identity_scores, output["images"], references)
         except Exception as exc:
             scored = {"error_id": internal_error("identity scoring", exc).error_id}
         output["timings"]["identity_s"] = time.perf_counter() - started
-        scores = scored.get("scores")
-        if scores is None:
-            return None, [
-                f"identity scoring failed (error id {scored['error_id']}); the images are returned "
+        if "scores" not in scored:
+            return {
+                "warning": f"identity scoring failed (error id {scored['error_id']}); the images are returned "
                 "without identity_scores"
-            ]
-        return scores, []
+            }
+        return scored

@@ -11,6 +11,7 @@ import hashlib
 import io
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,6 +25,15 @@ from facediffuser.reference import (
     SubjectNotFound,
     embed_photo,
     embedding_sha256,
+)
+from facediffuser.reference_checks import (
+    DEFAULT_THRESHOLDS,
+    PhotoCheck,
+    ReferenceRefused,
+    check_photo,
+    check_same_person,
+    shared_embedder,
+    warnings_of,
 )
 from serving.api import RequestError, internal_error
 from serving.subjects import SavedSubject, reference_key
@@ -68,6 +78,28 @@ class SubjectEncoding:
         self.hits = self.misses = 0
         self.lock = threading.Lock()  # the cache is not thread-safe
         self.model_version: str | None = None  # set by the deployment: saved subjects of another model are refused
+        self.thresholds = DEFAULT_THRESHOLDS  # the reference checks' (ServeConfig.reference_thresholds())
+
+    def photo_check(self, data: bytes, digest: str, where: str, image=None) -> PhotoCheck:
+        """The reference checks' verdict on one photo (facediffuser/reference_checks.py), named `where`; RequestError
+        422 naming the photo when it cannot serve. Kept in the embedding cache under ("check", sha256), so whatever
+        drops a photo's entries drops its identity descriptor too."""
+        key = ("check", digest)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return replace(self.cache[key], name=where)
+        image = image or decode_reference(data, where, self.max_reference_pixels)
+        try:
+            check = check_photo(image, where, self.thresholds, detector=self.detector, embedder=shared_embedder())
+        except ReferenceRefused as exc:
+            raise RequestError(422, exc.code, str(exc)) from None
+        self._remember(key, check)
+        return check
+
+    def _remember(self, key: tuple, value) -> None:
+        self.cache[key] = value
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
 
     def photo_embedding(self, data: bytes, where: str, mode: str = DEFAULT_REFERENCE_MODE) -> tuple[str, torch.Tensor]:
         """→ (the photo's sha256, its embedding [D] float32 on the CPU); RequestError 422 for a photo without a
@@ -80,13 +112,12 @@ class SubjectEncoding:
             return digest, self.cache[key]
         self.misses += 1
         image = decode_reference(data, where, self.max_reference_pixels)
+        self.photo_check(data, digest, where, image)  # refused photos never reach the encoder
         try:
             embedding = embed_photo(self.pipe.subject_encoder, image, mode, detector=self.detector, name=where)
         except SubjectNotFound as exc:
             raise RequestError(422, exc.code, str(exc)) from None
-        self.cache[key] = embedding
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        self._remember(key, embedding)
         return digest, embedding
 
     @torch.no_grad()
@@ -109,21 +140,27 @@ class SubjectEncoding:
         except ValueError as exc:
             raise RequestError(422, "invalid_prompt", str(exc)) from None
         with self.lock:
-            hashes, subjects = [], []
+            hashes, subjects, checks = [], [], []
             for index, photos in enumerate(references, start=1):
                 if isinstance(photos, SavedSubject):  # a saved subject: its stored embeddings stand for its photos
                     hashes.append([photos.reference_id])
                     subjects.append(photos.embedding(reference_mode, self.model_version))
+                    checks.append(saved_checks(photos, f"reference {index}"))
                     continue
                 named = len(photos) > 1
-                pairs = [
-                    self.photo_embedding(
-                        data, f"reference {index} photo {k}" if named else f"reference {index}", reference_mode
-                    )
-                    for k, data in enumerate(photos, start=1)
+                wheres = [
+                    f"reference {index} photo {k}" if named else f"reference {index}" for k in range(1, len(photos) + 1)
                 ]
+                pairs = [self.photo_embedding(data, where, reference_mode) for data, where in zip(photos, wheres)]
                 hashes.append([digest for digest, _ in pairs])
                 subjects.append(torch.stack([embedding for _, embedding in pairs]).mean(dim=0))
+                checks.append(
+                    [self.photo_check(d, digest, where) for d, (digest, _), where in zip(photos, pairs, wheres)]
+                )
+            try:  # one person per subject: the checks' descriptors of every photo in the request
+                check_same_person(checks, self.thresholds)
+            except ReferenceRefused as exc:
+                raise RequestError(422, exc.code, str(exc)) from None
             subject_embeds = torch.stack(subjects).to(self.pipe.subject_encoder.device, self.pipe.subject_encoder.dtype)
             # The prompt was checked above: a ValueError from here on is the model stack's, a server fault.
             null, text, augmented = self.pipe.encode_prompt(
@@ -136,6 +173,7 @@ class SubjectEncoding:
             "reference_sha256": hashes,
             "embedding_sha256": [embedding_sha256(e) for e in subject_embeds],
             "subject_tokens": tokens.image_token_mask.nonzero().flatten().tolist(),
+            "warnings": warnings_of(checks),
         }
 
     def encode_many(
@@ -167,6 +205,16 @@ class SubjectEncoding:
 
     def stats(self) -> dict:
         return {"cached": len(self.cache), "hits": self.hits, "misses": self.misses}
+
+
+def saved_checks(subject: SavedSubject, name: str) -> list[PhotoCheck]:
+    """A saved subject's photos as the one-person-per-subject check sees them: their stored descriptors (the photos
+    were checked when the subject was saved)."""
+    return [
+        PhotoCheck(f"{name} (subject {subject.id})", 1, [], 0.0, 0.0, descriptor=descriptor)
+        for descriptor, found in zip(subject.descriptors, subject.faces)
+        if found
+    ]
 
 
 class IdentityScoring:
@@ -206,15 +254,15 @@ class IdentityScoring:
             self.cache.popitem(last=False)
         return embedding
 
-    def scores(self, images: list[bytes], references: list[list[bytes]]) -> list[list[float | None]]:
-        """Per image (PNG bytes), per subject: cosine similarity of the subject's reference face to its face in
-        the image, rounded to 4 places; None when no face was found for it."""
+    def scores(self, images: list[bytes], references: list[list[bytes]]) -> dict:
+        """Per image (PNG bytes): {"scores": per subject, the cosine similarity of the subject's reference face to
+        its face in the image, rounded to 4 places (None: no face found for it); "weakest": the image's identity
+        score (the weakest subject, a missing face counting 0); "warnings": the blend guard's, per image}."""
         with self.lock:
             embedded = [self.reference(photos, f"reference {index}") for index, photos in enumerate(references, 1)]
-            return [
-                [
-                    None if s is None else round(s, 4)
-                    for s in self.scorer.score(decode_image(png), embedded).similarities
-                ]
-                for png in images
-            ]
+            found = [self.scorer.score(decode_image(png), embedded) for png in images]
+        return {
+            "scores": [[None if s is None else round(s, 4) for s in identity.similarities] for identity in found],
+            "weakest": [identity.score for identity in found],
+            "warnings": [identity.warnings for identity in found],
+        }

@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, Field
 
+from facediffuser.best_of import MAX_BEST_OF, MAX_RETRIES
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS
 from facediffuser.reference import REFERENCE_MODES
 from facediffuser.schedulers import SCHEDULERS
@@ -39,6 +40,7 @@ class Limits:
     max_photos_per_subject: int = 4
     max_reference_pixels: int = 4096 * 4096
     max_num_images: int = 4
+    max_best_of: int = 4  # candidates per requested image (best_of)
     # width x height x num_images x steps of one request; each limit above alone would let one request ask for
     # 4 x 1024^2 x 100 steps, 8x this
     compute_budget: int = DEFAULT_COMPUTE_BUDGET
@@ -100,6 +102,18 @@ class GenerateRequest(BaseModel):
         None, description="per marker: how strongly the subject's photo counts (1 = full, 0 = the noun alone)"
     )
     identity_scores: bool = Field(True, description="score each image's faces against the references (dlib)")
+    best_of: int = Field(
+        1,
+        ge=1,
+        le=MAX_BEST_OF,
+        description="sample this many candidates per image and return the best, ranked by their weakest subject's "
+        "identity similarity (a candidate with identity_warnings ranks last); every candidate's seed and scores "
+        "are in the manifest",
+    )
+    min_identity: float | None = Field(
+        None, ge=0.0, le=1.0, description="resample with new seeds until every image's weakest subject reaches this"
+    )
+    max_retries: int = Field(2, ge=0, le=MAX_RETRIES, description="rounds after the first, at most, for min_identity")
     reference_mode: ReferenceMode | None = Field(
         None,
         description="what the subject encoder sees of each photo: whole (the photo padded square), face (the "
@@ -129,6 +143,11 @@ class GenerateResponse(BaseModel):
         None,
         description="per image, per subject: dlib cosine similarity to the reference, in [-1, 1]; null: no "
         "face. The whole field is null when not asked for, or when scoring failed (see warnings)",
+    )
+    identity_warnings: list[list[str]] | None = Field(
+        None,
+        description="per image, what the blend guard found: a copied face (two faces closest to one subject) or "
+        "merged subjects (two subjects closest to one face); null when identities were not scored",
     )
     warnings: list[str] = Field(
         default_factory=list,

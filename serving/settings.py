@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from facediffuser.config import arg, from_dict
 from facediffuser.data.faces import DETECTORS
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, REFERENCE_MODES, check_mode
+from facediffuser.reference_checks import DEFAULT_THRESHOLDS, ReferenceThresholds
 from serving.api import Limits
 
 TOKEN_ENV = "FACEDIFFUSER_API_TOKEN"
@@ -62,6 +63,9 @@ class ServeConfig:
         "mediapipe", "finds the face in reference photos (reference modes face and person)", choices=DETECTORS
     )
     cache_size: int = arg(256, cli=False)  # reference photos' embeddings and identity descriptors kept
+    # Reference photos checked at the door (facediffuser/reference_checks.py; every threshold in GET /v1/info)
+    min_face_px: int = arg(DEFAULT_THRESHOLDS.min_face_px, "reference photos: the smallest face, pixels across")
+    min_sharpness: float = arg(DEFAULT_THRESHOLDS.min_sharpness, "reference photos: the lowest face sharpness")
     # resources and scaling (sampler = both UNets + VAE; encoder = text + CLIP vision)
     num_gpus: float = arg(0.0, "GPUs per sampler replica")
     num_cpus: float = arg(1.0, "CPUs per sampler replica")
@@ -143,6 +147,7 @@ class ServeConfig:
             )
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        self.reference_thresholds()  # a threshold out of range fails at startup, naming it
         if self.subject_store and "://" in self.subject_store and not self.subject_store.startswith("s3://"):
             raise ValueError(f"subject_store must be a directory or s3://bucket/prefix, got {self.subject_store!r}")
         if self.max_subjects_per_token < 1:
@@ -170,6 +175,9 @@ class ServeConfig:
             raise ValueError("max_ongoing_requests must be >= max_batch_size (a batch needs that many in flight)")
         Limits(**self.limits)  # unknown keys and bad values fail here
         ingress_capacity(self)  # the ingress memory must hold at least one request and one queued
+
+    def reference_thresholds(self) -> ReferenceThresholds:
+        return DEFAULT_THRESHOLDS.with_minimums(self.min_face_px, self.min_sharpness)
 
     def autoscaling_config(self) -> dict:
         """Ray Serve's autoscaling_config of the encoder and the sampler."""

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 ASTRONAUT_JPG = Path(__file__).resolve().parents[1] / "facediffuser" / "assets" / "astronaut.jpg"
 
 
-def test_generate_end_to_end(service, astronaut):
+def test_generate_end_to_end(service, astronaut, hopper):
     client, reference = service["client"], service["reference"]
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ready"
@@ -63,12 +63,12 @@ def test_generate_end_to_end(service, astronaut):
     assert client.get("/healthz").json()["encoder_cache"]["hits"] >= 2
 
     # Two subjects, the second given as two photos of the same person (embeddings averaged); other schedulers.
-    mirrored = png_b64(np.ascontiguousarray(astronaut[:, ::-1]))
+    second = [png_b64(hopper), png_b64(np.ascontiguousarray(hopper[:, ::-1]))]
     two = client.post(
         "/v1/generate",
         json={
             "prompt": "a man <|image|> and a woman <|image|> in a park",
-            "references": [reference, [reference, mirrored]],
+            "references": [reference, second],
             "steps": 3,
             "seed": 1,
             "scheduler": "euler-a",
@@ -84,7 +84,7 @@ def test_generate_end_to_end(service, astronaut):
         "/v1/generate",
         json={
             "prompt": "a man <|image|> and a woman <|image|> in a park",
-            "references": [reference, [reference, mirrored]],
+            "references": [reference, second],
             "steps": 3,
             "seed": 1,
             "scheduler": "euler-a",

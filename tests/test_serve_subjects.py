@@ -192,6 +192,28 @@ def test_bad_subject_requests_are_4xx_naming_the_problem(service, apps):
         assert client.delete(f"/v1/subjects/{subject_id}").status_code == 200
 
 
+def test_saved_subjects_pass_the_reference_checks(apps, astronaut, hopper):
+    """A photo that cannot serve is refused at save time, naming it; two saved subjects of one person are refused
+    in one request (their stored descriptors), two people are not."""
+    from PIL import ImageFilter
+
+    client = apps["subjects-b"]
+    blurred = png_b64(np.asarray(Image.fromarray(astronaut).filter(ImageFilter.GaussianBlur(3))))
+    refused = client.post("/v1/subjects", json={"photos": [png_b64(astronaut), blurred]})
+    assert refused.status_code == 422 and refused.json()["error"] == "face_blurred", refused.text
+    assert refused.json()["message"].startswith("photo 2: the face is blurred")
+    people = (astronaut, hopper, np.ascontiguousarray(astronaut[:, ::-1]))
+    ids = [client.post("/v1/subjects", json={"photos": [png_b64(p)]}).json()["id"] for p in people]
+    prompt = "a man <|image|> and a woman <|image|>"
+    same = client.post("/v1/generate", json=body(prompt=prompt, subjects=[ids[0], ids[2]]))
+    assert same.status_code == 422 and same.json()["error"] == "same_person", same.text
+    assert f"(subject {ids[2]}) shows the same person as reference 1 (subject {ids[0]})" in same.json()["message"]
+    two = client.post("/v1/generate", json=body(prompt=prompt, subjects=[ids[0], ids[1]]))
+    assert two.status_code == 200 and two.json()["warnings"] == [], two.text
+    for subject_id in ids:
+        assert client.delete(f"/v1/subjects/{subject_id}").status_code == 200
+
+
 def test_the_subjects_command_adds_lists_and_removes(apps, astronaut, tmp_path):
     url = str(apps["subjects-a"].base_url)
     photo = tmp_path / "me.png"

@@ -149,7 +149,7 @@ def test_identity_scoring_uses_bounded_copies_and_a_bounded_cache(astronaut):
     scoring = IdentityScoring(IdentityScorer(embedder), cache_size=2, max_reference_pixels=4096 * 4096)
     big = _encoded(np.zeros((1500, 2000, 3), np.uint8), "PNG")
     generated = _encoded(np.ascontiguousarray(astronaut[::4, ::4]), "PNG")
-    assert scoring.scores([generated], [[big]]) == [[1.0]]
+    assert scoring.scores([generated], [[big]])["scores"] == [[1.0]]
     assert embedder.seen == [(IDENTITY_MAX_SIDE, 768), (128, 128)]  # the reference's copy, then the image
     scoring.scores([generated], [[big]])
     assert embedder.seen[2:] == [(128, 128)]  # the reference came from the cache
@@ -414,9 +414,25 @@ def test_check_request_limits_and_base64():
         assert caught.value.code == code and caught.value.status in (400, 422)
 
 
+def test_every_candidate_counts_toward_the_compute_budget():
+    """best_of and min_identity's retry rounds multiply the images a request may denoise."""
+    from serving.api import GenerateRequest, Limits, RequestError, check_request
+
+    photo = base64.b64encode((ROOT / "facediffuser/assets/astronaut.jpg").read_bytes()).decode()
+    limits = Limits(compute_budget=128 * 128 * 4 * 8, max_steps=8, max_side=256)
+    fields = dict(prompt="a man <|image|>", references=[photo], steps=8, width=128, height=128)
+    check_request(GenerateRequest(**fields, best_of=4), limits, 128)  # 4 candidates: at the budget
+    check_request(GenerateRequest(**fields, best_of=2, min_identity=0.5, max_retries=1), limits, 128)  # 2 x 2 rounds
+    for extra in (dict(best_of=2, num_images=3), dict(best_of=2, min_identity=0.5, max_retries=2)):
+        with pytest.raises(RequestError, match="num_images x best_of x rounds") as caught:
+            check_request(GenerateRequest(**fields, **extra), limits, 128)
+        assert caught.value.code == "over_compute_budget"
+
+
 def test_subject_encoding_caches_per_mode_and_answers_422_without_a_face(tiny_pipe):
     """The service's reference photos go through the library's one transform (facediffuser.reference): the cache
-    keeps one embedding per photo and mode; no face in a mode that crops around one is a 422 naming the reference."""
+    keeps one embedding per photo and mode; a photo without a face is a 422 naming the reference (in every mode: the
+    reference checks refuse it before any crop)."""
     import io
 
     import torch
@@ -437,7 +453,9 @@ def test_subject_encoding_caches_per_mode_and_answers_422_without_a_face(tiny_pi
         with pytest.raises(RequestError, match="reference 2: no face found") as caught:
             encoding.photo_embedding(buffer.getvalue(), "reference 2", mode)
         assert caught.value.status == 422 and caught.value.code == "no_face_found"
-    assert encoding.photo_embedding(buffer.getvalue(), "reference 2")[1].shape == whole.shape  # whole needs no face
+    with pytest.raises(RequestError, match="reference 2: no face found"):  # checked at the door in mode whole too
+        encoding.photo_embedding(buffer.getvalue(), "reference 2")
+    assert ("check", digest) in encoding.cache  # the accepted photo's verdict, beside its embeddings
 
 
 def test_reference_mode_and_face_detector_settings_are_checked():
