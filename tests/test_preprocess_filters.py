@@ -105,15 +105,15 @@ def test_a_blurry_face_is_rejected_and_focus_does_not_depend_on_resolution(tmp_p
     half_soft = filters.face_focus(resized(soft, 256, 256), [v / 2 for v in face])
     assert filters.face_focus(soft, face) < config.min_face_focus / 2 and half_soft < config.min_face_focus / 2
 
-    item = stages.detect_stage(_read(tmp_path, "soft.jpg", soft, config), detector, config)
-    assert item["stage"] is None  # the face is still found
-    rejected = stages.blur_stage(item, config)
+    rejected = stages.detect_stage(_read(tmp_path, "soft.jpg", soft, config), detector, config)
+    assert rejected["subjects"]  # the face is still found; detect ends with the blur filter
     assert rejected["stage"] == "blur" and rejected["reason"].startswith("face 0 at [")
     assert "(Laplacian variance at 64 px), under --min-face-focus 100" in rejected["reason"]
     assert filters.reason_code("blur", rejected["reason"]) == "blurry"
     kept = stages.detect_stage(_read(tmp_path, "sharp.jpg", astronaut, config), detector, config)
-    assert stages.blur_stage(kept, config)["stage"] is None
-    assert stages.blur_stage(item, _config(tmp_path, min_face_focus=0))["stage"] is None  # off
+    assert kept["stage"] is None and stages.blur_stage(kept, config)["stage"] is None
+    unblurred = {**rejected, "stage": None, "reason": None}
+    assert stages.blur_stage(unblurred, _config(tmp_path, min_face_focus=0))["stage"] is None  # off
 
 
 def test_near_duplicates_hash_close_and_other_photos_far(astronaut):

@@ -90,11 +90,17 @@ def read_stage(item: dict, config: PreprocessConfig) -> dict:
         "width": image.width,
         "height": image.height,
         "caption": caption or None,
+        # hashed here, where the pixels are at hand (the dedup stage would decode the JPEG again for it); the
+        # stored JPEG's own hash differs by 0 bits (docs/preprocessing.md)
+        "phash": dedup.perceptual_hash(np.asarray(image)) if config.duplicate_distance >= 0 else None,
     }
 
 
 def detect_stage(item: dict, detector, config: PreprocessConfig) -> dict:
-    faces = detector(stored_array(item))
+    """Faces found (no face, too many, too small: a reject at `detect`), then the blur filter on the same pixels
+    (a reject at `blur`): one decode for both."""
+    pixels = stored_array(item)
+    faces = detector(pixels)
     if not faces:
         return reject(item, "detect", "no face found")
     if len(faces) > config.max_subjects:
@@ -102,14 +108,16 @@ def detect_stage(item: dict, detector, config: PreprocessConfig) -> dict:
     too_small = filters.small_face([f.box for f in faces], item["width"], item["height"], config.min_face_percent)
     if too_small:
         return reject(item, "detect", too_small)
-    return {**item, "subjects": [{"face_box": f.box, "score": f.score} for f in faces]}
+    return blur_stage({**item, "subjects": [{"face_box": f.box, "score": f.score} for f in faces]}, config, pixels)
 
 
-def blur_stage(item: dict, config: PreprocessConfig) -> dict:
-    """Rejects a photo with a blurry face (filters.face_focus under --min-face-focus)."""
+def blur_stage(item: dict, config: PreprocessConfig, pixels: np.ndarray | None = None) -> dict:
+    """Rejects a photo with a blurry face (filters.face_focus under --min-face-focus); `pixels`: the stored image,
+    when the caller has it decoded already (detect_stage runs this)."""
     if config.min_face_focus <= 0:
         return item
-    blurry = filters.blurry_face(stored_array(item), [s["face_box"] for s in item["subjects"]], config.min_face_focus)
+    pixels = stored_array(item) if pixels is None else pixels
+    blurry = filters.blurry_face(pixels, [s["face_box"] for s in item["subjects"]], config.min_face_focus)
     return reject(item, "blur", blurry) if blurry else item
 
 
@@ -120,7 +128,8 @@ def dedup_stage(item: dict, config: PreprocessConfig, seen=None) -> dict:
     is only computed (nothing to compare it with)."""
     if config.duplicate_distance < 0:
         return item
-    item = {**item, "phash": dedup.perceptual_hash(stored_array(item))}
+    if item.get("phash") is None:  # hashed at read; an item that came another way is hashed here
+        item = {**item, "phash": dedup.perceptual_hash(stored_array(item))}
     found = seen(item["id"], item["phash"]) if seen is not None else None
     if found is None:
         return item
@@ -209,7 +218,8 @@ class StageGuard:
 
 # ------------------------------------------------------------------------------------- the plain loop
 
-IMAGE_STAGES = ("read", "detect", "blur", "segment", "caption", "link", "dedup")  # `read` covers read + decode
+# `read` covers read + decode; `detect` ends with the blur filter (its rejects say stage `blur`)
+IMAGE_STAGES = ("read", "detect", "segment", "caption", "link", "dedup")
 
 
 def apply_stages(
@@ -231,7 +241,6 @@ def apply_stages(
     functions = {
         "read": lambda i: read_stage(i, config),
         "detect": lambda i: detect_stage(i, detector, config),
-        "blur": lambda i: blur_stage(i, config),
         "segment": lambda i: segment_stage(i, segmenter),
         "caption": lambda i: caption_stage(i, captioner),
         "link": link_stage,
