@@ -33,9 +33,7 @@ WORK_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("caption", pa.string()),
         pa.field("subjects", pa.list_(WORK_SUBJECT_TYPE)),
-        pa.field(
-            "phash", pa.uint64()
-        ),  # the stored image's perceptual hash (at read, with dedup on)
+        pa.field("phash", pa.uint64()),  # the stored image's perceptual hash (at read, with dedup on)
         pa.field("stage", pa.string()),  # set when rejected: the stage that rejected it
         pa.field("reason", pa.string()),
     ]
