@@ -12,6 +12,7 @@ seed. No Ray and no model here: `select_best` takes a function that samples and 
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -38,6 +39,11 @@ class Selection:
     @property
     def active(self) -> bool:
         return self.best_of > 1 or self.min_identity is not None
+
+    def check_call(self, generator, output_type: str) -> None:
+        """A pipeline call's options that selection cannot work with."""
+        if self.active and (generator is not None or output_type == "latent"):
+            raise ValueError("best_of and min_identity need seeds (not a generator) and images (not latents)")
 
 
 @dataclass
@@ -158,3 +164,12 @@ def best_of_output(sample: Callable, count: int, first_seed: int, selection: Sel
         warnings=[warning] if warning else [],
         candidates=[c.as_dict() for c in pool],
     )
+
+
+def selected(sample: Callable, seed: int | None, count: int, selection: Selection):
+    """The pipeline's images: one round of `count` from `seed` (random when None), or with best_of / min_identity
+    the chosen ones of as many rounds as it takes (`best_of_output`)."""
+    if not selection.active:
+        return sample(seed, count)
+    first_seed = random.randrange(2**31) if seed is None else int(seed)
+    return best_of_output(sample, count, first_seed, selection)

@@ -3,11 +3,19 @@
 Encoders run once (the encoding half: facediffuser/pipeline_encoding.py); the denoising loop is
 `facediffuser.sampling.snf_denoise` (the only one in the project); its result becomes the output in
 facediffuser/pipeline_output.py, the initial noise comes from facediffuser/noise.py.
+
+The identity guard: `check_references` (default on; or a `ReferenceThresholds`) checks every reference photo first
+(facediffuser/reference_checks.py): one that cannot serve is a ReferenceRefused error, a weak one a line in the
+output's `warnings`. `best_of` n samples n candidates per image and returns the best, ranked by their weakest
+subject's identity similarity; `min_identity` resamples (new seeds, at most `max_retries` more rounds) until every
+returned image reaches it (facediffuser/best_of.py). Both score identities (dlib unless `identity_scores` is a
+scorer) and record every candidate in the output's `candidates`.
 """
 
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,7 +24,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediffuser import model_dir
-from facediffuser.best_of import Selection, best_of_output
+from facediffuser.best_of import Selection, selected
 from facediffuser.layout import check_boxes
 from facediffuser.models.subject_encoder import SubjectEncoder
 from facediffuser.noise import seeded_latents
@@ -24,8 +32,7 @@ from facediffuser.pipeline_encoding import PromptEncoding
 from facediffuser.pipeline_output import FaceDiffuserOutput, PipelineOutput
 from facediffuser.prompts import DEFAULT_MAX_SUBJECTS, count_markers, ensure_image_token
 from facediffuser.reference import DEFAULT_REFERENCE_MODE, check_mode
-from facediffuser.reference_checks import DEFAULT_THRESHOLDS, ReferenceThresholds, warnings_of
-from facediffuser.reference_checks import check_references as checked_references
+from facediffuser.reference_checks import ReferenceThresholds, reference_warnings
 from facediffuser.sampling import (
     OFFICIAL_FUSION,
     FusionOptions,
@@ -188,49 +195,29 @@ class FaceDiffuserPipeline(PromptEncoding, PipelineOutput, DiffusionPipeline):
     ) -> FaceDiffuserOutput:
         """`boxes` ([x0, y0, x1, y1] fractions, one per marker) place each subject; `subject_scales` (one per
         marker, 1 = full strength, 0 = the noun alone) set how strongly each subject's photo counts. Both default
-        to off, which is the official sampler. `identity_scores=True` (or a
-        `facediffuser.metrics.identity.IdentityScorer`) also returns, per image, each subject's face similarity to
-        its reference (dlib by default), for filtering or regenerating. `reference_mode` says what the subject
-        encoder sees of each photo: whole (default; the official transform), face or person
-        (facediffuser.reference); the output's `embedding_sha256` fingerprints each subject's embedding.
-
-        `check_references` (default on; or a `ReferenceThresholds`) checks every photo first
-        (facediffuser/reference_checks.py): one that cannot serve is a ReferenceRefused error, a weak one a line in
-        the output's `warnings`. `best_of` n samples n candidates per image and returns the best, ranked by their
-        weakest subject's identity similarity; `min_identity` resamples (new seeds, at most `max_retries` more
-        rounds) until every returned image reaches it (facediffuser/best_of.py). Both score identities (dlib
-        unless `identity_scores` is a scorer) and record every candidate in the output's `candidates`."""
+        to off, which is the official sampler. `identity_scores=True` (or an `IdentityScorer`) also returns each
+        image's identity similarities and blend warnings. `reference_mode`: what the subject encoder sees of each
+        photo, whole (default; the official transform), face or person (facediffuser.reference).
+        `check_references`, `best_of`, `min_identity`, `max_retries`: the identity guard (module docstring)."""
         height, width = self._checked_size(height, width)
         selection = Selection(best_of, min_identity, max_retries)
         self._check_options(num_images_per_prompt, num_inference_steps, output_type, identity_scores)
+        selection.check_call(generator, output_type)
         stages = self.resolve_boundaries(num_inference_steps, alpha, beta, start_merge_step, final_step)
         self._check_subjects(prompt, reference_images, boxes, reference_mode)
-        if selection.active and (generator is not None or output_type == "latent"):
-            raise ValueError("best_of and min_identity need seeds (not a generator) and images (not latents)")
-        warnings = self._checked_references(reference_images, check_references)
+        warnings = reference_warnings(reference_images, check_references)
         embeds, conditions = self._encode(prompt, reference_images, negative_prompt, subject_scales, reference_mode)
         denoise = (conditions, stages, num_inference_steps, guidance_scale, return_masks, fusion, generator, callback)
         finish = (stages, embeds, output_type, return_masks, identity_scores or selection.active, reference_images)
-
-        def sample(first_seed, count):
-            start = self._start_latents(prompt, boxes, count, height, width, first_seed, generator)
-            return self._finish(self._denoise(start, *denoise), start[1], *finish)
-
-        if selection.active:
-            first_seed = random.randrange(2**31) if seed is None else int(seed)
-            output = best_of_output(sample, num_images_per_prompt, first_seed, selection)
-        else:
-            output = sample(seed, num_images_per_prompt)
+        sample = partial(self._sample_round, prompt, boxes, (height, width), generator, denoise, finish)
+        output = selected(sample, seed, num_images_per_prompt, selection)
         output.warnings = warnings + output.warnings
         return output
 
-    @staticmethod
-    def _checked_references(reference_images, check_references) -> list[str]:
-        """The reference checks' warnings (ReferenceRefused when a photo cannot serve); [] when turned off."""
-        if check_references is False:
-            return []
-        thresholds = check_references if isinstance(check_references, ReferenceThresholds) else DEFAULT_THRESHOLDS
-        return warnings_of(checked_references(reference_images, thresholds))
+    def _sample_round(self, prompt, boxes, size, generator, denoise, finish, first_seed, count) -> FaceDiffuserOutput:
+        """`count` images from seed `first_seed` on: start latents → `_denoise(*denoise)` → `_finish(*finish)`."""
+        start = self._start_latents(prompt, boxes, count, *size, first_seed, generator)
+        return self._finish(self._denoise(start, *denoise), start[1], *finish)
 
     def _encode(self, prompt, reference_images, negative_prompt, subject_scales, reference_mode):
         """→ (the subjects' embeddings, (null, text, augmented) prompt embeddings)."""

@@ -223,6 +223,16 @@ def check_references(
     return checks
 
 
+def reference_warnings(subjects: list, check: bool | ReferenceThresholds = True) -> list[str]:
+    """A pipeline call's check: the warnings of `check_references` with `check`'s thresholds (True: the defaults);
+    [] without checking when `check` is False. ReferenceRefused when a photo cannot serve."""
+    if check is False:
+        return []
+    return warnings_of(
+        check_references(subjects, check if isinstance(check, ReferenceThresholds) else DEFAULT_THRESHOLDS)
+    )
+
+
 def warnings_of(checks: list[list[PhotoCheck]]) -> list[str]:
     return [w for subject in checks for check in subject for w in check.warnings]
 

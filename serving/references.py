@@ -140,23 +140,9 @@ class SubjectEncoding:
         except ValueError as exc:
             raise RequestError(422, "invalid_prompt", str(exc)) from None
         with self.lock:
-            hashes, subjects, checks = [], [], []
-            for index, photos in enumerate(references, start=1):
-                if isinstance(photos, SavedSubject):  # a saved subject: its stored embeddings stand for its photos
-                    hashes.append([photos.reference_id])
-                    subjects.append(photos.embedding(reference_mode, self.model_version))
-                    checks.append(saved_checks(photos, f"reference {index}"))
-                    continue
-                named = len(photos) > 1
-                wheres = [
-                    f"reference {index} photo {k}" if named else f"reference {index}" for k in range(1, len(photos) + 1)
-                ]
-                pairs = [self.photo_embedding(data, where, reference_mode) for data, where in zip(photos, wheres)]
-                hashes.append([digest for digest, _ in pairs])
-                subjects.append(torch.stack([embedding for _, embedding in pairs]).mean(dim=0))
-                checks.append(
-                    [self.photo_check(d, digest, where) for d, (digest, _), where in zip(photos, pairs, wheres)]
-                )
+            hashes, subjects, checks = zip(
+                *(self._subject(index, photos, reference_mode) for index, photos in enumerate(references, start=1))
+            )
             try:  # one person per subject: the checks' descriptors of every photo in the request
                 check_same_person(checks, self.thresholds)
             except ReferenceRefused as exc:
@@ -170,11 +156,22 @@ class SubjectEncoding:
             "null": null.cpu(),
             "text": text.cpu(),
             "augmented": augmented.cpu(),
-            "reference_sha256": hashes,
+            "reference_sha256": list(hashes),
             "embedding_sha256": [embedding_sha256(e) for e in subject_embeds],
             "subject_tokens": tokens.image_token_mask.nonzero().flatten().tolist(),
             "warnings": warnings_of(checks),
         }
+
+    def _subject(self, index: int, photos, mode: str) -> tuple[list[str], torch.Tensor, list[PhotoCheck]]:
+        """One subject of a request → (its photos' sha256, or its saved id; its embedding; its photos' checks)."""
+        if isinstance(photos, SavedSubject):  # a saved subject: its stored embeddings stand for its photos
+            name = f"reference {index}"
+            return [photos.reference_id], photos.embedding(mode, self.model_version), saved_checks(photos, name)
+        count = len(photos)
+        wheres = [f"reference {index} photo {k}" if count > 1 else f"reference {index}" for k in range(1, count + 1)]
+        pairs = [self.photo_embedding(data, where, mode) for data, where in zip(photos, wheres)]
+        checks = [self.photo_check(data, digest, where) for data, (digest, _), where in zip(photos, pairs, wheres)]
+        return [digest for digest, _ in pairs], torch.stack([embedding for _, embedding in pairs]).mean(dim=0), checks
 
     def encode_many(
         self, requests: list[tuple[str, str | None, list[list[bytes]], list[float] | None, str]]
