@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -211,15 +212,8 @@ def test_train_node_dies_run_resumes_from_last_checkpoint_and_finishes(cluster, 
         # where a worker runs is asked first (the state API takes seconds here), so the kill follows the checkpoint
         nodes: list = []
         wait_until(lambda: nodes.extend(worker_nodes(cluster)) or nodes, "the train workers", 900, thread, result)
-        wait_until(
-            lambda: run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()),
-            "the first checkpoint",
-            900,
-            thread,
-            result,
-        )
-        checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
-        before = int(checkpoints[-1].split("_")[1])
+        wait_until(lambda: checkpoint_steps(run_dir), "the first checkpoint", 900, thread, result)
+        before = checkpoint_steps(run_dir)[-1]
         # Ray Train's controller registers a reported checkpoint at its next poll (every 2 s): a node lost before
         # that restarts from the one before. Give it three polls, then the node dies.
         time.sleep(6)
@@ -248,6 +242,14 @@ def test_train_node_dies_run_resumes_from_last_checkpoint_and_finishes(cluster, 
     assert (storage / "nf" / "final" / "tdm" / "unet").is_dir()
     print(f"killed {victim} after checkpoint {before}; resumed from {resumed[0]}; {line}")
     replace_node(cluster, victim)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoint folders (`checkpoint_00000004`) in a run directory, in order; Ray Train also
+    writes its `checkpoint_manager_snapshot.json` there, which is not one."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in run_dir.iterdir() if (m := re.fullmatch(r"checkpoint_(\d+)", p.name)))
 
 
 def worker_nodes(cluster: LocalCluster) -> list[str]:
