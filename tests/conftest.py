@@ -129,6 +129,19 @@ def hopper() -> np.ndarray:
     return hopper_photo()
 
 
+@pytest.fixture(scope="module")
+def mediapipe_models():
+    """The preprocessing face detector and person segmenter (mediapipe, real bundled weights), closed after the
+    module."""
+    from facediffuser.data.faces import make_detector
+    from facediffuser.data.masks import PersonSegmenter
+
+    detector, segmenter = make_detector("mediapipe"), PersonSegmenter()
+    yield detector, segmenter
+    detector.close()
+    segmenter.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from facediffuser.models.tiny import tiny_pipeline

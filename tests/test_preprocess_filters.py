@@ -15,8 +15,6 @@ from PIL import Image, ImageFilter
 from test_preprocess_library import tile
 
 from facediffuser.data import dedup, filters, stages
-from facediffuser.data.faces import make_detector
-from facediffuser.data.masks import PersonSegmenter
 from facediffuser.data.preprocess_config import PreprocessConfig
 from facediffuser.data.work_items import new_item
 
@@ -45,14 +43,6 @@ def write_photos(folder, photos: dict[str, np.ndarray]) -> None:
         (folder / name).write_bytes(jpeg(image, 90))
 
 
-@pytest.fixture(scope="module")
-def models():
-    detector, segmenter = make_detector("mediapipe"), PersonSegmenter()
-    yield detector, segmenter
-    detector.close()
-    segmenter.close()
-
-
 def _config(tmp_path, **settings) -> PreprocessConfig:
     return PreprocessConfig(input=str(tmp_path), output=str(tmp_path / "out"), **settings)
 
@@ -72,8 +62,8 @@ def test_a_low_resolution_photo_is_rejected_when_decoded(tmp_path, astronaut):
     assert _read(tmp_path, "off.jpg", resized(astronaut, 200, 150), _config(tmp_path, min_side=0))["stage"] is None
 
 
-def test_crowded_photos_and_small_faces_are_rejected_at_detect(tmp_path, astronaut, models):
-    detector, _ = models
+def test_crowded_photos_and_small_faces_are_rejected_at_detect(tmp_path, astronaut, mediapipe_models):
+    detector, _ = mediapipe_models
     faceid6m = _config(tmp_path, min_face_percent=4.0)  # FaceID-6M's face-area rule, on a config of our own
 
     crowded = _read(tmp_path, "four.jpg", tile(astronaut, 4), _config(tmp_path))
@@ -94,8 +84,8 @@ def test_crowded_photos_and_small_faces_are_rejected_at_detect(tmp_path, astrona
     assert filters.face_percent([174, 68, 278, 172], 512, 512) == pytest.approx(100 * 104 * 104 / 512**2)
 
 
-def test_a_blurry_face_is_rejected_and_focus_does_not_depend_on_resolution(tmp_path, astronaut, models):
-    detector, _ = models
+def test_a_blurry_face_is_rejected_and_focus_does_not_depend_on_resolution(tmp_path, astronaut, mediapipe_models):
+    detector, _ = mediapipe_models
     config = _config(tmp_path)
     face = [174, 68, 278, 172]
     sharp = filters.face_focus(astronaut, face)
@@ -161,9 +151,9 @@ def test_the_hash_index_finds_every_neighbour_within_the_distance():
         dedup.HashIndex(40)
 
 
-def test_one_run_of_the_stages_keeps_only_the_photo_that_passes_every_filter(tmp_path, astronaut, models):
+def test_one_run_of_the_stages_keeps_only_the_photo_that_passes_every_filter(tmp_path, astronaut, mediapipe_models):
     """The plain loop (`process_locally`): the same stage functions Ray runs, one index over the whole run."""
-    detector, segmenter = models
+    detector, segmenter = mediapipe_models
     photos = {
         "a-good.jpg": astronaut,
         "b-small.jpg": resized(astronaut, 200, 200),

@@ -16,7 +16,6 @@ from facediffuser.data.captions import template_caption
 from facediffuser.data.faces import Face, make_detector, suppress_overlaps
 from facediffuser.data.fastcomposer import convert_stage, list_fastcomposer_items
 from facediffuser.data.linking import LinkError, link_subjects
-from facediffuser.data.masks import PersonSegmenter
 from facediffuser.data.schema import decode_mask
 from facediffuser.prompts import insert_markers
 
@@ -40,14 +39,6 @@ def expected_faces(count: int) -> list[tuple[int, int, int, int]]:
 def center_inside(box, target, slack=10) -> bool:
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     return target[0] - slack <= cx <= target[2] + slack and target[1] - slack <= cy <= target[3] + slack
-
-
-@pytest.fixture(scope="module")
-def mediapipe_models():
-    detector, segmenter = make_detector("mediapipe"), PersonSegmenter()
-    yield detector, segmenter
-    detector.close()
-    segmenter.close()
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
