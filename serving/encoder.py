@@ -20,7 +20,7 @@ class SubjectEncoderDeployment:
     content hash) → prompt embeddings."""
 
     def __init__(self, config: dict):
-        from facediffuser.metrics.identity import DlibEmbedder, IdentityScorer
+        from facediffuser.metrics.identity import shared_dlib_scorer
         from serving.references import IdentityScoring, SubjectEncoding
 
         cfg = ServeConfig.from_dict(config)
@@ -31,7 +31,8 @@ class SubjectEncoderDeployment:
         self.encoding.thresholds = cfg.reference_thresholds()  # reference photos checked at the door
         self.encoding.model_version = self.model_info["model_version"]  # saved subjects of another model: refused
         # dlib: CPU, bundled CC0 weights; references shrunk to a bounded copy, descriptors in a bounded LRU cache
-        self.identity_scoring = IdentityScoring(IdentityScorer(DlibEmbedder()), cfg.cache_size, max_reference_pixels)
+        # the process's one dlib scorer, which the reference checks' descriptors use too (one model load, not two)
+        self.identity_scoring = IdentityScoring(shared_dlib_scorer(), cfg.cache_size, max_reference_pixels)
         logging.getLogger("ray.serve").addFilter(no_concurrent_batches_warning)
         # Requests that arrive while a call runs are encoded together in the next one (identical ones once), so
         # requests that came in together leave together and can meet in one sampler batch.
